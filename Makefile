@@ -1,0 +1,50 @@
+# Workbench — two commands on a fresh machine:
+#   make up     install what is missing into .venv, then run the embedded workbench on http://127.0.0.1:8000
+#   make test   install what the tests need, then run them
+SHELL := /bin/bash
+VENV ?= .venv
+# Debian's Python: a venv made from it can be executed by the per-user accounts servers run as
+SYSTEM_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
+STAMP := $(VENV)/.workbench-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: up test install unit integration bench check clean help
+
+help:
+	@echo "make up      run the embedded workbench (ARGS='--port 8080 ...' passes options to 'workbench up')"
+	@echo "make test    run the whole test suite (unit + integration)"
+	@echo "make unit    run the fast unit tests only"
+	@echo "make bench   run the benchmarks (prints medians and ratios)"
+	@echo "make check   validate hub_config/demo.yaml"
+
+$(STAMP): pyproject.toml scripts/system-deps.sh
+	@scripts/system-deps.sh
+	@test -x $(VENV)/bin/python || $(SYSTEM_PYTHON) -m venv $(VENV)
+	@echo "[workbench] installing Python packages into $(VENV) …"
+	@$(VENV)/bin/python -m pip install -q --upgrade pip
+	@$(VENV)/bin/python -m pip install -q -e '.[test]'
+	@echo "[workbench] installing configurable-http-proxy into $(VENV) …"
+	@npm install --prefix $(VENV) --no-audit --no-fund --loglevel=error configurable-http-proxy@4 >/dev/null
+	@ln -sf ../node_modules/.bin/configurable-http-proxy $(VENV)/bin/configurable-http-proxy
+	@touch $@
+
+install: $(STAMP)
+
+up: install
+	$(VENV)/bin/workbench up $(ARGS)
+
+test: install
+	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests
+
+unit: install
+	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit
+
+bench: install
+	$(VENV)/bin/python benchmarks/bench_embedded.py
+
+check: install
+	$(VENV)/bin/workbench check hub_config/demo.yaml
+
+clean:
+	rm -rf $(VENV) .workbench .pytest_cache

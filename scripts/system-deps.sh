@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the system packages Workbench needs, only those that are missing (Debian/Ubuntu).
+# Used by `make up` and `make test`; safe to run again.
+set -euo pipefail
+need=()
+[ -x /usr/bin/python3 ] || need+=(python3)
+/usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v useradd >/dev/null 2>&1 || need+=(passwd)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "Workbench needs these system packages: ${need[*]}" >&2
+  echo "Install them (sudo apt-get install -y ${need[*]}) and run make again." >&2
+  exit 1
+fi
+echo "[workbench] installing system packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq "${need[@]}" >/dev/null

@@ -1,0 +1,133 @@
+"""The ``workbench`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .policy import Policy, PolicyError, load_policy
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1e9:g}G"
+
+
+def summary_table(policy: Policy) -> str:
+    """A plain-text table of who may use what (pure)."""
+    rows = [("group", "kind", "profiles", "dask (max cores / memory / workers)")]
+    for name, g in policy.groups.items():
+        dask = f"{g.dask.max_cores:g} / {_gib(g.dask.max_memory)} / {g.dask.max_workers}" if g.dask else "-"
+        rows.append((name, g.kind, ", ".join(g.profiles) or "-", dask))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    prof = [("profile", "cpu", "memory", "gpu", "image")]
+    for name, p in policy.profiles.items():
+        gpu = f"{p.gpu.count}x {p.gpu.type}" if p.gpu else "-"
+        prof.append((name, f"{p.cpu:g}", _gib(p.memory), gpu, p.image))
+    pw = [max(len(r[i]) for r in prof) for i in range(len(prof[0]))]
+    plines = ["  ".join(c.ljust(w) for c, w in zip(r, pw)).rstrip() for r in prof]
+    plines.insert(1, "  ".join("-" * w for w in pw))
+    return "\n".join(lines + [""] + plines)
+
+
+def cmd_check(args) -> int:
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    print(f"{args.file}: valid ({len(policy.groups)} groups, {len(policy.profiles)} profiles)\n")
+    print(summary_table(policy))
+    return 0
+
+
+def cmd_up(args) -> int:
+    from .up import UpOptions, up
+
+    opts = UpOptions(
+        config=args.config,
+        port=args.port,
+        bind=args.bind,
+        state_dir=args.state_dir,
+        allow_demo_auth_on_network=args.allow_demo_auth_on_network,
+        system_users=args.system_users,
+        log_to_console=args.log_to_console,
+    )
+    if args.hub_config_dir:
+        opts.hub_config_dir = args.hub_config_dir
+    return up(opts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .up import DEFAULT_CONFIG
+
+    parser = argparse.ArgumentParser(
+        prog="workbench",
+        description="Workbench: JupyterHub + Dask Gateway for a research computing centre, driven by one platform YAML.",
+    )
+    parser.add_argument("--version", action="version", version=f"workbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = sub.add_parser(
+        "up",
+        help="run the embedded workbench (hub, proxy, Dask Gateway, idle culler) in the foreground",
+        description=(
+            "Run the embedded workbench on this machine in the foreground: a real JupyterHub with "
+            "configurable-http-proxy, single-user JupyterLab servers as local processes (one Unix account "
+            "per user when run as root), Dask Gateway (local backend) at /services/dask-gateway and the "
+            "idle culler. The policy is validated first; nothing starts if it is broken. Ctrl-C or SIGTERM "
+            "stops everything it started."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    up.add_argument("--config", default=str(DEFAULT_CONFIG), help="platform YAML to run")
+    up.add_argument("--port", type=int, default=8000, help="public port of the hub's proxy")
+    up.add_argument("--bind", default="127.0.0.1", help="address the proxy listens on")
+    up.add_argument("--state-dir", default=".workbench", help="folder for databases, secrets, logs")
+    up.add_argument("--hub-config-dir", default=None, help="folder with jupyterhub_config.py (default: the repo's hub_config/)")
+    up.add_argument(
+        "--allow-demo-auth-on-network",
+        action="store_true",
+        help="allow demo auth (one shared password) on a non-loopback --bind; for closed lab networks only",
+    )
+    users = up.add_mutually_exclusive_group()
+    users.add_argument(
+        "--system-users",
+        dest="system_users",
+        action="store_true",
+        default=None,
+        help="require one Unix account per user (default: on when root and the venv is usable by others)",
+    )
+    users.add_argument(
+        "--no-system-users",
+        dest="system_users",
+        action="store_false",
+        help="run every server as the current user (no isolation between users)",
+    )
+    up.add_argument("--log-to-console", action="store_true", help="stream the hub's log here instead of to a file")
+    up.set_defaults(func=cmd_up)
+
+    check = sub.add_parser(
+        "check",
+        help="validate a platform YAML and show who may use what",
+        description="Validate a platform YAML; on success print a summary of groups and profiles, "
+        "on failure every problem with its field path and the fix. Exit code 2 when invalid.",
+    )
+    check.add_argument("file", help="platform YAML")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Dask Gateway wiring: authentication through JupyterHub, per-group cluster options, local backend.
+
+The gateway runs as a JupyterHub-managed service named ``dask-gateway``; the hub proxies
+``/services/dask-gateway`` to the gateway's HTTP proxy, and requires the token of every caller
+to carry ``access:services!service=dask-gateway`` (granted by role to groups whose policy has a
+``dask`` section).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dask_gateway_server.backends.local import LocalBackend, UnsafeLocalBackend
+from dask_gateway_server.options import Float, Integer, Options
+from traitlets import Unicode
+
+from .policy import DaskPolicy, Policy, load_policy
+from .runtime import Runtime, load_or_create_secrets
+from .sysusers import chown_tree, ensure_system_user, others_can_execute, system_username
+
+GIB = 2**30
+
+
+def cluster_options_for(policy: Policy, user_groups: list[str]) -> Options:
+    """Cluster options a user may set, bounded by their group's Dask policy (pure)."""
+    dask = policy.dask_policy_for(user_groups)
+    if dask is None:
+        dask = DaskPolicy(max_cores=0.0001, max_memory=0, max_workers=0, max_clusters=0,
+                          worker_max_cores=0.0001, worker_max_memory=0)
+    max_mem_gib = round(dask.worker_max_memory / GIB, 2)
+
+    def handler(options, user=None):
+        return cluster_config_for(dask, options.worker_cores, options.worker_memory)
+
+    return Options(
+        Integer("worker_cores", default=1, min=1, max=max(1, int(dask.worker_max_cores)), label="Worker cores"),
+        Float(
+            "worker_memory",
+            default=min(1.0, max_mem_gib),
+            min=0.25,
+            max=max_mem_gib,
+            label="Worker memory (GiB)",
+        ),
+        handler=handler,
+    )
+
+
+def cluster_config_for(dask: DaskPolicy, worker_cores: int, worker_memory_gib: float) -> dict:
+    """Cluster configuration overrides for validated options under a group's policy (pure)."""
+    return {
+        "worker_cores": worker_cores,
+        "worker_memory": int(worker_memory_gib * GIB),
+        "scheduler_cores": 1,
+        "scheduler_memory": GIB,
+        "cluster_max_workers": dask.max_workers,
+        "cluster_max_cores": dask.max_cores,
+        "cluster_max_memory": dask.max_memory,
+        "idle_timeout": dask.idle_timeout,
+    }
+
+
+class WorkbenchLocalBackend(LocalBackend):
+    """dask-gateway's LocalBackend, running each cluster as the hub user's Unix account (``wb-<name>``)."""
+
+    user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
+
+    def _unix_name(self, hub_name: str) -> str:
+        return system_username(hub_name, self.user_prefix)
+
+    def set_file_permissions(self, paths, username):
+        # upstream extends its path list with the characters of each cert path
+        # (``paths.extend(path)``) and would chown "/" as root; chown the workdir tree instead.
+        entry = ensure_system_user(self._unix_name(username))
+        chown_tree(paths[0], entry.pw_uid, entry.pw_gid)
+
+    def make_preexec_fn(self, cluster):  # pragma: nocover - runs in the child
+        from jupyterhub.spawner import set_user_setuid
+
+        setuid = set_user_setuid(self._unix_name(cluster.username), chdir=False)
+        workdir = cluster.state["workdir"]
+
+        def preexec():
+            setuid()
+            os.chdir(workdir)
+
+        return preexec
+
+    def get_env(self, cluster):
+        env = super().get_env(cluster)
+        entry = ensure_system_user(self._unix_name(cluster.username))
+        env["USER"] = entry.pw_name
+        env["HOME"] = entry.pw_dir
+        return env
+
+
+class WorkbenchUnsafeLocalBackend(UnsafeLocalBackend):
+    """All clusters run as the gateway's own user (the embedded mode when not root)."""
+
+
+def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None = None) -> None:
+    """Apply the gateway configuration for ``runtime`` to the traitlets config ``c``."""
+    runtime = runtime or Runtime.from_env()
+    policy = policy or load_policy(runtime.config)
+    secrets = load_or_create_secrets(runtime.state_dir)
+    venv = Path(runtime.venv_bin)
+
+    c.DaskGateway.address = f"127.0.0.1:{runtime.gateway_port}"
+    c.Proxy.address = f"127.0.0.1:{runtime.gateway_http_port}"
+    c.Proxy.tcp_address = f"127.0.0.1:{runtime.gateway_tcp_port}"
+    c.Proxy.prefix = f"/services/{os.environ.get('JUPYTERHUB_SERVICE_NAME', 'dask-gateway')}"
+    c.DaskGateway.log_level = "INFO"
+
+    c.DaskGateway.authenticator_class = "dask_gateway_server.auth.JupyterHubAuthenticator"
+    c.JupyterHubAuthenticator.jupyterhub_api_url = f"http://127.0.0.1:{runtime.hub_port}/hub/api"
+    c.JupyterHubAuthenticator.jupyterhub_service_name = "dask-gateway"
+    c.JupyterHubAuthenticator.use_service_access_scopes = True
+
+    backend = WorkbenchLocalBackend if runtime.system_users else WorkbenchUnsafeLocalBackend
+    c.DaskGateway.backend_class = f"{backend.__module__}.{backend.__name__}"
+    c.WorkbenchLocalBackend.user_prefix = runtime.user_prefix
+    c.DBBackendBase.db_url = f"sqlite:///{runtime.path('dask-gateway.sqlite')}"
+    c.DBBackendBase.db_encrypt_keys = [secrets["gateway_db_key"]]
+    c.DBBackendBase.stop_clusters_on_shutdown = True
+    clusters = runtime.path("clusters")
+    clusters.mkdir(mode=0o711, exist_ok=True)
+    os.chmod(clusters, 0o711)
+    if others_can_execute(clusters)[0]:
+        c.LocalBackend.clusters_directory = str(clusters)
+    # else: per-cluster temporary folders under /tmp, which the users' processes can reach
+
+    c.ClusterConfig.scheduler_cmd = [str(venv / "dask"), "scheduler"]
+    c.ClusterConfig.worker_cmd = [str(venv / "dask"), "worker"]
+    c.ClusterConfig.environment = {"PATH": f"{venv}:/usr/local/bin:/usr/bin:/bin"}
+
+    def options(user):
+        return cluster_options_for(policy, list(user.groups))
+
+    c.Backend.cluster_options = options
+

@@ -1,0 +1,164 @@
+"""JupyterHub configuration of the embedded workbench, built from (policy, runtime) by pure functions.
+
+``hub_settings`` returns ``{section: {trait: value}}`` with no I/O, so it can be unit-tested
+against literal dicts; ``configure_hub`` reads the runtime, policy and secrets and applies it to
+the traitlets config object of ``hub_config/jupyterhub_config.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .auth import DemoAuthenticator, DemoAuthExposed, check_demo_exposure
+from .policy import Policy, PolicyError, load_policy
+from .runtime import CULLER_SERVICE, GATEWAY_SERVICE, Runtime, load_or_create_secrets
+from .spawner import WorkbenchLocalSpawner
+
+GATEWAY_ACCESS_SCOPE = f"access:services!service={GATEWAY_SERVICE}"
+
+#: scopes of $JUPYTERHUB_API_TOKEN in single-user servers: the defaults of the `server`
+#: role, plus the gateway (so `Gateway()` works) and the user's own groups (for options).
+SERVER_TOKEN_SCOPES = [
+    "users:activity!user",
+    "access:servers!server",
+    "read:users:groups!user",
+    GATEWAY_ACCESS_SCOPE,
+]
+
+CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
+
+
+def _cls(klass: type) -> str:
+    return f"{klass.__module__}.{klass.__name__}"
+
+
+def roles(policy: Policy) -> list[dict]:
+    """Roles generated from the policy (pure)."""
+    dask_groups = [name for name, g in policy.groups.items() if g.dask is not None]
+    out = [
+        {
+            "name": "workbench-dask-users",
+            "description": "May use the Dask Gateway (groups with a dask policy)",
+            "scopes": [GATEWAY_ACCESS_SCOPE],
+            "groups": dask_groups,
+        },
+        {
+            "name": CULLER_SERVICE,
+            "description": "Stop idle single-user servers",
+            "scopes": list(CULLER_SCOPES),
+            "services": [CULLER_SERVICE],
+        },
+    ]
+    return out
+
+
+def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[dict]:
+    """Hub-managed services: the Dask Gateway and the idle culler (pure)."""
+    venv = Path(runtime.venv_bin)
+    env = {"WORKBENCH_RUNTIME": str(Path(runtime.state_dir, "runtime.json"))}
+    out = [
+        {
+            "name": GATEWAY_SERVICE,
+            "url": f"http://127.0.0.1:{runtime.gateway_http_port}",
+            "api_token": secrets["gateway_api_token"],
+            "command": [
+                str(venv / "dask-gateway-server"),
+                "-f",
+                str(Path(runtime.hub_config_dir, "dask_gateway_config.py")),
+            ],
+            "cwd": runtime.state_dir,
+            "environment": env,
+        }
+    ]
+    if policy.culling.enabled:
+        out.append(
+            {
+                "name": CULLER_SERVICE,
+                "api_token": secrets["culler_api_token"],
+                "command": [
+                    str(venv / "python"),
+                    "-m",
+                    "jupyterhub_idle_culler",
+                    f"--timeout={policy.culling.timeout}",
+                    f"--cull-every={policy.culling.every}",
+                ],
+            }
+        )
+    return out
+
+
+def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> dict[str, dict]:
+    """All hub settings for the embedded mode (pure)."""
+    check_demo_exposure(policy.auth.type, runtime.bind, runtime.allow_demo_auth_on_network)
+    if policy.auth.type != "demo":
+        raise NotImplementedError(
+            f"auth.type {policy.auth.type!r} is not wired into the embedded mode yet; use auth.type: demo"
+        )
+    state = Path(runtime.state_dir)
+    venv = Path(runtime.venv_bin)
+    return {
+        "JupyterHub": {
+            "bind_url": f"http://{runtime.bind}:{runtime.port}",
+            "hub_bind_url": f"http://127.0.0.1:{runtime.hub_port}",
+            "db_url": f"sqlite:///{state / 'jupyterhub.sqlite'}",
+            "cookie_secret": bytes.fromhex(secrets["cookie_secret"]),
+            "pid_file": str(state / "jupyterhub.pid"),
+            "authenticator_class": _cls(DemoAuthenticator),
+            "spawner_class": _cls(WorkbenchLocalSpawner),
+            "services": services(policy, runtime, secrets),
+            "load_roles": roles(policy),
+            "cleanup_servers": True,
+            "cleanup_proxy": True,
+            "template_vars": {"announcement_login": f"{policy.name}: log in with a demo account"},
+        },
+        "ConfigurableHTTPProxy": {
+            "command": [runtime.proxy_command],
+            "api_url": f"http://127.0.0.1:{runtime.proxy_api_port}",
+            "auth_token": secrets["proxy_auth_token"],
+            "pid_file": str(state / "proxy.pid"),
+            "should_start": True,
+        },
+        "DemoAuthenticator": {
+            "accounts": {name: u.model_dump() for name, u in policy.auth.demo_users.items()},
+            "admin_group_names": ",".join(policy.auth.admin_groups),
+        },
+        "Authenticator": {"manage_groups": True, "allow_all": False},
+        "Spawner": {
+            "cmd": [str(venv / "jupyterhub-singleuser")],
+            "default_url": "/lab",
+            "server_token_scopes": list(SERVER_TOKEN_SCOPES),
+            "start_timeout": 120,
+            "http_timeout": 90,
+        },
+        "WorkbenchLocalSpawner": {
+            "policy_path": runtime.config,
+            "system_users": runtime.system_users,
+            "user_prefix": runtime.user_prefix,
+            "homes_root": str(state / "homes"),
+            "dask_env": {
+                "gateway_url": runtime.gateway_public_url,
+                "proxy_address": runtime.gateway_proxy_address,
+            },
+            "env_keep": ["PATH", "LANG", "LC_ALL"],
+            "environment": {"PATH": f"{venv}:/usr/local/bin:/usr/bin:/bin"},
+        },
+    }
+
+
+def apply_settings(c, settings: dict[str, dict]) -> None:
+    for section, values in settings.items():
+        for key, value in values.items():
+            setattr(c[section], key, value)
+
+
+def configure_hub(c, runtime: Runtime | None = None, policy: Policy | None = None) -> None:
+    """Configure the hub of the embedded workbench (reads runtime.json, the policy, secrets)."""
+    runtime = runtime or Runtime.from_env()
+    try:
+        policy = policy or load_policy(runtime.config)
+        settings = hub_settings(policy, runtime, load_or_create_secrets(runtime.state_dir))
+    except (PolicyError, DemoAuthExposed) as e:  # make the hub's own log say what is wrong, then stop
+        print(f"workbench: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    apply_settings(c, settings)

@@ -1,0 +1,189 @@
+"""Start and drive a real embedded workbench (`workbench up`) from tests and benchmarks.
+
+Nothing is mocked: a real JupyterHub with configurable-http-proxy, real JupyterLab servers,
+a real dask-gateway-server with its local backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+DEMO = REPO / "hub_config" / "demo.yaml"
+PASSWORD = "integration-test-password"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Workbench:
+    """One `workbench up` process on free ports with its own state folder."""
+
+    def __init__(self, state_dir: Path, config: Path = DEMO, extra_args: tuple[str, ...] = ()):
+        self.state_dir = Path(state_dir)
+        self.config = config
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.state_dir.parent / f"{self.state_dir.name}-up.log"
+        self.seen: dict[int, float] = {}
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        return [
+            str(VENV_BIN / "workbench"), "up",
+            "--config", str(self.config),
+            "--port", str(self.port),
+            "--state-dir", str(self.state_dir),
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 180) -> Workbench:
+        env = dict(os.environ, WORKBENCH_DEMO_PASSWORD=PASSWORD)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"workbench up exited with {self.proc.returncode}:\n{self.output()}")
+            if "Workbench is ready" in self.output():
+                r = requests.get(f"{self.url}/hub/health", timeout=5)
+                assert r.status_code == 200, r.text
+                self.snapshot()
+                return self
+            time.sleep(0.3)
+        raise TimeoutError(f"workbench not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def hub_log(self) -> str:
+        p = self.state_dir / "logs" / "hub.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    @property
+    def runtime(self) -> dict:
+        return json.loads((self.state_dir / "runtime.json").read_text())
+
+    def snapshot(self) -> list[psutil.Process]:
+        """Record every process `workbench up` has started so far."""
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        for p in kids:
+            try:
+                self.seen.setdefault(p.pid, p.create_time())
+            except psutil.Error:
+                pass
+        return kids
+
+    def stop(self, timeout: float = 120) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.snapshot()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def leftovers(self) -> list[str]:
+        """Processes seen during the run that are still alive (same pid and start time)."""
+        alive = []
+        for pid, created in self.seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{pid} {p.username()} {' '.join(p.cmdline())[:120]}")
+            except psutil.Error:
+                pass
+        return alive
+
+    # -- users -----------------------------------------------------------------------
+
+    def login(self, username: str, password: str = PASSWORD) -> requests.Session:
+        """Log in through the real login form; returns a session holding the hub cookie."""
+        s = requests.Session()
+        r = s.get(f"{self.url}/hub/login", timeout=10)
+        r.raise_for_status()
+        m = re.search(r'name="_xsrf"\s+value="([^"]+)"', r.text)
+        assert m, "login form has no _xsrf field"
+        r = s.post(
+            f"{self.url}/hub/login",
+            data={"username": username, "password": password, "_xsrf": m.group(1)},
+            allow_redirects=False,
+            timeout=30,
+        )
+        s.login_status = r.status_code
+        return s
+
+    def api(self, session: requests.Session, method: str, path: str, **kw) -> requests.Response:
+        headers = kw.pop("headers", {})
+        headers["X-XSRFToken"] = session.cookies.get("_xsrf", path="/hub/") or ""
+        return session.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kw)
+
+    def new_token(self, session: requests.Session, username: str, scopes: list[str] | None = None) -> str:
+        body = {"note": "integration test"}
+        if scopes is not None:
+            body["scopes"] = scopes
+        r = self.api(session, "POST", f"/users/{username}/tokens", json=body)
+        assert r.status_code in (200, 201), r.text
+        return r.json()["token"]
+
+    def token_api(self, token: str, method: str, path: str, **kw) -> requests.Response:
+        return requests.request(
+            method, f"{self.url}/hub/api{path}", headers={"Authorization": f"token {token}"}, timeout=30, **kw
+        )
+
+    def start_server(self, token: str, username: str, timeout: float = 180, **options) -> dict:
+        r = self.token_api(token, "POST", f"/users/{username}/server", json=options or None)
+        assert r.status_code in (201, 202), f"{r.status_code} {r.text}"
+        t0 = time.monotonic()
+        while time.monotonic() < t0 + timeout:
+            model = self.token_api(token, "GET", f"/users/{username}").json()
+            server = model.get("servers", {}).get("")
+            if server and server.get("ready"):
+                return server
+            if not server and time.monotonic() > t0 + 5:  # the spawn failed and was cleared
+                raise RuntimeError(f"server of {username} failed to start: {model}\n{self.hub_log()[-3000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"server of {username} not ready after {timeout}s")
+
+    def stop_server(self, token: str, username: str, timeout: float = 60) -> None:
+        r = self.token_api(token, "DELETE", f"/users/{username}/server")
+        assert r.status_code in (202, 204), r.text
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            model = self.token_api(token, "GET", f"/users/{username}").json()
+            if not model.get("servers"):
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"server of {username} did not stop")
+
+    def gateway(self, token: str):
+        from dask_gateway import Gateway, JupyterHubAuth
+
+        rt = self.runtime
+        return Gateway(
+            address=f"{self.url}/services/dask-gateway",
+            proxy_address=f"gateway://127.0.0.1:{rt['gateway_tcp_port']}",
+            auth=JupyterHubAuth(api_token=token),
+        )

@@ -1,0 +1,273 @@
+"""The embedded workbench end to end, with real processes only (no mocks).
+
+hub + configurable-http-proxy + JupyterLab single-user servers + dask-gateway-server (local
+backend) + idle culler, all started by `workbench up` on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+
+from .harness import DEMO, PASSWORD, VENV_BIN, Workbench
+
+pytestmark = pytest.mark.integration
+
+AS_ROOT = os.geteuid() == 0
+
+
+def state_dir() -> Path:
+    # under /tmp (not pytest's 0700 tmp_path) so per-user processes can traverse it
+    parent = Path(tempfile.mkdtemp(prefix="wb-it-", dir="/tmp"))
+    parent.chmod(0o711)
+    return parent / "state"
+
+
+def server_process(username: str) -> psutil.Process:
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            env = p.info["environ"] or {}
+        except psutil.Error:
+            continue
+        if "jupyterhub-singleuser" in cmd and env.get("JUPYTERHUB_USER") == username:
+            return p
+    raise AssertionError(f"no single-user server process for {username}")
+
+
+@pytest.fixture(scope="module")
+def wb():
+    """A shared workbench for the isolation tests."""
+    w = Workbench(state_dir()).start()
+    yield w
+    code = w.stop()
+    assert code == 0, w.output()
+    assert not w.leftovers(), w.leftovers()
+
+
+def test_full_flow_login_server_gateway_xarray_and_clean_stop():
+    w = Workbench(state_dir()).start()
+    try:
+        out = w.output()
+        assert f"http://127.0.0.1:{w.port}/" in out
+        for name in ("researcher", "instructor", "student1", "student2", "startup", "admin"):
+            assert name in out, f"demo login {name} not printed"
+
+        # log in through the login form
+        s = w.login("researcher")
+        assert s.login_status == 302, s.login_status
+        token = w.new_token(s, "researcher")
+
+        # start the server through the REST API and reach JupyterLab through the proxy
+        w.start_server(token, "researcher")
+        auth = {"Authorization": f"token {token}"}
+        r = requests.get(f"{w.url}/user/researcher/lab", headers=auth, timeout=30)
+        assert r.status_code == 200 and "JupyterLab" in r.text, r.status_code
+        status = requests.get(f"{w.url}/user/researcher/api/status", headers=auth, timeout=30)
+        assert status.status_code == 200, status.text
+
+        proc = server_process("researcher")
+        expected_user = "wb-researcher" if AS_ROOT else pwd.getpwuid(os.getuid()).pw_name
+        assert proc.username() == expected_user
+        env = proc.environ()
+        assert env["DASK_GATEWAY__ADDRESS"] == f"{w.url}/services/dask-gateway"
+        assert env["DASK_GATEWAY__AUTH__TYPE"] == "jupyterhub"
+        home = Path(env["HOME"])
+        # the starter notebook for a research group is in the home folder
+        assert AS_ROOT is False or (home / "climatology-with-dask.ipynb").exists()
+
+        # `Gateway()` with no arguments, as in a notebook: the server's own environment and token
+        probe = subprocess.run(
+            [str(VENV_BIN / "python"), "-c",
+             "from dask_gateway import Gateway; g = Gateway(); print('clusters', len(g.list_clusters()))"],
+            env=env, capture_output=True, text=True, timeout=60,
+            user=expected_user if AS_ROOT else None,
+        )
+        assert probe.returncode == 0 and "clusters 0" in probe.stdout, probe.stderr
+
+        # a Dask Gateway cluster with the user's token through the hub's proxy
+        gw = w.gateway(token)
+        cluster = gw.new_cluster()
+        try:
+            cluster.scale(2)
+            client = cluster.get_client()
+            client.wait_for_workers(2, timeout=180)
+            w.snapshot()
+            users = set(client.run(lambda: __import__("getpass").getuser()).values())
+            assert users == {expected_user}
+
+            import dask.array as da
+            import xarray as xr
+
+            data = np.arange(24 * 10 * 8, dtype=float).reshape(24, 10, 8)
+            arr = xr.DataArray(
+                da.from_array(data, chunks=(6, 10, 8)),
+                dims=("time", "lat", "lon"),
+                coords={"time": np.arange(24) % 12},
+            )
+            monthly = arr.groupby("time").mean().mean("lon").compute()
+            expected = np.stack([data[[m, m + 12]].mean(axis=0).mean(axis=-1) for m in range(12)])
+            np.testing.assert_allclose(monthly.values, expected)
+            assert float(arr.sum().compute()) == data.sum()
+            client.close()
+        finally:
+            cluster.shutdown()
+        assert gw.list_clusters() == []
+        gw.close()
+
+        w.stop_server(token, "researcher")
+        with pytest.raises(psutil.NoSuchProcess):
+            psutil.Process(proc.pid).status()
+    finally:
+        w.snapshot()
+        code = w.stop()
+    assert code == 0, w.output()
+    assert "stopped; no processes left behind" in w.output()
+    assert w.leftovers() == []
+    if AS_ROOT:
+        owned = [p.pid for p in psutil.process_iter(["username"]) if p.info["username"] == "wb-researcher"]
+        assert owned == []
+
+
+def test_other_user_cannot_reach_server_or_cluster(wb):
+    owner = wb.login("researcher")
+    owner_token = wb.new_token(owner, "researcher")
+    wb.start_server(owner_token, "researcher")
+    cluster = wb.gateway(owner_token).new_cluster()
+    try:
+        other = wb.login("student1")
+        other_token = wb.new_token(other, "student1")
+        wb.start_server(other_token, "student1")
+        hdr = {"Authorization": f"token {other_token}"}
+        r = requests.get(f"{wb.url}/user/researcher/api/status", headers=hdr, timeout=30)
+        assert r.status_code in (403, 404), r.status_code
+        r = requests.get(f"{wb.url}/user/researcher/lab", headers=hdr, timeout=30, allow_redirects=False)
+        assert r.status_code in (302, 403, 404)  # redirected to log in, never the server
+        assert wb.token_api(other_token, "GET", "/users/researcher").status_code == 404
+        assert wb.token_api(other_token, "POST", "/users/researcher/server").status_code in (403, 404)
+
+        other_gw = wb.gateway(other_token)
+        assert [c.name for c in other_gw.list_clusters()] == []
+        with pytest.raises(Exception, match="403|404|not found"):
+            other_gw.connect(cluster.name)
+        with pytest.raises(Exception):
+            other_gw.stop_cluster(cluster.name)
+        owner_gw = wb.gateway(owner_token)
+        assert [c.name for c in owner_gw.list_clusters()] == [cluster.name]
+        owner_gw.close()
+        other_gw.close()
+
+        if AS_ROOT:  # homes are private
+            probe = subprocess.run(["ls", "/home/wb-researcher"], user="wb-student1", capture_output=True, text=True)
+            assert probe.returncode != 0 and "Permission denied" in probe.stderr
+        wb.stop_server(other_token, "student1")
+    finally:
+        cluster.shutdown()
+        wb.stop_server(owner_token, "researcher")
+
+
+def test_gateway_refuses_token_without_gateway_scope(wb):
+    s = wb.login("researcher")
+    full = wb.new_token(s, "researcher")
+    limited = wb.new_token(s, "researcher", scopes=["read:users!user"])
+    url = f"{wb.url}/services/dask-gateway/api/v1/clusters/"
+    ok = requests.get(url, headers={"Authorization": f"jupyterhub {full}"}, timeout=30)
+    assert ok.status_code == 200, ok.text
+    denied = requests.get(url, headers={"Authorization": f"jupyterhub {limited}"}, timeout=30)
+    assert denied.status_code in (401, 403), denied.status_code
+    with wb.gateway(limited) as gw, pytest.raises(Exception, match="401|403"):
+        gw.list_clusters()
+
+
+def test_group_without_dask_policy_has_no_gateway_access(tmp_path):
+    """Gateway access is granted by role to groups whose policy has a `dask` section, and only to them."""
+    text = DEMO.read_text()
+    start = text.index("    dask: {max_cores: 2, max_memory: 4G, max_workers: 2, max_clusters: 1,\n           worker_max_cores: 1, worker_max_memory: 1G")
+    end = text.index("\n", text.index("idle_timeout: 15m}", start)) + 1
+    cfg = tmp_path / "no-dask-for-course.yaml"
+    cfg.write_text(text[:start] + text[end:])
+    w = Workbench(state_dir(), config=cfg).start()
+    try:
+        url = f"{w.url}/services/dask-gateway/api/v1/clusters/"
+        student = w.new_token(w.login("student1"), "student1")
+        r = requests.get(url, headers={"Authorization": f"jupyterhub {student}"}, timeout=30)
+        assert r.status_code in (401, 403), r.status_code
+        researcher = w.new_token(w.login("researcher"), "researcher")
+        r = requests.get(url, headers={"Authorization": f"jupyterhub {researcher}"}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        assert w.stop() == 0
+
+
+def test_wrong_password_and_unknown_user_are_refused(wb):
+    assert wb.login("researcher", "not-the-password").login_status == 403
+    assert wb.login("mallory", PASSWORD).login_status == 403
+
+
+def _run_up(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VENV_BIN / "workbench"), "up", *args],
+        capture_output=True, text=True, timeout=timeout, env=dict(os.environ, WORKBENCH_DEMO_PASSWORD=PASSWORD),
+    )
+
+
+def test_broken_yaml_fails_fast_naming_file_field_and_fix(tmp_path):
+    bad = tmp_path / "platform.yaml"
+    text = Path(__file__).resolve().parents[2].joinpath("hub_config/demo.yaml").read_text()
+    bad.write_text(text.replace("profiles: [cpu-large, h100-x1]", "profiles: [cpu-large, h200-x8]"))
+    state = tmp_path / "state"
+    t0 = time.monotonic()
+    res = _run_up("--config", str(bad), "--state-dir", str(state), "--port", "0")
+    assert time.monotonic() - t0 < 20
+    assert res.returncode == 2
+    assert str(bad) in res.stderr
+    assert "groups.physics-lab.profiles[1]" in res.stderr
+    assert "unknown profile 'h200-x8'" in res.stderr and "cpu-large" in res.stderr
+    assert not state.exists(), "nothing may start (or be written) for a broken policy"
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("groups:\n  physics-lab: {kind: research\n")
+    res = _run_up("--config", str(bad), "--state-dir", str(tmp_path / "s"))
+    assert res.returncode == 2
+    assert str(bad) in res.stderr and "not valid YAML at line" in res.stderr
+
+
+def test_demo_auth_refused_on_network_bind_without_flag(tmp_path):
+    res = _run_up("--bind", "0.0.0.0", "--state-dir", str(tmp_path / "s"), "--port", "0")
+    assert res.returncode == 2
+    assert "--allow-demo-auth-on-network" in res.stderr and "0.0.0.0" in res.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_demo_auth_cannot_be_exposed_by_starting_the_hub_config_directly(tmp_path):
+    """Even bypassing `workbench up`, the hub config refuses demo auth on a network address."""
+    from workbench.runtime import Runtime
+
+    state = tmp_path / "state"
+    state.mkdir()
+    rt = Runtime(config=str(Path(__file__).resolve().parents[2] / "hub_config/demo.yaml"), state_dir=str(state),
+                 hub_config_dir="x", venv_bin=str(VENV_BIN), proxy_command="chp", bind="0.0.0.0")
+    path = rt.write()
+    res = subprocess.run(
+        [str(VENV_BIN / "jupyterhub"), "-f", str(Path(__file__).resolve().parents[2] / "hub_config/jupyterhub_config.py"),
+         "--JupyterHub.db_url=sqlite://"],
+        env=dict(os.environ, WORKBENCH_RUNTIME=str(path)), capture_output=True, text=True, timeout=60, cwd=state,
+    )
+    assert res.returncode != 0
+    assert "--allow-demo-auth-on-network" in res.stderr + res.stdout
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v"]))
