@@ -54,6 +54,7 @@ def cmd_up(args) -> int:
         allow_demo_auth_on_network=args.allow_demo_auth_on_network,
         system_users=args.system_users,
         log_to_console=args.log_to_console,
+        fake_gpus=args.fake_gpus,
     )
     if args.hub_config_dir:
         opts.hub_config_dir = args.hub_config_dir
@@ -80,12 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
             "idle culler. The policy is validated first; nothing starts if it is broken. Ctrl-C or SIGTERM "
             "stops everything it started."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    up.add_argument("--config", default=str(DEFAULT_CONFIG), help="platform YAML to run")
-    up.add_argument("--port", type=int, default=8000, help="public port of the hub's proxy")
-    up.add_argument("--bind", default="127.0.0.1", help="address the proxy listens on")
-    up.add_argument("--state-dir", default=".workbench", help="folder for databases, secrets, logs")
+    up.add_argument("--config", default=str(DEFAULT_CONFIG), help="platform YAML to run (default: %(default)s)")
+    up.add_argument("--port", type=int, default=8000, help="public port of the hub's proxy (default: %(default)s)")
+    up.add_argument("--bind", default="127.0.0.1", help="address the proxy listens on (default: %(default)s)")
+    up.add_argument("--state-dir", default=".workbench", help="folder for databases, secrets, logs (default: %(default)s)")
     up.add_argument("--hub-config-dir", default=None, help="folder with jupyterhub_config.py (default: the repo's hub_config/)")
     up.add_argument(
         "--allow-demo-auth-on-network",
@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every server as the current user (no isolation between users)",
     )
     up.add_argument("--log-to-console", action="store_true", help="stream the hub's log here instead of to a file")
+    up.add_argument(
+        "--fake-gpus",
+        default="",
+        metavar="TYPE:N,...",
+        help="pretend this machine has N GPUs of TYPE (e.g. h100:2) to try GPU profiles and their exclusive "
+        "allocation without a GPU; the devices are not real (default: detect with nvidia-smi)",
+    )
     up.set_defaults(func=cmd_up)
 
     check = sub.add_parser(

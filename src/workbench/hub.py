@@ -136,6 +136,7 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "system_users": runtime.system_users,
             "user_prefix": runtime.user_prefix,
             "homes_root": str(state / "homes"),
+            "gpus": runtime.gpus,
             "dask_env": {
                 "gateway_url": runtime.gateway_public_url,
                 "proxy_address": runtime.gateway_proxy_address,

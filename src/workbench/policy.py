@@ -8,10 +8,13 @@ path of the field (``groups.physics-lab.profiles[1]``) and what is expected.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import string
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -20,6 +23,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
 
 __all__ = [
@@ -138,15 +143,194 @@ class DemoUser(_Model):
 
 
 class Auth(_Model):
+    """How people log in, and how their identity provider's groups become policy groups.
+
+    - ``demo``: the accounts in ``demo_users`` with one shared password (embedded mode only).
+    - ``generic-oauth``: any OAuth2 / OpenID Connect provider (a university's SSO: Keycloak,
+      Shibboleth OIDC, Azure AD, ...). The provider's ``groups_claim`` lists the user's groups.
+    - ``github``: GitHub or GitHub Enterprise (startups). ``github_teams`` maps policy groups to
+      GitHub organisations (``acme-inc``) or teams (``acme-inc:ml-team``).
+
+    Only policy groups count: a user whose provider vouches for none of them cannot log in, and
+    their hub groups are exactly the policy groups they are in. Members of ``admin_groups`` are
+    hub admins. Secrets never go in this file: ``client_secret_env`` names the environment
+    variable of the hub that holds the client secret.
+    """
+
     type: Literal["demo", "generic-oauth", "github"] = "demo"
-    groups_claim: str = "groups"
+    #: OAuth client (generic-oauth and github)
+    client_id: str = ""
+    client_secret_env: str = ""
+    #: never valid: only declared so that a secret pasted into the YAML gets a precise error
+    client_secret: Any = Field(default=None, repr=False, exclude=True)
+    scope: list[str] | None = None  # None: the type's default (see workbench.oauth.DEFAULT_SCOPES)
+    login_service: str = ""  # the text of the login button ("Sign in with <login_service>")
+    #: generic-oauth: the provider's endpoints (from its /.well-known/openid-configuration) and claims
+    authorize_url: str = ""
+    token_url: str = ""
+    userdata_url: str = ""
+    username_claim: str = "preferred_username"
+    groups_claim: str = "groups"  # a claim name, or a dotted path into nested claims (realm_access.roles)
+    #: github: GitHub Enterprise URL (default https://github.com) and group -> organisations / teams
+    github_url: str = ""
+    github_teams: dict[str, list[str]] = Field(default_factory=dict)
     admin_groups: list[str] = Field(default_factory=list)
     demo_users: dict[str, DemoUser] = Field(default_factory=dict)
+
+
+_OAUTH = ("generic-oauth", "github")
+#: auth fields and the auth types that use them (demo_users has its own check)
+_AUTH_FIELD_TYPES: dict[str, tuple[str, ...]] = {
+    "client_id": _OAUTH,
+    "client_secret_env": _OAUTH,
+    "scope": _OAUTH,
+    "login_service": _OAUTH,
+    "authorize_url": ("generic-oauth",),
+    "token_url": ("generic-oauth",),
+    "userdata_url": ("generic-oauth",),
+    "username_claim": ("generic-oauth",),
+    "groups_claim": ("generic-oauth",),
+    "github_url": ("github",),
+    "github_teams": ("github",),
+}
+#: required fields per auth type, with what to put there
+_AUTH_REQUIRED: dict[str, dict[str, str]] = {
+    "generic-oauth": {
+        "client_id": "the client ID of the OAuth client registered with your identity provider",
+        "client_secret_env": (
+            "the NAME of the hub's environment variable that holds the client secret "
+            "(e.g. client_secret_env: WORKBENCH_OAUTH_CLIENT_SECRET); the secret itself never goes in this file"
+        ),
+        "authorize_url": (
+            "the provider's authorization endpoint, where users log in "
+            "(e.g. https://sso.example.edu/oauth2/authorize; 'authorization_endpoint' in /.well-known/openid-configuration)"
+        ),
+        "token_url": (
+            "the provider's token endpoint, where the hub exchanges the login code for tokens "
+            "(e.g. https://sso.example.edu/oauth2/token; 'token_endpoint' in /.well-known/openid-configuration)"
+        ),
+        "userdata_url": (
+            "the provider's userinfo endpoint, which returns the user's claims including groups "
+            "(e.g. https://sso.example.edu/oauth2/userinfo; 'userinfo_endpoint' in /.well-known/openid-configuration)"
+        ),
+    },
+    "github": {
+        "client_id": "the client ID of the GitHub OAuth app",
+        "client_secret_env": (
+            "the NAME of the hub's environment variable that holds the GitHub OAuth app's client secret "
+            "(e.g. client_secret_env: WORKBENCH_GITHUB_CLIENT_SECRET); the secret itself never goes in this file"
+        ),
+        "github_teams": (
+            "at least one policy group mapped to GitHub organisations or teams, e.g. "
+            "github_teams: {startup-acme: [acme-inc, 'acme-inc:ml-team']}; nobody could log in otherwise"
+        ),
+    },
+}
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_GITHUB_ENTRY_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?::[A-Za-z0-9._-]+)?$")
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an identity provider endpoint (None: it can)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return f"must be an absolute https:// URL, got {url!r}"
+    if parts.scheme == "http" and not (parts.hostname == "localhost" or _is_loopback_ip(parts.hostname)):
+        return (
+            f"must use https:// (tokens and user data travel over it); plain http is only accepted for a "
+            f"provider on this machine (localhost, 127.0.0.1, ::1), got {url!r}"
+        )
+    return None
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _auth_problems(p: Policy) -> list[tuple[str, str]]:
+    """Checks of ``auth`` that depend on its type and on the groups (pure)."""
+    auth = p.auth
+    problems: list[tuple[str, str]] = []
+    if auth.client_secret is not None:
+        problems.append(
+            (
+                "auth.client_secret",
+                "secrets never go in the platform YAML: remove it, put the secret in an environment variable "
+                "of the hub and name that variable in auth.client_secret_env",
+            )
+        )
+    for field in sorted(auth.model_fields_set & set(_AUTH_FIELD_TYPES)):
+        types = _AUTH_FIELD_TYPES[field]
+        if auth.type not in types:
+            used = " and ".join(repr(t) for t in types)
+            problems.append(
+                (f"auth.{field}", f"only used with auth type{'s' if len(types) > 1 else ''} {used}, not {auth.type!r}; remove it")
+            )
+    for field, what in _AUTH_REQUIRED.get(auth.type, {}).items():
+        if not getattr(auth, field):
+            problems.append((f"auth.{field}", f"auth type {auth.type!r} needs {what}"))
+    if auth.type not in _OAUTH:
+        return problems
+
+    if auth.client_secret_env and not _ENV_NAME_RE.match(auth.client_secret_env):
+        problems.append(
+            (
+                "auth.client_secret_env",
+                "must be the NAME of an environment variable (letters, digits and '_', not starting with a digit), "
+                "like WORKBENCH_OAUTH_CLIENT_SECRET, never the secret itself",
+            )
+        )
+    for i, s in enumerate(auth.scope or []):
+        if not s or any(c.isspace() for c in s):
+            problems.append((f"auth.scope[{i}]", f"must be one scope name without spaces, got {s!r}"))
+    if auth.type == "generic-oauth":
+        for field in ("authorize_url", "token_url", "userdata_url"):
+            url = getattr(auth, field)
+            if url and (why := _url_problem(url)):
+                problems.append((f"auth.{field}", why))
+        for field in ("username_claim", "groups_claim"):
+            if not getattr(auth, field).strip():
+                problems.append((f"auth.{field}", "must name a claim of the provider's user info (e.g. 'groups')"))
+    else:  # github
+        if auth.github_url and (why := _url_problem(auth.github_url)):
+            problems.append(("auth.github_url", why))
+        if auth.scope is not None and "read:org" not in auth.scope:
+            problems.append(
+                ("auth.scope", "GitHub needs the 'read:org' scope to see organisation and team membership; add it")
+            )
+        for group, entries in auth.github_teams.items():
+            if group not in p.groups:
+                problems.append(
+                    (
+                        f"auth.github_teams.{group}",
+                        f"unknown group {group!r}; define it under 'groups' or use one of: {_names(p.groups)}",
+                    )
+                )
+            if not entries:
+                problems.append(
+                    (f"auth.github_teams.{group}", "list at least one GitHub organisation or organisation:team")
+                )
+            for i, entry in enumerate(entries):
+                if not _GITHUB_ENTRY_RE.match(entry):
+                    problems.append(
+                        (
+                            f"auth.github_teams.{group}[{i}]",
+                            "expected a GitHub organisation ('acme-inc') or organisation:team ('acme-inc:ml-team') "
+                            f"as they appear in github.com URLs, got {entry!r}",
+                        )
+                    )
+    return problems
 
 
 class GpuType(_Model):
     resource: str = "nvidia.com/gpu"
     display_name: str = ""
+    #: product name (or part of it) as nvidia-smi reports it, to find local GPUs of this type;
+    #: empty: the type's own name (e.g. "h100" matches "NVIDIA H100 80GB HBM3")
+    product: str = ""
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -215,10 +399,74 @@ class Culling(_Model):
     every: Duration = parse_duration("5m")
 
 
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _placeholders(template: str) -> set[str]:
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e}): {template!r}") from None
+
+
 class Storage(_Model):
+    """Where users' files live.
+
+    ``home``, ``shared`` and ``datasets`` are the paths users see, the same in the embedded mode and
+    in Kubernetes pods (where the home is always mounted at the image's ``/home/jovyan``). The other
+    fields only matter on Kubernetes: the size and class of each user's home volume (a PVC per user),
+    the PVC of each group's shared folder (``{group}`` is the group name; ReadWriteMany, made by the
+    platform team) and the PVC holding the datasets (mounted read-only).
+    """
+
     home: str = "/home/{system_user}"
     shared: str = "/srv/workbench/groups/{group}"
     datasets: str = "/srv/workbench/datasets"
+    home_size: str = "10Gi"
+    storage_class: str | None = None
+    shared_claim: str = "workbench-group-{group}"
+    datasets_claim: str = "workbench-datasets"
+
+    @field_validator("shared", "datasets")
+    @classmethod
+    def _absolute_path(cls, value: str, info: ValidationInfo) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must be an absolute path (starting with /), got {value!r}")
+        allowed = {"group"} if info.field_name == "shared" else set()
+        used = _placeholders(value)
+        if used - allowed:
+            raise ValueError(
+                f"unknown placeholder(s) {', '.join(sorted('{' + u + '}' for u in used - allowed))} in {value!r}; "
+                + ("only {group} is allowed" if allowed else "no placeholders are allowed")
+            )
+        if allowed and "group" not in used:
+            raise ValueError(f"must contain {{group}} so that each group gets its own folder, got {value!r}")
+        return value
+
+    @field_validator("home_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> str:
+        if parse_quantity(value) <= 0:
+            raise ValueError(f"must be more than 0, got {value!r}")
+        return str(value)
+
+    @field_validator("shared_claim", "datasets_claim")
+    @classmethod
+    def _claim_name(cls, value: str, info: ValidationInfo) -> str:
+        allowed = {"group"} if info.field_name == "shared_claim" else set()
+        used = _placeholders(value)
+        if used - allowed or (allowed and "group" not in used):
+            raise ValueError(
+                "must contain {group} (one PVC per group), e.g. 'workbench-group-{group}'"
+                if allowed
+                else "must be a PVC name without placeholders, e.g. 'workbench-datasets'"
+            )
+        name = value.format(group="g") if allowed else value
+        if not _DNS_SUBDOMAIN_RE.match(name) or len(value.replace("{group}", "x" * 63)) > 253:
+            raise ValueError(
+                f"must give a valid PVC name (lowercase letters, digits, '-' and '.', at most 253 characters), got {value!r}"
+            )
+        return value
 
 
 class Policy(_Model):
@@ -354,6 +602,7 @@ def _reference_problems(p: Policy) -> list[tuple[str, str]]:
                         f"unknown group {g!r}; define it under 'groups' or use one of: {_names(p.groups)}",
                     )
                 )
+    problems += _auth_problems(p)
     return problems
 
 

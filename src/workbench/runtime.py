@@ -41,6 +41,7 @@ class Runtime:
     user_prefix: str = "wb-"
     allow_demo_auth_on_network: bool = False
     gateway_backend: str = "local"
+    gpus: dict = field(default_factory=dict)  # {gpu_type: [device ids]} of this machine
     extra: dict = field(default_factory=dict)
 
     @property

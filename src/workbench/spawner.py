@@ -11,19 +11,24 @@ refused with 403 before anything starts.
 
 from __future__ import annotations
 
+import html
 import os
 import pwd
 from pathlib import Path
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from tornado import web
-from traitlets import Bool, Dict, Unicode
+from traitlets import Bool, Dict, Unicode, default
 
-from .policy import Policy, load_policy
+from .gpus import GpuAllocator, NoFreeGpu
+from .limits import Limiter, detect_cgroups, local_limits, own_cgroups
+from .policy import Policy, Profile, load_policy
 from .starters import install_starters
 from .sysusers import ensure_system_user, system_username
 
 _POLICIES: dict[str, Policy] = {}
+_ALLOCATORS: dict[str, GpuAllocator] = {}
+_LIMITERS: dict[str, Limiter] = {}
 
 
 def cached_policy(path: str) -> Policy:
@@ -66,8 +71,57 @@ def dask_environment(policy: Policy, user_groups: list[str], gateway_url: str, p
     return env
 
 
+def describe_profile(policy: Policy, name: str) -> str:
+    """One line saying what a profile gives: GPU, cores, memory, image (pure)."""
+    p: Profile = policy.profiles[name]
+    parts = []
+    if p.gpu:
+        gtype = policy.gpu_types[p.gpu.type]
+        parts.append(f"{p.gpu.count}× {gtype.display_name or p.gpu.type}")
+    parts.append(f"{p.cpu:g} CPU")
+    parts.append(f"{(p.memory_limit or p.memory) / 1e9:g} GB")
+    image = policy.images[p.image]
+    parts.append(f"image: {image.display_name or image.image}")
+    return " · ".join(parts)
+
+
+def options_form_html(policy: Policy, user_groups: list[str]) -> str:
+    """The spawn form: the user's entitled profiles, grouped by group and described (pure)."""
+    seen: set[str] = set()
+    sections = []
+    first = True
+    for gname in policy.groups_of(user_groups):
+        group = policy.groups[gname]
+        items = []
+        for pname in policy.profiles_for([gname]):
+            if pname in seen:
+                continue
+            seen.add(pname)
+            prof = policy.profiles[pname]
+            checked = " checked" if first else ""
+            first = False
+            items.append(
+                f'<label class="wb-profile" style="display:block;margin:0.4em 0">'
+                f'<input type="radio" name="profile" value="{html.escape(pname)}"{checked}> '
+                f"<strong>{html.escape(prof.display_name or pname)}</strong> "
+                f'<span class="text-muted">({html.escape(pname)})</span><br>'
+                f'<small>{html.escape(describe_profile(policy, pname))}'
+                f"{' — ' + html.escape(prof.description) if prof.description else ''}</small></label>"
+            )
+        if items:
+            title = html.escape(group.display_name or gname)
+            sections.append(f'<fieldset class="wb-group"><legend>{title}</legend>{"".join(items)}</fieldset>')
+    return "\n".join(sections)
+
+
 class WorkbenchLocalSpawner(LocalProcessSpawner):
-    """LocalProcessSpawner driven by the platform policy."""
+    """LocalProcessSpawner driven by the platform policy.
+
+    - the spawn form lists only the user's entitled profiles; ``user_options["profile"]`` from the
+      form or the REST API is checked against the policy (403 otherwise) before anything starts;
+    - CPU and memory limits of the profile are applied (cgroups where available, rlimits otherwise);
+    - GPU profiles get devices of their GPU type via ``CUDA_VISIBLE_DEVICES``, never shared.
+    """
 
     policy_path = Unicode(help="Path of the platform YAML.").tag(config=True)
 
@@ -84,6 +138,11 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
     ).tag(config=True)
 
     dask_env = Dict(help="Gateway address settings added to every server's environment.").tag(config=True)
+
+    gpus = Dict(help="Local GPU devices by GPU type: {type: [device ids]} (from `workbench up`).").tag(config=True)
+
+    gpu_devices: list[str] = []
+    profile_name: str = ""
 
     # -- policy ----------------------------------------------------------------
 
@@ -105,14 +164,58 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
             return pwd.getpwnam(self.system_user).pw_dir
         return os.path.join(self.homes_root, self.user.name)
 
+    @property
+    def allocator(self) -> GpuAllocator:
+        key = self.policy_path
+        if key not in _ALLOCATORS:
+            _ALLOCATORS[key] = GpuAllocator(self.gpus)
+        return _ALLOCATORS[key]
+
+    @property
+    def limiter(self) -> Limiter:
+        if "default" not in _LIMITERS:
+            mode = detect_cgroups()
+            _LIMITERS["default"] = Limiter(mode, own=own_cgroups(Path("/proc/self/cgroup").read_text()) if mode else {})
+        return _LIMITERS["default"]
+
+    @property
+    def server_key(self) -> str:
+        return f"{self.user.name}-{self.name}" if self.name else self.user.name
+
+    # -- form --------------------------------------------------------------------
+
+    def _options_form(self, spawner=None):
+        allowed = self.policy.profiles_for(self.user_groups)
+        if len(allowed) <= 1:
+            return ""  # nothing to choose
+        return options_form_html(self.policy, self.user_groups)
+
+    @default("options_form")
+    def _default_options_form(self):
+        return self._options_form
+
+    def options_from_form(self, formdata):
+        profile = (formdata.get("profile") or [""])[0]
+        # checked again in start(); refusing here shows the message on the spawn page at once
+        choose_profile(self.policy, self.user_groups, profile or None)
+        return {"profile": profile} if profile else {}
+
     # -- LocalProcessSpawner hooks ---------------------------------------------
 
     def make_preexec_fn(self, name):
+        join = Limiter.preexec(self._cgroup_dirs, self._limits)
         if self.system_users:
-            return set_user_setuid(self.system_user)
+            setuid = set_user_setuid(self.system_user)
+
+            def preexec():
+                join()
+                setuid()
+
+            return preexec
         home = self.home
 
         def preexec():
+            join()
             os.chdir(home)
 
         return preexec
@@ -131,11 +234,54 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
         env.update(dask_environment(self.policy, self.user_groups, **self.dask_env) if self.dask_env else {})
         profile = self.policy.profiles[self.profile_name]
         env.update(profile.env)
+        env.update(self._limits.env(self.limiter.mechanism))
         env["WORKBENCH_PROFILE"] = self.profile_name
+        if profile.gpu:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpu_devices)
+            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(self.gpu_devices)
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""
         return env
+
+    def get_state(self):
+        state = super().get_state()
+        if self.gpu_devices:
+            state["gpu_devices"] = list(self.gpu_devices)
+        if self.profile_name:
+            state["profile"] = self.profile_name
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        self.profile_name = state.get("profile", "")
+        self.gpu_devices = list(state.get("gpu_devices", []))
+        if self.gpu_devices:
+            self.allocator.restore(self.server_key, self.gpu_devices)
+
+    def clear_state(self):
+        super().clear_state()
+        self.gpu_devices = []
 
     async def start(self):
         self.profile_name = choose_profile(self.policy, self.user_groups, self.user_options.get("profile"))
+        profile = self.policy.profiles[self.profile_name]
+        if profile.gpu:
+            gtype = self.policy.gpu_types[profile.gpu.type]
+            try:
+                self.gpu_devices = self.allocator.allocate(
+                    self.server_key, profile.gpu.type, profile.gpu.count, gtype.display_name
+                )
+            except NoFreeGpu as e:
+                raise web.HTTPError(409, str(e)) from None
+        try:
+            return await self._start_process(profile)
+        except BaseException:
+            self.allocator.release(self.server_key)
+            self.gpu_devices = []
+            self.limiter.remove(self.server_key)
+            raise
+
+    async def _start_process(self, profile: Profile):
         kinds = self.policy.kinds_of(self.user_groups)
         if self.system_users:
             entry = ensure_system_user(self.system_user, comment=f"Workbench user {self.user.name}")
@@ -143,10 +289,23 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
         else:
             Path(self.home).mkdir(parents=True, exist_ok=True)
             install_starters(self.home, kinds)
+        self._limits = local_limits(profile)
+        self._cgroup_dirs = self.limiter.prepare(self.server_key, self._limits)
         self.log.info(
-            "Starting %s's server with profile %s as %s",
+            "Starting %s's server: profile %s, as %s, limits %s (%g CPU, %d bytes)%s",
             self.user.name,
             self.profile_name,
             self.system_user if self.system_users else "the hub's own user",
+            self.limiter.mechanism,
+            self._limits.cpu,
+            self._limits.memory,
+            f", GPUs {','.join(self.gpu_devices)}" if self.gpu_devices else "",
         )
         return await super().start()
+
+    async def stop(self, now=False):
+        try:
+            await super().stop(now=now)
+        finally:
+            self.allocator.release(self.server_key)
+            self.limiter.remove(self.server_key)

@@ -25,6 +25,7 @@ import psutil
 import requests
 
 from .auth import PASSWORD_ENV, DemoAuthExposed, check_demo_exposure
+from .gpus import detect_devices, inventory, parse_fake_gpus
 from .policy import Policy, PolicyError, load_policy
 from .runtime import RUNTIME_ENV, Runtime, free_port, load_or_create_secrets, port_in_use
 from .sysusers import others_can_execute, system_username
@@ -61,6 +62,13 @@ class UpOptions:
     system_users: bool | None = None  # None: when root and the venv is usable by other users
     log_to_console: bool = False
     ready_timeout: float = 180.0
+    fake_gpus: str = ""  # "h100:2": pretend devices, for tests on machines without a GPU
+
+
+def local_gpus(policy: Policy, fake: str = "") -> dict[str, list[str]]:
+    if fake:
+        return parse_fake_gpus(fake)
+    return inventory(policy, detect_devices())
 
 
 def find_proxy(venv_bin: Path) -> str | None:
@@ -176,6 +184,20 @@ class Supervisor:
         if warning:
             say(f"WARNING: {warning}")
 
+        try:
+            gpus = local_gpus(policy, opts.fake_gpus)
+        except ValueError as e:
+            return fail(str(e))
+        unknown = sorted(set(gpus) - set(policy.gpu_types))
+        if unknown:
+            return fail(f"--fake-gpus names unknown GPU types {unknown}; the policy defines: {sorted(policy.gpu_types)}")
+        found = {t: len(ids) for t, ids in gpus.items() if ids}
+        say(
+            "GPUs: "
+            + (", ".join(f"{n}\u00d7 {t}" for t, n in found.items()) if found else "none found (GPU profiles will say so)")
+            + (" [PRETEND devices from --fake-gpus]" if opts.fake_gpus else "")
+        )
+
         state = Path(opts.state_dir).resolve()
         state.mkdir(parents=True, exist_ok=True)
         os.chmod(state, 0o711)
@@ -196,6 +218,7 @@ class Supervisor:
             gateway_tcp_port=free_port(),
             system_users=system_users,
             allow_demo_auth_on_network=opts.allow_demo_auth_on_network,
+            gpus=gpus,
         )
         runtime_file = runtime.write()
 

@@ -1,0 +1,179 @@
+"""CPU and memory limits for local single-user servers: cgroups where available, rlimits otherwise.
+
+``local_limits`` (pure) turns a profile into numbers. ``detect_cgroups`` finds a cgroup
+hierarchy this process may write (v2 with the cpu and memory controllers, or v1's ``cpu`` and
+``memory``). ``Limiter`` makes one cgroup per server, and returns a ``preexec`` step that moves
+the child into it before it drops privileges. Without writable cgroups, the child gets
+``RLIMIT_DATA`` (memory) and thread-count variables (CPU is then advisory); the spawner logs
+which mechanism it used and exports it as ``WORKBENCH_LIMITS``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+from .policy import Profile
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PARENT = "workbench"
+CFS_PERIOD = 100_000
+
+
+@dataclass(frozen=True)
+class LocalLimits:
+    cpu: float
+    memory: int  # bytes (the hard limit)
+
+    @property
+    def threads(self) -> int:
+        return max(1, math.ceil(self.cpu))
+
+    def env(self, mechanism: str) -> dict[str, str]:
+        n = str(self.threads)
+        return {
+            "WORKBENCH_LIMITS": mechanism,
+            "MEM_LIMIT": str(self.memory),
+            "CPU_LIMIT": f"{self.cpu:g}",
+            "OMP_NUM_THREADS": n,
+            "OPENBLAS_NUM_THREADS": n,
+            "MKL_NUM_THREADS": n,
+        }
+
+
+def local_limits(profile: Profile) -> LocalLimits:
+    """The limits a local server of this profile gets (pure)."""
+    return LocalLimits(cpu=profile.cpu, memory=profile.memory_limit or profile.memory)
+
+
+def cgroup_files(mode: str, limits: LocalLimits) -> dict[str, str]:
+    """Files (relative to the server's cgroup folder, per controller for v1) and their contents (pure)."""
+    quota = int(limits.cpu * CFS_PERIOD)
+    if mode == "v2":
+        return {"memory.max": str(limits.memory), "memory.swap.max": "0", "cpu.max": f"{quota} {CFS_PERIOD}"}
+    return {
+        "memory/memory.limit_in_bytes": str(limits.memory),
+        "cpu/cpu.cfs_period_us": str(CFS_PERIOD),
+        "cpu/cpu.cfs_quota_us": str(quota),
+    }
+
+
+def own_cgroups(text: str) -> dict[str, str]:
+    """Controller -> path of this process, from /proc/self/cgroup (pure); v2 is under key ''."""
+    out = {}
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            out[c] = path
+    return out
+
+
+def _base(root: Path, mode: str, controller: str, own: dict[str, str]) -> Path:
+    """Where this hub's per-server cgroups go: nested under the hub's own cgroup, so they stay
+    inside whatever limits the machine already puts on the hub."""
+    rel = own.get("" if mode == "v2" else controller, "/").lstrip("/")
+    return (root / rel if mode == "v2" else root / controller / rel) / PARENT
+
+
+def detect_cgroups(root: Path = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> str | None:
+    """'v2', 'v1' or None: a hierarchy with cpu and memory limits this process can really use.
+
+    Tried for real: a probe cgroup is created with a memory and a CPU limit, then removed.
+    """
+    try:
+        own = own_cgroups(Path(proc_cgroup).read_text())
+    except OSError:
+        return None
+    candidates = []
+    if (root / "cgroup.controllers").exists():
+        candidates.append("v2")
+    if (root / "memory").is_dir() and (root / "cpu").is_dir():
+        candidates.append("v1")
+    for mode in candidates:
+        limiter = Limiter(mode, root, own)
+        try:
+            limiter.prepare("probe", LocalLimits(cpu=1, memory=2**30))
+            return mode
+        except OSError:
+            continue
+        finally:
+            limiter.remove("probe")
+    return None
+
+
+class Limiter:
+    """Create, join and remove per-server cgroups."""
+
+    def __init__(self, mode: str | None, root: Path = CGROUP_ROOT, own: dict[str, str] | None = None):
+        self.mode = mode
+        self.root = root
+        self.own = own if own is not None else {}
+
+    @property
+    def mechanism(self) -> str:
+        return f"cgroup-{self.mode}" if self.mode else "rlimit"
+
+    def _dir(self, controller: str, name: str) -> Path:
+        return _base(self.root, self.mode, controller, self.own) / name
+
+    def _dirs(self, name: str) -> list[Path]:
+        if self.mode == "v2":
+            return [self._dir("", name)]
+        return [self._dir(c, name) for c in ("memory", "cpu")]
+
+    def prepare(self, name: str, limits: LocalLimits) -> list[Path]:
+        """Create the cgroup(s) of one server and write its limits; returns the folders to join."""
+        if self.mode is None:
+            return []
+        if self.mode == "v2":
+            parent = self._dir("", name).parent
+            parent.mkdir(exist_ok=True)
+            for ctl in ("+cpu", "+memory"):
+                for p in (parent.parent, parent):
+                    try:
+                        (p / "cgroup.subtree_control").write_text(ctl)
+                    except OSError:
+                        pass
+        dirs = self._dirs(name)
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        for rel, value in cgroup_files(self.mode, limits).items():
+            if self.mode == "v2":
+                target = dirs[0] / rel
+            else:
+                controller, fname = rel.split("/")
+                target = self._dir(controller, name) / fname
+            try:
+                target.write_text(value)
+            except OSError:
+                if not rel.endswith("swap.max"):  # swap accounting may be off; the rest must work
+                    raise
+        return dirs
+
+    def remove(self, name: str) -> None:
+        for d in self._dirs(name) if self.mode else []:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    @staticmethod
+    def preexec(dirs: list[Path], limits: LocalLimits):
+        """A step for the child, before it drops privileges: join the cgroups, or set rlimits."""
+        procs = [str(d / "cgroup.procs") for d in dirs]
+        memory = limits.memory
+
+        def step():
+            if procs:
+                pid = str(os.getpid())
+                for p in procs:
+                    with open(p, "w") as f:
+                        f.write(pid)
+            else:
+                resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+
+        return step
+

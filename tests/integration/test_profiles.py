@@ -1,0 +1,173 @@
+"""Profiles from the policy, enforced on the local spawner through the real hub (no mocks, except
+the pretend GPU devices of `--fake-gpus`, named as such: these machines have no GPU)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .harness import Workbench
+from .test_embedded import server_process, state_dir
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def wb():
+    """No GPU on this machine: GPU profiles must say so."""
+    w = Workbench(state_dir()).start()
+    yield w
+    assert w.stop() == 0
+    assert not w.leftovers()
+
+
+@pytest.fixture(scope="module")
+def wb_gpus():
+    """PRETEND GPUs (a mock of the GPU, which these machines lack): one H100, one MIG slice."""
+    w = Workbench(state_dir(), extra_args=("--fake-gpus", "h100:1,h100-mig-1g:1")).start()
+    yield w
+    assert w.stop() == 0
+    assert not w.leftovers()
+
+
+def user_model(w: Workbench, token: str, name: str) -> dict:
+    return w.token_api(token, "GET", f"/users/{name}").json()
+
+
+def profile_values(page: str) -> list[str]:
+    return re.findall(r'name="profile" value="([^"]+)"', page)
+
+
+def test_spawn_form_shows_only_entitled_profiles_grouped_and_described(wb):
+    s = wb.login("student1")
+    page = s.get(f"{wb.url}/hub/spawn/student1", timeout=30).content.decode()
+    assert profile_values(page) == ["cpu-small", "mig-1g"]
+    assert "ML 101 (course)" in page  # grouped under the group's name
+    assert "1\u00d7 NVIDIA H100 MIG 1g.10gb slice" in page and "8 GB" in page  # described
+    s = wb.login("researcher")
+    page = s.get(f"{wb.url}/hub/spawn/researcher", timeout=30).content.decode()
+    assert profile_values(page) == ["cpu-large", "h100-x1"]
+
+
+def test_api_request_for_a_profile_not_entitled_is_refused_and_nothing_starts(wb):
+    s = wb.login("student1")
+    token = wb.new_token(s, "student1")
+    r = wb.token_api(token, "POST", "/users/student1/server", json={"profile": "h100-x1"})
+    assert r.status_code == 403, r.text
+    assert "h100-x1" in r.json()["message"] and "cpu-small, mig-1g" in r.json()["message"]
+    time.sleep(1)
+    model = user_model(wb, token, "student1")
+    assert model["servers"] == {} and not model.get("pending")
+    with pytest.raises(AssertionError):
+        server_process("student1")
+
+
+def test_form_post_for_a_profile_not_entitled_is_refused(wb):
+    s = wb.login("student2")
+    xsrf = s.cookies.get("_xsrf", path="/hub/")
+    r = s.post(f"{wb.url}/hub/spawn/student2", data={"profile": "cpu-large", "_xsrf": xsrf}, timeout=30)
+    assert r.status_code == 403
+    assert "not available to you" in r.text
+    token = wb.new_token(s, "student2")
+    assert user_model(wb, token, "student2")["servers"] == {}
+
+
+def test_unknown_profile_is_refused(wb):
+    token = wb.new_token(wb.login("researcher"), "researcher")
+    r = wb.token_api(token, "POST", "/users/researcher/server", json={"profile": "nope"})
+    assert r.status_code == 403 and "'nope' is not available" in r.json()["message"]
+
+
+def test_gpu_profile_without_gpu_gives_clear_error_and_clears_pending(wb):
+    token = wb.new_token(wb.login("researcher"), "researcher")
+    t0 = time.monotonic()
+    r = wb.token_api(token, "POST", "/users/researcher/server", json={"profile": "h100-x1"})
+    assert time.monotonic() - t0 < 15, "must fail fast, not hang"
+    assert r.status_code == 409, r.text
+    assert "No free GPU of type h100" in r.json()["message"] and "this machine has none" in r.json()["message"]
+    model = user_model(wb, token, "researcher")
+    assert model["servers"] == {} and not model.get("pending")
+    # nothing is left stuck: the same user can start a CPU profile right away
+    wb.start_server(token, "researcher", profile="cpu-large")
+    wb.stop_server(token, "researcher")
+
+
+def test_limits_are_applied_to_the_server_process(wb):
+    token = wb.new_token(wb.login("student1"), "student1")
+    wb.start_server(token, "student1", profile="cpu-small")
+    try:
+        proc = server_process("student1")
+        env = proc.environ()
+        assert env["WORKBENCH_PROFILE"] == "cpu-small"
+        assert env["MEM_LIMIT"] == str(2 * 10**9) and env["CPU_LIMIT"] == "1"
+        assert env["CUDA_VISIBLE_DEVICES"] == ""
+        mechanism = env["WORKBENCH_LIMITS"]
+        cgroups = Path(f"/proc/{proc.pid}/cgroup").read_text()
+        if mechanism == "cgroup-v1":
+            mem_path = re.search(r"^\d+:memory:(.*)$", cgroups, re.M).group(1)
+            assert mem_path.endswith("/workbench/student1")
+            limit = int(Path(f"/sys/fs/cgroup/memory{mem_path}/memory.limit_in_bytes").read_text())
+            assert abs(limit - 2 * 10**9) < 4096
+            cpu_path = re.search(r"^\d+:cpu(?:,cpuacct)?:(.*)$", cgroups, re.M).group(1)
+            assert int(Path(f"/sys/fs/cgroup/cpu{cpu_path}/cpu.cfs_quota_us").read_text()) == 100_000
+        elif mechanism == "cgroup-v2":
+            path = re.search(r"^0::(.*)$", cgroups, re.M).group(1)
+            assert Path(f"/sys/fs/cgroup{path}/memory.max").read_text().strip() == str(2 * 10**9)
+            assert Path(f"/sys/fs/cgroup{path}/cpu.max").read_text().split()[0] == "100000"
+        else:
+            assert mechanism == "rlimit"
+            assert proc.rlimit(psutil.RLIMIT_DATA) == (2 * 10**9, 2 * 10**9)
+        # the hub's log says which mechanism was used
+        assert f"limits {mechanism} (1 CPU, 2000000000 bytes)" in wb.hub_log()
+    finally:
+        wb.stop_server(token, "student1")
+
+
+def test_gpu_devices_are_exclusive_between_servers(wb_gpus):
+    w = wb_gpus
+    researcher = w.new_token(w.login("researcher"), "researcher")
+    startup = w.new_token(w.login("startup"), "startup")
+    w.start_server(researcher, "researcher", profile="h100-x1")
+    try:
+        assert server_process("researcher").environ()["CUDA_VISIBLE_DEVICES"] == "FAKE-h100-0"
+        r = w.token_api(startup, "POST", "/users/startup/server", json={"profile": "h100-x1"})
+        assert r.status_code == 409
+        assert "1 requested, 0 of 1 free" in r.json()["message"]
+        assert user_model(w, startup, "startup")["servers"] == {}
+    finally:
+        w.stop_server(researcher, "researcher")
+    # released on stop: now the startup gets the device
+    w.start_server(startup, "startup", profile="h100-x1")
+    assert server_process("startup").environ()["CUDA_VISIBLE_DEVICES"] == "FAKE-h100-0"
+    w.stop_server(startup, "startup")
+
+
+def test_mig_slice_profile_gets_a_slice(wb_gpus):
+    w = wb_gpus
+    token = w.new_token(w.login("student2"), "student2")
+    w.start_server(token, "student2", profile="mig-1g")
+    try:
+        env = server_process("student2").environ()
+        assert env["CUDA_VISIBLE_DEVICES"] == "FAKE-h100-mig-1g-0"
+        other = w.new_token(w.login("student1"), "student1")
+        r = w.token_api(other, "POST", "/users/student1/server", json={"profile": "mig-1g"})
+        assert r.status_code == 409 and "h100-mig-1g" in r.json()["message"]
+    finally:
+        w.stop_server(token, "student2")
+
+
+def test_fake_gpus_with_unknown_type_is_refused(tmp_path):
+    import subprocess
+
+    from .harness import VENV_BIN
+
+    res = subprocess.run(
+        [str(VENV_BIN / "workbench"), "up", "--fake-gpus", "b200:1", "--state-dir", str(tmp_path / "s"), "--port", "0"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert res.returncode == 2 and "unknown GPU types ['b200']" in res.stderr
+
