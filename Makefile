@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 	@scripts/system-deps.sh
 	@test -x $(VENV)/bin/python || $(SYSTEM_PYTHON) -m venv $(VENV)
 	@echo "[workbench] installing Python packages into $(VENV) …"
-	@$(VENV)/bin/python -m pip install -q --upgrade pip
-	@$(VENV)/bin/python -m pip install -q -e '.[test]'
+	@$(VENV)/bin/python -m pip install -qq --upgrade pip
+	@$(VENV)/bin/python -m pip install -qq -e '.[test]'
 	@echo "[workbench] installing configurable-http-proxy into $(VENV) …"
 	@npm install --prefix $(VENV) --no-audit --no-fund --loglevel=error configurable-http-proxy@4 >/dev/null
 	@ln -sf ../node_modules/.bin/configurable-http-proxy $(VENV)/bin/configurable-http-proxy

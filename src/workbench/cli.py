@@ -61,6 +61,32 @@ def cmd_up(args) -> int:
     return up(opts)
 
 
+def cmd_render_pod(args) -> int:
+    import yaml
+    from tornado import web
+
+    try:
+        from .kube import render_pod
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("kubespawner", "kubernetes_asyncio"):
+            raise
+        print(f"render-pod needs KubeSpawner ({e}); install it with: pip install 'workbench[kubernetes]'", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(args.config)
+    except PolicyError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    try:
+        pod = render_pod(policy, args.user, groups, args.profile)
+    except web.HTTPError as e:
+        print(f"refused ({e.status_code}): {e.log_message}", file=sys.stderr)
+        return 3
+    print(yaml.safe_dump(pod, sort_keys=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .up import DEFAULT_CONFIG
 
@@ -124,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", help="platform YAML")
     check.set_defaults(func=cmd_check)
+
+    render = sub.add_parser(
+        "render-pod",
+        help="print the Kubernetes pod KubeSpawner would create for a user and profile",
+        description="Render, offline, the pod manifest that KubeSpawner (with the policy's settings) would "
+        "create for USER in GROUPS starting PROFILE, as YAML; no cluster is contacted. Exit code 2 when the "
+        "policy is invalid, 3 when the policy refuses the profile to those groups (the message says which "
+        "profiles they may use).",
+    )
+    render.add_argument("--config", required=True, help="platform YAML")
+    render.add_argument("--user", required=True, help="hub user name")
+    render.add_argument("--groups", default="", help="the user's groups, comma-separated (G1,G2)")
+    render.add_argument("--profile", default=None, help="profile to start (default: the user's first)")
+    render.set_defaults(func=cmd_render_pod)
     return parser
 
 

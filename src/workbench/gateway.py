@@ -8,6 +8,7 @@ to carry ``access:services!service=dask-gateway`` (granted by role to groups who
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -23,22 +24,35 @@ GIB = 2**30
 
 
 def cluster_options_for(policy: Policy, user_groups: list[str]) -> Options:
-    """Cluster options a user may set, bounded by their group's Dask policy (pure)."""
+    """Cluster options a user may set, bounded by their group's Dask policy (pure).
+
+    A user none of whose groups has a Dask policy sees no options, and creating a cluster is
+    refused with a message saying why.
+    """
     dask = policy.dask_policy_for(user_groups)
     if dask is None:
-        dask = DaskPolicy(max_cores=0.0001, max_memory=0, max_workers=0, max_clusters=0,
-                          worker_max_cores=0.0001, worker_max_memory=0)
-    max_mem_gib = round(dask.worker_max_memory / GIB, 2)
+        groups = ", ".join(policy.groups_of(user_groups)) or "none"
+
+        def refuse(options, user=None):
+            raise ValueError(
+                f"Your groups ({groups}) may not use Dask Gateway: none of them has a 'dask' section in the "
+                "platform policy. Ask the platform team to add one."
+            )
+
+        return Options(handler=refuse)
+    # round down to 0.01 GiB so that the largest choice never exceeds the policy
+    max_mem_gib = math.floor(dask.worker_max_memory / GIB * 100) / 100
+    min_mem_gib = min(0.25, max_mem_gib)
 
     def handler(options, user=None):
         return cluster_config_for(dask, options.worker_cores, options.worker_memory)
 
     return Options(
-        Integer("worker_cores", default=1, min=1, max=max(1, int(dask.worker_max_cores)), label="Worker cores"),
+        Integer("worker_cores", default=1, min=1, max=int(dask.worker_max_cores), label="Worker cores"),
         Float(
             "worker_memory",
             default=min(1.0, max_mem_gib),
-            min=0.25,
+            min=min_mem_gib,
             max=max_mem_gib,
             label="Worker memory (GiB)",
         ),

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .auth import DemoAuthenticator, DemoAuthExposed, check_demo_exposure
+from .auth import DemoAuthExposed, check_demo_exposure
+from .oauth import auth_settings
 from .policy import Policy, PolicyError, load_policy
 from .runtime import CULLER_SERVICE, GATEWAY_SERVICE, Runtime, load_or_create_secrets
 from .spawner import WorkbenchLocalSpawner
@@ -91,26 +92,22 @@ def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[
 def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> dict[str, dict]:
     """All hub settings for the embedded mode (pure)."""
     check_demo_exposure(policy.auth.type, runtime.bind, runtime.allow_demo_auth_on_network)
-    if policy.auth.type != "demo":
-        raise NotImplementedError(
-            f"auth.type {policy.auth.type!r} is not wired into the embedded mode yet; use auth.type: demo"
-        )
+    auth = auth_settings(policy, runtime)  # authenticator_class, login page text and the authenticator's sections
     state = Path(runtime.state_dir)
     venv = Path(runtime.venv_bin)
     return {
         "JupyterHub": {
-            "bind_url": f"http://{runtime.bind}:{runtime.port}",
+            "bind_url": f"http://{f'[{runtime.bind}]' if ':' in runtime.bind else runtime.bind}:{runtime.port}",
             "hub_bind_url": f"http://127.0.0.1:{runtime.hub_port}",
             "db_url": f"sqlite:///{state / 'jupyterhub.sqlite'}",
             "cookie_secret": bytes.fromhex(secrets["cookie_secret"]),
             "pid_file": str(state / "jupyterhub.pid"),
-            "authenticator_class": _cls(DemoAuthenticator),
             "spawner_class": _cls(WorkbenchLocalSpawner),
             "services": services(policy, runtime, secrets),
             "load_roles": roles(policy),
             "cleanup_servers": True,
             "cleanup_proxy": True,
-            "template_vars": {"announcement_login": f"{policy.name}: log in with a demo account"},
+            **auth["JupyterHub"],
         },
         "ConfigurableHTTPProxy": {
             "command": [runtime.proxy_command],
@@ -119,11 +116,7 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "pid_file": str(state / "proxy.pid"),
             "should_start": True,
         },
-        "DemoAuthenticator": {
-            "accounts": {name: u.model_dump() for name, u in policy.auth.demo_users.items()},
-            "admin_group_names": ",".join(policy.auth.admin_groups),
-        },
-        "Authenticator": {"manage_groups": True, "allow_all": False},
+        **{section: values for section, values in auth.items() if section != "JupyterHub"},
         "Spawner": {
             "cmd": [str(venv / "jupyterhub-singleuser")],
             "default_url": "/lab",

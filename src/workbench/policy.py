@@ -9,7 +9,9 @@ path of the field (``groups.physics-lab.profiles[1]``) and what is expected.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+from decimal import Decimal
 import string
 from collections.abc import Iterable
 from pathlib import Path
@@ -84,7 +86,7 @@ def parse_quantity(value: Any) -> int:
             f"expected a memory size like 8G, 512Mi or 1.5Gi (number then unit, no space; "
             f"units k, M, G, T, Ki, Mi, Gi, Ti), got {value!r}"
         )
-    return int(float(m["num"]) * _UNITS[m["unit"]])
+    return int(Decimal(m["num"]) * _UNITS[m["unit"]])
 
 
 _DURATION_RE = re.compile(r"^(?P<num>[0-9]+(?:\.[0-9]+)?)(?P<unit>s|m|h|d)?$")
@@ -102,7 +104,7 @@ def parse_duration(value: Any) -> int:
     if isinstance(value, str):
         m = _DURATION_RE.match(value.strip())
         if m:
-            return int(float(m["num"]) * _DURATION_UNITS[m["unit"]])
+            return int(Decimal(m["num"]) * _DURATION_UNITS[m["unit"]])
     raise ValueError(f"expected a duration like 90, 30s, 15m, 8h or 2d, got {value!r}")
 
 
@@ -115,6 +117,8 @@ def _positive_cpu(value: Any) -> float:
                 raise ValueError(f"expected a number of cores like 2 or 0.5 or 500m, got {value!r}") from None
         else:
             raise ValueError(f"expected a number of cores like 2 or 0.5, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number of cores like 2 or 0.5, got {value!r}")
     if value <= 0:
         raise ValueError(f"must be more than 0 cores, got {value!r}")
     return float(value)
@@ -580,6 +584,10 @@ def _reference_problems(p: Policy) -> list[tuple[str, str]]:
                 )
         if group.kind != "course" and group.instructors:
             problems.append((f"groups.{gname}.instructors", "only groups of kind 'course' have instructors"))
+        if group.dask and group.dask.worker_max_cores < 1:
+            problems.append(
+                (f"groups.{gname}.dask.worker_max_cores", "must be at least 1: Dask workers get whole cores")
+            )
         if group.dask and group.dask.worker_max_cores > group.dask.max_cores:
             problems.append((f"groups.{gname}.dask.worker_max_cores", "must not exceed dask.max_cores"))
         if group.dask and group.dask.worker_max_memory > group.dask.max_memory:

@@ -16,13 +16,15 @@ import subprocess
 from pathlib import Path
 
 _MAX = 32  # useradd's limit
+_HASHED = re.compile(r"-[0-9a-f]{6}$")
 
 
 def system_username(hub_name: str, prefix: str = "wb-") -> str:
     """Deterministic, valid Unix user name for a hub user (pure)."""
     clean = re.sub(r"[^a-z0-9_-]", "-", hub_name.lower()).strip("-") or "user"
     name = f"{prefix}{clean}"
-    if clean != hub_name or len(name) > _MAX:
+    # plain names never look like hashed ones (ending in -xxxxxx), so two hub users never share an account
+    if clean != hub_name or len(name) > _MAX or _HASHED.search(clean):
         # the mapping was lossy: add a short hash so that distinct hub names stay distinct
         digest = hashlib.sha256(hub_name.encode()).hexdigest()[:6]
         name = f"{name[: _MAX - 7]}-{digest}"

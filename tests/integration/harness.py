@@ -34,12 +34,15 @@ def free_port() -> int:
 class Workbench:
     """One `workbench up` process on free ports with its own state folder."""
 
-    def __init__(self, state_dir: Path, config: Path = DEMO, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self, state_dir: Path, config: Path = DEMO, extra_args: tuple[str, ...] = (), env: dict | None = None
+    ):
         self.state_dir = Path(state_dir)
         self.config = config
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = extra_args
+        self.env = dict(env or {})  # extra environment of `workbench up` (e.g. an OAuth client secret)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}-up.log"
         self.seen: dict[int, float] = {}
@@ -56,7 +59,7 @@ class Workbench:
         ]
 
     def start(self, timeout: float = 180) -> Workbench:
-        env = dict(os.environ, WORKBENCH_DEMO_PASSWORD=PASSWORD)
+        env = {**os.environ, "WORKBENCH_DEMO_PASSWORD": PASSWORD, **self.env}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout

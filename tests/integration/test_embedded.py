@@ -33,11 +33,12 @@ def state_dir() -> Path:
     return parent / "state"
 
 
-def server_process(username: str) -> psutil.Process:
-    for p in psutil.process_iter(["cmdline", "environ"]):
+def server_process(w: Workbench, username: str) -> psutil.Process:
+    """The single-user server of ``username`` started by this workbench (other runs may exist)."""
+    for p in w.snapshot():
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            env = p.info["environ"] or {}
+            cmd = " ".join(p.cmdline())
+            env = p.environ()
         except psutil.Error:
             continue
         if "jupyterhub-singleuser" in cmd and env.get("JUPYTERHUB_USER") == username:
@@ -76,7 +77,7 @@ def test_full_flow_login_server_gateway_xarray_and_clean_stop():
         status = requests.get(f"{w.url}/user/researcher/api/status", headers=auth, timeout=30)
         assert status.status_code == 200, status.text
 
-        proc = server_process("researcher")
+        proc = server_process(w, "researcher")
         expected_user = "wb-researcher" if AS_ROOT else pwd.getpwuid(os.getuid()).pw_name
         assert proc.username() == expected_user
         env = proc.environ()
@@ -267,6 +268,42 @@ def test_demo_auth_cannot_be_exposed_by_starting_the_hub_config_directly(tmp_pat
     )
     assert res.returncode != 0
     assert "--allow-demo-auth-on-network" in res.stderr + res.stdout
+
+
+def test_researcher_starter_notebook_runs_in_their_server_environment(wb):
+    """The starter notebook as the researcher would run it: their account, their server's environment
+    (so `Gateway()` has no arguments), a real adaptive cluster; then the cluster is gone."""
+    import json
+
+    token = wb.new_token(wb.login("researcher"), "researcher")
+    if AS_ROOT:  # a home left by an earlier run keeps its (older) copy: starters never overwrite
+        Path("/home/wb-researcher/climatology-with-dask.ipynb").unlink(missing_ok=True)
+    wb.start_server(token, "researcher")
+    try:
+        env = server_process(wb, "researcher").environ()
+        home = Path(env["HOME"])
+        res = subprocess.run(
+            [str(VENV_BIN / "jupyter"), "nbconvert", "--to", "notebook", "--execute",
+             "--ExecutePreprocessor.timeout=300", "--output", "executed.ipynb", "climatology-with-dask.ipynb"],
+            cwd=home, env=env, capture_output=True, text=True, timeout=400,
+            user="wb-researcher" if AS_ROOT else None,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        nb = json.loads((home / "executed.ipynb").read_text())
+        outputs = ["".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                   for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+        assert any("dashboard:" in o for o in outputs)
+        table = next(o for o in outputs if o.startswith("lat") or "month" in o.splitlines()[0])
+        rows = [line.split() for line in table.splitlines()[2:]]
+        assert [int(r[0]) for r in rows] == list(range(1, 13))
+        south, equator, north = zip(*[(float(r[1]), float(r[2]), float(r[3])) for r in rows])
+        # opposite seasons in each hemisphere, warm equator
+        assert north[6] > north[0] + 15 and south[0] > south[6] + 15
+        assert min(equator) > max(north[0], south[6])
+        with wb.gateway(token) as gw:
+            assert gw.list_clusters() == []
+    finally:
+        wb.stop_server(token, "researcher")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,7 +63,7 @@ def test_api_request_for_a_profile_not_entitled_is_refused_and_nothing_starts(wb
     model = user_model(wb, token, "student1")
     assert model["servers"] == {} and not model.get("pending")
     with pytest.raises(AssertionError):
-        server_process("student1")
+        server_process(wb, "student1")
 
 
 def test_form_post_for_a_profile_not_entitled_is_refused(wb):
@@ -100,7 +100,7 @@ def test_limits_are_applied_to_the_server_process(wb):
     token = wb.new_token(wb.login("student1"), "student1")
     wb.start_server(token, "student1", profile="cpu-small")
     try:
-        proc = server_process("student1")
+        proc = server_process(wb, "student1")
         env = proc.environ()
         assert env["WORKBENCH_PROFILE"] == "cpu-small"
         assert env["MEM_LIMIT"] == str(2 * 10**9) and env["CPU_LIMIT"] == "1"
@@ -133,7 +133,7 @@ def test_gpu_devices_are_exclusive_between_servers(wb_gpus):
     startup = w.new_token(w.login("startup"), "startup")
     w.start_server(researcher, "researcher", profile="h100-x1")
     try:
-        assert server_process("researcher").environ()["CUDA_VISIBLE_DEVICES"] == "FAKE-h100-0"
+        assert server_process(w, "researcher").environ()["CUDA_VISIBLE_DEVICES"] == "FAKE-h100-0"
         r = w.token_api(startup, "POST", "/users/startup/server", json={"profile": "h100-x1"})
         assert r.status_code == 409
         assert "1 requested, 0 of 1 free" in r.json()["message"]
@@ -142,7 +142,7 @@ def test_gpu_devices_are_exclusive_between_servers(wb_gpus):
         w.stop_server(researcher, "researcher")
     # released on stop: now the startup gets the device
     w.start_server(startup, "startup", profile="h100-x1")
-    assert server_process("startup").environ()["CUDA_VISIBLE_DEVICES"] == "FAKE-h100-0"
+    assert server_process(w, "startup").environ()["CUDA_VISIBLE_DEVICES"] == "FAKE-h100-0"
     w.stop_server(startup, "startup")
 
 
@@ -151,7 +151,7 @@ def test_mig_slice_profile_gets_a_slice(wb_gpus):
     token = w.new_token(w.login("student2"), "student2")
     w.start_server(token, "student2", profile="mig-1g")
     try:
-        env = server_process("student2").environ()
+        env = server_process(w, "student2").environ()
         assert env["CUDA_VISIBLE_DEVICES"] == "FAKE-h100-mig-1g-0"
         other = w.new_token(w.login("student1"), "student1")
         r = w.token_api(other, "POST", "/users/student1/server", json={"profile": "mig-1g"})
