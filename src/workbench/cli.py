@@ -55,6 +55,7 @@ def cmd_up(args) -> int:
         system_users=args.system_users,
         log_to_console=args.log_to_console,
         fake_gpus=args.fake_gpus,
+        gateway_backend=args.gateway_backend,
     )
     if args.hub_config_dir:
         opts.hub_config_dir = args.hub_config_dir
@@ -133,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every server as the current user (no isolation between users)",
     )
     up.add_argument("--log-to-console", action="store_true", help="stream the hub's log here instead of to a file")
+    up.add_argument(
+        "--gateway-backend",
+        choices=["local", "slurm"],
+        default="local",
+        help="where Dask clusters run: local processes (default), or jobs on the Slurm cluster named by "
+        "$SLURM_CONF, else the one-node cluster that `make slurm` starts",
+    )
     up.add_argument(
         "--fake-gpus",
         default="",

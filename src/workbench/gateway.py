@@ -23,14 +23,16 @@ from .sysusers import chown_tree, ensure_system_user, others_can_execute, system
 GIB = 2**30
 
 
-def cluster_options_for(policy: Policy, user_groups: list[str]) -> Options:
+def cluster_options_for(policy: Policy, user_groups: list[str], backend_overrides=None) -> Options:
     """Cluster options a user may set, bounded by their group's Dask policy (pure).
 
     A user none of whose groups has a Dask policy sees no options, and creating a cluster is
-    refused with a message saying why.
+    refused with a message saying why. Groups with ``gpu_workers`` also get ``worker_gpus``.
+    ``backend_overrides(group, dask_policy, options) -> dict`` adds backend-specific settings
+    (e.g. Slurm partition, account, GRES).
     """
-    dask = policy.dask_policy_for(user_groups)
-    if dask is None:
+    group = policy.dask_group_for(user_groups)
+    if group is None:
         groups = ", ".join(policy.groups_of(user_groups)) or "none"
 
         def refuse(options, user=None):
@@ -40,14 +42,18 @@ def cluster_options_for(policy: Policy, user_groups: list[str]) -> Options:
             )
 
         return Options(handler=refuse)
+    dask = policy.groups[group].dask
     # round down to 0.01 GiB so that the largest choice never exceeds the policy
     max_mem_gib = math.floor(dask.worker_max_memory / GIB * 100) / 100
     min_mem_gib = min(0.25, max_mem_gib)
 
     def handler(options, user=None):
-        return cluster_config_for(dask, options.worker_cores, options.worker_memory)
+        config = cluster_config_for(dask, options.worker_cores, options.worker_memory)
+        if backend_overrides is not None:
+            config.update(backend_overrides(group, dask, options))
+        return config
 
-    return Options(
+    fields = [
         Integer("worker_cores", default=1, min=1, max=int(dask.worker_max_cores), label="Worker cores"),
         Float(
             "worker_memory",
@@ -56,8 +62,19 @@ def cluster_options_for(policy: Policy, user_groups: list[str]) -> Options:
             max=max_mem_gib,
             label="Worker memory (GiB)",
         ),
-        handler=handler,
-    )
+    ]
+    if dask.gpu_workers:
+        gtype = policy.gpu_types[dask.gpu_type]
+        fields.append(
+            Integer(
+                "worker_gpus",
+                default=0,
+                min=0,
+                max=dask.worker_max_gpus,
+                label=f"GPUs per worker ({gtype.display_name or dask.gpu_type})",
+            )
+        )
+    return Options(*fields, handler=handler)
 
 
 def cluster_config_for(dask: DaskPolicy, worker_cores: int, worker_memory_gib: float) -> dict:
@@ -147,8 +164,15 @@ def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None =
     c.ClusterConfig.worker_cmd = [str(venv / "dask"), "worker"]
     c.ClusterConfig.environment = {"PATH": f"{venv}:/usr/local/bin:/usr/bin:/bin"}
 
+    backend_overrides = None
+    if runtime.gateway_backend == "slurm":
+        from .gateway_slurm import configure_slurm, slurm_overrides
+
+        configure_slurm(c, policy, runtime)
+        backend_overrides = slurm_overrides
+
     def options(user):
-        return cluster_options_for(policy, list(user.groups))
+        return cluster_options_for(policy, list(user.groups), backend_overrides)
 
     c.Backend.cluster_options = options
 

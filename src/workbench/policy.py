@@ -360,7 +360,18 @@ class Profile(_Model):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class SlurmPolicy(_Model):
+    """Where a group's Dask workers run on the Slurm backend (sbatch --partition/--account/--qos/--time)."""
+
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    walltime: Duration = parse_duration("8h")
+
+
 class DaskPolicy(_Model):
+    """A group's Dask Gateway limits: per cluster (cores, memory, workers), per user (clusters)."""
+
     max_cores: Cores = 4.0
     max_memory: Memory = parse_quantity("16G")
     max_workers: int = Field(default=4, ge=0)
@@ -368,7 +379,10 @@ class DaskPolicy(_Model):
     worker_max_cores: Cores = 2.0
     worker_max_memory: Memory = parse_quantity("8G")
     gpu_workers: bool = False
+    gpu_type: str | None = None  # the GPU type of GPU workers (required with gpu_workers)
+    worker_max_gpus: int = Field(default=1, ge=0, le=16)
     idle_timeout: Duration = parse_duration("30m")
+    slurm: SlurmPolicy = Field(default_factory=SlurmPolicy)
 
 
 class Budget(_Model):
@@ -503,12 +517,18 @@ class Policy(_Model):
         groups = self.groups_of(user_groups)
         return groups[0] if groups else None
 
+    def dask_group_for(self, user_groups: Iterable[str]) -> str | None:
+        """The user's group whose Dask limits are the most generous (None: no Dask access)."""
+        named = [g for g in self.groups_of(user_groups) if self.groups[g].dask]
+        if not named:
+            return None
+        return max(named, key=lambda g: (self.groups[g].dask.max_cores, self.groups[g].dask.max_memory,
+                                         self.groups[g].dask.max_workers))
+
     def dask_policy_for(self, user_groups: Iterable[str]) -> DaskPolicy | None:
         """The most generous Dask limits among the user's groups (None: no Dask access)."""
-        policies = [self.groups[g].dask for g in self.groups_of(user_groups) if self.groups[g].dask]
-        if not policies:
-            return None
-        return max(policies, key=lambda d: (d.max_cores, d.max_memory, d.max_workers))
+        group = self.dask_group_for(user_groups)
+        return self.groups[group].dask if group else None
 
     def kinds_of(self, user_groups: Iterable[str]) -> list[str]:
         return [self.groups[g].kind for g in self.groups_of(user_groups)]
@@ -584,6 +604,14 @@ def _reference_problems(p: Policy) -> list[tuple[str, str]]:
                 )
         if group.kind != "course" and group.instructors:
             problems.append((f"groups.{gname}.instructors", "only groups of kind 'course' have instructors"))
+        if group.dask and group.dask.gpu_workers and group.dask.gpu_type not in p.gpu_types:
+            problems.append(
+                (
+                    f"groups.{gname}.dask.gpu_type",
+                    f"gpu_workers needs a GPU type defined under 'gpu_types' (one of: {_names(p.gpu_types)}), "
+                    f"got {group.dask.gpu_type!r}",
+                )
+            )
         if group.dask and group.dask.worker_max_cores < 1:
             problems.append(
                 (f"groups.{gname}.dask.worker_max_cores", "must be at least 1: Dask workers get whole cores")

@@ -11,6 +11,7 @@ refused with 403 before anything starts.
 
 from __future__ import annotations
 
+import grp
 import html
 import os
 import pwd
@@ -24,7 +25,7 @@ from .gpus import GpuAllocator, NoFreeGpu
 from .limits import Limiter, detect_cgroups, local_limits, own_cgroups
 from .policy import Policy, Profile, load_policy
 from .starters import install_starters
-from .sysusers import ensure_system_user, system_username
+from .sysusers import ensure_folder, ensure_group_membership, ensure_system_user, system_username, unix_group_name
 
 _POLICIES: dict[str, Policy] = {}
 _ALLOCATORS: dict[str, GpuAllocator] = {}
@@ -286,6 +287,7 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
         if self.system_users:
             entry = ensure_system_user(self.system_user, comment=f"Workbench user {self.user.name}")
             install_starters(entry.pw_dir, kinds, entry.pw_uid, entry.pw_gid)
+            self._prepare_shared_folders()
         else:
             Path(self.home).mkdir(parents=True, exist_ok=True)
             install_starters(self.home, kinds)
@@ -302,6 +304,16 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
             f", GPUs {','.join(self.gpu_devices)}" if self.gpu_devices else "",
         )
         return await super().start()
+
+    def _prepare_shared_folders(self) -> None:
+        """Group folders (read-write for members, setgid) and the read-only datasets folder, at the
+        same paths as on Kubernetes (``storage.shared`` / ``storage.datasets``)."""
+        storage = self.policy.storage
+        for group in self.policy.groups_of(self.user_groups):
+            unix_group = unix_group_name(group)
+            ensure_group_membership(self.system_user, unix_group)
+            ensure_folder(storage.shared.format(group=group), 0o2770, grp.getgrnam(unix_group).gr_gid)
+        ensure_folder(storage.datasets, 0o755)
 
     async def stop(self, now=False):
         try:

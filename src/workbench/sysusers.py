@@ -7,6 +7,7 @@ Workbench accounts never collide with the machine's own (``admin`` -> ``wb-admin
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
 import pwd
@@ -68,3 +69,33 @@ def chown_tree(root: str | os.PathLike, uid: int, gid: int) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
             os.chown(os.path.join(dirpath, n), uid, gid, follow_symlinks=False)
+
+
+def unix_group_name(policy_group: str, prefix: str = "wb-g-") -> str:
+    """Unix group that holds the members of a policy group (pure)."""
+    return system_username(policy_group, prefix)
+
+
+def ensure_group_membership(user: str, group: str) -> None:
+    """Create the Unix group ``group`` if needed and make ``user`` a member."""
+    try:
+        entry = grp.getgrnam(group)
+    except KeyError:
+        res = subprocess.run(["groupadd", group], capture_output=True, text=True)
+        if res.returncode not in (0, 9):  # 9: created concurrently
+            raise RuntimeError(f"groupadd {group} failed: {res.stderr.strip()}") from None
+        entry = grp.getgrnam(group)
+    if user not in entry.gr_mem:
+        res = subprocess.run(["gpasswd", "--add", user, group], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"gpasswd --add {user} {group} failed: {res.stderr.strip()}")
+
+
+def ensure_folder(path: str | os.PathLike, mode: int, gid: int = 0) -> Path:
+    """Create ``path`` (and parents, 0755) owned by root:``gid`` with ``mode``."""
+    p = Path(path)
+    p.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    p.mkdir(exist_ok=True)
+    os.chown(p, 0, gid)
+    os.chmod(p, mode)
+    return p

@@ -63,6 +63,7 @@ class UpOptions:
     log_to_console: bool = False
     ready_timeout: float = 180.0
     fake_gpus: str = ""  # "h100:2": pretend devices, for tests on machines without a GPU
+    gateway_backend: str = "local"  # "local" or "slurm"
 
 
 def local_gpus(policy: Policy, fake: str = "") -> dict[str, list[str]]:
@@ -219,6 +220,7 @@ class Supervisor:
             system_users=system_users,
             allow_demo_auth_on_network=opts.allow_demo_auth_on_network,
             gpus=gpus,
+            gateway_backend=opts.gateway_backend,
         )
         runtime_file = runtime.write()
 

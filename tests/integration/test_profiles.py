@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from .harness import Workbench
-from .test_embedded import server_process, state_dir
+from .test_embedded import AS_ROOT, server_process, state_dir
 
 pytestmark = pytest.mark.integration
 
@@ -171,3 +171,38 @@ def test_fake_gpus_with_unknown_type_is_refused(tmp_path):
     )
     assert res.returncode == 2 and "unknown GPU types ['b200']" in res.stderr
 
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="group folders need per-user Unix accounts, which need root")
+def test_group_shared_folder_and_datasets_at_the_kubernetes_paths(wb):
+    import grp
+    import os
+    import stat
+    import subprocess
+
+    token = wb.new_token(wb.login("researcher"), "researcher")
+    wb.start_server(token, "researcher", profile="cpu-large")
+    try:
+        shared = Path("/srv/workbench/groups/physics-lab")  # storage.shared, as mounted in pods
+        st = shared.stat()
+        gid = grp.getgrnam("wb-g-physics-lab").gr_gid
+        assert st.st_gid == gid and stat.S_IMODE(st.st_mode) == 0o2770
+        proc = server_process(wb, "researcher")
+        groups = next(line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                      if line.startswith("Groups:"))
+        assert str(gid) in groups.split()[1:], "the server runs with the group's gid"
+        # a member writes (as the server would), and files stay in the group (setgid folder)
+        probe = subprocess.run(["touch", str(shared / "from-researcher")], user="wb-researcher",
+                               extra_groups=[gid], capture_output=True, text=True)
+        assert probe.returncode == 0, probe.stderr
+        assert (shared / "from-researcher").stat().st_gid == gid
+        # a non-member does not even see inside
+        other = subprocess.run(["ls", str(shared)], user="nobody", capture_output=True, text=True)
+        assert other.returncode != 0 and "Permission denied" in other.stderr
+        datasets = Path("/srv/workbench/datasets")
+        assert stat.S_IMODE(datasets.stat().st_mode) == 0o755 and datasets.stat().st_uid == 0
+        ro = subprocess.run(["touch", str(datasets / "x")], user="wb-researcher", capture_output=True, text=True)
+        assert ro.returncode != 0, "datasets are read-only for users"
+        os.unlink(shared / "from-researcher")
+    finally:
+        wb.stop_server(token, "researcher")
