@@ -12,9 +12,11 @@ import math
 import os
 from pathlib import Path
 
-from dask_gateway_server.backends.local import LocalBackend, UnsafeLocalBackend
+from dask_gateway_server.backends.base import PublicException
+from dask_gateway_server.backends.local import LocalBackend, LocalClusterConfig, UnsafeLocalBackend
 from dask_gateway_server.options import Float, Integer, Options
-from traitlets import Unicode
+from traitlets import Integer as IntTrait
+from traitlets import Type, Unicode
 
 from .policy import DaskPolicy, Policy, load_policy
 from .runtime import Runtime, load_or_create_secrets
@@ -77,22 +79,68 @@ def cluster_options_for(policy: Policy, user_groups: list[str], backend_override
     return Options(*fields, handler=handler)
 
 
+SCHEDULER_CORES = 1
+SCHEDULER_MEMORY = GIB
+
+
 def cluster_config_for(dask: DaskPolicy, worker_cores: int, worker_memory_gib: float) -> dict:
-    """Cluster configuration overrides for validated options under a group's policy (pure)."""
+    """Cluster configuration overrides for validated options under a group's policy (pure).
+
+    The policy's ``max_cores``/``max_memory`` are what the workers may use; dask-gateway's
+    cluster limits also count the scheduler, so its share is added on top.
+    """
     return {
         "worker_cores": worker_cores,
         "worker_memory": int(worker_memory_gib * GIB),
-        "scheduler_cores": 1,
-        "scheduler_memory": GIB,
+        "scheduler_cores": SCHEDULER_CORES,
+        "scheduler_memory": SCHEDULER_MEMORY,
         "cluster_max_workers": dask.max_workers,
-        "cluster_max_cores": dask.max_cores,
-        "cluster_max_memory": dask.max_memory,
+        "cluster_max_cores": dask.max_cores + SCHEDULER_CORES,
+        "cluster_max_memory": dask.max_memory + SCHEDULER_MEMORY,
         "idle_timeout": dask.idle_timeout,
+        "max_clusters": dask.max_clusters,
     }
 
 
-class WorkbenchLocalBackend(LocalBackend):
+class WorkbenchLocalClusterConfig(LocalClusterConfig):
+    max_clusters = IntTrait(
+        0, help="How many active clusters the requesting user may have (from the group's dask.max_clusters)."
+    ).tag(config=True)
+
+
+class ClusterCapMixin:
+    """Enforce the group's ``dask.max_clusters`` per user, atomically.
+
+    The count of the user's active clusters and the creation of the new one happen with no
+    ``await`` in between, so concurrent requests in the gateway's event loop cannot overshoot.
+    """
+
+    async def start_cluster(self, user, cluster_options):
+        options, config = await self.process_cluster_options(user, cluster_options)
+        limit = getattr(config, "max_clusters", None)
+        if limit is not None:
+            active = self.db.list_clusters(username=user.name)
+            if len(active) >= limit:
+                raise PublicException(
+                    f"You already have {len(active)} active Dask cluster(s), the most your group allows "
+                    f"(dask.max_clusters = {limit}). Stop one with cluster.shutdown() or "
+                    f"Gateway().stop_cluster(name), then try again."
+                )
+        cluster = self.db.create_cluster(user.name, options, config.to_dict())
+        self.log.info("Created cluster %s for user %s", cluster.name, user.name)
+        self.queue.put(cluster)
+        return cluster.name
+
+
+class WorkbenchLocalBackend(ClusterCapMixin, LocalBackend):
     """dask-gateway's LocalBackend, running each cluster as the hub user's Unix account (``wb-<name>``)."""
+
+    cluster_config_class = Type(
+        "workbench.gateway.WorkbenchLocalClusterConfig",
+        klass="dask_gateway_server.backends.base.ClusterConfig",
+        help="The cluster config class to use",
+        config=True,
+    )
 
     user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
 
@@ -125,8 +173,15 @@ class WorkbenchLocalBackend(LocalBackend):
         return env
 
 
-class WorkbenchUnsafeLocalBackend(UnsafeLocalBackend):
+class WorkbenchUnsafeLocalBackend(ClusterCapMixin, UnsafeLocalBackend):
     """All clusters run as the gateway's own user (the embedded mode when not root)."""
+
+    cluster_config_class = Type(
+        "workbench.gateway.WorkbenchLocalClusterConfig",
+        klass="dask_gateway_server.backends.base.ClusterConfig",
+        help="The cluster config class to use",
+        config=True,
+    )
 
 
 def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None = None) -> None:

@@ -123,6 +123,7 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "server_token_scopes": list(SERVER_TOKEN_SCOPES),
             "start_timeout": 120,
             "http_timeout": 90,
+            "poll_interval": 10,  # also how soon a crashed managed service (the gateway) is restarted
         },
         "WorkbenchLocalSpawner": {
             "policy_path": runtime.config,
@@ -130,6 +131,7 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "user_prefix": runtime.user_prefix,
             "homes_root": str(state / "homes"),
             "gpus": runtime.gpus,
+            "gateway_api_url": f"http://127.0.0.1:{runtime.gateway_http_port}/services/{GATEWAY_SERVICE}/api/v1",
             "dask_env": {
                 "gateway_url": runtime.gateway_public_url,
                 "proxy_address": runtime.gateway_proxy_address,

@@ -99,9 +99,6 @@ def _cls(klass: type) -> str:
 # Reading the groups claim (pure)
 # ---------------------------------------------------------------------------
 
-_MISSING = object()
-
-
 def lookup_claim(data: Any, path: str) -> tuple[bool, Any]:
     """``(found, value)`` of the claim at ``path`` in ``data`` (pure).
 

@@ -370,7 +370,11 @@ class SlurmPolicy(_Model):
 
 
 class DaskPolicy(_Model):
-    """A group's Dask Gateway limits: per cluster (cores, memory, workers), per user (clusters)."""
+    """A group's Dask Gateway limits: per cluster (cores, memory, workers), per user (clusters).
+
+    ``max_cores`` and ``max_memory`` are what a cluster's workers may use together; the scheduler
+    (1 core, 1 GiB) comes on top.
+    """
 
     max_cores: Cores = 4.0
     max_memory: Memory = parse_quantity("16G")

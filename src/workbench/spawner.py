@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import grp
 import html
+import json
 import os
 import pwd
 from pathlib import Path
@@ -139,6 +140,12 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
     ).tag(config=True)
 
     dask_env = Dict(help="Gateway address settings added to every server's environment.").tag(config=True)
+
+    gateway_api_url = Unicode(
+        "",
+        help="The gateway's API (e.g. http://127.0.0.1:PORT/services/dask-gateway/api/v1); when set, a user's "
+        "clusters are stopped when their server stops.",
+    ).tag(config=True)
 
     gpus = Dict(help="Local GPU devices by GPU type: {type: [device ids]} (from `workbench up`).").tag(config=True)
 
@@ -321,3 +328,28 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
         finally:
             self.allocator.release(self.server_key)
             self.limiter.remove(self.server_key)
+            if self.gateway_api_url and not self.name:  # the default server owns the user's clusters
+                await self._stop_dask_clusters()
+
+    async def _stop_dask_clusters(self) -> None:
+        """A user's Dask clusters end with their notebook server (dask-gateway#255, #393)."""
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        from .hub import GATEWAY_ACCESS_SCOPE
+
+        token = self.user.new_api_token(
+            scopes=[GATEWAY_ACCESS_SCOPE], expires_in=120, note="workbench: stop Dask clusters with the server"
+        )
+        headers = {"Authorization": f"jupyterhub {token}"}
+        client = AsyncHTTPClient()
+        try:
+            resp = await client.fetch(f"{self.gateway_api_url}/clusters/", headers=headers, request_timeout=20)
+            clusters = list(json.loads(resp.body))  # {name: model}
+            for name in clusters:
+                await client.fetch(
+                    f"{self.gateway_api_url}/clusters/{name}", method="DELETE", headers=headers, request_timeout=20
+                )
+            if clusters:
+                self.log.info("Stopped %d Dask cluster(s) of %s with their server", len(clusters), self.user.name)
+        except (HTTPClientError, OSError) as e:
+            self.log.warning("Could not stop the Dask clusters of %s: %s", self.user.name, e)

@@ -42,6 +42,11 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def say(msg: str) -> None:
     print(f"[workbench] {msg}", flush=True)
 
@@ -248,6 +253,9 @@ class Supervisor:
             stdout=log_file,
             stderr=subprocess.STDOUT if log_file else None,
             start_new_session=True,
+            # if we were started with SIGINT ignored (nohup, background jobs), the hub and its services
+            # would inherit that and each take its stop timeout to die; give them the default back
+            preexec_fn=_default_signals,
         )
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)

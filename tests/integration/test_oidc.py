@@ -292,7 +292,7 @@ def test_refused_logins_never_reached_a_500(wb):
     assert CLIENT_SECRET not in log and CLIENT_SECRET not in wb.output()
 
 
-def test_missing_client_secret_stops_the_start_with_a_clear_message(provider, tmp_path):
+def test_missing_client_secret_stops_the_start_with_a_clear_message(provider):
     state = state_dir()
     w = Workbench(state, config=platform_yaml(provider, state.parent))  # no SECRET_ENV
     with pytest.raises(RuntimeError) as info:

@@ -67,9 +67,10 @@ def test_defaults_within_limits(demo):
         "scheduler_cores": 1,
         "scheduler_memory": GIB,
         "cluster_max_workers": 4,
-        "cluster_max_cores": 4.0,
-        "cluster_max_memory": 8 * 10**9,
+        "cluster_max_cores": 5.0,
+        "cluster_max_memory": 8 * 10**9 + GIB,
         "idle_timeout": 1800,
+        "max_clusters": 2,
     }
 
 
@@ -176,9 +177,10 @@ def test_cluster_config_for_literal():
         "scheduler_cores": 1,
         "scheduler_memory": 1073741824,
         "cluster_max_workers": 6,
-        "cluster_max_cores": 8.0,
-        "cluster_max_memory": 32000000000,
+        "cluster_max_cores": 9.0,
+        "cluster_max_memory": 32000000000 + 1073741824,
         "idle_timeout": 900,
+        "max_clusters": 1,
     }
 
 
@@ -190,9 +192,10 @@ def test_cluster_config_for_demo_groups(demo):
         "scheduler_cores": 1,
         "scheduler_memory": GIB,
         "cluster_max_workers": 2,
-        "cluster_max_cores": 2.0,
-        "cluster_max_memory": 4 * 10**9,
+        "cluster_max_cores": 3.0,
+        "cluster_max_memory": 4 * 10**9 + GIB,
         "idle_timeout": 900,
+        "max_clusters": 1,
     }
 
 

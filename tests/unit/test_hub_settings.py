@@ -186,6 +186,7 @@ def test_spawner_sections(settings):
         "server_token_scopes": list(SERVER_TOKEN_SCOPES),
         "start_timeout": 120,
         "http_timeout": 90,
+        "poll_interval": 10,
     }
     expected = {
         "policy_path": "/srv/wb/platform.yaml",
@@ -198,6 +199,7 @@ def test_spawner_sections(settings):
         },
         "env_keep": ["PATH", "LANG", "LC_ALL"],
         "environment": {"PATH": "/srv/wb/.venv/bin:/usr/local/bin:/usr/bin:/bin"},
+        "gateway_api_url": "http://127.0.0.1:18011/services/dask-gateway/api/v1",
     }
     # the section may grow (e.g. local GPUs); the settings above must stay as they are
     section = settings["WorkbenchLocalSpawner"]
