@@ -172,7 +172,78 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--groups", default="", help="the user's groups, comma-separated (G1,G2)")
     render.add_argument("--profile", default=None, help="profile to start (default: the user's first)")
     render.set_defaults(func=cmd_render_pod)
+
+    rc = sub.add_parser(
+        "render-cluster",
+        help="print the Kubernetes pods of a user's Dask Gateway cluster",
+        description="Render, offline, the scheduler and worker pods that dask-gateway's Kubernetes controller "
+        "would create for USER's cluster with the given options, as YAML. Exit code 2 when the policy is "
+        "invalid, 3 when the options are refused (the message names the option).",
+    )
+    from .gateway_kube import add_render_cluster_arguments, cmd_render_cluster
+
+    add_render_cluster_arguments(rc)
+    rc.set_defaults(func=cmd_render_cluster)
+
+    go = sub.add_parser(
+        "gateway-options",
+        help="show what a user may request from Dask Gateway, and why",
+        description="Show the Dask Gateway options and limits a user gets from the policy: which of their "
+        "groups the limits come from (the most generous), the per-worker choices, the per-cluster and per-user "
+        "limits, the idle timeout and, for Slurm, where the jobs go. Groups default to the user's demo account.",
+    )
+    go.add_argument("--config", default=str(DEFAULT_CONFIG), help="platform YAML (default: %(default)s)")
+    go.add_argument("--user", required=True, help="hub user name")
+    go.add_argument("--groups", default=None, help="the user's groups, comma-separated (default: from auth.demo_users)")
+    go.set_defaults(func=cmd_gateway_options)
     return parser
+
+
+def gateway_options_report(policy: Policy, user: str, groups: list[str]) -> str:
+    """What ``user`` in ``groups`` may ask of Dask Gateway, and why (pure)."""
+    from .gateway import SCHEDULER_CORES, cluster_options_for
+
+    lines = [f"user {user}, groups: {', '.join(groups) or '(none)'}"]
+    group = policy.dask_group_for(groups)
+    if group is None:
+        lines.append("no Dask Gateway access: none of these groups has a 'dask' section in the policy")
+        return "\n".join(lines)
+    dask = policy.groups[group].dask
+    others = [g for g in policy.groups_of(groups) if g != group and policy.groups[g].dask]
+    why = f" (most generous of: {', '.join([group, *others])})" if others else ""
+    lines.append(f"limits from group {group}{why}:")
+    lines.append(f"  per cluster: up to {dask.max_workers} workers, {dask.max_cores:g} cores, "
+                 f"{_gib(dask.max_memory)} memory for workers (+ the scheduler: {SCHEDULER_CORES} core, 1 GiB)")
+    lines.append(f"  per user:    up to {dask.max_clusters} active cluster(s)")
+    lines.append(f"  idle clusters are stopped after {dask.idle_timeout} s; all stop with the user's notebook server")
+    if dask.slurm.partition or dask.slurm.account or dask.slurm.qos:
+        s = dask.slurm
+        lines.append(f"  on Slurm:    partition={s.partition or '-'} account={s.account or '-'} qos={s.qos or '-'} "
+                     f"walltime={s.walltime} s")
+    lines.append("per-worker options (gateway.cluster_options()):")
+    for f in cluster_options_for(policy, groups).get_specification():
+        spec = f["spec"]
+        lines.append(f"  {f['field']:<14} default {f.get('default')!s:<6} min {spec.get('min')!s:<6} "
+                     f"max {spec.get('max')!s:<6} {f.get('label', '')}")
+    return "\n".join(lines)
+
+
+def cmd_gateway_options(args) -> int:
+    try:
+        policy = load_policy(args.config)
+    except PolicyError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.groups is None:
+        demo = policy.auth.demo_users.get(args.user)
+        if demo is None:
+            print(f"{args.user!r} is not a demo account of {args.config}; pass --groups G1,G2", file=sys.stderr)
+            return 2
+        groups = list(demo.groups)
+    else:
+        groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    print(gateway_options_report(policy, args.user, groups))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

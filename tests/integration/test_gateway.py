@@ -143,7 +143,7 @@ def test_gateway_restart_keeps_running_clusters(wb):
             gateway_proc = next(p for p in wb.snapshot() if "dask-gateway-server" in " ".join(p.cmdline()))
             scheduler_pids = {p.pid for p in wb.snapshot() if "scheduler" in " ".join(p.cmdline())}
             os.kill(gateway_proc.pid, signal.SIGKILL)  # a crash: no chance to stop its clusters
-            gateway_proc.wait(10)
+            psutil.wait_procs([gateway_proc], timeout=10)  # not our child: poll until it is gone
             # the hub restarts its managed service; the new gateway finds the cluster in its database
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:

@@ -163,3 +163,34 @@ def test_unknown_command(capsys):
         main(["down"])
     assert info.value.code == 2
     assert "invalid choice: 'down'" in capsys.readouterr().err
+
+
+def test_gateway_options_for_a_demo_account(capsys):
+    from workbench.cli import main
+
+    assert main(["gateway-options", "--user", "student1"]) == 0
+    out = capsys.readouterr().out
+    assert "limits from group course-ml101:" in out
+    assert "up to 2 workers, 2 cores, 4G memory for workers" in out
+    assert "up to 1 active cluster(s)" in out
+    assert "worker_cores   default 1      min 1      max 1" in out
+
+
+def test_gateway_options_explains_the_chosen_group_and_slurm_placement(capsys):
+    from workbench.cli import main
+
+    centre = str(Path(__file__).resolve().parents[2] / "hub_config/examples/centre.yaml")
+    assert main(["gateway-options", "--config", centre, "--user", "x", "--groups", "course-ml101,vision-lab"]) == 0
+    out = capsys.readouterr().out
+    assert "limits from group vision-lab (most generous of: vision-lab, course-ml101)" in out
+    assert "partition=gpu account=vision-lab qos=normal walltime=43200 s" in out
+    assert "worker_gpus" in out
+
+
+def test_gateway_options_without_dask_access_and_unknown_account(capsys):
+    from workbench.cli import main
+
+    assert main(["gateway-options", "--user", "admin"]) == 0
+    assert "no Dask Gateway access" in capsys.readouterr().out
+    assert main(["gateway-options", "--user", "nobody"]) == 2
+    assert "'nobody' is not a demo account" in capsys.readouterr().err
