@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from . import __version__
-from .policy import Policy, PolicyError, load_policy
+from .cliutil import load_policy_or_report, split_groups
+from .policy import Policy
 
 
 def _gib(n: int) -> str:
@@ -33,10 +34,8 @@ def summary_table(policy: Policy) -> str:
 
 
 def cmd_check(args) -> int:
-    try:
-        policy = load_policy(args.file)
-    except PolicyError as e:
-        print(str(e), file=sys.stderr)
+    policy = load_policy_or_report(args.file)
+    if policy is None:
         return 2
     print(f"{args.file}: valid ({len(policy.groups)} groups, {len(policy.profiles)} profiles)\n")
     print(summary_table(policy))
@@ -73,12 +72,10 @@ def cmd_render_pod(args) -> int:
             raise
         print(f"render-pod needs KubeSpawner ({e}); install it with: pip install 'workbench[kubernetes]'", file=sys.stderr)
         return 2
-    try:
-        policy = load_policy(args.config)
-    except PolicyError as e:
-        print(str(e), file=sys.stderr)
+    policy = load_policy_or_report(args.config)
+    if policy is None:
         return 2
-    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    groups = split_groups(args.groups)
     try:
         pod = render_pod(policy, args.user, groups, args.profile)
     except web.HTTPError as e:
@@ -229,10 +226,8 @@ def gateway_options_report(policy: Policy, user: str, groups: list[str]) -> str:
 
 
 def cmd_gateway_options(args) -> int:
-    try:
-        policy = load_policy(args.config)
-    except PolicyError as e:
-        print(str(e), file=sys.stderr)
+    policy = load_policy_or_report(args.config)
+    if policy is None:
         return 2
     if args.groups is None:
         demo = policy.auth.demo_users.get(args.user)
@@ -241,7 +236,7 @@ def cmd_gateway_options(args) -> int:
             return 2
         groups = list(demo.groups)
     else:
-        groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+        groups = split_groups(args.groups)
     print(gateway_options_report(policy, args.user, groups))
     return 0
 

@@ -51,8 +51,9 @@ from dask_gateway_server.backends.kubernetes.backend import KubeBackend, KubeClu
 from dask_gateway_server.models import ClusterStatus
 from traitlets import Integer, Type
 
+from .cliutil import load_policy_or_report, split_groups
 from .gateway import cluster_options_for
-from .policy import DaskPolicy, Policy, PolicyError, load_policy
+from .policy import DaskPolicy, Policy
 
 __all__ = [
     "ClusterOptionsError",
@@ -489,12 +490,10 @@ def cmd_render_cluster(args: argparse.Namespace) -> int:
     """Print the pods of a user's Dask cluster as YAML. Exit 2: bad policy; 3: options refused."""
     import yaml
 
-    try:
-        policy = load_policy(args.config)
-    except PolicyError as e:
-        print(str(e), file=sys.stderr)
+    policy = load_policy_or_report(args.config)
+    if policy is None:
         return 2
-    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    groups = split_groups(args.groups)
     try:
         pods = render_cluster_pods(policy, args.user, groups, dict(args.options), namespace=args.namespace)
     except ClusterOptionsError as e:
