@@ -34,10 +34,36 @@ def _cls(klass: type) -> str:
     return f"{klass.__module__}.{klass.__name__}"
 
 
+#: what an instructor may do, each scope filtered to their course's group
+INSTRUCTOR_SCOPES = [
+    "list:users",
+    "read:users",
+    "read:users:activity",
+    "servers",
+    "access:servers",
+    "read:groups",
+    "list:groups",
+]
+
+
+def course_roles(policy: Policy) -> list[dict]:
+    """One role per course with instructors: their powers, filtered with ``!group=<course>`` (pure)."""
+    return [
+        {
+            "name": f"instructor-{name}",
+            "description": f"Instructors of {name}: list, start, stop and open their students' servers",
+            "scopes": [f"{scope}!group={name}" for scope in INSTRUCTOR_SCOPES],
+            "users": list(group.instructors),
+        }
+        for name, group in policy.groups.items()
+        if group.kind == "course" and group.instructors
+    ]
+
+
 def roles(policy: Policy) -> list[dict]:
     """Roles generated from the policy (pure)."""
     dask_groups = [name for name, g in policy.groups.items() if g.dask is not None]
-    out = [
+    return [
         {
             "name": "workbench-dask-users",
             "description": "May use the Dask Gateway (groups with a dask policy)",
@@ -50,8 +76,8 @@ def roles(policy: Policy) -> list[dict]:
             "scopes": list(CULLER_SCOPES),
             "services": [CULLER_SERVICE],
         },
+        *course_roles(policy),
     ]
-    return out
 
 
 def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[dict]:

@@ -125,6 +125,20 @@ def test_load_roles(settings):
             "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
             "services": ["idle-culler"],
         },
+        {
+            "name": "instructor-course-ml101",
+            "description": "Instructors of course-ml101: list, start, stop and open their students' servers",
+            "scopes": [
+                "list:users!group=course-ml101",
+                "read:users!group=course-ml101",
+                "read:users:activity!group=course-ml101",
+                "servers!group=course-ml101",
+                "access:servers!group=course-ml101",
+                "read:groups!group=course-ml101",
+                "list:groups!group=course-ml101",
+            ],
+            "users": ["instructor"],
+        },
     ]
 
 
