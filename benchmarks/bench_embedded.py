@@ -406,6 +406,24 @@ def _forget_loop(gateway) -> None:
         gateway.__dict__.pop("_loop_runner", None)
 
 
+def xarray_reduction(client) -> float:
+    """Wall time of a fixed xarray reduction on ``client``'s cluster: a monthly climatology of 4 years of
+    daily data on a 2-degree grid (1461 x 90 x 180 float64, ~190 MB, chunks of 90 days); checked."""
+    import dask.array as da
+    import numpy as np
+    import pandas as pd
+    import xarray as xr
+
+    time_ = pd.date_range("2001-01-01", periods=1461, freq="D")
+    data = da.random.default_rng(0).normal(10.0, 1.0, (time_.size, 90, 180), chunks=(90, -1, -1))
+    arr = xr.DataArray(data, dims=("time", "lat", "lon"), coords={"time": time_})
+    t0 = time.perf_counter()
+    clim = arr.groupby("time.month").mean("time").mean(("lat", "lon")).compute()
+    took = time.perf_counter() - t0
+    assert clim.sizes["month"] == 12 and np.allclose(clim.values, 10.0, atol=0.01), clim.values
+    return took
+
+
 def gateway_runs(wb: Workbench, token: str, runs: int) -> list[dict]:
     out = []
     gw = wb.gateway(token)
@@ -421,16 +439,18 @@ def gateway_runs(wb: Workbench, token: str, runs: int) -> list[dict]:
                 client.wait_for_workers(2, timeout=READY_TIMEOUT)
                 t_ready = time.perf_counter()
                 wb.snapshot()
+                reduce_s = xarray_reduction(client)
             finally:
                 if client is not None:
                     client.close()
                 if cluster is not None:
                     cluster.shutdown()
                     _forget_loop(getattr(cluster, "gateway", None))
-            res = {"total_s": t_ready - t0, "create_s": t_created - t0, "workers_s": t_ready - t_created}
+            res = {"total_s": t_ready - t0, "create_s": t_created - t0, "workers_s": t_ready - t_created,
+                   "reduce_s": reduce_s}
             say(
                 f"workbench dask  run {i + 1}/{runs}: {res['total_s']:.2f}s  (new_cluster {res['create_s']:.2f}, "
-                f"scale(2) -> 2 workers {res['workers_s']:.2f})"
+                f"scale(2) -> 2 workers {res['workers_s']:.2f}); xarray reduction {reduce_s:.2f}s"
             )
             out.append(res)
             wait_dask_gone(wb.proc.pid)
@@ -458,15 +478,17 @@ def local_cluster_runs(runs: int) -> list[dict]:
             client = Client(cluster)
             client.wait_for_workers(2, timeout=READY_TIMEOUT)
             t_ready = time.perf_counter()
+            reduce_s = xarray_reduction(client)
         finally:
             if client is not None:
                 client.close()
             if cluster is not None:
                 cluster.close()
-        res = {"total_s": t_ready - t0, "create_s": t_created - t0, "workers_s": t_ready - t_created}
+        res = {"total_s": t_ready - t0, "create_s": t_created - t0, "workers_s": t_ready - t_created,
+               "reduce_s": reduce_s}
         say(
             f"stock     dask  run {i + 1}/{runs}: {res['total_s']:.2f}s  (LocalCluster() {res['create_s']:.2f}, "
-            f"then 2 workers {res['workers_s']:.2f})"
+            f"then 2 workers {res['workers_s']:.2f}); xarray reduction {reduce_s:.2f}s"
         )
         out.append(res)
         wait_dask_gone(os.getpid())
@@ -476,8 +498,8 @@ def local_cluster_runs(runs: int) -> list[dict]:
 # -- reporting ------------------------------------------------------------------------------
 
 
-def summary(samples: list[dict]) -> dict:
-    totals = [s["total_s"] for s in samples]
+def summary(samples: list[dict], key: str = "total_s") -> dict:
+    totals = [s[key] for s in samples if key in s]
     if not totals:
         return {}
     return {"median_s": statistics.median(totals), "min_s": min(totals), "max_s": max(totals), "n": len(totals)}
@@ -501,6 +523,12 @@ def print_table(results: dict) -> None:
                      f"{r:.2f}" if r else "-"))
         rows.append((f"{labels[metric]} (min-max s)", f"{wb['min_s']:.2f}-{wb['max_s']:.2f}",
                      f"{st['min_s']:.2f}-{st['max_s']:.2f}", ""))
+        if metric == "dask":
+            wr = summary(results[metric]["workbench"]["runs"], "reduce_s")
+            sr = summary(results[metric]["stock"]["runs"], "reduce_s")
+            if wr and sr:
+                rows.append(("xarray reduction, 2 workers (median s)", f"{wr['median_s']:.2f}", f"{sr['median_s']:.2f}",
+                             f"{wr['median_s'] / sr['median_s']:.2f}"))
     starts = results.get("hub_start_s", {})
     if starts.get("workbench") is not None and starts.get("stock") is not None:
         rows.append(("hub start (1 sample, s)*", f"{starts['workbench']:.2f}", f"{starts['stock']:.2f}",
