@@ -85,6 +85,11 @@ class Workbench:
     def runtime(self) -> dict:
         return json.loads((self.state_dir / "runtime.json").read_text())
 
+    @property
+    def system_users(self) -> bool:
+        """Whether this workbench runs each user as their own Unix account (see `workbench up`)."""
+        return bool(self.runtime["system_users"])
+
     def snapshot(self) -> list[psutil.Process]:
         """Record every process `workbench up` has started so far."""
         try:

@@ -23,7 +23,10 @@ from .harness import DEMO, PASSWORD, VENV_BIN, Workbench
 
 pytestmark = pytest.mark.integration
 
-AS_ROOT = os.geteuid() == 0
+
+def run_as(w: Workbench, system_user: str) -> str | None:
+    """The account a user's processes run as in this workbench (None: this test's own user)."""
+    return system_user if w.system_users else None
 
 
 def state_dir() -> Path:
@@ -78,21 +81,21 @@ def test_full_flow_login_server_gateway_xarray_and_clean_stop():
         assert status.status_code == 200, status.text
 
         proc = server_process(w, "researcher")
-        expected_user = "wb-researcher" if AS_ROOT else pwd.getpwuid(os.getuid()).pw_name
+        expected_user = "wb-researcher" if w.system_users else pwd.getpwuid(os.getuid()).pw_name
         assert proc.username() == expected_user
         env = proc.environ()
         assert env["DASK_GATEWAY__ADDRESS"] == f"{w.url}/services/dask-gateway"
         assert env["DASK_GATEWAY__AUTH__TYPE"] == "jupyterhub"
         home = Path(env["HOME"])
         # the starter notebook for a research group is in the home folder
-        assert AS_ROOT is False or (home / "climatology-with-dask.ipynb").exists()
+        assert (home / "climatology-with-dask.ipynb").exists()
 
         # `Gateway()` with no arguments, as in a notebook: the server's own environment and token
         probe = subprocess.run(
             [str(VENV_BIN / "python"), "-c",
              "from dask_gateway import Gateway; g = Gateway(); print('clusters', len(g.list_clusters()))"],
             env=env, capture_output=True, text=True, timeout=60,
-            user=expected_user if AS_ROOT else None,
+            user=run_as(w, expected_user),
         )
         assert probe.returncode == 0 and "clusters 0" in probe.stdout, probe.stderr
 
@@ -135,7 +138,7 @@ def test_full_flow_login_server_gateway_xarray_and_clean_stop():
     assert code == 0, w.output()
     assert "stopped; no processes left behind" in w.output()
     assert w.leftovers() == []
-    if AS_ROOT:
+    if w.system_users:
         owned = [p.pid for p in psutil.process_iter(["username"]) if p.info["username"] == "wb-researcher"]
         assert owned == []
 
@@ -168,7 +171,7 @@ def test_other_user_cannot_reach_server_or_cluster(wb):
         owner_gw.close()
         other_gw.close()
 
-        if AS_ROOT:  # homes are private
+        if wb.system_users:  # homes are private
             probe = subprocess.run(["ls", "/home/wb-researcher"], user="wb-student1", capture_output=True, text=True)
             assert probe.returncode != 0 and "Permission denied" in probe.stderr
         wb.stop_server(other_token, "student1")
@@ -276,8 +279,9 @@ def test_researcher_starter_notebook_runs_in_their_server_environment(wb):
     import json
 
     token = wb.new_token(wb.login("researcher"), "researcher")
-    if AS_ROOT:  # a home left by an earlier run keeps its (older) copy: starters never overwrite
-        Path("/home/wb-researcher/climatology-with-dask.ipynb").unlink(missing_ok=True)
+    # a home left by an earlier run keeps its (older) copy: starters never overwrite
+    home = Path("/home/wb-researcher") if wb.system_users else wb.state_dir / "homes" / "researcher"
+    (home / "climatology-with-dask.ipynb").unlink(missing_ok=True)
     wb.start_server(token, "researcher")
     try:
         env = server_process(wb, "researcher").environ()
@@ -286,7 +290,7 @@ def test_researcher_starter_notebook_runs_in_their_server_environment(wb):
             [str(VENV_BIN / "jupyter"), "nbconvert", "--to", "notebook", "--execute",
              "--ExecutePreprocessor.timeout=300", "--output", "executed.ipynb", "climatology-with-dask.ipynb"],
             cwd=home, env=env, capture_output=True, text=True, timeout=400,
-            user="wb-researcher" if AS_ROOT else None,
+            user=run_as(wb, "wb-researcher"),
         )
         assert res.returncode == 0, res.stderr[-3000:]
         nb = json.loads((home / "executed.ipynb").read_text())
