@@ -34,8 +34,16 @@ install: $(STAMP)
 up: install
 	$(VENV)/bin/workbench up $(ARGS)
 
-test: install
+test: install slurm postgres
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests
+
+.PHONY: slurm
+slurm:  # a real one-node Slurm for the Slurm backend's tests and `workbench up --gateway-backend slurm`
+	@scripts/slurm-up.sh
+
+.PHONY: postgres
+postgres:  # a local PostgreSQL (Debian's packages) for the quota ledger's tests (they ask the script for its URL)
+	@scripts/postgres-up.sh >/dev/null
 
 unit: install
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit

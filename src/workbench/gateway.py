@@ -1,9 +1,11 @@
 """Dask Gateway wiring: authentication through JupyterHub, per-group cluster options, local backend.
 
-The gateway runs as a JupyterHub-managed service named ``dask-gateway``; the hub proxies
-``/services/dask-gateway`` to the gateway's HTTP proxy, and requires the token of every caller
-to carry ``access:services!service=dask-gateway`` (granted by role to groups whose policy has a
-``dask`` section).
+dask-gateway-server runs as the JupyterHub-managed service ``dask-gateway-server`` (no URL of
+its own); the hub service ``dask-gateway`` is :mod:`workbench.dashguard`, which the hub proxies
+``/services/dask-gateway`` to and which forwards to the gateway's HTTP proxy, letting only a
+cluster's owner see its dashboard. The gateway serves under ``/services/dask-gateway`` and
+requires the token of every caller to carry ``access:services!service=dask-gateway`` (granted by
+role to groups whose policy has a ``dask`` section), whatever its own service is called.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from traitlets import Integer as IntTrait
 from traitlets import Type, Unicode
 
 from .policy import DaskPolicy, Policy, load_policy
-from .runtime import Runtime, load_or_create_secrets
+from .runtime import GATEWAY_SERVICE, Runtime, load_or_create_secrets
 from .sysusers import chown_tree, ensure_system_user, others_can_execute, system_username
 
 GIB = 2**30
@@ -194,12 +196,13 @@ def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None =
     c.DaskGateway.address = f"127.0.0.1:{runtime.gateway_port}"
     c.Proxy.address = f"127.0.0.1:{runtime.gateway_http_port}"
     c.Proxy.tcp_address = f"127.0.0.1:{runtime.gateway_tcp_port}"
-    c.Proxy.prefix = f"/services/{os.environ.get('JUPYTERHUB_SERVICE_NAME', 'dask-gateway')}"
+    # the hub service users reach (the guard in front), not this process's own service name
+    c.Proxy.prefix = f"/services/{GATEWAY_SERVICE}"
     c.DaskGateway.log_level = "INFO"
 
     c.DaskGateway.authenticator_class = "dask_gateway_server.auth.JupyterHubAuthenticator"
     c.JupyterHubAuthenticator.jupyterhub_api_url = f"http://127.0.0.1:{runtime.hub_port}/hub/api"
-    c.JupyterHubAuthenticator.jupyterhub_service_name = "dask-gateway"
+    c.JupyterHubAuthenticator.jupyterhub_service_name = GATEWAY_SERVICE
     c.JupyterHubAuthenticator.use_service_access_scopes = True
 
     backend = WorkbenchLocalBackend if runtime.system_users else WorkbenchUnsafeLocalBackend

@@ -7,6 +7,7 @@ the traitlets config object of ``hub_config/jupyterhub_config.py``.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,8 +16,11 @@ from .oauth import auth_settings
 from .policy import Policy, PolicyError, load_policy
 from .runtime import CULLER_SERVICE, GATEWAY_SERVICE, Runtime, load_or_create_secrets
 from .spawner import WorkbenchLocalSpawner
+from .quota.wiring import add_quota_service, pass_db_url
 
 GATEWAY_ACCESS_SCOPE = f"access:services!service={GATEWAY_SERVICE}"
+#: the hub-managed service running dask-gateway-server (no URL: the `dask-gateway` guard fronts it)
+GATEWAY_SERVER_SERVICE = "dask-gateway-server"
 
 #: scopes of $JUPYTERHUB_API_TOKEN in single-user servers: the defaults of the `server`
 #: role, plus the gateway (so `Gateway()` works) and the user's own groups (for options).
@@ -81,22 +85,37 @@ def roles(policy: Policy) -> list[dict]:
 
 
 def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[dict]:
-    """Hub-managed services: the Dask Gateway and the idle culler (pure)."""
+    """Hub-managed services: the Dask Gateway (guard + server) and the idle culler (pure).
+
+    ``dask-gateway`` (the name users' scopes and ``/services/dask-gateway`` depend on) is
+    :mod:`workbench.dashguard`, which forwards to dask-gateway-server's HTTP proxy and shows a
+    cluster's dashboard to its owner only (logging browsers in with the hub's OAuth, with no
+    consent page); dask-gateway-server itself is ``dask-gateway-server``, with no URL.
+    """
     venv = Path(runtime.venv_bin)
     env = {"WORKBENCH_RUNTIME": str(Path(runtime.state_dir, "runtime.json"))}
+    # the hub starts services in this order and waits for each one with a URL to answer
+    # (< 500): the guard answers for the gateway, so the gateway starts first
     out = [
         {
-            "name": GATEWAY_SERVICE,
-            "url": f"http://127.0.0.1:{runtime.gateway_http_port}",
-            "api_token": secrets["gateway_api_token"],
+            "name": GATEWAY_SERVER_SERVICE,
             "command": [
                 str(venv / "dask-gateway-server"),
                 "-f",
                 str(Path(runtime.hub_config_dir, "dask_gateway_config.py")),
             ],
             "cwd": runtime.state_dir,
-            "environment": env,
-        }
+            "environment": dict(env),
+        },
+        {
+            "name": GATEWAY_SERVICE,
+            "url": f"http://127.0.0.1:{runtime.gateway_guard_port}",
+            "api_token": secrets["gateway_api_token"],
+            "oauth_no_confirm": True,
+            "command": [str(venv / "python"), "-m", "workbench.dashguard"],
+            "cwd": runtime.state_dir,
+            "environment": dict(env),
+        },
     ]
     if policy.culling.enabled:
         out.append(
@@ -121,7 +140,7 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
     auth = auth_settings(policy, runtime)  # authenticator_class, login page text and the authenticator's sections
     state = Path(runtime.state_dir)
     venv = Path(runtime.venv_bin)
-    return {
+    settings = {
         "JupyterHub": {
             "bind_url": f"http://{f'[{runtime.bind}]' if ':' in runtime.bind else runtime.bind}:{runtime.port}",
             "hub_bind_url": f"http://127.0.0.1:{runtime.hub_port}",
@@ -166,6 +185,8 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "environment": {"PATH": f"{venv}:/usr/local/bin:/usr/bin:/bin"},
         },
     }
+    # the quota service, its roles and scopes (workbench.quota.wiring; only when runtime.quota_port is set)
+    return add_quota_service(settings, policy, runtime, secrets)
 
 
 def apply_settings(c, settings: dict[str, dict]) -> None:
@@ -183,4 +204,5 @@ def configure_hub(c, runtime: Runtime | None = None, policy: Policy | None = Non
     except (PolicyError, DemoAuthExposed) as e:  # make the hub's own log say what is wrong, then stop
         print(f"workbench: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    pass_db_url(settings, os.environ)  # $WORKBENCH_QUOTA_DB_URL of the hub's environment to the quota service
     apply_settings(c, settings)

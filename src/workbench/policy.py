@@ -389,10 +389,60 @@ class DaskPolicy(_Model):
     slurm: SlurmPolicy = Field(default_factory=SlurmPolicy)
 
 
+# -- budgets and concurrency caps (read by workbench.quota) -------------------
+
+_TERM_START_RE = re.compile(r"^(?P<month>[0-9]{2})-(?P<day>[0-9]{2})$")
+
+
+def _term_start(value: Any) -> str:
+    """A term's first day as ``MM-DD`` (every year, 00:00 UTC)."""
+    m = _TERM_START_RE.match(str(value)) if isinstance(value, str) else None
+    if not m or not (1 <= int(m["month"]) <= 12) or not (1 <= int(m["day"]) <= 28):
+        raise ValueError(
+            f"expected a term's first day as 'MM-DD' (month 01-12, day 01-28 so that it exists every year), "
+            f"like '09-01', got {value!r}"
+        )
+    return value
+
+
+TermStart = Annotated[str, BeforeValidator(_term_start)]
+
+
+class UserBudget(_Model):
+    """What each member of the group may use within the group's budget period (None: no per-user limit)."""
+
+    gpu_hours: float | None = Field(default=None, ge=0)
+    cpu_hours: float | None = Field(default=None, ge=0)
+
+
 class Budget(_Model):
+    """A group's GPU-hours and CPU-hours per period, across notebook servers and Dask clusters.
+
+    ``period``: ``month`` (calendar month, UTC), ``term`` (from one of ``term_starts`` to the next)
+    or ``total`` (never resets). ``per_user`` limits each member's share of the same period.
+    """
+
     gpu_hours: float | None = Field(default=None, ge=0)
     cpu_hours: float | None = Field(default=None, ge=0)
     period: Literal["month", "term", "total"] = "month"
+    term_starts: list[TermStart] = Field(default_factory=lambda: ["02-01", "09-01"], min_length=1)
+    per_user: UserBudget | None = None
+
+
+class Caps(_Model):
+    """Concurrency caps: how much of the group may run at once (None: no cap).
+
+    ``running_servers`` / ``running_gpus`` count the whole group's notebook servers and GPUs
+    (servers and Dask workers); the ``user_`` variants count each member's within the group.
+    """
+
+    running_servers: int | None = Field(default=None, ge=0)
+    running_gpus: int | None = Field(default=None, ge=0)
+    user_running_servers: int | None = Field(default=None, ge=0)
+    user_running_gpus: int | None = Field(default=None, ge=0)
+
+
+# -- end of budgets and concurrency caps -------------------------------------
 
 
 class Session(_Model):
@@ -411,6 +461,7 @@ class Group(_Model):
     instructors: list[str] = Field(default_factory=list)
     dask: DaskPolicy | None = None
     budget: Budget | None = None
+    caps: Caps | None = None  # concurrency caps (workbench.quota)
     session: Session | None = None
     material: Material | None = None
 

@@ -34,9 +34,11 @@ class Runtime:
     port: int = 8000
     hub_port: int = 8081
     proxy_api_port: int = 8001
-    gateway_port: int = 8010  # gateway's private API (hub service url is the gateway's HTTP proxy)
+    gateway_port: int = 8010  # gateway's private API
     gateway_http_port: int = 8011
     gateway_tcp_port: int = 8012
+    gateway_guard_port: int = 8013  # workbench.dashguard: the hub service `dask-gateway`, in front of the HTTP proxy
+    quota_port: int = 0  # workbench.quota: the hub service `quota` (0: not run)
     system_users: bool = False  # spawn as one system user per hub user (needs root)
     user_prefix: str = "wb-"
     allow_demo_auth_on_network: bool = False
@@ -118,7 +120,8 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-SECRET_NAMES = ("cookie_secret", "proxy_auth_token", "gateway_api_token", "culler_api_token", "gateway_db_key")
+SECRET_NAMES = ("cookie_secret", "proxy_auth_token", "gateway_api_token", "culler_api_token", "gateway_db_key",
+                "quota_api_token")
 
 
 def _new_secret(name: str) -> str:

@@ -77,6 +77,18 @@ def local_gpus(policy: Policy, fake: str = "") -> dict[str, list[str]]:
     return inventory(policy, detect_devices())
 
 
+def slurm_problem(system_users: bool) -> str | None:
+    """Why the Slurm backend cannot run here (None: it can)."""
+    if not system_users:
+        return ("--gateway-backend slurm submits jobs as each user's own Unix account: run as root, from a checkout "
+                "other users can reach (see the warning above)")
+    if not shutil.which("sbatch"):
+        return "--gateway-backend slurm: sbatch not found; run `make slurm` (one-node Slurm) or install Slurm's client"
+    if not shutil.which("sudo"):
+        return "--gateway-backend slurm needs sudo (the backend submits as each user with sudo -u); apt-get install sudo"
+    return None
+
+
 def find_proxy(venv_bin: Path) -> str | None:
     for candidate in (venv_bin / "configurable-http-proxy", venv_bin.parent / "node_modules/.bin/configurable-http-proxy"):
         if candidate.exists():
@@ -189,6 +201,10 @@ class Supervisor:
         system_users, warning = decide_system_users(opts, venv_bin)
         if warning:
             say(f"WARNING: {warning}")
+        if opts.gateway_backend == "slurm":
+            problem = slurm_problem(system_users)
+            if problem:
+                return fail(problem)
 
         try:
             gpus = local_gpus(policy, opts.fake_gpus)
@@ -222,10 +238,13 @@ class Supervisor:
             gateway_port=free_port(),
             gateway_http_port=free_port(),
             gateway_tcp_port=free_port(),
+            gateway_guard_port=free_port(),
+            quota_port=free_port(),  # workbench.quota as a hub service
             system_users=system_users,
             allow_demo_auth_on_network=opts.allow_demo_auth_on_network,
             gpus=gpus,
             gateway_backend=opts.gateway_backend,
+            extra={"slurm_conf": os.environ.get("SLURM_CONF", "")} if opts.gateway_backend == "slurm" else {},
         )
         runtime_file = runtime.write()
 

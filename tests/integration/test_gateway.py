@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -107,11 +108,85 @@ def test_other_user_cannot_see_scale_stop_or_open_dashboard(wb):
             ]:
                 r = requests.request(method, f"{api(wb)}{path}", headers=auth(other), json=body, timeout=30)
                 assert r.status_code in (403, 404), (method, path, r.status_code)
-            # the dashboard is behind the hub and the gateway's auth: another user's token gets nothing
+            # the dashboard is behind the guard (workbench.dashguard): another user's token gets nothing
             dash = f"{wb.url}/services/dask-gateway/clusters/{name}/status"
             r = requests.get(dash, headers=auth(other), timeout=30, allow_redirects=False)
             assert r.status_code in (401, 403, 404), r.status_code
             assert gw.get_cluster(name).status.name == "RUNNING"  # untouched
+        finally:
+            cluster.shutdown()
+
+
+def _ws_status(url: str, headers: dict) -> int:
+    """HTTP status of a WebSocket handshake (101 when it opens)."""
+    import asyncio
+
+    from tornado.httpclient import HTTPClientError, HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    async def attempt():
+        try:
+            conn = await websocket_connect(HTTPRequest(url, headers=headers, request_timeout=30))
+        except HTTPClientError as e:
+            return e.code
+        conn.close()
+        return 101
+
+    return asyncio.run(attempt())
+
+
+def test_dashboard_is_the_owners_only_by_token_and_by_browser(wb):
+    owner = user_token(wb, "researcher")
+    with wb.gateway(owner) as gw:
+        cluster = gw.new_cluster()
+        try:
+            dash = f"{wb.url}/services/dask-gateway/clusters/{cluster.name}/status"
+
+            # the owner's token (what the dask-gateway client sends) gets the Dask status page
+            r = requests.get(dash, headers=auth(owner), timeout=30)
+            assert r.status_code == 200, (r.status_code, r.text[:300])
+            assert "Dask" in r.text and "dashboard" in r.text.lower()
+            assert requests.get(dash, headers={"Authorization": f"token {owner}"}, timeout=30).status_code == 200
+
+            # no credentials: a page view goes to the hub's login (through its OAuth), an API call gets 401
+            r = requests.get(dash, timeout=30, allow_redirects=False)
+            assert r.status_code == 302 and r.headers["Location"].startswith("/hub/api/oauth2/authorize?")
+            r = requests.get(dash, timeout=30)
+            assert r.status_code == 200 and r.url.startswith(f"{wb.url}/hub/login"), r.url
+            r = requests.post(dash, timeout=30, allow_redirects=False)
+            assert r.status_code in (401, 403), r.status_code
+            r = requests.get(dash, headers=auth("not-a-token"), timeout=30, allow_redirects=False)
+            assert r.status_code == 401, r.status_code
+
+            # a browser logged in to the hub: through the OAuth flow, no consent page, to the page
+            browser = wb.login("researcher")
+            r = browser.get(dash, timeout=30)
+            assert r.status_code == 200 and "Dask" in r.text, (r.status_code, r.url, r.text[:300])
+            assert r.url == dash
+            hops = [urlsplit(h.url).path for h in r.history]
+            assert hops == [urlsplit(dash).path, "/hub/api/oauth2/authorize", "/services/dask-gateway/oauth_callback"]
+            # then the guard's cookie alone does it
+            r = browser.get(dash, timeout=30, allow_redirects=False)
+            assert r.status_code == 200
+            # the token behind that cookie carries the gateway's access scope (the gateway checks it too)
+            tokens = wb.api(browser, "GET", "/users/researcher/tokens").json()["api_tokens"]
+            mine = [t for t in tokens if t.get("oauth_client") == "JupyterHub service dask-gateway"]
+            assert mine and all("access:services!service=dask-gateway" in t["scopes"] for t in mine), tokens
+
+            # another user's browser, also logged in, gets 403
+            intruder = wb.login("startup")
+            r = intruder.get(dash, timeout=30)
+            assert r.status_code == 403, (r.status_code, r.url)
+            assert "belongs to another user's cluster" in r.text
+            assert "Dask needs" not in r.text and "bokeh" not in r.text.lower()
+
+            # WebSockets (the Bokeh dashboard's): refused to others before reaching the cluster;
+            # the owner's handshake is passed on to the cluster's dashboard (without bokeh installed
+            # it has no WebSocket endpoint, so it answers 404 itself)
+            ws = dash.replace("http://", "ws://") + "/ws"
+            assert _ws_status(ws, auth(user_token(wb, "startup"))) == 403
+            assert _ws_status(ws, {}) == 401
+            assert _ws_status(ws, auth(owner)) in (101, 404)
         finally:
             cluster.shutdown()
 

@@ -48,6 +48,7 @@ def make_runtime(**kw) -> Runtime:
         gateway_port=18010,
         gateway_http_port=18011,
         gateway_tcp_port=18012,
+        gateway_guard_port=18013,
     )
     values.update(kw)
     return Runtime(**values)
@@ -82,14 +83,21 @@ def test_sections(settings):
 def test_services(settings):
     assert settings["JupyterHub"]["services"] == [
         {
-            "name": "dask-gateway",
-            "url": "http://127.0.0.1:18011",
-            "api_token": "gateway-token",
+            "name": "dask-gateway-server",
             "command": [
                 "/srv/wb/.venv/bin/dask-gateway-server",
                 "-f",
                 "/srv/wb/hub_config/dask_gateway_config.py",
             ],
+            "cwd": "/srv/wb/state",
+            "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
+        },
+        {
+            "name": "dask-gateway",
+            "url": "http://127.0.0.1:18013",
+            "api_token": "gateway-token",
+            "oauth_no_confirm": True,
+            "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.dashguard"],
             "cwd": "/srv/wb/state",
             "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
         },
@@ -232,16 +240,16 @@ def test_culling_disabled_removes_culler(demo):
     policy = parse_policy(data)
     s = hub_settings(policy, make_runtime(), SECRETS)
     names = [svc["name"] for svc in s["JupyterHub"]["services"]]
-    assert names == ["dask-gateway"]
+    assert names == ["dask-gateway-server", "dask-gateway"]
     # the culler's role stays harmless: it names a service that is not defined
-    assert services(policy, make_runtime(), SECRETS)[0]["name"] == "dask-gateway"
+    assert services(policy, make_runtime(), SECRETS)[1]["name"] == "dask-gateway"
 
 
 def test_culling_durations_are_seconds():
     data = yaml.safe_load(DEMO.read_text())
     data["culling"] = {"timeout": "2h", "every": 90}
     s = services(parse_policy(data), make_runtime(), SECRETS)
-    assert s[1]["command"][-2:] == ["--timeout=7200", "--cull-every=90"]
+    assert s[2]["command"][-2:] == ["--timeout=7200", "--cull-every=90"]
 
 
 def test_roles_without_dask_groups():
@@ -290,7 +298,7 @@ def test_apply_settings_sets_traitlets_config(settings):
     assert c.JupyterHub.bind_url == "http://127.0.0.1:8000"
     assert c.Spawner.server_token_scopes == list(SERVER_TOKEN_SCOPES)
     assert c.DemoAuthenticator.admin_group_names == "platform-admins"
-    assert [s["name"] for s in c.JupyterHub.services] == ["dask-gateway", "idle-culler"]
+    assert [s["name"] for s in c.JupyterHub.services] == ["dask-gateway-server", "dask-gateway", "idle-culler"]
 
 
 # ---------------------------------------------------------------------------

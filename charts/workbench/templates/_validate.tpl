@@ -1,0 +1,125 @@
+{{/*
+Checks that a JSON schema cannot express, failing `helm install` / `helm template` with every problem
+at once, each naming the value's path and the fix. values.schema.json has already rejected unknown keys
+and wrong types; the hub checks the whole policy again at start-up (workbench.policy).
+*/}}
+
+{{- define "workbench.names" -}}
+{{- $names := keys (. | default dict) | sortAlpha -}}
+{{- if $names }}{{ join ", " $names }}{{ else }}(none defined){{ end -}}
+{{- end -}}
+
+{{/* Cross-references inside the platform policy (workbench.policy._reference_problems). */}}
+{{- define "workbench.platformProblems" -}}
+{{- $p := . -}}
+{{- $problems := list -}}
+{{- $images := $p.images | default dict -}}
+{{- $gpuTypes := $p.gpu_types | default dict -}}
+{{- $profiles := $p.profiles | default dict -}}
+{{- $groups := $p.groups | default dict -}}
+{{- $auth := $p.auth | default dict -}}
+{{- range $name, $prof := $profiles -}}
+{{- $prof = $prof | default dict -}}
+{{- $image := $prof.image | default "base" -}}
+{{- if not (hasKey $images $image) -}}
+{{- $problems = append $problems (printf "platform.profiles.%s.image: unknown image '%s'; define it under 'platform.images' or use one of: %s" $name $image (include "workbench.names" $images)) -}}
+{{- end -}}
+{{- if $prof.gpu -}}
+{{- if not (hasKey $gpuTypes $prof.gpu.type) -}}
+{{- $problems = append $problems (printf "platform.profiles.%s.gpu.type: unknown GPU type '%s'; define it under 'platform.gpu_types' or use one of: %s" $name $prof.gpu.type (include "workbench.names" $gpuTypes)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $gname, $group := $groups -}}
+{{- range $i, $prof := ($group.profiles | default list) -}}
+{{- if not (hasKey $profiles $prof) -}}
+{{- $problems = append $problems (printf "platform.groups.%s.profiles[%d]: unknown profile '%s'; define it under 'platform.profiles' or use one of: %s" $gname $i $prof (include "workbench.names" $profiles)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $group.dask (($group.dask | default dict).gpu_workers) -}}
+{{- if not (hasKey $gpuTypes ($group.dask.gpu_type | default "")) -}}
+{{- $problems = append $problems (printf "platform.groups.%s.dask.gpu_type: gpu_workers needs a GPU type defined under 'platform.gpu_types' (one of: %s), got '%s'" $gname (include "workbench.names" $gpuTypes) ($group.dask.gpu_type | default "")) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $i, $g := ($auth.admin_groups | default list) -}}
+{{- if not (hasKey $groups $g) -}}
+{{- $problems = append $problems (printf "platform.auth.admin_groups[%d]: unknown group '%s'; define it under 'platform.groups' or use one of: %s" $i $g (include "workbench.names" $groups)) -}}
+{{- end -}}
+{{- end -}}
+{{- $type := $auth.type | default "demo" -}}
+{{- if hasKey $auth "client_secret" -}}
+{{- $problems = append $problems "platform.auth.client_secret: secrets never go in the platform YAML: remove it, put the secret in a Kubernetes Secret named by hub.oauthClientSecret.existingSecret and name the hub's environment variable in platform.auth.client_secret_env" -}}
+{{- end -}}
+{{- if eq $type "demo" -}}
+{{- if not $auth.demo_users -}}
+{{- $problems = append $problems "platform.auth.demo_users: auth type 'demo' needs at least one demo user" -}}
+{{- end -}}
+{{- range $uname, $user := ($auth.demo_users | default dict) -}}
+{{- range $i, $g := (($user | default dict).groups | default list) -}}
+{{- if not (hasKey $groups $g) -}}
+{{- $problems = append $problems (printf "platform.auth.demo_users.%s.groups[%d]: unknown group '%s'; define it under 'platform.groups' or use one of: %s" $uname $i $g (include "workbench.names" $groups)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- else -}}
+{{- if $auth.demo_users -}}
+{{- $problems = append $problems (printf "platform.auth.demo_users: demo users are only allowed with auth type 'demo', not '%s'" $type) -}}
+{{- end -}}
+{{- $required := list "client_id" "client_secret_env" -}}
+{{- if eq $type "generic-oauth" }}{{ $required = concat $required (list "authorize_url" "token_url" "userdata_url") }}{{ end -}}
+{{- if eq $type "github" }}{{ $required = append $required "github_teams" }}{{ end -}}
+{{- range $field := $required -}}
+{{- if not (index $auth $field) -}}
+{{- $problems = append $problems (printf "platform.auth.%s: auth type '%s' needs it (see `workbench check` for what to put there)" $field $type) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $problems -}}
+{{- end -}}
+
+{{/* Chart values that only make sense together. */}}
+{{- define "workbench.valuesProblems" -}}
+{{- $v := .Values -}}
+{{- $problems := list -}}
+{{- $removed := list
+      (list "hub.cookieSecret" (hasKey $v.hub "cookieSecret") "use secrets.cookieSecret, or nothing: it is generated once and kept")
+      (list "hub.config" (hasKey $v.hub "config") "hub settings come from the platform policy (the `platform:` value); there is no free-form hub configuration")
+      (list "hub.extraConfig" (hasKey $v.hub "extraConfig") "no Python in values: hub settings come from the platform policy (the `platform:` value)")
+      (list "proxy.secretToken" (hasKey $v.proxy "secretToken") "use secrets.proxyToken, or nothing: it is generated once and kept")
+      (list "singleuser" (hasKey $v "singleuser") "notebook pods are described by the platform policy: platform.profiles, platform.images and platform.storage")
+-}}
+{{- range $r := $removed -}}
+{{- if index $r 1 -}}
+{{- $problems = append $problems (printf "%s: removed; %s" (index $r 0) (index $r 2)) -}}
+{{- end -}}
+{{- end -}}
+{{- $type := include "workbench.authType" . -}}
+{{- if eq $type "demo" -}}
+{{- if not (include "workbench.demoAuthAccepted" .) -}}
+{{- $problems = append $problems (printf "platform.auth.type: 'demo' (one shared password) would be reachable from the network (proxy.service.type=%s, ingress.enabled=%v); configure SSO (auth.type generic-oauth or github), keep proxy.service.type=ClusterIP without an Ingress (kubectl port-forward), or set demoAuth.allowExposed=true on a closed lab network" $v.proxy.service.type $v.ingress.enabled) -}}
+{{- end -}}
+{{- else -}}
+{{- if not $v.publicUrl -}}
+{{- $problems = append $problems (printf "publicUrl: auth type '%s' needs the workbench's public URL (https://workbench.example.edu) for the OAuth callback <publicUrl>/hub/oauth_callback" $type) -}}
+{{- end -}}
+{{- if not $v.hub.oauthClientSecret.existingSecret -}}
+{{- $problems = append $problems (printf "hub.oauthClientSecret.existingSecret: auth type '%s' needs the name of a Secret holding the OAuth client secret under key '%s' (kubectl create secret generic workbench-oauth --from-literal=%s=...)" $type $v.hub.oauthClientSecret.key $v.hub.oauthClientSecret.key) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq $v.hub.db.type "postgres") (not $v.hub.db.postgres.existingSecret) -}}
+{{- $problems = append $problems "hub.db.postgres.existingSecret: hub.db.type 'postgres' needs the name of a Secret holding the database URL (postgresql+psycopg://user:password@host:5432/jupyterhub)" -}}
+{{- end -}}
+{{- if and $v.ingress.enabled (not $v.ingress.host) -}}
+{{- $problems = append $problems "ingress.host: ingress.enabled needs the host name (workbench.example.edu)" -}}
+{{- end -}}
+{{- toJson $problems -}}
+{{- end -}}
+
+{{- define "workbench.validate" -}}
+{{- $platform := include "workbench.platform" . | fromJson -}}
+{{- $problems := concat (include "workbench.valuesProblems" . | fromJsonArray) (include "workbench.platformProblems" $platform | fromJsonArray) -}}
+{{- if $problems -}}
+{{- fail (printf "\n\nworkbench: invalid values (%d problem%s)\n  - %s\n" (len $problems) (ternary "" "s" (eq (len $problems) 1)) (join "\n  - " $problems)) -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,430 @@
+"""The workbench on Kubernetes: hub, Dask Gateway and controller settings from (policy, environment).
+
+The Helm chart (``charts/workbench``) runs three processes from the hub image, each configured by a
+thin loader in ``hub_config/`` that calls one function of this module:
+
+=====================  ==========================================================================
+hub                    ``jupyterhub -f hub_config/jupyterhub_config_k8s.py`` → :func:`configure_k8s_hub`
+gateway API server     ``dask-gateway-server -f hub_config/dask_gateway_config_k8s.py`` →
+                       :func:`configure_k8s_gateway`
+gateway controller     ``python -m workbench.k8s_hub kube-controller -f hub_config/dask_gateway_config_k8s.py``
+                       (:class:`NamespacedKubeController`, same loader)
+=====================  ==========================================================================
+
+The platform YAML is mounted from a ConfigMap (``WORKBENCH_PLATFORM``, default
+``/etc/workbench/platform.yaml``); everything that depends on the deployment (namespace, release,
+service URLs, database) reaches the processes as environment variables set by the chart, listed
+in :data:`HUB_ENV` and :data:`GATEWAY_ENV`. Secrets arrive as environment variables too
+(``JPY_COOKIE_SECRET``, ``CONFIGPROXY_AUTH_TOKEN``, ``JUPYTERHUB_CRYPT_KEY``, the service tokens, the
+OAuth client secret named by ``auth.client_secret_env``) and only the service tokens, which
+JupyterHub needs in its ``services`` list, are copied into the settings.
+
+:func:`k8s_hub_settings` and :func:`k8s_gateway_settings` are pure: ``(policy, env) -> {section:
+{trait: value}}`` in the shape of :func:`workbench.hub.hub_settings`, applied with
+:func:`workbench.hub.apply_settings`. They build on :func:`workbench.kube.kube_hub_settings`
+(KubeSpawner, profiles, storage, locked-down pods), :func:`workbench.oauth.auth_settings` (login)
+and :func:`workbench.gateway_kube.kube_gateway_settings` (clusters per group).
+
+Least privilege: dask-gateway's backend and controller watch their objects in *all* namespaces,
+which needs ClusterRoles. :class:`NamespacedKubeBackend` and :class:`NamespacedKubeController`
+turn those cluster-wide list/watch calls into calls in ``watch_namespace`` (the release's
+namespace), so the chart grants namespaced Roles only.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dask_gateway_server.backends.kubernetes.controller import KubeController
+from traitlets import Unicode
+
+from .auth import DemoAuthExposed
+from .gateway_kube import WorkbenchKubeBackend, kube_gateway_settings
+from .hub import SERVER_TOKEN_SCOPES, apply_settings, roles
+from .kube import kube_hub_settings
+from .oauth import auth_settings
+from .policy import Policy, PolicyError, load_policy
+from .runtime import CULLER_SERVICE, GATEWAY_SERVICE
+
+__all__ = [
+    "DEFAULT_PLATFORM",
+    "GATEWAY_ENV",
+    "GATEWAY_PREFIX",
+    "HUB_ENV",
+    "HUB_PORT",
+    "K8sConfigError",
+    "NamespacedClient",
+    "NamespacedKubeBackend",
+    "NamespacedKubeController",
+    "configure_k8s_gateway",
+    "configure_k8s_hub",
+    "dashboard_middleware_name",
+    "k8s_gateway_settings",
+    "k8s_hub_settings",
+    "singleuser_labels",
+]
+
+DEFAULT_PLATFORM = "/etc/workbench/platform.yaml"
+#: the hub's API port (the chart's hub Service)
+HUB_PORT = 8081
+#: where the gateway is reached through the hub's proxy, and the prefix of its routes in Traefik
+GATEWAY_PREFIX = f"/services/{GATEWAY_SERVICE}"
+
+#: environment of the hub pod: name -> what the chart puts there (``*``: required)
+HUB_ENV: dict[str, str] = {
+    "WORKBENCH_PLATFORM": f"path of the platform YAML (default {DEFAULT_PLATFORM})",
+    "WORKBENCH_NAMESPACE": "* namespace of the release: notebook pods and their volumes go there",
+    "WORKBENCH_RELEASE": "* Helm release name: the app.kubernetes.io/instance label of notebook pods",
+    "WORKBENCH_PUBLIC_URL": "public URL of the workbench (https://workbench.example.edu); required for OAuth",
+    "WORKBENCH_HUB_CONNECT_URL": "* URL at which pods reach the hub API (http://<release>-hub:8081)",
+    "WORKBENCH_PROXY_API_URL": "* configurable-http-proxy's API (http://<release>-proxy-api:8001)",
+    "WORKBENCH_DB_URL": "* hub database (sqlite:////srv/jupyterhub/jupyterhub.sqlite or a PostgreSQL URL)",
+    "WORKBENCH_GATEWAY_URL": "* the gateway's HTTP proxy (Traefik web entrypoint): the hub service dask-gateway",
+    "WORKBENCH_GATEWAY_PROXY_ADDRESS": "* gateway://<host>:<port> of the gateway's TCP entrypoint (schedulers)",
+    "WORKBENCH_GATEWAY_API_TOKEN": "* API token of the hub service dask-gateway (from the chart's Secret)",
+    "WORKBENCH_CULLER_API_TOKEN": "API token of the idle culler (required when culling is enabled)",
+    "WORKBENCH_ALLOW_DEMO_AUTH": "'true' to accept auth.type demo (the chart sets it only when not exposed)",
+    "WORKBENCH_IMAGE_PULL_SECRETS": "comma-separated Secret names for pulling notebook images",
+}
+#: environment of the gateway API server and controller pods
+GATEWAY_ENV: dict[str, str] = {
+    "WORKBENCH_PLATFORM": f"path of the platform YAML (default {DEFAULT_PLATFORM})",
+    "WORKBENCH_NAMESPACE": "* namespace of the release: Dask clusters go there, and only there is watched",
+    "WORKBENCH_GATEWAY_INSTANCE": "* dask-gateway instance (the gateway.dask.org/instance label of its objects)",
+    "WORKBENCH_GATEWAY_API_URL": "* URL at which schedulers reach the gateway API (http://<api>.<ns>:8000/api)",
+    "WORKBENCH_HUB_API_URL": "* the hub API (http://<release>-hub:8081/hub/api), to check users' tokens",
+}
+
+
+class K8sConfigError(ValueError):
+    """The environment of a workbench pod is incomplete or inconsistent (a chart or manifest bug)."""
+
+
+def _require(env: Mapping[str, str], names: Mapping[str, str], where: str) -> None:
+    missing = [n for n, what in names.items() if what.startswith("*") and not env.get(n)]
+    if missing:
+        lines = [f"  - {n}: {names[n].lstrip('* ')}" for n in missing]
+        raise K8sConfigError(f"{where}: missing environment variable(s) set by the Helm chart:\n" + "\n".join(lines))
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def singleuser_labels(release: str) -> dict[str, str]:
+    """Labels of every notebook pod of ``release``: what the chart's NetworkPolicies select (pure)."""
+    return {
+        "app.kubernetes.io/name": "workbench",
+        "app.kubernetes.io/instance": release,
+        "app.kubernetes.io/component": "singleuser",
+    }
+
+
+def dashboard_middleware_name(gateway_instance: str) -> str:
+    """The Traefik Middleware (made by the chart) that strips ``<prefix>/clusters/<name>`` for dashboards."""
+    return f"{gateway_instance}-clusters-prefix"
+
+
+@dataclass(frozen=True)
+class _AuthRuntime:
+    """The two things :func:`workbench.oauth.auth_settings` reads from a runtime."""
+
+    config: str
+    public_url: str
+
+
+def _max_workers_env(policy: Policy):
+    """``WORKBENCH_DASK_MAX_WORKERS`` of a notebook pod: a KubeSpawner callable env value (as in the embedded mode)."""
+
+    def value(spawner) -> str:
+        dask = policy.dask_policy_for([g.name for g in spawner.user.groups])
+        return str(dask.max_workers) if dask is not None else "0"
+
+    return value
+
+
+def _services(policy: Policy, env: Mapping[str, str]) -> list[dict[str, Any]]:
+    services: list[dict[str, Any]] = [
+        {
+            "name": GATEWAY_SERVICE,
+            "url": env["WORKBENCH_GATEWAY_URL"],
+            "api_token": env["WORKBENCH_GATEWAY_API_TOKEN"],
+        }
+    ]
+    if policy.culling.enabled:
+        if not env.get("WORKBENCH_CULLER_API_TOKEN"):
+            raise K8sConfigError(
+                "hub: culling is enabled in the platform YAML but WORKBENCH_CULLER_API_TOKEN is not set"
+            )
+        services.append(
+            {
+                "name": CULLER_SERVICE,
+                "api_token": env["WORKBENCH_CULLER_API_TOKEN"],
+                "command": [
+                    sys.executable,
+                    "-m",
+                    "jupyterhub_idle_culler",
+                    f"--url=http://127.0.0.1:{HUB_PORT}/hub/api",
+                    f"--timeout={policy.culling.timeout}",
+                    f"--cull-every={policy.culling.every}",
+                ],
+            }
+        )
+    return services
+
+
+def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """All hub settings on Kubernetes, from the policy and the hub pod's environment (pure).
+
+    - spawner: :class:`workbench.kube.WorkbenchKubeSpawner` with :func:`workbench.kube.kube_hub_settings`
+      (entitled profiles, home / group / dataset volumes, uid 1000, no privilege escalation, no service
+      account token), in ``WORKBENCH_NAMESPACE``, labelled with :func:`singleuser_labels` (what the
+      chart's NetworkPolicies select), with the Dask Gateway addresses in the environment;
+    - login: :func:`workbench.oauth.auth_settings` (the OAuth callback under ``WORKBENCH_PUBLIC_URL``);
+      demo auth only when ``WORKBENCH_ALLOW_DEMO_AUTH`` is true;
+    - services: ``dask-gateway`` (the gateway's Traefik proxy) and the idle culler (in the hub pod);
+      roles from :func:`workbench.hub.roles`;
+    - the external configurable-http-proxy (not started by the hub), the database, and
+      ``cleanup_servers = False`` so that an upgrade of the hub leaves users' pods running.
+
+    Raises :class:`K8sConfigError` for a missing variable, :class:`DemoAuthExposed` for demo auth
+    not explicitly allowed, :class:`PolicyError` for a missing OAuth client secret variable.
+    """
+    _require(env, HUB_ENV, "hub")
+    platform = env.get("WORKBENCH_PLATFORM") or DEFAULT_PLATFORM
+    public_url = (env.get("WORKBENCH_PUBLIC_URL") or "").rstrip("/")
+    auth_type = policy.auth.type
+    if auth_type == "demo" and not _truthy(env.get("WORKBENCH_ALLOW_DEMO_AUTH")):
+        raise DemoAuthExposed(
+            "auth.type is 'demo' (one shared password) and this hub runs on Kubernetes. Configure SSO in the "
+            "platform YAML (auth.type: generic-oauth or github); for a try-out reachable only through "
+            "`kubectl port-forward`, the chart allows it (it sets WORKBENCH_ALLOW_DEMO_AUTH=true)."
+        )
+    if auth_type != "demo" and not public_url:
+        raise K8sConfigError(
+            f"hub: auth.type {auth_type!r} needs the public URL of the workbench for the OAuth callback; "
+            "set publicUrl in the Helm values (WORKBENCH_PUBLIC_URL)"
+        )
+    auth = auth_settings(policy, _AuthRuntime(config=platform, public_url=public_url), environ=env)  # type: ignore[arg-type]
+
+    settings = kube_hub_settings(policy, platform)
+    namespace = env["WORKBENCH_NAMESPACE"]
+    gateway_address = f"{env['WORKBENCH_GATEWAY_URL'].rstrip('/')}{GATEWAY_PREFIX}"
+    spawner = settings["WorkbenchKubeSpawner"]
+    spawner.update(
+        {
+            "namespace": namespace,
+            "extra_labels": singleuser_labels(env["WORKBENCH_RELEASE"]),
+            "image_pull_policy": "IfNotPresent",
+            "image_pull_secrets": [s.strip() for s in env.get("WORKBENCH_IMAGE_PULL_SECRETS", "").split(",") if s.strip()],
+            "environment": {
+                "DASK_GATEWAY__ADDRESS": gateway_address,
+                # dashboards: through the public proxy, where the browser already has the hub's cookie
+                "DASK_GATEWAY__PUBLIC_ADDRESS": GATEWAY_PREFIX,
+                "DASK_GATEWAY__PROXY_ADDRESS": env["WORKBENCH_GATEWAY_PROXY_ADDRESS"],
+                "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
+                "WORKBENCH_DASK_MAX_WORKERS": _max_workers_env(policy),
+            },
+        }
+    )
+    hub = {
+        **settings["JupyterHub"],
+        "hub_bind_url": f"http://:{HUB_PORT}",
+        "hub_connect_url": env["WORKBENCH_HUB_CONNECT_URL"],
+        "db_url": env["WORKBENCH_DB_URL"],
+        "services": _services(policy, env),
+        "load_roles": roles(policy),
+        "cleanup_servers": False,
+        **auth["JupyterHub"],
+    }
+    if public_url:
+        hub["public_url"] = f"{public_url}/"
+    return {
+        "JupyterHub": hub,
+        "ConfigurableHTTPProxy": {"should_start": False, "api_url": env["WORKBENCH_PROXY_API_URL"]},
+        **{section: values for section, values in auth.items() if section != "JupyterHub"},
+        "Spawner": {
+            "cmd": ["jupyterhub-singleuser"],
+            "default_url": "/lab",
+            "server_token_scopes": list(SERVER_TOKEN_SCOPES),
+            "start_timeout": 600,  # first pull of a multi-GB GPU image on a fresh node
+            "http_timeout": 120,
+        },
+        "WorkbenchKubeSpawner": spawner,
+    }
+
+
+def k8s_gateway_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Settings of the gateway API server *and* its controller on Kubernetes (pure).
+
+    :func:`workbench.gateway_kube.kube_gateway_settings` (per-group cluster options, locked-down pods)
+    with :class:`NamespacedKubeBackend`, JupyterHub authentication (callers need
+    ``access:services!service=dask-gateway``), and the controller's Traefik routes under
+    :data:`GATEWAY_PREFIX`. Both watch only ``WORKBENCH_NAMESPACE``.
+    """
+    _require(env, GATEWAY_ENV, "dask-gateway")
+    namespace = env["WORKBENCH_NAMESPACE"]
+    instance = env["WORKBENCH_GATEWAY_INSTANCE"]
+    api_url = env["WORKBENCH_GATEWAY_API_URL"]
+    settings = kube_gateway_settings(policy, namespace)
+    settings["DaskGateway"] = {
+        **settings["DaskGateway"],
+        "backend_class": f"{NamespacedKubeBackend.__module__}.{NamespacedKubeBackend.__name__}",
+        "address": ":8000",
+        "log_level": "INFO",
+        "authenticator_class": "dask_gateway_server.auth.JupyterHubAuthenticator",
+    }
+    settings["JupyterHubAuthenticator"] = {
+        "jupyterhub_api_url": env["WORKBENCH_HUB_API_URL"],
+        "jupyterhub_service_name": GATEWAY_SERVICE,
+        "use_service_access_scopes": True,
+    }
+    settings["KubeBackend"] = {"gateway_instance": instance, "api_url": api_url}
+    settings["NamespacedKubeBackend"] = {"watch_namespace": namespace}
+    settings["KubeController"] = {
+        "address": ":8000",
+        "gateway_instance": instance,
+        "api_url": api_url,
+        "proxy_prefix": GATEWAY_PREFIX,
+        "proxy_web_entrypoint": "web",
+        "proxy_tcp_entrypoint": "tcp",
+        "proxy_web_middlewares": [{"name": dashboard_middleware_name(instance), "namespace": namespace}],
+    }
+    settings["NamespacedKubeController"] = {"watch_namespace": namespace}
+    return settings
+
+
+# ---------------------------------------------------------------------------
+# Watching one namespace
+# ---------------------------------------------------------------------------
+
+#: cluster-wide list calls of dask-gateway's informers -> their namespaced counterparts
+_NAMESPACED = {
+    "list_pod_for_all_namespaces": "list_namespaced_pod",
+    "list_endpoints_for_all_namespaces": "list_namespaced_endpoints",
+}
+
+
+class NamespacedClient:
+    """A Kubernetes API client whose cluster-wide list (and watch) calls stay in one namespace.
+
+    Wraps ``CoreV1Api`` / ``CustomObjectsApi`` (or dask-gateway's rate-limited wrapper of them):
+    ``list_pod_for_all_namespaces`` becomes ``list_namespaced_pod(namespace)``,
+    ``list_endpoints_for_all_namespaces`` becomes ``list_namespaced_endpoints(namespace)`` and
+    ``list_cluster_custom_object(group, version, plural)`` becomes
+    ``list_namespaced_custom_object(group, version, namespace, plural)``; the keyword arguments
+    (label selector, ``watch``, ``resource_version``) pass through. Everything else is the wrapped
+    client's.
+    """
+
+    def __init__(self, client: Any, namespace: str):
+        self._client = client
+        self._namespace = namespace
+
+    @property
+    def api_client(self):
+        return self._client.api_client
+
+    def list_cluster_custom_object(self, group, version, plural, **kwargs):
+        return self._client.list_namespaced_custom_object(group, version, self._namespace, plural, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name in _NAMESPACED:
+            return functools.partial(getattr(self._client, _NAMESPACED[name]), self._namespace)
+        return getattr(self._client, name)
+
+
+def _namespaced_client(attr: str) -> property:
+    """A property that wraps the client assigned to ``attr`` in a :class:`NamespacedClient`."""
+    slot = f"_workbench_{attr}"
+
+    def get(self):
+        try:
+            return self.__dict__[slot]
+        except KeyError:
+            raise AttributeError(attr) from None
+
+    def set_(self, client):
+        self.__dict__[slot] = NamespacedClient(client, self.watch_namespace) if self.watch_namespace else client
+
+    return property(get, set_, doc=f"``{attr}``, watching only ``watch_namespace`` when it is set")
+
+
+_WATCH_NAMESPACE_HELP = """Watch dask-gateway's objects (DaskClusters, pods, endpoints) in this namespace only,
+so that namespaced Roles suffice. Empty: all namespaces (upstream's behaviour, needs ClusterRoles). Clusters
+must be created in this namespace (KubeClusterConfig.namespace)."""
+
+
+class NamespacedKubeBackend(WorkbenchKubeBackend):
+    """:class:`workbench.gateway_kube.WorkbenchKubeBackend` watching one namespace (``watch_namespace``)."""
+
+    watch_namespace = Unicode("", help=_WATCH_NAMESPACE_HELP).tag(config=True)
+    core_client = _namespaced_client("core_client")
+    custom_client = _namespaced_client("custom_client")
+
+
+class NamespacedKubeController(KubeController):
+    """dask-gateway's ``KubeController`` watching one namespace (``watch_namespace``)."""
+
+    watch_namespace = Unicode("", help=_WATCH_NAMESPACE_HELP).tag(config=True)
+    core_client = _namespaced_client("core_client")
+    custom_client = _namespaced_client("custom_client")
+
+
+# ---------------------------------------------------------------------------
+# Loaders (I/O): hub_config/jupyterhub_config_k8s.py, hub_config/dask_gateway_config_k8s.py
+# ---------------------------------------------------------------------------
+
+
+def _load(environ: Mapping[str, str]) -> Policy:
+    return load_policy(environ.get("WORKBENCH_PLATFORM") or DEFAULT_PLATFORM)
+
+
+def configure_k8s_hub(c, environ: Mapping[str, str] | None = None) -> None:
+    """Configure the hub pod: read the mounted platform YAML, apply :func:`k8s_hub_settings`.
+
+    A broken policy or environment stops the hub with the problems on stderr (exit status 2).
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    try:
+        settings = k8s_hub_settings(_load(environ), environ)
+    except (PolicyError, DemoAuthExposed, K8sConfigError) as e:
+        print(f"workbench: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    apply_settings(c, settings)
+
+
+def configure_k8s_gateway(c, environ: Mapping[str, str] | None = None) -> None:
+    """Configure the gateway API server or controller pod: apply :func:`k8s_gateway_settings`."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    try:
+        settings = k8s_gateway_settings(_load(environ), environ)
+    except (PolicyError, K8sConfigError) as e:
+        print(f"workbench: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    apply_settings(c, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workbench.k8s_hub kube-controller [options]``: the namespaced gateway controller."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "kube-controller":
+        print(
+            "usage: python -m workbench.k8s_hub kube-controller -f hub_config/dask_gateway_config_k8s.py",
+            file=sys.stderr,
+        )
+        return 2
+    NamespacedKubeController.launch_instance(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - the controller pod's entry point
+    raise SystemExit(main())
