@@ -56,3 +56,14 @@ check: install
 
 clean:
 	rm -rf $(VENV) .workbench .pytest_cache
+
+# Kubernetes: the Helm chart (charts/workbench) and the images (images/)
+.PHONY: chart values-schema images-lock
+chart: install  # helm lint/template + Kubernetes schemas + security checks, hadolint, image locks (fetches helm once)
+	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/chart
+
+values-schema: install  # regenerate charts/workbench/values.schema.json from the policy model (workbench.policy.Policy)
+	$(VENV)/bin/python scripts/gen-values-schema.py
+
+images-lock: install  # re-lock images/*/requirements.txt from their requirements.in (Python 3.11, linux x86_64)
+	PYTHON=$(VENV)/bin/python images/lock-requirements.sh

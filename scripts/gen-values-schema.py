@@ -37,7 +37,7 @@ TARGET = CHART / "values.schema.json"
 
 sys.path.insert(0, str(ROOT / "src"))
 
-from workbench import policy as policy_module  # noqa: E402
+from workbench import policy as policy_module
 
 
 def _input_schemas() -> dict[Any, dict[str, Any]]:

@@ -41,10 +41,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.services.auth import (
+    HubOAuth,
+    HubOAuthCallbackHandler,
+    HubOAuthenticated,
+)
 from tornado import httputil, web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-from tornado.iostream import StreamClosedError
 from tornado.log import access_log, enable_pretty_logging
 from tornado.websocket import WebSocketClosedError, WebSocketHandler, websocket_connect
 
@@ -54,7 +57,7 @@ log = logging.getLogger("workbench.dashguard")
 
 PREFIX = f"/services/{GATEWAY_SERVICE}/"
 CACHE_SECONDS = 30.0
-#: scopes a cookie (OAuth) token must carry; what dask-gateway-server itself requires
+#: scopes the caller's token must carry (either one): what dask-gateway-server itself requires
 ACCESS_SCOPES = {"access:services", f"access:services!service={GATEWAY_SERVICE}"}
 #: dask-gateway names clusters with uuid4().hex (Kubernetes: "<namespace>.<hex>")
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
@@ -106,11 +109,7 @@ def gateway_segments(raw_path: str) -> list[str]:
     Go's ``net/url`` gives the proxy the percent-decoded path (``%2F`` included); its router strips
     one leading and one trailing ``/`` and splits on ``/``, with no other normalisation.
     """
-    path = unquote(raw_path)
-    if path.startswith("/"):
-        path = path[1:]
-    if path.endswith("/"):
-        path = path[:-1]
+    path = unquote(raw_path).removeprefix("/").removesuffix("/")
     return path.split("/") if path else []
 
 
@@ -204,7 +203,9 @@ class DecisionCache:
     (hashed) also keeps a weaker token of the same user from riding on a stronger one's decision.
     """
 
-    def __init__(self, ttl: float = CACHE_SECONDS, clock: Callable[[], float] = time.monotonic, max_entries: int = 10000):
+    def __init__(
+        self, ttl: float = CACHE_SECONDS, clock: Callable[[], float] = time.monotonic, max_entries: int = 10000
+    ):
         self.ttl = ttl
         self.clock = clock
         self.max_entries = max_entries
@@ -277,7 +278,7 @@ class Guard:
                 connect_timeout=5,
                 request_timeout=30,
             )
-        except Exception as e:  # connection refused while the gateway restarts, timeouts
+        except Exception as e:  # noqa: BLE001 - connection refused while the gateway restarts, timeouts
             log.warning("asking the gateway who owns cluster %s failed: %s", cluster, e)
             return 599
         return response.code
@@ -318,9 +319,9 @@ class _ResponseRelay:
 
     def on_chunk(self, chunk: bytes):
         h = self.handler
-        if h.client_gone:
-            raise StreamClosedError()  # aborts the upstream request
-        if not self.started:  # cannot happen with simple_httpclient; be safe
+        if h.client_gone or not self.started:
+            # the caller went away: let the (finite) upstream response run out, quietly (raising
+            # here would abort it, but tornado logs that as an uncaught exception)
             return None
         h.write(chunk)
         return h.flush()
@@ -401,7 +402,8 @@ class GuardHandler(HubOAuthenticated, WebSocketHandler):
             if not token:
                 return self._login(websocket, "You are not logged in.")
         # who it is, and the token's scopes (cached by HubAuth)
-        model = await self.hub_auth.user_for_token(token, session_id=self.hub_auth.get_session_id(self), sync=False)
+        session_id = self.hub_auth.get_session_id(self)
+        model = await self.hub_auth.user_for_token(token, session_id=session_id, sync=False)
         if model is None:
             if not via_cookie:
                 return self._deny(401, "Unauthorized", "Invalid token.")
@@ -411,7 +413,8 @@ class GuardHandler(HubOAuthenticated, WebSocketHandler):
         if not self.hub_auth.check_scopes(ACCESS_SCOPES, model):
             log.info("refused cluster %s dashboard: %s may not use Dask Gateway", cluster, who)
             return self._deny(403, "Forbidden", "You may not use Dask Gateway (this token lacks access to it).")
-        if via_cookie and not websocket and self.request.method not in SAFE_METHODS and cross_site(self.request.headers):
+        writes = not websocket and self.request.method not in SAFE_METHODS
+        if via_cookie and writes and cross_site(self.request.headers):
             log.info("refused a cross-site %s to cluster %s for %s", self.request.method, cluster, who)
             return self._deny(403, "Forbidden", "Cross-site request refused.")
 
@@ -438,7 +441,8 @@ class GuardHandler(HubOAuthenticated, WebSocketHandler):
         if not websocket and wants_login_redirect(self.request.method, self.request.headers):
             self.redirect(self.get_login_url())  # the hub's OAuth flow, back to oauth_callback, then here
         else:
-            self._deny(401, "Unauthorized", f"{message} Log in to JupyterHub, or send 'Authorization: jupyterhub <token>'.")
+            hint = "Log in to JupyterHub, or send 'Authorization: jupyterhub <token>'."
+            self._deny(401, "Unauthorized", f"{message} {hint}")
         return False
 
     def _deny(self, code: int, reason: str, message: str) -> bool:
@@ -480,7 +484,7 @@ class GuardHandler(HubOAuthenticated, WebSocketHandler):
         )
         try:
             await self.guard.client.fetch(request, raise_error=False)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure upstream is a 502 (or a cut-off body)
             if self.client_gone:
                 return
             if not relay.started:
@@ -515,7 +519,7 @@ class GuardHandler(HubOAuthenticated, WebSocketHandler):
         except HTTPClientError as e:
             code = e.code if e.code != 599 else 502
             return self._deny(code, e.message or "Bad Gateway", "The dashboard refused the WebSocket.")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - connection refused, timeouts
             log.warning("WebSocket to %s failed: %r", self.request.path, e)
             return self._deny(502, "Bad Gateway", "Dask Gateway did not answer; try again in a moment.")
         await WebSocketHandler.get(self)

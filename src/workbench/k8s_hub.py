@@ -56,6 +56,7 @@ __all__ = [
     "GATEWAY_PREFIX",
     "HUB_ENV",
     "HUB_PORT",
+    "SINGLEUSER_COMPONENT",
     "K8sConfigError",
     "NamespacedClient",
     "NamespacedKubeBackend",
@@ -115,13 +116,18 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes")
 
 
+#: KubeSpawner's ``component_label`` (its default): the app.kubernetes.io/component of notebook pods
+SINGLEUSER_COMPONENT = "singleuser-server"
+
+
 def singleuser_labels(release: str) -> dict[str, str]:
-    """Labels of every notebook pod of ``release``: what the chart's NetworkPolicies select (pure)."""
-    return {
-        "app.kubernetes.io/name": "workbench",
-        "app.kubernetes.io/instance": release,
-        "app.kubernetes.io/component": "singleuser",
-    }
+    """Labels of every notebook pod of ``release``: what the chart's NetworkPolicies select (pure).
+
+    KubeSpawner sets ``app.kubernetes.io/component`` from its ``component_label`` and lets its
+    ``common_labels`` (``app.kubernetes.io/name: jupyterhub``, ...) win over ``extra_labels``; the
+    release comes from ``extra_labels`` (:func:`k8s_hub_settings`).
+    """
+    return {"app.kubernetes.io/instance": release, "app.kubernetes.io/component": SINGLEUSER_COMPONENT}
 
 
 def dashboard_middleware_name(gateway_instance: str) -> str:
@@ -148,13 +154,9 @@ def _max_workers_env(policy: Policy):
 
 
 def _services(policy: Policy, env: Mapping[str, str]) -> list[dict[str, Any]]:
-    services: list[dict[str, Any]] = [
-        {
-            "name": GATEWAY_SERVICE,
-            "url": env["WORKBENCH_GATEWAY_URL"],
-            "api_token": env["WORKBENCH_GATEWAY_API_TOKEN"],
-        }
-    ]
+    """The hub's services: the idle culler first (the hub starts services in order and waits a little for
+    an external service that does not answer yet, as the gateway's proxy may not at first), then the gateway."""
+    services: list[dict[str, Any]] = []
     if policy.culling.enabled:
         if not env.get("WORKBENCH_CULLER_API_TOKEN"):
             raise K8sConfigError(
@@ -174,6 +176,13 @@ def _services(policy: Policy, env: Mapping[str, str]) -> list[dict[str, Any]]:
                 ],
             }
         )
+    services.append(
+        {
+            "name": GATEWAY_SERVICE,
+            "url": env["WORKBENCH_GATEWAY_URL"],
+            "api_token": env["WORKBENCH_GATEWAY_API_TOKEN"],
+        }
+    )
     return services
 
 
@@ -218,7 +227,8 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
     spawner.update(
         {
             "namespace": namespace,
-            "extra_labels": singleuser_labels(env["WORKBENCH_RELEASE"]),
+            "component_label": SINGLEUSER_COMPONENT,
+            "extra_labels": {"app.kubernetes.io/instance": env["WORKBENCH_RELEASE"]},
             "image_pull_policy": "IfNotPresent",
             "image_pull_secrets": [s.strip() for s in env.get("WORKBENCH_IMAGE_PULL_SECRETS", "").split(",") if s.strip()],
             "environment": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import time
@@ -118,21 +119,16 @@ def test_other_user_cannot_see_scale_stop_or_open_dashboard(wb):
 
 
 def _ws_status(url: str, headers: dict) -> int:
-    """HTTP status of a WebSocket handshake (101 when it opens)."""
-    import asyncio
-
-    from tornado.httpclient import HTTPClientError, HTTPRequest
-    from tornado.websocket import websocket_connect
-
-    async def attempt():
-        try:
-            conn = await websocket_connect(HTTPRequest(url, headers=headers, request_timeout=30))
-        except HTTPClientError as e:
-            return e.code
-        conn.close()
-        return 101
-
-    return asyncio.run(attempt())
+    """HTTP status of a WebSocket handshake to ``url`` (101 when it would open)."""
+    handshake = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        **headers,
+    }
+    with requests.get(url, headers=handshake, stream=True, timeout=30, allow_redirects=False) as r:
+        return r.status_code
 
 
 def test_dashboard_is_the_owners_only_by_token_and_by_browser(wb):
@@ -183,7 +179,7 @@ def test_dashboard_is_the_owners_only_by_token_and_by_browser(wb):
             # WebSockets (the Bokeh dashboard's): refused to others before reaching the cluster;
             # the owner's handshake is passed on to the cluster's dashboard (without bokeh installed
             # it has no WebSocket endpoint, so it answers 404 itself)
-            ws = dash.replace("http://", "ws://") + "/ws"
+            ws = dash + "/ws"
             assert _ws_status(ws, auth(user_token(wb, "startup"))) == 403
             assert _ws_status(ws, {}) == 401
             assert _ws_status(ws, auth(owner)) in (101, 404)
@@ -205,6 +201,14 @@ def test_stopping_the_notebook_server_stops_the_users_clusters(wb):
     assert "Stopped 1 Dask cluster(s) of startup with their server" in wb.hub_log()
 
 
+def _cmdline(p: psutil.Process) -> str:
+    """A process's command line; "" for one that is gone or a zombie not yet reaped (earlier tests' processes)."""
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_gateway_restart_keeps_running_clusters(wb):
     token = user_token(wb, "researcher")
     with wb.gateway(token) as gw:
@@ -215,8 +219,8 @@ def test_gateway_restart_keeps_running_clusters(wb):
             client.wait_for_workers(1, timeout=120)
             assert client.submit(sum, [1, 2, 3]).result() == 6
             client.close()
-            gateway_proc = next(p for p in wb.snapshot() if "dask-gateway-server" in " ".join(p.cmdline()))
-            scheduler_pids = {p.pid for p in wb.snapshot() if "scheduler" in " ".join(p.cmdline())}
+            gateway_proc = next(p for p in wb.snapshot() if "dask-gateway-server" in _cmdline(p))
+            scheduler_pids = {p.pid for p in wb.snapshot() if "scheduler" in _cmdline(p)}
             os.kill(gateway_proc.pid, signal.SIGKILL)  # a crash: no chance to stop its clusters
             psutil.wait_procs([gateway_proc], timeout=10)  # not our child: poll until it is gone
             # the hub restarts its managed service; the new gateway finds the cluster in its database

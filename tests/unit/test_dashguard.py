@@ -153,7 +153,7 @@ def test_cross_site(headers, expected):
 
 
 def test_strip_cookies():
-    drop = lambda n: n == "service-dask-gateway" or n.startswith("service-dask-gateway-oauth-state")  # noqa: E731
+    drop = lambda n: n == "service-dask-gateway" or n.startswith("service-dask-gateway-oauth-state")
     header = "a=1; service-dask-gateway=secret; service-dask-gateway-oauth-state-xy=s; _xsrf=x;b=2"
     assert strip_cookies(header, drop) == "a=1; _xsrf=x; b=2"
     assert strip_cookies("service-dask-gateway=secret", drop) == ""
@@ -178,7 +178,7 @@ def test_upstream_headers_drop_hop_by_hop_and_own_cookies():
         ("X-Forwarded-For", "10.0.0.1"),
     ]:
         h.add(k, v)
-    own = lambda n: n == "service-dask-gateway"  # noqa: E731
+    own = lambda n: n == "service-dask-gateway"
     out = dict(upstream_headers(h, own).get_all())
     assert out == {
         "Host": "hub:8000",
@@ -309,6 +309,14 @@ class FakeStream(web.RequestHandler):
             await asyncio.sleep(0.01)
 
 
+class FakeTruncated(web.RequestHandler):
+    async def get(self):
+        self.set_header("Content-Length", "100")
+        self.write("x" * 10)
+        await self.flush()
+        self.request.connection.stream.close()  # dies mid-body
+
+
 class FakeRedirect(web.RequestHandler):
     def get(self):
         self.redirect("status", status=302)
@@ -347,6 +355,7 @@ async def start_pair():
             (rf"{P}/api/v1/clusters/([^/]+)", FakeClusterAPI),
             (rf"{P}/api/health", FakeHealth),
             (rf"{P}/clusters/{NAME}/stream", FakeStream),
+            (rf"{P}/clusters/{NAME}/truncated", FakeTruncated),
             (rf"{P}/clusters/{NAME}/ws", FakeWS),
             (rf"{P}/clusters/{NAME}/", FakeRedirect),
             (rf"{P}/clusters/{NAME}/.*", FakeDashboard),
@@ -361,6 +370,10 @@ async def start_pair():
     return f"http://127.0.0.1:{guard_port}", calls, guard, (up_server, guard_server)
 
 
+def auth_header(token: str) -> dict:
+    return {"Authorization": f"jupyterhub {token}"}
+
+
 async def fetch(url, token=None, **kw):
     headers = kw.pop("headers", {})
     if token:
@@ -371,7 +384,7 @@ async def fetch(url, token=None, **kw):
 
 def test_owner_gets_the_dashboard_others_do_not():
     async def scenario():
-        base, calls, guard, servers = await start_pair()
+        base, calls, _guard, servers = await start_pair()
         try:
             dash = f"{base}{P}/clusters/{NAME}/status?x=1&y=%20z"
             r = await fetch(dash, OWNER, headers={"Cookie": "service-dask-gateway=s; keep=1"})
@@ -421,7 +434,7 @@ def test_owner_gets_the_dashboard_others_do_not():
 
 def test_methods_bodies_and_streaming_are_forwarded():
     async def scenario():
-        base, calls, guard, servers = await start_pair()
+        base, _calls, _guard, servers = await start_pair()
         try:
             url = f"{base}{P}/clusters/{NAME}/thing?q=1"
             for method, body in [("POST", '{"a": 1}'), ("PUT", "x" * 100_000), ("DELETE", None)]:
@@ -442,6 +455,26 @@ def test_methods_bodies_and_streaming_are_forwarded():
             assert r.code == 200
             assert b"".join(chunks) == b"".join(f"chunk{i};".encode() for i in range(5))
             assert len(chunks) > 1  # streamed, not buffered into one piece
+
+            # a caller that goes away mid-stream: nothing breaks, the next request is served
+            def give_up(chunk):
+                raise RuntimeError("caller gives up")
+
+            req = HTTPRequest(
+                f"{base}{P}/clusters/{NAME}/stream",
+                headers={"Authorization": f"jupyterhub {OWNER}"},
+                streaming_callback=give_up,
+            )
+            with pytest.raises(HTTPClientError):
+                await AsyncHTTPClient().fetch(req)
+            assert (await fetch(f"{base}{P}/api/health")).code == 200
+
+            # an upstream that dies mid-body: the caller sees a broken response, not a short complete one
+            with pytest.raises(HTTPClientError):
+                await AsyncHTTPClient().fetch(
+                    f"{base}{P}/clusters/{NAME}/truncated", headers={"Authorization": f"jupyterhub {OWNER}"}
+                )
+            await asyncio.sleep(0.2)  # let the abandoned stream run out
         finally:
             for s in servers:
                 s.stop()
@@ -451,7 +484,7 @@ def test_methods_bodies_and_streaming_are_forwarded():
 
 def test_api_passes_without_the_guard_asking():
     async def scenario():
-        base, calls, guard, servers = await start_pair()
+        base, calls, _guard, servers = await start_pair()
         try:
             r = await fetch(f"{base}{P}/api/health")
             assert r.code == 200 and json.loads(r.body) == {"status": "pass"}
@@ -467,7 +500,7 @@ def test_api_passes_without_the_guard_asking():
 
 def test_no_credentials_browser_goes_to_hub_oauth_api_caller_gets_401():
     async def scenario():
-        base, calls, guard, servers = await start_pair()
+        base, calls, _guard, servers = await start_pair()
         try:
             r = await fetch(f"{base}{P}/clusters/{NAME}/status")
             assert r.code == 302
@@ -490,7 +523,7 @@ def test_no_credentials_browser_goes_to_hub_oauth_api_caller_gets_401():
 
 def test_websocket_is_bridged_for_the_owner_only():
     async def scenario():
-        base, calls, guard, servers = await start_pair()
+        base, _calls, _guard, servers = await start_pair()
         ws_url = base.replace("http", "ws") + f"{P}/clusters/{NAME}/ws"
         try:
             conn = await websocket_connect(
@@ -514,7 +547,7 @@ def test_websocket_is_bridged_for_the_owner_only():
             # a page of another site may not open the owner's WebSocket
             with pytest.raises(HTTPClientError) as info:
                 await websocket_connect(
-                    HTTPRequest(ws_url, headers={"Authorization": f"jupyterhub {OWNER}", "Origin": "http://evil.example"})
+                    HTTPRequest(ws_url, headers={**auth_header(OWNER), "Origin": "http://evil.example"})
                 )
             assert info.value.code == 403
         finally:
@@ -553,7 +586,7 @@ def test_oauth_cookie_identifies_a_browser():
         return "service-dask-gateway=" + create_signed_value(secret, "service-dask-gateway", token).decode()
 
     async def scenario():
-        base, calls, guard, servers = await start_pair()
+        base, _calls, _guard, servers = await start_pair()
         try:
             dash = f"{base}{P}/clusters/{NAME}/status"
             r = await fetch(dash, headers={"Cookie": cookie(OWNER) + "; keep=1"})
@@ -585,3 +618,30 @@ def test_oauth_cookie_identifies_a_browser():
                 s.stop()
 
     run(scenario())
+
+
+# ---------------------------------------------------------------------------
+# wiring: dask-gateway-server behind the guard
+# ---------------------------------------------------------------------------
+
+
+def test_gateway_serves_under_the_guards_prefix_and_checks_its_scope(tmp_path, monkeypatch):
+    """dask-gateway-server runs as the hub service `dask-gateway-server`, yet serves under
+    /services/dask-gateway and requires access:services!service=dask-gateway."""
+    from pathlib import Path
+
+    from traitlets.config import Config
+
+    from workbench.gateway import configure_gateway
+    from workbench.policy import load_policy
+    from workbench.runtime import Runtime
+
+    demo = Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml"
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_NAME", "dask-gateway-server")
+    rt = Runtime(config=str(demo), state_dir=str(tmp_path), hub_config_dir="h", venv_bin="/v/bin", proxy_command="p")
+    c = Config()
+    configure_gateway(c, rt, load_policy(demo))
+    assert c.Proxy.prefix == "/services/dask-gateway"
+    assert c.JupyterHubAuthenticator.jupyterhub_service_name == "dask-gateway"
+    assert c.JupyterHubAuthenticator.use_service_access_scopes is True
+    assert c.Proxy.address == f"127.0.0.1:{rt.gateway_http_port}"

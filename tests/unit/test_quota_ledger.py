@@ -271,3 +271,29 @@ def test_rows_opened_by_reconcile_close_without_grace(ledger, clock):
     assert ledger.reconcile([], kinds=["server"], grace=30).closed == ["server:researcher/"]
     [row] = ledger.rows()
     assert (row.start, row.stop) == (t(2026, 11, 30, 21, 59, 50), t(2026, 11, 30, 22, 0, 5))
+
+
+def test_database_sums_match_the_pure_accounting(ledger, clock):
+    """Admissions sum usage in SQL; it must agree with accounting.usage_in_period over the same rows."""
+    from datetime import timedelta
+
+    from workbench.quota.accounting import budget_statuses
+
+    rng = random.Random(7)
+    evs = []
+    for i in range(60):
+        begin = t(2026, 10, 25) + timedelta(seconds=rng.randrange(0, 40 * 86400), microseconds=rng.randrange(10**6))
+        user = rng.choice(["researcher", "other"])
+        evs.append(start(f"dask-worker:r/{i}", user=user, gpu_type="h100", gpu_count=rng.randrange(0, 3),
+                         cpu=rng.choice([0.5, 1, 4]), time=begin))
+        if rng.random() < 0.8:
+            evs.append(stop(f"dask-worker:r/{i}", time=begin + timedelta(seconds=rng.randrange(1, 5 * 86400))))
+    ledger.record_many(evs)
+    for now in (t(2026, 11, 30, 22), t(2026, 12, 1), t(2026, 12, 3, 12)):
+        budget = POLICY.groups["physics-lab"].budget
+        rows = ledger.rows()
+        pure = budget_statuses(budget, "physics-lab", rows, now, "researcher", [r for r in rows if r.user == "researcher"])
+        sql = ledger.budgets("physics-lab", "researcher", now)
+        assert [(s.resource, s.scope) for s in sql] == [(s.resource, s.scope) for s in pure]
+        for a, b in zip(sql, pure, strict=True):
+            assert a.used_hours == pytest.approx(b.used_hours, abs=1e-6), (a, b)

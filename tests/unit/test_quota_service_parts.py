@@ -148,7 +148,7 @@ def test_openapi_describes_every_route(tmp_path):
 def test_openapi_is_a_valid_json_schema_where_it_has_schemas():
     jsonschema = pytest.importorskip("jsonschema")
     doc = openapi_document()
-    for name, schema in doc["components"]["schemas"].items():
+    for schema in doc["components"]["schemas"].values():
         jsonschema.Draft202012Validator.check_schema(schema)
 
 

@@ -33,6 +33,12 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
 {{- end -}}
 
+{{/* Labels of notebook pods (set by the hub's KubeSpawner: workbench.k8s_hub.singleuser_labels). */}}
+{{- define "workbench.singleuserSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/component: singleuser-server
+{{- end -}}
+
 {{/* Labels of dask-gateway's pods (set by dask-gateway itself) of this release's gateway. */}}
 {{- define "workbench.daskSelectorLabels" -}}
 gateway.dask.org/instance: {{ include "workbench.gatewayInstance" .root }}

@@ -37,6 +37,7 @@ __all__ = [
     "overlap_seconds",
     "usage_in_period",
     "budget_statuses",
+    "budget_statuses_for",
     "refusal_message",
     "cap_message",
     "as_utc",
@@ -367,14 +368,24 @@ def budget_statuses(budget, group: str, group_rows: Iterable[IntervalLike], now:
         return []
     period = budget_period(budget.period, now, budget.term_starts)
     used = usage_in_period(group_rows, period, now)
+    mine = usage_in_period(user_rows or [], period, now)
+    return budget_statuses_for(budget, group, period, used.gpu_hours, used.cpu_hours, user, mine.gpu_hours,
+                               mine.cpu_hours)
+
+
+def budget_statuses_for(budget, group: str, period: Period, gpu_hours: float, cpu_hours: float,
+                        user: str | None = None, user_gpu_hours: float = 0.0,
+                        user_cpu_hours: float = 0.0) -> list[BudgetStatus]:
+    """Statuses of ``budget`` given what was used in ``period`` (the database may sum it)."""
+    if budget is None:
+        return []
     out: list[BudgetStatus] = []
-    for res, limit, value in (("gpu", budget.gpu_hours, used.gpu_hours), ("cpu", budget.cpu_hours, used.cpu_hours)):
+    for res, limit, value in (("gpu", budget.gpu_hours, gpu_hours), ("cpu", budget.cpu_hours, cpu_hours)):
         if limit is not None:
             out.append(BudgetStatus(res, "group", group, None, value, float(limit), period))
     if user is not None and budget.per_user is not None:
-        mine = usage_in_period(user_rows or [], period, now)
-        for res, limit, value in (("gpu", budget.per_user.gpu_hours, mine.gpu_hours),
-                                  ("cpu", budget.per_user.cpu_hours, mine.cpu_hours)):
+        for res, limit, value in (("gpu", budget.per_user.gpu_hours, user_gpu_hours),
+                                  ("cpu", budget.per_user.cpu_hours, user_cpu_hours)):
             if limit is not None:
                 out.append(BudgetStatus(res, "user", group, user, value, float(limit), period))
     return out

@@ -38,7 +38,7 @@ from .accounting import as_utc, parse_period
 from .authz import ACCESS_SCOPE, SERVICE_NAME, Forbidden, Viewer, can_read_members, check_group, user_scope
 from .ledger import DB_URL_ENV, Ledger, default_db_url
 from .metrics import QuotaMetrics
-from .models import AdmitBody, EventBatch, ReconcileBody, UsageEvent, validation_problems
+from .models import AdmitBody, EventBatch, ReconcileBody, validation_problems
 from .openapi import openapi_document
 from .views import group_usage_doc, overview_doc, server_items, user_usage_doc
 
@@ -139,7 +139,8 @@ class QuotaService:
             (rf"{p}api/usage/groups/([^/]+)", GroupUsageHandler),
             (rf"{p}metrics", MetricsHandler),
         ]
-        return web.Application(handlers, service=self, log_function=_log_request)
+        return web.Application(handlers, service=self, log_function=_log_request,
+                               default_handler_class=NotFoundHandler)
 
 
 def _log_request(handler: web.RequestHandler) -> None:
@@ -230,6 +231,11 @@ class BaseHandler(web.RequestHandler):
             return parse_period(self.get_argument("period", "current"), self.svc.now(), default)  # type: ignore[arg-type]
         except ValueError as e:
             raise web.HTTPError(400, str(e)) from None
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self):
+        raise web.HTTPError(404, f"no such endpoint; see {self.svc.prefix}api/openapi.json")
 
 
 class HealthHandler(BaseHandler):

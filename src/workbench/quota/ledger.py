@@ -24,6 +24,7 @@ previous rows. So usage is never lost, and never counted twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -43,9 +44,11 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    case,
     create_engine,
     event,
     func,
+    literal,
     or_,
     select,
     text,
@@ -64,7 +67,7 @@ from .accounting import (
     Period,
     as_utc,
     budget_period,
-    budget_statuses,
+    budget_statuses_for,
     cap_message,
     iso,
 )
@@ -147,6 +150,12 @@ class UsageRow(Base):
         Index("ix_quota_usage_group_start", "group_name", "start"),
         Index("ix_quota_usage_user_start", "username", "start"),
         Index("ix_quota_usage_item", "item"),
+        Index(  # what runs now, per group: the caps
+            "ix_quota_usage_open_group",
+            "group_name",
+            sqlite_where=text("stop IS NULL"),
+            postgresql_where=text("stop IS NULL"),
+        ),
     )
 
     def interval(self) -> Interval:
@@ -337,6 +346,7 @@ class Ledger:
         self.clock = clock or (lambda: datetime.now(UTC))
         self._locks_made: set[str] = set()
         self._locks_guard = threading.Lock()
+        self._sqlite_writer = threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
         if create:
             self.create_schema()
 
@@ -358,7 +368,10 @@ class Ledger:
         """Run ``fn(session)`` in one write transaction, retrying on races and lock timeouts."""
         for attempt in range(attempts):
             try:
-                with Session(self._writer, expire_on_commit=False) as s, s.begin():
+                # SQLite: one writer thread at a time in this process, so they queue on a lock instead of
+                # polling SQLite's busy handler (which sleeps up to 100 ms between tries); other
+                # processes still wait on BEGIN IMMEDIATE
+                with self._sqlite_writer, Session(self._writer, expire_on_commit=False) as s, s.begin():
                     return fn(s)
             except IntegrityError:
                 # a concurrent writer got there first (same event id, or an open row for the item):
@@ -402,7 +415,7 @@ class Ledger:
         events = list(events)
         now = self._now(now)
         resolved = [resolve_resources(self.policy, e) if e.type == "start" else None for e in events]
-        return self._write(lambda s: [self._apply(s, e, r, now) for e, r in zip(events, resolved)])
+        return self._write(lambda s: [self._apply(s, e, r, now) for e, r in zip(events, resolved, strict=True)])
 
     def _apply(self, s: Session, ev: UsageEvent, res: _Res | None, now: datetime) -> EventResult:
         if s.get(EventRow, ev.id) is not None:
@@ -532,11 +545,7 @@ class Ledger:
             if existing is not None:
                 return Decision(True, None, f"{request.item} is already running (row {existing.id})", existing.id,
                                 request.item, True)
-            statuses: list[BudgetStatus] = []
-            if pgroup.budget is not None:
-                period = budget_period(pgroup.budget.period, now, pgroup.budget.term_starts)
-                rows = self._overlapping(s, period, now, group=group)
-                statuses = budget_statuses(pgroup.budget, group, rows, now, user, [r for r in rows if r.user == user])
+            statuses = self._budget_statuses(s, pgroup.budget, group, user, now)
             for st in statuses:
                 needed = res.gpu_count > 0 if st.resource == "gpu" else res.cpu > 0
                 if needed and st.exhausted:
@@ -626,9 +635,47 @@ class Ledger:
         pgroup = self.policy.groups.get(group) if self.policy else None
         if pgroup is None or pgroup.budget is None:
             return []
-        period = budget_period(pgroup.budget.period, now, pgroup.budget.term_starts)
-        rows = self.rows(period, now, group=group)
-        return budget_statuses(pgroup.budget, group, rows, now, user, [r for r in rows if r.user == user])
+        return self._read(lambda s: self._budget_statuses(s, pgroup.budget, group, user, now))
+
+    def _budget_statuses(self, s: Session, budget, group: str, user: str | None, now: datetime) -> list[BudgetStatus]:
+        if budget is None:
+            return []
+        period = budget_period(budget.period, now, budget.term_starts)
+        g_gpu, g_cpu, u_gpu, u_cpu = self._usage_sums(s, period, now, group, user)
+        return budget_statuses_for(budget, group, period, g_gpu / 3600, g_cpu / 3600, user, u_gpu / 3600, u_cpu / 3600)
+
+    def _seconds(self, hi, lo):
+        """SQL: seconds from ``lo`` to ``hi`` (SQLite: rounded to the millisecond; PostgreSQL: exact)."""
+        if self.dialect == "sqlite":
+            return func.round((func.julianday(hi) - func.julianday(lo)) * 86400.0, 3)
+        return func.extract("epoch", hi - lo)
+
+    def _usage_sums(self, s: Session, period: Period, now: datetime, group: str,
+                    user: str | None) -> tuple[float, float, float, float]:
+        """(GPU-seconds, CPU-seconds) of ``group``, then of ``user`` in it, inside ``period`` up to ``now``.
+
+        Summed by the database (the same clipping as :func:`accounting.usage_in_period`), so an
+        admission does not load a month of rows while it holds the group's lock.
+        """
+        cap = min(now, period.end) if period.end is not None else now
+        if cap <= period.start:
+            return 0.0, 0.0, 0.0, 0.0
+        ps, pe = literal(period.start, UTCDateTime()), literal(cap, UTCDateTime())
+        lo = case((UsageRow.start > ps, UsageRow.start), else_=ps)
+        hi = case((or_(UsageRow.stop.is_(None), UsageRow.stop > pe), pe), else_=UsageRow.stop)
+        sec = self._seconds(hi, lo)
+        mine = UsageRow.user == (user or "")
+        q = select(
+            func.coalesce(func.sum(sec * UsageRow.gpu_count), 0),
+            func.coalesce(func.sum(sec * UsageRow.cpu), 0),
+            func.coalesce(func.sum(case((mine, sec * UsageRow.gpu_count), else_=0)), 0),
+            func.coalesce(func.sum(case((mine, sec * UsageRow.cpu), else_=0)), 0),
+        ).where(
+            UsageRow.group == group,
+            UsageRow.start < pe,
+            or_(UsageRow.stop.is_(None), UsageRow.stop > ps),
+        )
+        return tuple(float(v) for v in s.execute(q).one())  # type: ignore[return-value]
 
     def closed_totals(self) -> list[tuple[str, str, str | None, float, float]]:
         """(group, kind, gpu_type, gpu_seconds, cpu_seconds) of all closed rows, summed in the database."""

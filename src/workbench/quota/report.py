@@ -110,7 +110,7 @@ def report_png(rows: Iterable[Interval], period: Period, now: datetime, path: st
         if policy is not None and t in policy.gpu_types and policy.gpu_types[t].display_name:
             label = f"{t} ({policy.gpu_types[t].display_name})"
         ax_gpu.bar(x, heights, bottom=bottom, label=label, width=0.6)
-        bottom = [b + h for b, h in zip(bottom, heights)]
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     if policy is not None and period.kind == "month":  # monthly GPU budgets as dashed marks over their group
         labelled = False
         for i, g in enumerate(groups):

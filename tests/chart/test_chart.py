@@ -1,0 +1,622 @@
+"""The Helm chart (charts/workbench), rendered with a real Helm and checked object by object.
+
+Every rendered object is validated against the Kubernetes schema (kubernetes-validate, strict); the
+Traefik objects, whose CRDs keep every field, are checked structurally. Then the security properties:
+non-root pods without privilege escalation, service account tokens only where the Kubernetes API is
+used, namespaced least-privilege Roles, NetworkPolicies, secrets kept across upgrades, and the
+notebook and Dask pods the hub and gateway will create matching those policies.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from workbench.gateway_kube import render_cluster_pods
+from workbench.k8s_hub import GATEWAY_PREFIX, k8s_gateway_settings, k8s_hub_settings, singleuser_labels
+from workbench.policy import load_policy, parse_policy
+
+from .conftest import (
+    CENTRE,
+    CHART,
+    K8S_VERSION,
+    NAMESPACE,
+    PRODUCTION,
+    RELEASE,
+    RenderError,
+    container_env,
+    find,
+    helm_template,
+    one,
+    secret_data,
+)
+
+OAUTH_SECRET = {("workbench-oauth", "client-secret"): "s3cret", ("workbench-hub-db", "url"): "postgresql+psycopg://x"}
+#: components whose pods use the Kubernetes API, and so get a service account token
+API_USERS = {"hub", "gateway-api", "gateway-controller", "gateway-proxy"}
+TRAEFIK_KINDS = {"IngressRoute", "Middleware"}
+
+
+def component(obj: dict) -> str:
+    return obj["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def pod_specs(objects):
+    for dep in find(objects, "Deployment"):
+        yield component(dep), dep["spec"]["template"]["spec"]
+
+
+def platform_policy(objects):
+    cm = one(objects, "ConfigMap", f"{RELEASE}-platform")
+    return parse_policy(yaml.safe_load(cm["data"]["platform.yaml"]), source="ConfigMap")
+
+
+def expect_failure(helm, *args) -> str:
+    with pytest.raises(RenderError) as err:
+        helm_template(helm, *args)
+    return str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# Lint and schema validation
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, PRODUCTION], ids=["default", "production"])
+def test_helm_lint(helm, values):
+    import subprocess
+
+    args = [helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE]
+    if values:
+        args += ["--values", str(values)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def _check_traefik_object(obj: dict, crds: dict[tuple[str, str], dict]) -> None:
+    """Structural check of a Traefik object against its (field-preserving) CRD and Traefik's API."""
+    group, version = obj["apiVersion"].split("/")
+    crd = crds[(group, obj["kind"])]
+    assert version in [v["name"] for v in crd["spec"]["versions"] if v["served"]]
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"])
+    spec = obj["spec"]
+    if obj["kind"] == "IngressRoute":
+        assert set(spec) <= {"entryPoints", "routes", "tls"}
+        for route in spec["routes"]:
+            assert route["kind"] == "Rule" and route["match"].startswith("PathPrefix(`")
+            for svc in route["services"]:
+                assert set(svc) <= {"name", "namespace", "port", "kind"} and isinstance(svc["port"], int)
+            for mw in route.get("middlewares", []):
+                assert set(mw) <= {"name", "namespace"}
+    else:
+        [(kind, conf)] = spec.items()
+        assert kind in {"stripPrefix", "stripPrefixRegex"}
+        assert all(isinstance(p, str) for p in conf.get("prefixes", conf.get("regex", [])))
+
+
+def test_every_object_is_valid_kubernetes(objects):
+    crds = {
+        (o["spec"]["group"], o["spec"]["names"]["kind"]): o for o in find(objects, "CustomResourceDefinition")
+    }
+    assert ("gateway.dask.org", "DaskCluster") in crds
+    kinds = set()
+    for obj in objects:
+        kinds.add(obj["kind"])
+        if obj["kind"] in TRAEFIK_KINDS:
+            _check_traefik_object(obj, crds)
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    assert {"Deployment", "Service", "NetworkPolicy", "Role", "RoleBinding", "Secret", "ConfigMap"} <= kinds
+
+
+def test_the_validator_is_strict(default_objects):
+    dep = one(default_objects, "Deployment", f"{RELEASE}-hub")
+    broken = {**dep, "spec": {**dep["spec"], "replica": 1}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_crds_cover_what_traefik_and_the_controller_use(default_objects):
+    crds = {o["metadata"]["name"] for o in find(default_objects, "CustomResourceDefinition")}
+    traefik_role = one(default_objects, "Role", f"{RELEASE}-gateway-proxy")
+    [rule] = [r for r in traefik_role["rules"] if r["apiGroups"] == ["traefik.io"]]
+    assert {f"{plural}.traefik.io" for plural in rule["resources"]} | {"daskclusters.gateway.dask.org"} == crds
+    for crd in find(default_objects, "CustomResourceDefinition"):
+        [version] = crd["spec"]["versions"]
+        assert version["schema"]["openAPIV3Schema"] == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+# ---------------------------------------------------------------------------
+# The policy reaches the pods
+# ---------------------------------------------------------------------------
+
+
+def test_production_values_carry_centre_yaml():
+    """examples/production-values.yaml's `platform:` is hub_config/examples/centre.yaml, unchanged."""
+    values = yaml.safe_load(PRODUCTION.read_text())
+    assert values["platform"] == yaml.safe_load(CENTRE.read_text())
+
+
+def test_the_configmap_holds_the_policy(production_objects, default_objects):
+    assert platform_policy(production_objects) == load_policy(CENTRE)
+    tryout = platform_policy(default_objects)
+    assert tryout.auth.type == "demo" and tryout.auth.demo_users
+    assert tryout.images["base"].image == "registry.example.edu/workbench/base:0.1.0"
+
+
+def test_large_numbers_stay_numbers(helm):
+    """Helm keeps numbers as float64 and its YAML writes 1e+06; the chart writes the policy as JSON."""
+    objects = helm_template(
+        helm, "--values", str(PRODUCTION), "--set", "platform.groups.climate-lab.budget.cpu_hours=1000000",
+        "--set", "platform.profiles.cpu-small.memory=4000000000",
+    )
+    policy = platform_policy(objects)
+    assert policy.groups["climate-lab"].budget.cpu_hours == 1_000_000
+    assert policy.profiles["cpu-small"].memory == 4_000_000_000
+
+
+def test_pods_mount_the_platform_read_only(objects):
+    for comp in ("hub", "gateway-api", "gateway-controller"):
+        dep = one(objects, "Deployment", f"{RELEASE}-{comp}")
+        spec = dep["spec"]["template"]["spec"]
+        [container] = spec["containers"]
+        assert {"name": "platform", "mountPath": "/etc/workbench", "readOnly": True} in container["volumeMounts"]
+        assert {"name": "platform", "configMap": {"name": f"{RELEASE}-platform"}} in spec["volumes"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["WORKBENCH_PLATFORM"] == "/etc/workbench/platform.yaml"
+        assert dep["spec"]["template"]["metadata"]["annotations"]["checksum/platform"]
+
+
+# ---------------------------------------------------------------------------
+# Pods: non-root, no privilege escalation, tokens only where needed
+# ---------------------------------------------------------------------------
+
+
+def test_pods_are_locked_down(objects):
+    comps = set()
+    for comp, spec in pod_specs(objects):
+        comps.add(comp)
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True, comp
+        assert pod_sc["runAsUser"] > 0, comp
+        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, comp
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, comp
+            assert sc["capabilities"] == {"drop": ["ALL"]}, comp
+            assert sc["readOnlyRootFilesystem"] is True, comp
+            assert sc["runAsNonRoot"] is True, comp
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], comp
+        assert not spec.get("hostNetwork") and not spec.get("hostPID"), comp
+    assert comps == {"hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy"}
+
+
+def test_service_account_tokens_only_where_the_api_is_used(objects):
+    accounts = {sa["metadata"]["name"]: sa for sa in find(objects, "ServiceAccount")}
+    for comp, spec in pod_specs(objects):
+        assert spec["automountServiceAccountToken"] is (comp in API_USERS), comp
+        assert spec["serviceAccountName"] == f"{RELEASE}-{comp}"
+        assert spec["serviceAccountName"] in accounts
+    assert accounts[f"{RELEASE}-proxy"]["automountServiceAccountToken"] is False
+
+
+def test_notebook_pods_from_the_chart(production_objects):
+    """The pod the hub will create, from the chart's ConfigMap and the hub Deployment's environment.
+
+    A real WorkbenchKubeSpawner configured by workbench.k8s_hub (as hub_config/jupyterhub_config_k8s.py
+    does in the hub pod) renders it: non-root, no API token, in the release's namespace, labelled so
+    that the chart's NetworkPolicy for notebook pods selects it, and pointed at the gateway's proxy.
+    """
+    import asyncio
+
+    from kubernetes_asyncio.client import ApiClient
+    from traitlets.config import Config
+
+    from workbench.kube import WorkbenchKubeSpawner, _offline_kube_config, _RenderHub, _RenderUser
+
+    objects = production_objects
+    env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
+    policy = platform_policy(objects)
+    settings = k8s_hub_settings(policy, env)
+
+    async def render():
+        config = Config({"WorkbenchKubeSpawner": settings["WorkbenchKubeSpawner"], "Spawner": settings["Spawner"]})
+        with _offline_kube_config():
+            spawner = WorkbenchKubeSpawner(
+                policy=policy, user=_RenderUser("ada", ["vision-lab"]), hub=_RenderHub(), config=config
+            )
+            spawner.user_options = {"profile": "h100-x1"}
+            await spawner.load_user_options()
+            pod = await spawner.get_pod_manifest()
+            async with ApiClient() as client:
+                return client.sanitize_for_serialization(pod)
+
+    pod = asyncio.run(render())
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    [c] = spec["containers"]
+    assert c["securityContext"]["runAsUser"] == 1000 and c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert settings["WorkbenchKubeSpawner"]["namespace"] == NAMESPACE
+    assert spec["imagePullSecrets"] == [{"name": "workbench-registry"}]
+
+    [netpol] = [n for n in find(objects, "NetworkPolicy") if component(n) == "singleuser"]
+    selector = netpol["spec"]["podSelector"]["matchLabels"]
+    assert selector == singleuser_labels(RELEASE)
+    assert selector.items() <= pod["metadata"]["labels"].items()
+
+    pod_env = {e["name"]: e.get("value") for e in c["env"]}
+    proxy_svc = one(objects, "Service", f"{RELEASE}-gateway-proxy")
+    ports = {p["name"]: p["port"] for p in proxy_svc["spec"]["ports"]}
+    host = f"{RELEASE}-gateway-proxy.{NAMESPACE}"
+    assert pod_env["DASK_GATEWAY__ADDRESS"] == f"http://{host}:{ports['web']}{GATEWAY_PREFIX}"
+    assert pod_env["DASK_GATEWAY__PROXY_ADDRESS"] == f"gateway://{host}:{ports['tcp']}"
+    assert pod_env["WORKBENCH_DASK_MAX_WORKERS"] == "16"
+
+    hub = settings["JupyterHub"]
+    assert hub["hub_connect_url"] == f"http://{RELEASE}-hub:8081"
+    assert [s["name"] for s in hub["services"]] == ["idle-culler", "dask-gateway"]
+    assert hub["services"][1]["url"] == f"http://{host}:{ports['web']}"
+    assert settings["ConfigurableHTTPProxy"]["api_url"] == f"http://{RELEASE}-proxy-api:8001"
+    assert settings["WorkbenchGenericOAuthenticator"]["oauth_callback_url"] == "https://workbench.example.edu/hub/oauth_callback"
+
+
+def test_dask_pods_from_the_chart(production_objects):
+    """Scheduler and worker pods the gateway's controller will create: locked down and selected by the policies."""
+    objects = production_objects
+    env = container_env(objects, f"{RELEASE}-gateway-api")
+    policy = platform_policy(objects)
+    settings = k8s_gateway_settings(policy, env)
+    instance = env["WORKBENCH_GATEWAY_INSTANCE"]
+    assert settings["KubeBackend"]["gateway_instance"] == instance
+    api_svc = one(objects, "Service", f"{RELEASE}-gateway-api")
+    assert env["WORKBENCH_GATEWAY_API_URL"] == f"http://{api_svc['metadata']['name']}.{NAMESPACE}:8000/api"
+    assert env["WORKBENCH_HUB_API_URL"] == f"http://{RELEASE}-hub:8081/hub/api"
+    middlewares = {m["metadata"]["name"] for m in find(objects, "Middleware")}
+    [dashboard_mw] = settings["KubeController"]["proxy_web_middlewares"]
+    assert dashboard_mw["name"] in middlewares
+
+    pods = render_cluster_pods(
+        policy, "ada", ["vision-lab"], {"worker_gpus": 1}, namespace=NAMESPACE, gateway_instance=instance,
+        api_url=env["WORKBENCH_GATEWAY_API_URL"],
+    )
+    policies = {component(n): n for n in find(objects, "NetworkPolicy")}
+    for name, pod in pods.items():
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        selector = policies[f"dask-{name}"]["spec"]["podSelector"]["matchLabels"]
+        assert selector.items() <= pod["metadata"]["labels"].items(), name
+
+
+# ---------------------------------------------------------------------------
+# RBAC
+# ---------------------------------------------------------------------------
+
+EXPECTED_RULES = {
+    "hub": [
+        ([""], ["pods", "persistentvolumeclaims", "services"], ["get", "list", "watch", "create", "delete"]),
+        ([""], ["events"], ["get", "list", "watch"]),
+    ],
+    "gateway-api": [
+        (["gateway.dask.org"], ["daskclusters"], ["get", "list", "watch", "create", "patch"]),
+        ([""], ["secrets"], ["get"]),
+    ],
+    "gateway-controller": [
+        (["gateway.dask.org"], ["daskclusters"], ["get", "list", "watch", "patch", "delete"]),
+        (["gateway.dask.org"], ["daskclusters/status"], ["get", "patch", "update"]),
+        ([""], ["pods"], ["get", "list", "watch", "create", "delete"]),
+        ([""], ["endpoints"], ["get", "list", "watch"]),
+        ([""], ["secrets", "services"], ["get", "create", "delete"]),
+        (["traefik.io"], ["ingressroutes", "ingressroutetcps"], ["get", "create", "delete"]),
+    ],
+}
+
+
+def test_rbac_is_namespaced_and_least_privilege(objects):
+    assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
+    roles = {component(r): r for r in find(objects, "Role")}
+    assert set(roles) == API_USERS
+    for comp, expected in EXPECTED_RULES.items():
+        rules = [(r["apiGroups"], r["resources"], r["verbs"]) for r in roles[comp]["rules"]]
+        assert rules == expected, comp
+    for rule in roles["gateway-proxy"]["rules"]:  # Traefik: read-only
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}
+    for role in roles.values():
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+    bindings = {component(b): b for b in find(objects, "RoleBinding")}
+    assert set(bindings) == API_USERS
+    for comp, binding in bindings.items():
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{RELEASE}-{comp}"}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-{comp}", "namespace": NAMESPACE}]
+
+
+# ---------------------------------------------------------------------------
+# NetworkPolicies
+# ---------------------------------------------------------------------------
+
+METADATA = ipaddress.ip_address("169.254.169.254")
+
+
+def _policies(objects) -> dict[str, dict]:
+    return {component(n): n["spec"] for n in find(objects, "NetworkPolicy")}
+
+
+def _peer_components(peers: list[dict], objects) -> set[str]:
+    labels = {
+        comp: {"app.kubernetes.io/name": "workbench", "app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": comp}
+        for comp in ("hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy")
+    }
+    labels["singleuser"] = singleuser_labels(RELEASE)
+    out = set()
+    for peer in peers:
+        match = peer.get("podSelector", {}).get("matchLabels", {})
+        if match.get("app.kubernetes.io/component", "").startswith("dask-"):
+            assert match["gateway.dask.org/instance"] == f"{RELEASE}-gateway"
+            out.add(match["app.kubernetes.io/component"])
+        elif match:
+            [comp] = [c for c, want in labels.items() if want.items() <= match.items()]
+            out.add(comp)
+        elif "namespaceSelector" in peer:
+            out.add("dns:" + str(peer["namespaceSelector"]))
+        else:
+            out.add("ipBlock:" + peer["ipBlock"]["cidr"])
+    return out
+
+
+def _ports(rule: dict) -> set[int]:
+    return {p["port"] for p in rule.get("ports", [])}
+
+
+def _reaches(rule: dict, ip) -> bool:
+    """Whether an egress rule lets traffic to ``ip`` (not a pod) through."""
+    if "to" not in rule or not rule["to"]:
+        return True
+    for peer in rule["to"]:
+        block = peer.get("ipBlock")
+        if block and ip in ipaddress.ip_network(block["cidr"]) and not any(
+            ip in ipaddress.ip_network(e) for e in block.get("except", [])
+        ):
+            return True
+    return False
+
+
+def test_every_component_has_a_network_policy(objects):
+    policies = _policies(objects)
+    assert set(policies) == {
+        "hub", "proxy", "singleuser", "gateway-api", "gateway-controller", "gateway-proxy", "dask-scheduler", "dask-worker",
+    }
+
+
+def test_notebook_pods_reach_only_the_hub_the_gateway_and_dns(objects):
+    spec = _policies(objects)["singleuser"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    [ingress] = spec["ingress"]
+    assert _peer_components(ingress["from"], objects) == {"proxy", "hub"} and _ports(ingress) == {8888}
+    reached = {}
+    for rule in spec["egress"]:
+        for comp in _peer_components(rule["to"], objects):
+            reached[comp] = _ports(rule)
+    assert reached.pop("hub") == {8081}
+    assert reached.pop("gateway-proxy") == {8000, 8786}
+    dns = [k for k in reached if k.startswith("dns:")]
+    assert dns and all(reached.pop(k) == {53} for k in dns)
+    # not other users' pods (or any pod, or a private address); at most public addresses
+    assert set(reached) <= {"ipBlock:0.0.0.0/0"}
+    for rule in spec["egress"]:
+        assert not _reaches(rule, METADATA)
+        for private in ("10.1.2.3", "172.16.0.9", "192.168.1.1", "100.64.0.1"):
+            assert not _reaches(rule, ipaddress.ip_address(private))
+
+
+def test_internet_egress_is_a_choice(default_objects, production_objects):
+    default = _policies(default_objects)
+    production = _policies(production_objects)
+    for comp in ("singleuser", "dask-worker", "dask-scheduler"):
+        assert not any(_reaches(r, ipaddress.ip_address("8.8.8.8")) for r in default[comp]["egress"])
+        assert any(_reaches(r, ipaddress.ip_address("8.8.8.8")) for r in production[comp]["egress"])
+        assert not any(_reaches(r, METADATA) for r in production[comp]["egress"])
+
+
+def test_schedulers_are_reached_through_the_gateway_proxy_only(objects):
+    policies = _policies(objects)
+    sched = policies["dask-scheduler"]
+    sources = {}
+    for rule in sched["ingress"]:
+        for comp in _peer_components(rule["from"], objects):
+            sources[comp] = _ports(rule)
+    assert sources == {"gateway-proxy": {8786, 8787}, "dask-worker": {8786}, "gateway-api": {8788}}
+    worker = policies["dask-worker"]
+    [ingress] = worker["ingress"]
+    assert _peer_components(ingress["from"], objects) == {"dask-scheduler", "dask-worker"}
+    # users reach the gateway's proxy, never the API server or the controller directly
+    api_sources = set().union(*(_peer_components(r["from"], objects) for r in policies["gateway-api"]["ingress"]))
+    assert api_sources == {"gateway-proxy", "dask-scheduler"}
+    assert "ingress" not in policies["gateway-controller"] and policies["gateway-controller"]["policyTypes"] == ["Ingress"]
+    hub_sources = set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
+    assert hub_sources == {"proxy", "singleuser", "gateway-api"}
+    gw_proxy = {}
+    for rule in policies["gateway-proxy"]["ingress"]:
+        for comp in _peer_components(rule["from"], objects):
+            gw_proxy[comp] = _ports(rule)
+    assert gw_proxy == {"singleuser": {8000, 8786}, "proxy": {8000}, "hub": {8000}}
+
+
+def test_the_proxy_forwards_only_to_the_workbench(objects):
+    spec = _policies(objects)["proxy"]
+    for rule in spec["egress"]:
+        assert not _reaches(rule, METADATA) and not _reaches(rule, ipaddress.ip_address("8.8.8.8"))
+    api = [r for r in spec["ingress"] if 8001 in _ports(r)]
+    assert len(api) == 1 and _peer_components(api[0]["from"], objects) == {"hub"}
+
+
+def test_network_policies_can_be_turned_off(helm):
+    objects = helm_template(helm, "--set", "networkPolicy.enabled=false")
+    assert not find(objects, "NetworkPolicy")
+
+
+# ---------------------------------------------------------------------------
+# Secrets
+# ---------------------------------------------------------------------------
+
+
+def test_secrets_are_kept_across_upgrades(helm, default_objects):
+    """The Secret's values survive a second render when the first Secret is fed back.
+
+    On `helm install` / `helm upgrade` the template reads the release's existing Secret with
+    ``lookup "v1" "Secret" <namespace> <release>-secrets`` and keeps every key it finds; only missing
+    keys are generated. `helm template` has no cluster, so ``lookup`` returns nothing and a render here
+    cannot exercise it. The template therefore takes its values in this order: ``.Values.secrets.<key>``
+    (which also serves GitOps tools that cannot lookup), then the looked-up Secret, then a new random
+    value, all in one helper (workbench.secretData). This test renders once, feeds the generated Secret
+    back through ``--set secrets.<key>=...`` as an upgrade would through ``lookup``, renders again and
+    asserts the Secret is identical; a third render without it proves values are not constant.
+    """
+    first = secret_data(default_objects)
+    assert set(first) == {"cookie-secret", "proxy-token", "crypt-key", "gateway-api-token", "culler-api-token", "demo-password"}
+    for key, value in first.items():
+        if key != "demo-password":
+            assert re.fullmatch(r"[0-9a-f]{64}", value), key
+    names = {"cookie-secret": "cookieSecret", "proxy-token": "proxyToken", "crypt-key": "cryptKey",
+             "gateway-api-token": "gatewayApiToken", "culler-api-token": "cullerApiToken", "demo-password": "demoPassword"}
+    args = [a for key, value in first.items() for a in ("--set", f"secrets.{names[key]}={value}")]
+    second = secret_data(helm_template(helm, *args))
+    assert second == first
+    assert secret_data(helm_template(helm)) != first
+
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace (include "workbench.secretName" .)' in helpers
+
+
+def test_every_secret_reference_resolves(objects):
+    keys = set(secret_data(objects))
+    for _, spec in pod_specs(objects):
+        for c in spec["containers"]:
+            for var in c.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] == f"{RELEASE}-secrets":
+                    assert ref["key"] in keys, var["name"]
+
+
+def test_sso_secrets_come_from_the_operators_secret(production_objects, default_objects):
+    env = container_env(production_objects, f"{RELEASE}-hub", OAUTH_SECRET)
+    assert env["WORKBENCH_OAUTH_CLIENT_SECRET"] == "s3cret"
+    assert env["WORKBENCH_DB_URL"] == "postgresql+psycopg://x"
+    assert "WORKBENCH_ALLOW_DEMO_AUTH" not in env and "demo-password" not in secret_data(production_objects)
+    assert not find(production_objects, "PersistentVolumeClaim")  # postgres, claims made by the platform team
+    demo = container_env(default_objects, f"{RELEASE}-hub")
+    assert demo["WORKBENCH_ALLOW_DEMO_AUTH"] == "true" and demo["WORKBENCH_DEMO_PASSWORD"]
+    assert demo["WORKBENCH_DB_URL"] == "sqlite:////srv/jupyterhub/jupyterhub.sqlite"
+    claims = {c["metadata"]["name"] for c in find(default_objects, "PersistentVolumeClaim")}
+    assert claims == {f"{RELEASE}-hub-db", "workbench-datasets", "workbench-group-research-lab",
+                      "workbench-group-course-demo", "workbench-group-platform-admins"}
+
+
+# ---------------------------------------------------------------------------
+# Values: images, bad values
+# ---------------------------------------------------------------------------
+
+
+def _images(objects) -> dict[str, str]:
+    return {comp: spec["containers"][0]["image"] for comp, spec in pod_specs(objects)}
+
+
+def test_images_come_from_values(helm, default_objects):
+    assert _images(default_objects) == {
+        "hub": "registry.example.edu/workbench/hub:0.1.0",
+        "gateway-api": "registry.example.edu/workbench/hub:0.1.0",
+        "gateway-controller": "registry.example.edu/workbench/hub:0.1.0",
+        "proxy": "quay.io/jupyterhub/configurable-http-proxy:4.6.3",
+        "gateway-proxy": "docker.io/library/traefik:v3.3.5",
+    }
+    objects = helm_template(
+        helm, "--set", "images.registry=harbor.example.org/wb", "--set", "images.tag=2025.1",
+        "--set", "images.gatewayProxy.registry=mirror.example.org", "--set", "images.pullSecrets={regcred}",
+    )
+    images = _images(objects)
+    assert images["hub"] == "harbor.example.org/wb/hub:2025.1"
+    assert images["gateway-proxy"] == "mirror.example.org/library/traefik:v3.3.5"
+    assert platform_policy(objects).images["base"].image == "harbor.example.org/wb/base:2025.1"
+    for _, spec in pod_specs(objects):
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+BAD_VALUES = {
+    "unknown key in platform": (
+        ["--set", "platform.groups.lab.kind=research", "--set", "platform.groups.lab.colour=red"],
+        ["/platform/groups/lab", "additional properties 'colour' not allowed"],
+    ),
+    "profile naming a missing GPU type": (
+        ["--values", str(PRODUCTION), "--set", "platform.profiles.h100-x1.gpu.type=h200"],
+        ["platform.profiles.h100-x1.gpu.type: unknown GPU type 'h200'", "one of: a100, h100, h100-mig-1g"],
+    ),
+    "group naming a missing profile": (
+        ["--values", str(PRODUCTION), "--set", "platform.groups.startup-acme.profiles={cpu-small,h200-x8}"],
+        ["platform.groups.startup-acme.profiles[1]: unknown profile 'h200-x8'"],
+    ),
+    "bad memory size": (
+        ["--values", str(PRODUCTION), "--set", "platform.profiles.cpu-small.memory=4GB"],
+        ["/platform/profiles/cpu-small/memory", "does not match pattern"],
+    ),
+    "name that is not a DNS label": (
+        ["--values", str(PRODUCTION), "--set", "platform.gpu_types.H200.resource=nvidia.com/gpu"],
+        ["'H200' does not match pattern"],
+    ),
+    "unknown chart value": (["--set", "hub.replicas=2"], ["additional properties 'replicas' not allowed"]),
+    "removed value": (
+        ["--set", "hub.cookieSecret=abc", "--set", "singleuser.image=x"],
+        ["hub.cookieSecret: removed; use secrets.cookieSecret", "singleuser: removed; notebook pods are described by the platform policy"],
+    ),
+    "demo logins on a public service": (
+        ["--set", "proxy.service.type=LoadBalancer"],
+        ["platform.auth.type: 'demo' (one shared password) would be reachable from the network"],
+    ),
+    "SSO without public URL and client secret": (
+        ["--values", str(PRODUCTION), "--set", "publicUrl=", "--set", "hub.oauthClientSecret.existingSecret="],
+        ["publicUrl: auth type 'generic-oauth' needs the workbench's public URL", "hub.oauthClientSecret.existingSecret:"],
+    ),
+    "client secret in the policy": (
+        ["--values", str(PRODUCTION), "--set", "platform.auth.client_secret=hunter2"],
+        ["platform.auth.client_secret: secrets never go in the platform YAML"],
+    ),
+    "postgres without its Secret": (
+        ["--set", "hub.db.type=postgres"],
+        ["hub.db.postgres.existingSecret: hub.db.type 'postgres' needs the name of a Secret"],
+    ),
+    "secret that is not 64 hex characters": (["--set", "secrets.cookieSecret=short"], ["/secrets/cookieSecret"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_values_fail_with_a_clear_message(helm, case):
+    args, messages = BAD_VALUES[case]
+    error = expect_failure(helm, *args)
+    for message in messages:
+        assert message in error, error
+    assert "hunter2" not in error
+
+
+@pytest.mark.parametrize("values", [None, PRODUCTION], ids=["default", "production"])
+def test_install_notes_say_how_to_reach_it(helm, values, tmp_path):
+    """NOTES.txt, as `helm install` prints it (a client-side dry run: no cluster)."""
+    import subprocess
+
+    args = [helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"]
+    if values:
+        args += ["--values", str(values)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env={"KUBECONFIG": "/dev/null", "HOME": str(tmp_path)}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    if values is None:
+        assert "built-in TRY-OUT policy" in notes
+        assert f"port-forward service/{RELEASE}-proxy-public 8000:80" in notes
+        assert f"get secret {RELEASE}-secrets -o jsonpath='{{.data.demo-password}}'" in notes
+    else:
+        assert "https://workbench.example.edu/hub/oauth_callback" in notes and "Secret workbench-oauth" in notes
+        assert "demo" not in notes

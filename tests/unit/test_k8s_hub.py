@@ -1,0 +1,340 @@
+"""Unit tests of workbench.k8s_hub: hub and gateway settings on Kubernetes from (policy, environment)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+from traitlets.config import Config
+
+from workbench.auth import DemoAuthExposed
+from workbench.hub import SERVER_TOKEN_SCOPES, roles
+from workbench.k8s_hub import (
+    GATEWAY_ENV,
+    HUB_ENV,
+    K8sConfigError,
+    NamespacedClient,
+    NamespacedKubeBackend,
+    NamespacedKubeController,
+    configure_k8s_gateway,
+    configure_k8s_hub,
+    k8s_gateway_settings,
+    k8s_hub_settings,
+    main,
+    singleuser_labels,
+)
+from workbench.kube import kubespawner_settings
+from workbench.policy import PolicyError, load_policy
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "hub_config" / "demo.yaml"
+CENTRE = REPO / "hub_config" / "examples" / "centre.yaml"
+
+HUB = {
+    "WORKBENCH_PLATFORM": "/etc/workbench/platform.yaml",
+    "WORKBENCH_NAMESPACE": "research",
+    "WORKBENCH_RELEASE": "wb",
+    "WORKBENCH_PUBLIC_URL": "https://workbench.example.edu/",
+    "WORKBENCH_HUB_CONNECT_URL": "http://wb-hub:8081",
+    "WORKBENCH_PROXY_API_URL": "http://wb-proxy-api:8001",
+    "WORKBENCH_DB_URL": "sqlite:////srv/jupyterhub/jupyterhub.sqlite",
+    "WORKBENCH_GATEWAY_URL": "http://wb-gateway-proxy.research:8000",
+    "WORKBENCH_GATEWAY_PROXY_ADDRESS": "gateway://wb-gateway-proxy.research:8786",
+    "WORKBENCH_GATEWAY_API_TOKEN": "gateway-token",
+    "WORKBENCH_CULLER_API_TOKEN": "culler-token",
+    "WORKBENCH_OAUTH_CLIENT_SECRET": "client-secret",
+}
+GATEWAY = {
+    "WORKBENCH_PLATFORM": "/etc/workbench/platform.yaml",
+    "WORKBENCH_NAMESPACE": "research",
+    "WORKBENCH_GATEWAY_INSTANCE": "wb-gateway",
+    "WORKBENCH_GATEWAY_API_URL": "http://wb-gateway-api.research:8000/api",
+    "WORKBENCH_HUB_API_URL": "http://wb-hub:8081/hub/api",
+}
+
+
+@pytest.fixture(scope="module")
+def centre():
+    return load_policy(CENTRE)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_policy(DEMO)
+
+
+def test_hub_settings_for_sso(centre):
+    s = k8s_hub_settings(centre, HUB)
+    hub = s["JupyterHub"]
+    assert hub["spawner_class"] == "workbench.kube.WorkbenchKubeSpawner"
+    assert hub["authenticator_class"] == "workbench.oauth.WorkbenchGenericOAuthenticator"
+    assert hub["hub_bind_url"] == "http://:8081"
+    assert hub["hub_connect_url"] == "http://wb-hub:8081"
+    assert hub["db_url"] == "sqlite:////srv/jupyterhub/jupyterhub.sqlite"
+    assert hub["public_url"] == "https://workbench.example.edu/"
+    assert hub["cleanup_servers"] is False
+    assert hub["load_roles"] == roles(centre)
+    assert hub["services"] == [
+        {
+            "name": "idle-culler",
+            "api_token": "culler-token",
+            "command": [
+                sys.executable, "-m", "jupyterhub_idle_culler", "--url=http://127.0.0.1:8081/hub/api",
+                "--timeout=7200", "--cull-every=600",
+            ],
+        },
+        {"name": "dask-gateway", "url": "http://wb-gateway-proxy.research:8000", "api_token": "gateway-token"},
+    ]
+    assert "cookie_secret" not in hub  # from JPY_COOKIE_SECRET in the pod, never in the settings
+    assert s["ConfigurableHTTPProxy"] == {"should_start": False, "api_url": "http://wb-proxy-api:8001"}
+    assert s["Spawner"] == {
+        "cmd": ["jupyterhub-singleuser"],
+        "default_url": "/lab",
+        "server_token_scopes": SERVER_TOKEN_SCOPES,
+        "start_timeout": 600,
+        "http_timeout": 120,
+    }
+    oauth = s["WorkbenchGenericOAuthenticator"]
+    assert oauth["oauth_callback_url"] == "https://workbench.example.edu/hub/oauth_callback"
+    assert oauth["client_secret_env"] == "WORKBENCH_OAUTH_CLIENT_SECRET"
+    assert "client-secret" not in repr(s)
+    assert s["Authenticator"] == {"manage_groups": True, "allow_all": False}
+
+
+def test_spawner_settings_extend_the_policys(centre):
+    spawner = k8s_hub_settings(centre, HUB)["WorkbenchKubeSpawner"]
+    base = {"policy_path": "/etc/workbench/platform.yaml", **kubespawner_settings(centre)}
+    assert {k: spawner[k] for k in base} == base  # locked-down pods, volumes: exactly workbench.kube's
+    assert spawner["automount_service_account_token"] is False
+    assert spawner["namespace"] == "research"
+    assert spawner["component_label"] == "singleuser-server"
+    assert spawner["extra_labels"] == {"app.kubernetes.io/instance": "wb"}
+    assert singleuser_labels("wb") == {"app.kubernetes.io/instance": "wb", "app.kubernetes.io/component": "singleuser-server"}
+    assert spawner["image_pull_secrets"] == []
+    env = dict(spawner["environment"])
+    max_workers = env.pop("WORKBENCH_DASK_MAX_WORKERS")
+    assert env == {
+        "DASK_GATEWAY__ADDRESS": "http://wb-gateway-proxy.research:8000/services/dask-gateway",
+        "DASK_GATEWAY__PUBLIC_ADDRESS": "/services/dask-gateway",
+        "DASK_GATEWAY__PROXY_ADDRESS": "gateway://wb-gateway-proxy.research:8786",
+        "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
+    }
+
+    class G:
+        def __init__(self, name):
+            self.name = name
+
+    class S:
+        def __init__(self, *groups):
+            self.user = type("User", (), {"groups": [G(g) for g in groups]})()
+
+    assert max_workers(S("climate-lab", "unknown")) == "64"
+    assert max_workers(S("nobody")) == "0"
+
+
+def test_image_pull_secrets(centre):
+    env = {**HUB, "WORKBENCH_IMAGE_PULL_SECRETS": "registry, mirror ,"}
+    assert k8s_hub_settings(centre, env)["WorkbenchKubeSpawner"]["image_pull_secrets"] == ["registry", "mirror"]
+
+
+def test_missing_environment_is_named(centre):
+    env = {k: v for k, v in HUB.items() if k not in ("WORKBENCH_NAMESPACE", "WORKBENCH_DB_URL")}
+    with pytest.raises(K8sConfigError) as err:
+        k8s_hub_settings(centre, env)
+    assert "WORKBENCH_NAMESPACE" in str(err.value) and "WORKBENCH_DB_URL" in str(err.value)
+    assert all(name.startswith("WORKBENCH_") for name in HUB_ENV) and all(n.startswith("WORKBENCH_") for n in GATEWAY_ENV)
+
+
+def test_sso_needs_the_public_url_and_the_client_secret(centre):
+    with pytest.raises(K8sConfigError, match="publicUrl"):
+        k8s_hub_settings(centre, {**HUB, "WORKBENCH_PUBLIC_URL": ""})
+    env = {k: v for k, v in HUB.items() if k != "WORKBENCH_OAUTH_CLIENT_SECRET"}
+    with pytest.raises(PolicyError, match="WORKBENCH_OAUTH_CLIENT_SECRET"):
+        k8s_hub_settings(centre, env)
+
+
+def test_demo_auth_only_when_the_chart_allows_it(demo):
+    env = {k: v for k, v in HUB.items() if k != "WORKBENCH_PUBLIC_URL"}
+    with pytest.raises(DemoAuthExposed, match="Kubernetes"):
+        k8s_hub_settings(demo, env)
+    s = k8s_hub_settings(demo, {**env, "WORKBENCH_ALLOW_DEMO_AUTH": "true"})
+    assert s["JupyterHub"]["authenticator_class"] == "workbench.auth.DemoAuthenticator"
+    assert "public_url" not in s["JupyterHub"]
+
+
+def test_culler_token_needed_only_with_culling(centre):
+    env = {k: v for k, v in HUB.items() if k != "WORKBENCH_CULLER_API_TOKEN"}
+    with pytest.raises(K8sConfigError, match="WORKBENCH_CULLER_API_TOKEN"):
+        k8s_hub_settings(centre, env)
+    no_culling = centre.model_copy(update={"culling": centre.culling.model_copy(update={"enabled": False})})
+    services = k8s_hub_settings(no_culling, env)["JupyterHub"]["services"]
+    assert [s["name"] for s in services] == ["dask-gateway"]
+
+
+def test_gateway_settings(centre):
+    s = k8s_gateway_settings(centre, GATEWAY)
+    assert s["DaskGateway"] == {
+        "backend_class": "workbench.k8s_hub.NamespacedKubeBackend",
+        "address": ":8000",
+        "log_level": "INFO",
+        "authenticator_class": "dask_gateway_server.auth.JupyterHubAuthenticator",
+    }
+    assert s["JupyterHubAuthenticator"] == {
+        "jupyterhub_api_url": "http://wb-hub:8081/hub/api",
+        "jupyterhub_service_name": "dask-gateway",
+        "use_service_access_scopes": True,
+    }
+    assert s["KubeBackend"] == {"gateway_instance": "wb-gateway", "api_url": "http://wb-gateway-api.research:8000/api"}
+    assert s["NamespacedKubeBackend"] == {"watch_namespace": "research"}
+    assert s["NamespacedKubeController"] == {"watch_namespace": "research"}
+    assert s["KubeController"] == {
+        "address": ":8000",
+        "gateway_instance": "wb-gateway",
+        "api_url": "http://wb-gateway-api.research:8000/api",
+        "proxy_prefix": "/services/dask-gateway",
+        "proxy_web_entrypoint": "web",
+        "proxy_tcp_entrypoint": "tcp",
+        "proxy_web_middlewares": [{"name": "wb-gateway-clusters-prefix", "namespace": "research"}],
+    }
+    assert s["KubeClusterConfig"]["namespace"] == "research"
+    with pytest.raises(K8sConfigError, match="WORKBENCH_GATEWAY_INSTANCE"):
+        k8s_gateway_settings(centre, {k: v for k, v in GATEWAY.items() if k != "WORKBENCH_GATEWAY_INSTANCE"})
+
+
+# ---------------------------------------------------------------------------
+# Watching one namespace
+# ---------------------------------------------------------------------------
+
+
+class FakeApi:
+    """Records calls; every list returns an empty list, every watch waits forever."""
+
+    api_client = "the-api-client"
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        async def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            if kwargs.get("watch"):
+                await asyncio.sleep(3600)
+            return {"items": [], "metadata": {"resourceVersion": "1"}}
+
+        return call
+
+
+def test_namespaced_client_turns_cluster_wide_lists_into_namespaced_ones():
+    api = FakeApi()
+    client = NamespacedClient(api, "research")
+
+    async def go():
+        await client.list_pod_for_all_namespaces(label_selector="a=b", resource_version="7")
+        await client.list_endpoints_for_all_namespaces(label_selector="c=d")
+        await client.list_cluster_custom_object("gateway.dask.org", "v1alpha1", "daskclusters", label_selector="e=f")
+        await client.create_namespaced_pod("research", {"kind": "Pod"})
+
+    asyncio.run(go())
+    assert api.calls == [
+        ("list_namespaced_pod", ("research",), {"label_selector": "a=b", "resource_version": "7"}),
+        ("list_namespaced_endpoints", ("research",), {"label_selector": "c=d"}),
+        ("list_namespaced_custom_object", ("gateway.dask.org", "v1alpha1", "research", "daskclusters"), {"label_selector": "e=f"}),
+        ("create_namespaced_pod", ("research", {"kind": "Pod"}), {}),
+    ]
+    assert client.api_client == "the-api-client"
+
+
+def test_controller_and_backend_wrap_their_clients():
+    config = Config({"NamespacedKubeController": {"watch_namespace": "research", "gateway_instance": "wb-gateway"}})
+    controller = NamespacedKubeController(config=config)
+    with pytest.raises(AttributeError):
+        controller.core_client  # noqa: B018 - unset until setup()
+    controller.core_client = FakeApi()
+    controller.custom_client = FakeApi()
+    assert isinstance(controller.core_client, NamespacedClient)
+    assert isinstance(controller.custom_client, NamespacedClient)
+
+    backend = NamespacedKubeBackend(
+        config=Config({"NamespacedKubeBackend": {"watch_namespace": "research"}}), gateway_instance="wb-gateway"
+    )
+    backend.custom_client = FakeApi()
+    assert isinstance(backend.custom_client, NamespacedClient)
+    upstream = NamespacedKubeBackend(gateway_instance="wb-gateway")  # no namespace: upstream's behaviour
+    plain = FakeApi()
+    upstream.custom_client = plain
+    assert upstream.custom_client is plain
+
+
+def test_dask_gateways_informer_lists_in_the_namespace():
+    """dask-gateway's own Informer, as the controller builds it, lists pods of one namespace only."""
+    from dask_gateway_server.backends.kubernetes.utils import Informer
+
+    controller = NamespacedKubeController(
+        config=Config({"NamespacedKubeController": {"watch_namespace": "research", "gateway_instance": "wb-gateway"}})
+    )
+    api = FakeApi()
+    api.sanitize_for_serialization = lambda obj: obj
+    api.api_client = api
+    controller.core_client = api
+    informer = Informer(
+        parent=controller, name="pod", client=controller.core_client, method="list_pod_for_all_namespaces",
+        method_kwargs={"label_selector": "gateway.dask.org/instance=wb-gateway"}, on_update=lambda *a, **k: None,
+        on_delete=lambda *a, **k: None,
+    )
+
+    async def go():
+        await asyncio.wait_for(informer.start(), 5)
+        for _ in range(50):  # let the informer start watching
+            if len(api.calls) > 1:
+                break
+            await asyncio.sleep(0.01)
+        await informer.stop()
+
+    asyncio.run(go())
+    assert api.calls[0] == ("list_namespaced_pod", ("research",), {"label_selector": "gateway.dask.org/instance=wb-gateway"})
+    name, args, kwargs = api.calls[1]  # then the watch, in the namespace too
+    assert (name, args, kwargs["watch"]) == ("list_namespaced_pod", ("research",), True)
+
+
+# ---------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------
+
+
+def test_hub_loader_applies_the_settings(tmp_path):
+    env = {**HUB, "WORKBENCH_PLATFORM": str(CENTRE)}
+    c = Config()
+    configure_k8s_hub(c, env)
+    assert c.JupyterHub.hub_connect_url == "http://wb-hub:8081"
+    assert c.WorkbenchKubeSpawner.policy_path == str(CENTRE)
+    broken = tmp_path / "platform.yaml"
+    broken.write_text("groups: {lab: {kind: club}}\n")
+    with pytest.raises(SystemExit) as exit_:
+        configure_k8s_hub(Config(), {**env, "WORKBENCH_PLATFORM": str(broken)})
+    assert exit_.value.code == 2
+
+
+def test_gateway_loader_applies_the_settings(capsys):
+    c = Config()
+    configure_k8s_gateway(c, {**GATEWAY, "WORKBENCH_PLATFORM": str(CENTRE)})
+    assert c.DaskGateway.backend_class == "workbench.k8s_hub.NamespacedKubeBackend"
+    with pytest.raises(SystemExit):
+        configure_k8s_gateway(Config(), {"WORKBENCH_PLATFORM": str(CENTRE)})
+    assert "WORKBENCH_NAMESPACE" in capsys.readouterr().err
+
+
+def test_hub_config_files_are_thin_loaders():
+    for name, call in (("jupyterhub_config_k8s.py", "configure_k8s_hub(c)"), ("dask_gateway_config_k8s.py", "configure_k8s_gateway(c)")):
+        code = [line for line in (REPO / "hub_config" / name).read_text().splitlines() if line and not line.startswith("#")]
+        assert code[0].startswith("from workbench.k8s_hub import") and code[1].startswith(call)
+        assert len(code) == 2
+
+
+def test_controller_entry_point_usage(capsys):
+    assert main([]) == 2
+    assert "kube-controller" in capsys.readouterr().err
