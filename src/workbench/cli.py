@@ -193,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--user", required=True, help="hub user name")
     go.add_argument("--groups", default=None, help="the user's groups, comma-separated (default: from auth.demo_users)")
     go.set_defaults(func=cmd_gateway_options)
+
+    from .quota.report import add_report_arguments, cmd_report
+
+    report = sub.add_parser(
+        "report",
+        help="GPU-hours and CPU-hours per user and group, from the quota ledger (csv, json or a PNG chart)",
+        description="Report usage from the quota service's ledger for a period: csv or json to stdout, or a PNG "
+        "chart of usage by group and GPU type (--output FILE).",
+    )
+    add_report_arguments(report)
+    report.set_defaults(func=cmd_report)
     return parser
 
 
