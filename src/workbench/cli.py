@@ -55,6 +55,7 @@ def cmd_up(args) -> int:
         log_to_console=args.log_to_console,
         fake_gpus=args.fake_gpus,
         gateway_backend=args.gateway_backend,
+        quota_every=args.quota_every,
     )
     if args.hub_config_dir:
         opts.hub_config_dir = args.hub_config_dir
@@ -145,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretend this machine has N GPUs of TYPE (e.g. h100:2) to try GPU profiles and their exclusive "
         "allocation without a GPU; the devices are not real (default: detect with nvidia-smi)",
     )
+    up.add_argument(
+        "--quota-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how often the quota service stops servers of spent budgets (after the policy's budget.grace) and "
+        "the gateway reconciles its clusters with the usage ledger (default: %(default)s)",
+    )
     up.set_defaults(func=cmd_up)
 
     check = sub.add_parser(
@@ -204,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_report_arguments(report)
     report.set_defaults(func=cmd_report)
+
+    from .courses import add_course_arguments
+
+    course = sub.add_parser(
+        "course",
+        help="course material links and rosters (link, add-students)",
+        description="Course groups: print an nbgitpuller link to the course's material (link), or load a roster CSV "
+        "into the course's hub group (add-students).",
+    )
+    add_course_arguments(course)
     return parser
 
 

@@ -14,7 +14,11 @@ from pathlib import Path
 from .auth import DemoAuthExposed, check_demo_exposure
 from .oauth import auth_settings
 from .policy import Policy, PolicyError, load_policy
-from .runtime import CULLER_SERVICE, GATEWAY_SERVICE, Runtime, load_or_create_secrets
+from .runtime import GATEWAY_SERVICE, Runtime, free_port, load_or_create_secrets
+from .session_rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
+from .session_rules import SERVICE_NAME as SESSIONS_SERVICE
+from .session_rules import SERVICE_SCOPES as SESSIONS_SCOPES
+from .session_rules import needs_service as needs_sessions_service
 from .spawner import WorkbenchLocalSpawner
 from .quota.wiring import add_quota_service, pass_db_url
 
@@ -31,6 +35,8 @@ SERVER_TOKEN_SCOPES = [
     GATEWAY_ACCESS_SCOPE,
 ]
 
+
+#: what jupyterhub-idle-culler needs (Kubernetes still runs it; the embedded mode runs workbench.sessions)
 CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
 
 
@@ -74,23 +80,42 @@ def roles(policy: Policy) -> list[dict]:
             "scopes": [GATEWAY_ACCESS_SCOPE],
             "groups": dask_groups,
         },
-        {
-            "name": CULLER_SERVICE,
-            "description": "Stop idle single-user servers",
-            "scopes": list(CULLER_SCOPES),
-            "services": [CULLER_SERVICE],
-        },
+        # the sessions service (workbench.sessions): session limits and idle culling
+        *(
+            [
+                {
+                    "name": "workbench-sessions",
+                    "description": "Stop servers at their session limit and when idle (workbench.sessions)",
+                    "scopes": list(SESSIONS_SCOPES),
+                    "services": [SESSIONS_SERVICE],
+                },
+                {
+                    "name": "workbench-sessions-users",
+                    "description": "May read their own notifications (session limits, stopped servers)",
+                    "scopes": [SESSIONS_ACCESS_SCOPE],
+                    "groups": list(policy.groups),
+                },
+            ]
+            if needs_sessions_service(policy)
+            else []
+        ),
         *course_roles(policy),
     ]
 
 
 def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[dict]:
-    """Hub-managed services: the Dask Gateway (guard + server) and the idle culler (pure).
+    """Hub-managed services: the Dask Gateway (guard + server) and the sessions service.
 
     ``dask-gateway`` (the name users' scopes and ``/services/dask-gateway`` depend on) is
     :mod:`workbench.dashguard`, which forwards to dask-gateway-server's HTTP proxy and shows a
     cluster's dashboard to its owner only (logging browsers in with the hub's OAuth, with no
     consent page); dask-gateway-server itself is ``dask-gateway-server``, with no URL.
+
+    ``sessions`` (:mod:`workbench.sessions`, instead of jupyterhub-idle-culler: per-profile idle
+    limits, idle GPUs, session limits with warnings) runs when culling is enabled or a group or
+    profile has ``session.max_age``; it checks every ``culling.every`` and serves users their
+    notifications at ``/services/sessions/api/notifications``. Its port is ``runtime.sessions_port``
+    (``workbench up`` picks it), else a free port picked here (the only I/O of this function).
     """
     venv = Path(runtime.venv_bin)
     env = {"WORKBENCH_RUNTIME": str(Path(runtime.state_dir, "runtime.json"))}
@@ -117,18 +142,16 @@ def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[
             "environment": dict(env),
         },
     ]
-    if policy.culling.enabled:
+    if needs_sessions_service(policy):
+        port = runtime.sessions_port or free_port()
         out.append(
             {
-                "name": CULLER_SERVICE,
-                "api_token": secrets["culler_api_token"],
-                "command": [
-                    str(venv / "python"),
-                    "-m",
-                    "jupyterhub_idle_culler",
-                    f"--timeout={policy.culling.timeout}",
-                    f"--cull-every={policy.culling.every}",
-                ],
+                "name": SESSIONS_SERVICE,
+                "url": f"http://127.0.0.1:{port}",
+                "api_token": secrets["sessions_api_token"],
+                "command": [str(venv / "python"), "-m", "workbench.sessions", f"--interval={policy.culling.every}"],
+                "cwd": runtime.state_dir,
+                "environment": dict(env),
             }
         )
     return out
@@ -165,7 +188,9 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
         "Spawner": {
             "cmd": [str(venv / "jupyterhub-singleuser")],
             "default_url": "/lab",
-            "server_token_scopes": list(SERVER_TOKEN_SCOPES),
+            # notebooks may also read their user's session notifications (workbench.sessions)
+            "server_token_scopes": list(SERVER_TOKEN_SCOPES)
+            + ([SESSIONS_ACCESS_SCOPE] if needs_sessions_service(policy) else []),
             "start_timeout": 120,
             "http_timeout": 90,
             "poll_interval": 10,  # also how soon a crashed managed service (the gateway) is restarted

@@ -9,12 +9,17 @@ gateway API server     ``dask-gateway-server -f hub_config/dask_gateway_config_k
                        :func:`configure_k8s_gateway`
 gateway controller     ``python -m workbench.k8s_hub kube-controller -f hub_config/dask_gateway_config_k8s.py``
                        (:class:`NamespacedKubeController`, same loader)
+dashboard guard        ``python -m workbench.k8s_hub dashguard`` → :func:`serve_k8s_guard`
+                       (:mod:`workbench.dashguard` in front of the gateway's Traefik proxy)
 =====================  ==========================================================================
+
+The quota service runs in its own pod too (``python -m workbench.quota``, configured by its command
+line); the hub registers it as an external service when the chart sets ``WORKBENCH_QUOTA_URL``.
 
 The platform YAML is mounted from a ConfigMap (``WORKBENCH_PLATFORM``, default
 ``/etc/workbench/platform.yaml``); everything that depends on the deployment (namespace, release,
 service URLs, database) reaches the processes as environment variables set by the chart, listed
-in :data:`HUB_ENV` and :data:`GATEWAY_ENV`. Secrets arrive as environment variables too
+in :data:`HUB_ENV`, :data:`GATEWAY_ENV` and :data:`GUARD_ENV`. Secrets arrive as environment variables too
 (``JPY_COOKIE_SECRET``, ``CONFIGPROXY_AUTH_TOKEN``, ``JUPYTERHUB_CRYPT_KEY``, the service tokens, the
 OAuth client secret named by ``auth.client_secret_env``) and only the service tokens, which
 JupyterHub needs in its ``services`` list, are copied into the settings.
@@ -33,10 +38,12 @@ namespace), so the chart grants namespaced Roles only.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dask_gateway_server.backends.kubernetes.controller import KubeController
@@ -44,16 +51,23 @@ from traitlets import Unicode
 
 from .auth import DemoAuthExposed
 from .gateway_kube import WorkbenchKubeBackend, kube_gateway_settings
-from .hub import SERVER_TOKEN_SCOPES, apply_settings, roles
+from .hub import CULLER_SCOPES, SERVER_TOKEN_SCOPES, apply_settings, roles
 from .kube import kube_hub_settings
 from .oauth import auth_settings
 from .policy import Policy, PolicyError, load_policy
+from .quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
+from .quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
+from .quota.authz import SERVICE_NAME as QUOTA_SERVICE
+from .quota.wiring import quota_roles
 from .runtime import CULLER_SERVICE, GATEWAY_SERVICE
 
 __all__ = [
     "DEFAULT_PLATFORM",
     "GATEWAY_ENV",
     "GATEWAY_PREFIX",
+    "GUARD_ENV",
+    "GUARD_PORT",
+    "GuardSettings",
     "HUB_ENV",
     "HUB_PORT",
     "SINGLEUSER_COMPONENT",
@@ -65,13 +79,19 @@ __all__ = [
     "configure_k8s_hub",
     "dashboard_middleware_name",
     "k8s_gateway_settings",
+    "k8s_guard_settings",
     "k8s_hub_settings",
+    "serve_k8s_guard",
     "singleuser_labels",
 ]
+
+log = logging.getLogger("workbench.k8s_hub")
 
 DEFAULT_PLATFORM = "/etc/workbench/platform.yaml"
 #: the hub's API port (the chart's hub Service)
 HUB_PORT = 8081
+#: the dashboard guard's port (the chart's gateway-guard Service)
+GUARD_PORT = 8000
 #: where the gateway is reached through the hub's proxy, and the prefix of its routes in Traefik
 GATEWAY_PREFIX = f"/services/{GATEWAY_SERVICE}"
 
@@ -84,10 +104,12 @@ HUB_ENV: dict[str, str] = {
     "WORKBENCH_HUB_CONNECT_URL": "* URL at which pods reach the hub API (http://<release>-hub:8081)",
     "WORKBENCH_PROXY_API_URL": "* configurable-http-proxy's API (http://<release>-proxy-api:8001)",
     "WORKBENCH_DB_URL": "* hub database (sqlite:////srv/jupyterhub/jupyterhub.sqlite or a PostgreSQL URL)",
-    "WORKBENCH_GATEWAY_URL": "* the gateway's HTTP proxy (Traefik web entrypoint): the hub service dask-gateway",
+    "WORKBENCH_GATEWAY_URL": "* the dashboard guard in front of the gateway's HTTP proxy: the hub service dask-gateway",
     "WORKBENCH_GATEWAY_PROXY_ADDRESS": "* gateway://<host>:<port> of the gateway's TCP entrypoint (schedulers)",
     "WORKBENCH_GATEWAY_API_TOKEN": "* API token of the hub service dask-gateway (from the chart's Secret)",
     "WORKBENCH_CULLER_API_TOKEN": "API token of the idle culler (required when culling is enabled)",
+    "WORKBENCH_QUOTA_URL": "the quota service (http://<release>-quota:8013): the hub service quota; unset: none",
+    "WORKBENCH_QUOTA_API_TOKEN": "API token of the hub service quota (required with WORKBENCH_QUOTA_URL)",
     "WORKBENCH_ALLOW_DEMO_AUTH": "'true' to accept auth.type demo (the chart sets it only when not exposed)",
     "WORKBENCH_IMAGE_PULL_SECRETS": "comma-separated Secret names for pulling notebook images",
 }
@@ -98,6 +120,14 @@ GATEWAY_ENV: dict[str, str] = {
     "WORKBENCH_GATEWAY_INSTANCE": "* dask-gateway instance (the gateway.dask.org/instance label of its objects)",
     "WORKBENCH_GATEWAY_API_URL": "* URL at which schedulers reach the gateway API (http://<api>.<ns>:8000/api)",
     "WORKBENCH_HUB_API_URL": "* the hub API (http://<release>-hub:8081/hub/api), to check users' tokens",
+}
+#: environment of the dashboard guard pod (:mod:`workbench.dashguard`, the hub service dask-gateway)
+GUARD_ENV: dict[str, str] = {
+    "WORKBENCH_HUB_API_URL": "* the hub API (http://<release>-hub:8081/hub/api), to check users' tokens",
+    "WORKBENCH_GATEWAY_PROXY_URL": "* the gateway's HTTP proxy (Traefik web entrypoint) the guard forwards to",
+    "WORKBENCH_GATEWAY_API_TOKEN": "* API token of the hub service dask-gateway (from the chart's Secret)",
+    "WORKBENCH_GUARD_COOKIE_SECRET": "* 64 hex characters: the key of the guard's login cookie (from the chart's Secret)",
+    "WORKBENCH_GUARD_PORT": f"port to listen on, all addresses (default {GUARD_PORT})",
 }
 
 
@@ -153,9 +183,19 @@ def _max_workers_env(policy: Policy):
     return value
 
 
+def _quota_url(env: Mapping[str, str]) -> str:
+    """The quota service's URL, when the chart runs it (``WORKBENCH_QUOTA_URL``), else ''."""
+    url = (env.get("WORKBENCH_QUOTA_URL") or "").strip()
+    if url and not env.get("WORKBENCH_QUOTA_API_TOKEN"):
+        raise K8sConfigError("hub: WORKBENCH_QUOTA_URL is set but WORKBENCH_QUOTA_API_TOKEN (the quota service's token) is not")
+    return url
+
+
 def _services(policy: Policy, env: Mapping[str, str]) -> list[dict[str, Any]]:
     """The hub's services: the idle culler first (the hub starts services in order and waits a little for
-    an external service that does not answer yet, as the gateway's proxy may not at first), then the gateway."""
+    an external service that does not answer yet, as the gateway's guard may not at first), then the
+    gateway (its dashboard guard: ``oauth_no_confirm``, as in the embedded mode), then the quota service
+    when ``WORKBENCH_QUOTA_URL`` is set."""
     services: list[dict[str, Any]] = []
     if policy.culling.enabled:
         if not env.get("WORKBENCH_CULLER_API_TOKEN"):
@@ -181,9 +221,37 @@ def _services(policy: Policy, env: Mapping[str, str]) -> list[dict[str, Any]]:
             "name": GATEWAY_SERVICE,
             "url": env["WORKBENCH_GATEWAY_URL"],
             "api_token": env["WORKBENCH_GATEWAY_API_TOKEN"],
+            "oauth_no_confirm": True,
         }
     )
+    quota_url = _quota_url(env)
+    if quota_url:
+        services.append({"name": QUOTA_SERVICE, "url": quota_url, "api_token": env["WORKBENCH_QUOTA_API_TOKEN"]})
     return services
+
+
+def culler_roles(policy: Policy) -> list[dict[str, Any]]:
+    """The stock jupyterhub-idle-culler's role (Kubernetes runs it in the hub pod; the embedded mode runs
+    :mod:`workbench.sessions` instead, which has its own role) (pure)."""
+    if not policy.culling.enabled:
+        return []
+    return [{"name": CULLER_SERVICE, "description": "Stop idle single-user servers", "scopes": list(CULLER_SCOPES),
+             "services": [CULLER_SERVICE]}]
+
+
+def _roles_of_services(role_list: list[dict[str, Any]], services: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``role_list`` without the services this hub does not run (JupyterHub refuses to start on a role
+    naming an undefined service): e.g. the idle culler's role when culling is off, or an embedded-only
+    service's. A role left with no users, groups or services is dropped (pure)."""
+    names = {s["name"] for s in services}
+    out = []
+    for role in role_list:
+        if "services" in role:
+            role = {**role, "services": [s for s in role["services"] if s in names]}
+            if not any(role.get(k) for k in ("users", "groups", "services")):
+                continue
+        out.append(role)
+    return out
 
 
 def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -195,8 +263,10 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
       chart's NetworkPolicies select), with the Dask Gateway addresses in the environment;
     - login: :func:`workbench.oauth.auth_settings` (the OAuth callback under ``WORKBENCH_PUBLIC_URL``);
       demo auth only when ``WORKBENCH_ALLOW_DEMO_AUTH`` is true;
-    - services: ``dask-gateway`` (the gateway's Traefik proxy) and the idle culler (in the hub pod);
-      roles from :func:`workbench.hub.roles`;
+    - services: ``dask-gateway`` (the dashboard guard in front of the gateway's Traefik proxy), the idle
+      culler (in the hub pod) and, with ``WORKBENCH_QUOTA_URL``, ``quota`` (its own pod); roles from
+      :func:`workbench.hub.roles` and :func:`workbench.quota.wiring.quota_roles`, the quota service's
+      custom scopes, and ``access:services!service=quota`` in notebook servers' tokens;
     - the external configurable-http-proxy (not started by the hub), the database, and
       ``cleanup_servers = False`` so that an upgrade of the hub leaves users' pods running.
 
@@ -241,16 +311,21 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
             },
         }
     )
+    quota = bool(_quota_url(env))
+    services = _services(policy, env)
     hub = {
         **settings["JupyterHub"],
         "hub_bind_url": f"http://:{HUB_PORT}",
         "hub_connect_url": env["WORKBENCH_HUB_CONNECT_URL"],
         "db_url": env["WORKBENCH_DB_URL"],
-        "services": _services(policy, env),
-        "load_roles": roles(policy),
+        "services": services,
+        "load_roles": _roles_of_services([*roles(policy), *culler_roles(policy), *(quota_roles(policy) if quota else [])],
+                                         services),
         "cleanup_servers": False,
         **auth["JupyterHub"],
     }
+    if quota:
+        hub["custom_scopes"] = dict(QUOTA_CUSTOM_SCOPES)
     if public_url:
         hub["public_url"] = f"{public_url}/"
     return {
@@ -260,7 +335,7 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
         "Spawner": {
             "cmd": ["jupyterhub-singleuser"],
             "default_url": "/lab",
-            "server_token_scopes": list(SERVER_TOKEN_SCOPES),
+            "server_token_scopes": [*SERVER_TOKEN_SCOPES, *([QUOTA_ACCESS_SCOPE] if quota else [])],
             "start_timeout": 600,  # first pull of a multi-GB GPU image on a fresh node
             "http_timeout": 120,
         },
@@ -306,6 +381,83 @@ def k8s_gateway_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, di
     }
     settings["NamespacedKubeController"] = {"watch_namespace": namespace}
     return settings
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """What the dashboard guard pod needs (:func:`k8s_guard_settings`)."""
+
+    hub_api_url: str
+    upstream: str
+    api_token: str = field(repr=False)
+    cookie_secret: bytes = field(repr=False)
+    port: int = GUARD_PORT
+
+
+def k8s_guard_settings(env: Mapping[str, str]) -> GuardSettings:
+    """Settings of the dashboard guard pod (pure): :mod:`workbench.dashguard` on Kubernetes.
+
+    As in the embedded mode, the hub service ``dask-gateway`` is the guard: it forwards everything
+    under :data:`GATEWAY_PREFIX` to the gateway's Traefik proxy (``WORKBENCH_GATEWAY_PROXY_URL``) and
+    a cluster's dashboard to its owner only (it asks the gateway, with the caller's token, for the
+    cluster). It logs browsers in with the hub's OAuth as the service ``dask-gateway`` (its token:
+    ``WORKBENCH_GATEWAY_API_TOKEN``); its cookie key is derived from ``WORKBENCH_GUARD_COOKIE_SECRET``,
+    a secret of its own (the guard never holds the hub's cookie secret).
+    """
+    from .dashguard import derive_cookie_secret
+
+    _require(env, GUARD_ENV, "dashboard guard")
+    try:
+        cookie_secret = derive_cookie_secret(env["WORKBENCH_GUARD_COOKIE_SECRET"])
+    except ValueError:
+        raise K8sConfigError("dashboard guard: WORKBENCH_GUARD_COOKIE_SECRET must be hex (openssl rand -hex 32)") from None
+    return GuardSettings(
+        hub_api_url=env["WORKBENCH_HUB_API_URL"],
+        upstream=env["WORKBENCH_GATEWAY_PROXY_URL"].rstrip("/"),
+        api_token=env["WORKBENCH_GATEWAY_API_TOKEN"],
+        cookie_secret=cookie_secret,
+        port=int(env.get("WORKBENCH_GUARD_PORT") or GUARD_PORT),
+    )
+
+
+async def serve_k8s_guard(settings: GuardSettings, stop: asyncio.Event) -> None:
+    """Run the guard on ``settings.port`` (all addresses) until ``stop`` is set."""
+    from .dashguard import Guard, make_app, make_hub_auth
+
+    guard = Guard(settings.upstream, make_hub_auth(settings.hub_api_url, settings.api_token))
+    # behind the hub's proxy (the NetworkPolicy admits only it, the hub and notebook pods): trust its
+    # X-Forwarded-Proto, so that the login cookie is Secure behind TLS
+    server = make_app(guard, settings.cookie_secret).listen(settings.port, xheaders=True)
+    log.info("guarding %s on :%d -> dask-gateway at %s", GATEWAY_PREFIX, settings.port, guard.upstream)
+    try:
+        await stop.wait()
+    finally:
+        server.stop()
+        guard.client.close()
+
+
+def _guard_main() -> int:
+    import os
+    import signal
+
+    from tornado.log import enable_pretty_logging
+
+    enable_pretty_logging()
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        settings = k8s_guard_settings(os.environ)
+    except K8sConfigError as e:
+        print(f"workbench: {e}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await serve_k8s_guard(settings, stop)
+
+    asyncio.run(run())
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -424,11 +576,15 @@ def configure_k8s_gateway(c, environ: Mapping[str, str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m workbench.k8s_hub kube-controller [options]``: the namespaced gateway controller."""
+    """``python -m workbench.k8s_hub kube-controller [options]``: the namespaced gateway controller;
+    ``python -m workbench.k8s_hub dashguard``: the dashboard guard (configured by :data:`GUARD_ENV`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["dashguard"]:
+        return _guard_main()
     if not argv or argv[0] != "kube-controller":
         print(
-            "usage: python -m workbench.k8s_hub kube-controller -f hub_config/dask_gateway_config_k8s.py",
+            "usage: python -m workbench.k8s_hub kube-controller -f hub_config/dask_gateway_config_k8s.py\n"
+            "       python -m workbench.k8s_hub dashguard",
             file=sys.stderr,
         )
         return 2

@@ -42,17 +42,21 @@ from typing import Any
 from kubespawner import KubeSpawner
 from traitlets import Instance, Unicode, default
 
+from .courses import courses_of, material_pulls, materials_path, pull_env, pull_script, teaches
 from .policy import Policy
 from .spawner import cached_policy, choose_profile, describe_profile
 
 __all__ = [
+    "COURSE_CLAIM",
     "HOME_MOUNT",
     "WorkbenchKubeSpawner",
+    "course_volumes",
     "group_volumes",
     "kube_hub_settings",
     "kubespawner_profile",
     "kubespawner_settings",
     "make_profile_list",
+    "material_init_container",
     "profile_description",
     "profile_list_for",
     "render_pod",
@@ -64,6 +68,8 @@ HOME_MOUNT = "/home/jovyan"
 NB_UID = 1000
 NB_GID = 1000
 FS_GID = 100  # docker-stacks' "users" group: owns the mounted volumes
+#: the PVC of each course's materials folder (``{course}``: the course group; ReadWriteMany, made by the platform team)
+COURSE_CLAIM = "workbench-course-{course}"
 
 
 # ---------------------------------------------------------------------------
@@ -140,20 +146,90 @@ def group_volumes(policy: Policy, user_groups: Iterable[str]) -> tuple[dict[str,
     return volumes, mounts
 
 
-def profile_list_for(policy: Policy, user_groups: Iterable[str]) -> list[dict[str, Any]]:
+def course_volumes(
+    policy: Policy, user_groups: Iterable[str], username: str | None = None
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """``(volumes, volume_mounts)`` for the materials folders of the user's courses (pure).
+
+    Each course's PVC (:data:`COURSE_CLAIM`) is mounted at ``storage.courses``, the same path as in
+    the embedded mode: read-only for students, read-write for the course's instructors (by hub
+    user name, ``groups.<course>.instructors``). Keyed by volume name like :func:`group_volumes`.
+    """
+    volumes: dict[str, dict] = {}
+    mounts: dict[str, dict] = {}
+    for course in courses_of(policy, user_groups, username):
+        vname = _volume_name("materials", course)
+        claim = {"claimName": COURSE_CLAIM.format(course=course)}
+        volumes[vname] = {"name": vname, "persistentVolumeClaim": claim}
+        mounts[vname] = {"name": vname, "mountPath": materials_path(policy, course)}
+        if username is None or not teaches(policy, course, username):
+            claim["readOnly"] = mounts[vname]["readOnly"] = True
+    return volumes, mounts
+
+
+def material_init_container(
+    policy: Policy, user_groups: Iterable[str], profile: str, username: str | None = None
+) -> dict[str, Any] | None:
+    """An init container pulling the user's course material into ``~/<course>`` (None: no material) (pure).
+
+    It runs :func:`workbench.courses.pull_script` with ``gitpuller`` of the profile's own image
+    (the workbench images ship nbgitpuller) as the notebook user, on the home volume, before the
+    notebook starts; it always exits 0, so a failed pull leaves a note in the course folder and
+    never keeps the pod from starting. Locked down like the notebook container; its resources are
+    the profile's (an init container's requests do not add to the pod's).
+    """
+    pulls = material_pulls(policy, courses_of(policy, user_groups, username))
+    if not pulls:
+        return None
+    prof = policy.profiles[profile]
+    env = pull_env(HOME_MOUNT, "")
+    del env["PATH"]  # the image's own
+    return {
+        "name": "course-material",
+        "image": policy.images[prof.image].image,
+        # KubeSpawner expands {placeholders} in init containers: keep the script's braces literal
+        "command": ["sh", "-c", pull_script(pulls, HOME_MOUNT, report_failures=False).replace("{", "{{").replace("}", "}}")],
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "workingDir": HOME_MOUNT,
+        "volumeMounts": [{"name": "home", "mountPath": HOME_MOUNT}],
+        "securityContext": {
+            "runAsUser": NB_UID,
+            "runAsGroup": NB_GID,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "resources": {
+            "requests": {"cpu": prof.cpu, "memory": prof.memory},
+            "limits": {"cpu": prof.cpu, "memory": prof.memory_limit or prof.memory},
+        },
+    }
+
+
+def profile_list_for(
+    policy: Policy, user_groups: Iterable[str], username: str | None = None
+) -> list[dict[str, Any]]:
     """The ``profile_list`` of a member of ``user_groups``: entitled profiles only, in policy order (pure).
 
     The first entry is the default. Every entry's override also mounts the shared folders of the
-    user's groups (:func:`group_volumes`), whichever profile is picked.
+    user's groups (:func:`group_volumes`) and the materials folders of their courses
+    (:func:`course_volumes`, writable for ``username`` where they teach), whichever profile is
+    picked, and pulls their courses' git material (:func:`material_init_container`, keyed
+    ``course-material`` in ``init_containers`` so that KubeSpawner merges it).
     """
     user_groups = list(user_groups)
     out = []
     for i, name in enumerate(policy.profiles_for(user_groups)):
         entry = kubespawner_profile(policy, name)
         volumes, mounts = group_volumes(policy, user_groups)
+        cvolumes, cmounts = course_volumes(policy, user_groups, username)
+        volumes, mounts = {**volumes, **cvolumes}, {**mounts, **cmounts}
         if volumes:
             entry["kubespawner_override"]["volumes"] = volumes
             entry["kubespawner_override"]["volume_mounts"] = mounts
+        init = material_init_container(policy, user_groups, name, username)
+        if init:
+            entry["kubespawner_override"]["init_containers"] = {init["name"]: init}
         if i == 0:
             entry["default"] = True
         out.append(entry)
@@ -171,7 +247,7 @@ def make_profile_list(policy: Policy):
     async def profile_list(spawner) -> list[dict[str, Any]]:
         groups = [g.name for g in spawner.user.groups]
         choose_profile(policy, groups, None)  # 403 when no group of the user may start a server
-        return profile_list_for(policy, groups)
+        return profile_list_for(policy, groups, getattr(spawner.user, "name", None))
 
     return profile_list
 

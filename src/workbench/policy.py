@@ -349,6 +349,12 @@ class GpuRequest(_Model):
     count: int = Field(default=1, ge=1, le=16)
 
 
+class Session(_Model):
+    """How long one server may run: it is stopped ``max_age`` after it started (warned before)."""
+
+    max_age: Duration | None = None
+
+
 class Profile(_Model):
     display_name: str = ""
     description: str = ""
@@ -358,6 +364,12 @@ class Profile(_Model):
     gpu: GpuRequest | None = None
     image: str = "base"
     env: dict[str, str] = Field(default_factory=dict)
+    #: the longest a server of this profile may run (the shorter of this and its group's ``session.max_age``)
+    session: Session | None = None
+    #: idle servers of this profile are stopped after this (None: ``culling.timeout``)
+    idle_timeout: Duration | None = None
+    #: GPU profiles: stopped when their GPUs have been idle this long, even with an active browser (None: never)
+    gpu_idle_timeout: Duration | None = None
 
 
 class SlurmPolicy(_Model):
@@ -427,6 +439,23 @@ class Budget(_Model):
     period: Literal["month", "term", "total"] = "month"
     term_starts: list[TermStart] = Field(default_factory=lambda: ["02-01", "09-01"], min_length=1)
     per_user: UserBudget | None = None
+    warn_at: list[float] = Field(
+        default_factory=lambda: [0.8, 0.95],
+        description="fractions of a budget at which users are warned (notifications of the quota service)",
+    )
+    grace: Duration = Field(
+        default=parse_duration("15m"),
+        description="how long servers and Dask clusters keep running once a budget is spent, then they are stopped",
+    )
+
+    @field_validator("warn_at")
+    @classmethod
+    def _warn_at_fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < x < 1 for x in v):
+            raise ValueError(f"each warning level is a fraction between 0 and 1 (0.8 = at 80%), got {v}")
+        if v != sorted(set(v)):
+            raise ValueError(f"list the warning levels once each, in increasing order (e.g. [0.8, 0.95]), got {v}")
+        return v
 
 
 class Caps(_Model):
@@ -443,10 +472,6 @@ class Caps(_Model):
 
 
 # -- end of budgets and concurrency caps -------------------------------------
-
-
-class Session(_Model):
-    max_age: Duration | None = None
 
 
 class Material(_Model):
@@ -467,9 +492,17 @@ class Group(_Model):
 
 
 class Culling(_Model):
+    """Idle culling and session limits, enforced by the ``sessions`` hub service (:mod:`workbench.sessions`).
+
+    ``timeout``: idle servers are stopped after this (a profile's ``idle_timeout`` overrides it);
+    ``every``: how often servers are checked; ``warn_before``: how long before a session limit
+    (``session.max_age``) its user is warned.
+    """
+
     enabled: bool = True
     timeout: Duration = parse_duration("1h")
     every: Duration = parse_duration("5m")
+    warn_before: list[Duration] = Field(default_factory=lambda: [parse_duration("15m"), parse_duration("5m")])
 
 
 _DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -495,6 +528,9 @@ class Storage(_Model):
     home: str = "/home/{system_user}"
     shared: str = "/srv/workbench/groups/{group}"
     datasets: str = "/srv/workbench/datasets"
+    #: each course's materials folder ({course}: the course group): read-only for students,
+    #: writable by the course's instructors (workbench.courses)
+    courses: str = "/srv/workbench/courses/{course}"
     home_size: str = "10Gi"
     storage_class: str | None = None
     shared_claim: str = "workbench-group-{group}"
@@ -694,6 +730,38 @@ def _reference_problems(p: Policy) -> list[tuple[str, str]]:
                     )
                 )
     problems += _auth_problems(p)
+    problems += _session_problems(p)
+    return problems
+
+
+def _session_problems(p: Policy) -> list[tuple[str, str]]:
+    """Checks of profiles' session and idle limits and of ``culling`` (pure)."""
+    problems = []
+    for pname, prof in p.profiles.items():
+        if prof.session is not None and prof.session.max_age is not None and prof.session.max_age <= 0:
+            problems.append((f"profiles.{pname}.session.max_age",
+                             "must be more than 0 (like 8h); remove 'session' for no limit"))
+        if prof.idle_timeout is not None and prof.idle_timeout <= 0:
+            problems.append((f"profiles.{pname}.idle_timeout",
+                             "must be more than 0 (like 30m); remove it to use culling.timeout"))
+        if prof.gpu_idle_timeout is not None:
+            if prof.gpu is None:
+                problems.append((f"profiles.{pname}.gpu_idle_timeout",
+                                 "only profiles with a 'gpu' have GPUs to watch; remove it or use idle_timeout"))
+            elif prof.gpu_idle_timeout <= 0:
+                problems.append((f"profiles.{pname}.gpu_idle_timeout",
+                                 "must be more than 0 (like 20m); remove it to never stop servers for idle GPUs"))
+    if p.culling.every <= 0:
+        problems.append(("culling.every", "must be more than 0 (like 5m): how often servers are checked"))
+    if p.culling.enabled and p.culling.timeout <= 0:
+        problems.append(("culling.timeout",
+                         "must be more than 0 (like 1h); use 'enabled: false' to never stop idle servers"))
+    for i, lead in enumerate(p.culling.warn_before):
+        if lead <= 0:
+            problems.append((f"culling.warn_before[{i}]",
+                             "must be more than 0 (like 15m): how long before a session limit users are warned"))
+        elif lead in p.culling.warn_before[:i]:
+            problems.append((f"culling.warn_before[{i}]", f"{lead}s is listed twice; list each warning once"))
     return problems
 
 

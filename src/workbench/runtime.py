@@ -39,6 +39,8 @@ class Runtime:
     gateway_tcp_port: int = 8012
     gateway_guard_port: int = 8013  # workbench.dashguard: the hub service `dask-gateway`, in front of the HTTP proxy
     quota_port: int = 0  # workbench.quota: the hub service `quota` (0: not run)
+    sessions_port: int = 0  # workbench.sessions: the hub service `sessions` (0: a free port when the hub starts)
+    quota_every: float = 30.0  # seconds between budget checks (quota service) and ledger reconciles (gateway)
     system_users: bool = False  # spawn as one system user per hub user (needs root)
     user_prefix: str = "wb-"
     allow_demo_auth_on_network: bool = False
@@ -121,7 +123,7 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 SECRET_NAMES = ("cookie_secret", "proxy_auth_token", "gateway_api_token", "culler_api_token", "gateway_db_key",
-                "quota_api_token")
+                "quota_api_token", "sessions_api_token")
 
 
 def _new_secret(name: str) -> str:

@@ -22,9 +22,13 @@ from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from tornado import web
 from traitlets import Bool, Dict, Unicode, default
 
+from .courses import prepare_courses
 from .gpus import GpuAllocator, NoFreeGpu
 from .limits import Limiter, detect_cgroups, local_limits, own_cgroups
 from .policy import Policy, Profile, load_policy
+from .quota.client import QuotaClient, QuotaUnavailable
+from .quota.models import server_item_id
+from .quota.views import charge_group
 from .starters import install_starters
 from .sysusers import ensure_folder, ensure_group_membership, ensure_system_user, system_username, unix_group_name
 
@@ -149,6 +153,14 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
 
     gpus = Dict(help="Local GPU devices by GPU type: {type: [device ids]} (from `workbench up`).").tag(config=True)
 
+    quota_api_url = Unicode(
+        "",
+        help="The quota service's API (e.g. http://127.0.0.1:PORT/services/quota/api); when set, every start is "
+        "admitted by it first (budgets and caps; refused with its message) and every stop is recorded.",
+    ).tag(config=True)
+
+    quota_api_token = Unicode("", help="A hub token with custom:workbench-quota:write.").tag(config=True)
+
     gpu_devices: list[str] = []
     profile_name: str = ""
 
@@ -270,9 +282,43 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
         super().clear_state()
         self.gpu_devices = []
 
+    @property
+    def quota(self) -> QuotaClient | None:
+        return QuotaClient(self.quota_api_url, self.quota_api_token) if self.quota_api_url else None
+
+    @property
+    def quota_item(self) -> str:
+        return server_item_id(self.user.name, self.name)
+
+    async def _admit(self) -> None:
+        """Ask the quota service (budgets, caps) before anything starts; 403 with its message if refused."""
+        group = charge_group(self.policy, self.user_groups, self.profile_name)
+        try:
+            decision = await self.quota.admit(
+                item=self.quota_item, kind="server", user=self.user.name, group=group, profile=self.profile_name,
+            )
+        except QuotaUnavailable as e:
+            self.log.error("Refusing %s's start: %s", self.user.name, e)
+            raise web.HTTPError(
+                503, "The quota service does not answer, so no server can start now; try again in a minute."
+            ) from None
+        if not decision.allowed:
+            self.log.info("Quota refused %s's start (%s): %s", self.user.name, decision.reason, decision.message)
+            raise web.HTTPError(403, decision.message)
+
     async def start(self):
         self.profile_name = choose_profile(self.policy, self.user_groups, self.user_options.get("profile"))
         profile = self.policy.profiles[self.profile_name]
+        if self.quota is not None:
+            await self._admit()
+        try:
+            return await self._start_with_gpus(profile)
+        except BaseException:
+            if self.quota is not None:
+                await self.quota.stop(self.quota_item)
+            raise
+
+    async def _start_with_gpus(self, profile: Profile):
         if profile.gpu:
             gtype = self.policy.gpu_types[profile.gpu.type]
             try:
@@ -298,6 +344,7 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
         else:
             Path(self.home).mkdir(parents=True, exist_ok=True)
             install_starters(self.home, kinds)
+        await prepare_courses(self)  # course material pulled as the user, course folders (never blocks the start)
         self._limits = local_limits(profile)
         self._cgroup_dirs = self.limiter.prepare(self.server_key, self._limits)
         self.log.info(
@@ -328,7 +375,10 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
         finally:
             self.allocator.release(self.server_key)
             self.limiter.remove(self.server_key)
-            if self.gateway_api_url and not self.name:  # the default server owns the user's clusters
+            if self.quota is not None:
+                await self.quota.stop(self.quota_item)
+            # the default server owns the user's clusters (users without Dask access have none)
+            if self.gateway_api_url and not self.name and self.policy.dask_group_for(self.user_groups):
                 await self._stop_dask_clusters()
 
     async def _stop_dask_clusters(self) -> None:

@@ -69,6 +69,7 @@ class UpOptions:
     ready_timeout: float = 180.0
     fake_gpus: str = ""  # "h100:2": pretend devices, for tests on machines without a GPU
     gateway_backend: str = "local"  # "local" or "slurm"
+    quota_every: float = 30.0  # seconds between budget enforcement rounds (quota service, gateway)
 
 
 def local_gpus(policy: Policy, fake: str = "") -> dict[str, list[str]]:
@@ -240,6 +241,8 @@ class Supervisor:
             gateway_tcp_port=free_port(),
             gateway_guard_port=free_port(),
             quota_port=free_port(),  # workbench.quota as a hub service
+            quota_every=opts.quota_every,
+            sessions_port=free_port(),  # workbench.sessions (session limits, idle culling) as a hub service
             system_users=system_users,
             allow_demo_auth_on_network=opts.allow_demo_auth_on_network,
             gpus=gpus,

@@ -17,7 +17,10 @@ import pytest
 import yaml
 
 from workbench.gateway_kube import render_cluster_pods
-from workbench.k8s_hub import GATEWAY_PREFIX, k8s_gateway_settings, k8s_hub_settings, singleuser_labels
+from workbench.k8s_hub import GATEWAY_PREFIX, k8s_gateway_settings, k8s_guard_settings, k8s_hub_settings, singleuser_labels
+from workbench.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
+from workbench.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
+from workbench.quota.wiring import quota_roles
 from workbench.policy import load_policy, parse_policy
 
 from .conftest import (
@@ -35,7 +38,8 @@ from .conftest import (
     secret_data,
 )
 
-OAUTH_SECRET = {("workbench-oauth", "client-secret"): "s3cret", ("workbench-hub-db", "url"): "postgresql+psycopg://x"}
+OAUTH_SECRET = {("workbench-oauth", "client-secret"): "s3cret", ("workbench-hub-db", "url"): "postgresql+psycopg://x",
+                ("workbench-quota-db", "url"): "postgresql+psycopg://quota@db/quota"}
 #: components whose pods use the Kubernetes API, and so get a service account token
 API_USERS = {"hub", "gateway-api", "gateway-controller", "gateway-proxy"}
 TRAEFIK_KINDS = {"IngressRoute", "Middleware"}
@@ -161,7 +165,7 @@ def test_large_numbers_stay_numbers(helm):
 
 
 def test_pods_mount_the_platform_read_only(objects):
-    for comp in ("hub", "gateway-api", "gateway-controller"):
+    for comp in ("hub", "gateway-api", "gateway-controller", "quota"):
         dep = one(objects, "Deployment", f"{RELEASE}-{comp}")
         spec = dep["spec"]["template"]["spec"]
         [container] = spec["containers"]
@@ -193,7 +197,7 @@ def test_pods_are_locked_down(objects):
             assert sc["runAsNonRoot"] is True, comp
             assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], comp
         assert not spec.get("hostNetwork") and not spec.get("hostPID"), comp
-    assert comps == {"hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy"}
+    assert comps == {"hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy", "gateway-guard", "quota"}
 
 
 def test_service_account_tokens_only_where_the_api_is_used(objects):
@@ -255,14 +259,18 @@ def test_notebook_pods_from_the_chart(production_objects):
     proxy_svc = one(objects, "Service", f"{RELEASE}-gateway-proxy")
     ports = {p["name"]: p["port"] for p in proxy_svc["spec"]["ports"]}
     host = f"{RELEASE}-gateway-proxy.{NAMESPACE}"
-    assert pod_env["DASK_GATEWAY__ADDRESS"] == f"http://{host}:{ports['web']}{GATEWAY_PREFIX}"
+    [guard_port] = one(objects, "Service", f"{RELEASE}-gateway-guard")["spec"]["ports"]
+    guard = f"http://{RELEASE}-gateway-guard.{NAMESPACE}:{guard_port['port']}"
+    assert pod_env["DASK_GATEWAY__ADDRESS"] == f"{guard}{GATEWAY_PREFIX}"  # the API through the dashboard guard
     assert pod_env["DASK_GATEWAY__PROXY_ADDRESS"] == f"gateway://{host}:{ports['tcp']}"
     assert pod_env["WORKBENCH_DASK_MAX_WORKERS"] == "16"
 
     hub = settings["JupyterHub"]
     assert hub["hub_connect_url"] == f"http://{RELEASE}-hub:8081"
-    assert [s["name"] for s in hub["services"]] == ["idle-culler", "dask-gateway"]
-    assert hub["services"][1]["url"] == f"http://{host}:{ports['web']}"
+    assert [s["name"] for s in hub["services"]] == ["idle-culler", "dask-gateway", "quota"]
+    assert hub["services"][1]["url"] == guard
+    [quota_port] = one(objects, "Service", f"{RELEASE}-quota")["spec"]["ports"]
+    assert hub["services"][2]["url"] == f"http://{RELEASE}-quota:{quota_port['port']}"
     assert settings["ConfigurableHTTPProxy"]["api_url"] == f"http://{RELEASE}-proxy-api:8001"
     assert settings["WorkbenchGenericOAuthenticator"]["oauth_callback_url"] == "https://workbench.example.edu/hub/oauth_callback"
 
@@ -351,7 +359,7 @@ def _policies(objects) -> dict[str, dict]:
 def _peer_components(peers: list[dict], objects) -> set[str]:
     labels = {
         comp: {"app.kubernetes.io/name": "workbench", "app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": comp}
-        for comp in ("hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy")
+        for comp in ("hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy", "gateway-guard", "quota")
     }
     labels["singleuser"] = singleuser_labels(RELEASE)
     out = set()
@@ -391,6 +399,7 @@ def test_every_component_has_a_network_policy(objects):
     policies = _policies(objects)
     assert set(policies) == {
         "hub", "proxy", "singleuser", "gateway-api", "gateway-controller", "gateway-proxy", "dask-scheduler", "dask-worker",
+        "gateway-guard", "quota",
     }
 
 
@@ -404,7 +413,8 @@ def test_notebook_pods_reach_only_the_hub_the_gateway_and_dns(objects):
         for comp in _peer_components(rule["to"], objects):
             reached[comp] = _ports(rule)
     assert reached.pop("hub") == {8081}
-    assert reached.pop("gateway-proxy") == {8000, 8786}
+    assert reached.pop("gateway-guard") == {8000}  # the gateway API, and dashboards of their own clusters
+    assert reached.pop("gateway-proxy") == {8786}  # scheduler TLS only: never the dashboards' HTTP port
     dns = [k for k in reached if k.startswith("dns:")]
     assert dns and all(reached.pop(k) == {53} for k in dns)
     # not other users' pods (or any pod, or a private address); at most public addresses
@@ -440,12 +450,12 @@ def test_schedulers_are_reached_through_the_gateway_proxy_only(objects):
     assert api_sources == {"gateway-proxy", "dask-scheduler"}
     assert "ingress" not in policies["gateway-controller"] and policies["gateway-controller"]["policyTypes"] == ["Ingress"]
     hub_sources = set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
-    assert hub_sources == {"proxy", "singleuser", "gateway-api"}
+    assert hub_sources == {"proxy", "singleuser", "gateway-api", "gateway-guard", "quota"}
     gw_proxy = {}
     for rule in policies["gateway-proxy"]["ingress"]:
         for comp in _peer_components(rule["from"], objects):
             gw_proxy[comp] = _ports(rule)
-    assert gw_proxy == {"singleuser": {8000, 8786}, "proxy": {8000}, "hub": {8000}}
+    assert gw_proxy == {"gateway-guard": {8000}, "singleuser": {8786}}
 
 
 def test_the_proxy_forwards_only_to_the_workbench(objects):
@@ -479,12 +489,14 @@ def test_secrets_are_kept_across_upgrades(helm, default_objects):
     asserts the Secret is identical; a third render without it proves values are not constant.
     """
     first = secret_data(default_objects)
-    assert set(first) == {"cookie-secret", "proxy-token", "crypt-key", "gateway-api-token", "culler-api-token", "demo-password"}
+    assert set(first) == {"cookie-secret", "proxy-token", "crypt-key", "gateway-api-token", "culler-api-token",
+                          "quota-api-token", "guard-cookie-secret", "demo-password"}
     for key, value in first.items():
         if key != "demo-password":
             assert re.fullmatch(r"[0-9a-f]{64}", value), key
     names = {"cookie-secret": "cookieSecret", "proxy-token": "proxyToken", "crypt-key": "cryptKey",
-             "gateway-api-token": "gatewayApiToken", "culler-api-token": "cullerApiToken", "demo-password": "demoPassword"}
+             "gateway-api-token": "gatewayApiToken", "culler-api-token": "cullerApiToken", "quota-api-token": "quotaApiToken",
+             "guard-cookie-secret": "guardCookieSecret", "demo-password": "demoPassword"}
     args = [a for key, value in first.items() for a in ("--set", f"secrets.{names[key]}={value}")]
     second = secret_data(helm_template(helm, *args))
     assert second == first
@@ -510,11 +522,13 @@ def test_sso_secrets_come_from_the_operators_secret(production_objects, default_
     assert env["WORKBENCH_DB_URL"] == "postgresql+psycopg://x"
     assert "WORKBENCH_ALLOW_DEMO_AUTH" not in env and "demo-password" not in secret_data(production_objects)
     assert not find(production_objects, "PersistentVolumeClaim")  # postgres, claims made by the platform team
+    assert container_env(production_objects, f"{RELEASE}-quota", OAUTH_SECRET)["WORKBENCH_QUOTA_DB_URL"] == (
+        "postgresql+psycopg://quota@db/quota")
     demo = container_env(default_objects, f"{RELEASE}-hub")
     assert demo["WORKBENCH_ALLOW_DEMO_AUTH"] == "true" and demo["WORKBENCH_DEMO_PASSWORD"]
     assert demo["WORKBENCH_DB_URL"] == "sqlite:////srv/jupyterhub/jupyterhub.sqlite"
     claims = {c["metadata"]["name"] for c in find(default_objects, "PersistentVolumeClaim")}
-    assert claims == {f"{RELEASE}-hub-db", "workbench-datasets", "workbench-group-research-lab",
+    assert claims == {f"{RELEASE}-hub-db", f"{RELEASE}-quota-db", "workbench-datasets", "workbench-group-research-lab",
                       "workbench-group-course-demo", "workbench-group-platform-admins"}
 
 
@@ -532,6 +546,8 @@ def test_images_come_from_values(helm, default_objects):
         "hub": "registry.example.edu/workbench/hub:0.1.0",
         "gateway-api": "registry.example.edu/workbench/hub:0.1.0",
         "gateway-controller": "registry.example.edu/workbench/hub:0.1.0",
+        "gateway-guard": "registry.example.edu/workbench/hub:0.1.0",
+        "quota": "registry.example.edu/workbench/hub:0.1.0",
         "proxy": "quay.io/jupyterhub/configurable-http-proxy:4.6.3",
         "gateway-proxy": "docker.io/library/traefik:v3.3.5",
     }
@@ -590,6 +606,26 @@ BAD_VALUES = {
         ["hub.db.postgres.existingSecret: hub.db.type 'postgres' needs the name of a Secret"],
     ),
     "secret that is not 64 hex characters": (["--set", "secrets.cookieSecret=short"], ["/secrets/cookieSecret"]),
+    "quota database URL in values": (
+        ["--set-json", 'quota.db.url="postgresql+psycopg://quota:hunter2@db:5432/quota"'],
+        ["quota.db.url: name the Secret that holds the ledger's database URL, not the URL itself",
+         "quota.db.url.existingSecret=workbench-quota-db"],
+    ),
+    "quota database URL and PVC both set": (
+        ["--set", "quota.db.url.existingSecret=workbench-quota-db", "--set", "quota.db.pvc.size=5Gi"],
+        ["quota.db.url and quota.db.pvc: both are set", "remove quota.db.pvc to use PostgreSQL"],
+    ),
+    "quota database key without its Secret": (
+        ["--set", "quota.db.url.key=dsn"],
+        ["quota.db.url.existingSecret: quota.db.url.key is 'dsn' but no Secret is named",
+         "kubectl create secret generic workbench-quota-db --from-literal=dsn="],
+    ),
+    "quota database Secret with an empty key": (
+        ["--set", "quota.db.url.existingSecret=workbench-quota-db", "--set", "quota.db.url.key="],
+        ["/quota/db/url/key", "minLength"],
+    ),
+    "quota reconcile interval below zero": (["--set", "quota.reconcileEvery=-1"], ["/quota/reconcileEvery", "minimum"]),
+    "quota PVC with a bad size": (["--set", "quota.db.pvc.size=5GB"], ["/quota/db/pvc/size", "does not match pattern"]),
 }
 
 
@@ -620,3 +656,171 @@ def test_install_notes_say_how_to_reach_it(helm, values, tmp_path):
     else:
         assert "https://workbench.example.edu/hub/oauth_callback" in notes and "Secret workbench-oauth" in notes
         assert "demo" not in notes
+
+
+# ---------------------------------------------------------------------------
+# The quota service
+# ---------------------------------------------------------------------------
+
+def _quota_container(objects) -> dict:
+    [container] = one(objects, "Deployment", f"{RELEASE}-quota")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_the_quota_service_is_registered_in_the_hub(objects):
+    """The quota Deployment runs `python -m workbench.quota` on the platform ConfigMap; the hub, from its
+    rendered environment, registers it as the external service quota with its roles and scopes."""
+    container = _quota_container(objects)
+    assert container["command"][:4] == ["python", "-m", "workbench.quota", "--config=/etc/workbench/platform.yaml"]
+    assert "--reconcile-every=60" in container["command"] and "--port=8013" in container["command"]
+    quota_env = container_env(objects, f"{RELEASE}-quota", OAUTH_SECRET)
+    hub_env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
+    assert quota_env["JUPYTERHUB_API_TOKEN"] == hub_env["WORKBENCH_QUOTA_API_TOKEN"] == secret_data(objects)["quota-api-token"]
+    assert quota_env["JUPYTERHUB_API_URL"] == f"http://{RELEASE}-hub:8081/hub/api"
+    assert quota_env["JUPYTERHUB_SERVICE_PREFIX"] == "/services/quota/"
+    [port] = one(objects, "Service", f"{RELEASE}-quota")["spec"]["ports"]
+    assert port["port"] == 8013 and port["targetPort"] == "http"
+
+    policy = platform_policy(objects)
+    settings = k8s_hub_settings(policy, hub_env)
+    hub = settings["JupyterHub"]
+    [quota] = [s for s in hub["services"] if s["name"] == "quota"]
+    assert quota == {"name": "quota", "url": f"http://{RELEASE}-quota:8013", "api_token": quota_env["JUPYTERHUB_API_TOKEN"]}
+    assert all(role in hub["load_roles"] for role in quota_roles(policy))
+    assert hub["custom_scopes"] == QUOTA_CUSTOM_SCOPES
+    assert QUOTA_ACCESS_SCOPE in settings["Spawner"]["server_token_scopes"]
+
+
+def test_the_quota_ledger_is_sqlite_on_a_kept_pvc_by_default(default_objects, helm):
+    container = _quota_container(default_objects)
+    assert "--state-dir=/srv/quota" in container["command"]
+    assert {"name": "ledger", "mountPath": "/srv/quota"} in container["volumeMounts"]
+    assert "WORKBENCH_QUOTA_DB_URL" not in container_env(default_objects, f"{RELEASE}-quota")
+    pvc = one(default_objects, "PersistentVolumeClaim", f"{RELEASE}-quota-db")
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi" and "storageClassName" not in pvc["spec"]
+    dep = one(default_objects, "Deployment", f"{RELEASE}-quota")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    sized = helm_template(helm, "--set", "quota.db.pvc.size=5Gi", "--set", "quota.db.pvc.storageClassName=fast",
+                          "--set", "quota.reconcileEvery=300")
+    pvc = one(sized, "PersistentVolumeClaim", f"{RELEASE}-quota-db")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi" and pvc["spec"]["storageClassName"] == "fast"
+    assert "--reconcile-every=300" in _quota_container(sized)["command"]
+
+
+def test_the_quota_ledger_on_postgresql_comes_from_the_operators_secret(helm):
+    objects = helm_template(helm, "--set", "quota.db.url.existingSecret=workbench-quota-db")
+    env = container_env(objects, f"{RELEASE}-quota", OAUTH_SECRET)
+    assert env["WORKBENCH_QUOTA_DB_URL"] == "postgresql+psycopg://quota@db/quota"
+    container = _quota_container(objects)
+    assert not any(a.startswith("--state-dir") for a in container["command"])
+    assert "ledger" not in {m["name"] for m in container["volumeMounts"]}
+    assert not find(objects, "PersistentVolumeClaim", f"{RELEASE}-quota-db")
+    for obj in objects:
+        if obj["kind"] not in TRAEFIK_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    # the database may be anywhere: egress is not restricted (as the hub's); ingress is
+    spec = _policies(objects)["quota"]
+    assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec
+
+
+def test_the_quota_service_is_reached_by_the_hub_the_proxy_and_the_gateway_only(objects):
+    policies = _policies(objects)
+    spec = policies["quota"]
+    [ingress] = spec["ingress"]
+    assert _peer_components(ingress["from"], objects) == {"hub", "proxy", "gateway-api"} and _ports(ingress) == {8013}
+    if "egress" in spec:  # SQLite: the hub API and DNS only (PostgreSQL: see the test above)
+        reached = {}
+        for rule in spec["egress"]:
+            for comp in _peer_components(rule["to"], objects):
+                reached[comp] = _ports(rule)
+        assert reached.pop("hub") == {8081}
+        assert all(k.startswith("dns:") for k in reached)
+    else:
+        assert spec["policyTypes"] == ["Ingress"] and _quota_container(objects)["env"][-1]["name"] == "WORKBENCH_QUOTA_DB_URL"
+    assert any(8013 in _ports(r) and _peer_components(r["to"], objects) == {"quota"} for r in policies["proxy"]["egress"])
+
+
+def test_quota_disabled_renders_nothing_of_it(helm):
+    objects = helm_template(helm, "--values", str(PRODUCTION), "--set", "quota.enabled=false")
+    for obj in objects:
+        assert "quota" not in obj["metadata"]["name"], obj["metadata"]["name"]
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/component") != "quota", obj["metadata"]["name"]
+    assert "quota-api-token" not in secret_data(objects)
+    env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
+    assert not [k for k in env if "QUOTA" in k]
+    policies = _policies(objects)
+    assert "quota" not in set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
+    assert all("quota" not in _peer_components(r["to"], objects) for r in policies["proxy"]["egress"])
+    settings = k8s_hub_settings(platform_policy(objects), env)
+    assert [s["name"] for s in settings["JupyterHub"]["services"]] == ["idle-culler", "dask-gateway"]
+    assert "custom_scopes" not in settings["JupyterHub"]
+    assert QUOTA_ACCESS_SCOPE not in settings["Spawner"]["server_token_scopes"]
+    assert not [r for r in settings["JupyterHub"]["load_roles"] if r["name"].startswith("workbench-quota")]
+
+
+# ---------------------------------------------------------------------------
+# Dask dashboards: owner-only, through the dashboard guard
+# ---------------------------------------------------------------------------
+
+
+def test_dashboards_are_reached_only_through_the_dashboard_guard(objects):
+    """dask-gateway's Traefik serves every cluster's dashboard with no authentication (the controller's
+    route for a cluster only strips a prefix). So, from the rendered objects:
+
+    - the hub service dask-gateway (what the hub's proxy routes /services/dask-gateway to) and notebook
+      pods' DASK_GATEWAY__ADDRESS are the guard (workbench.dashguard), which forwards the API untouched and
+      a dashboard to its cluster's owner only, and whose upstream is Traefik's HTTP entrypoint;
+    - Traefik's HTTP port admits the guard only (notebook pods get its TLS port for schedulers), and a
+      scheduler's dashboard port (8787) admits Traefik only: no pod reaches a dashboard around the guard;
+    - the middleware on each cluster's route is the prefix strip of workbench.k8s_hub, nothing that authenticates.
+    """
+    hub_env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
+    guard_url = f"http://{RELEASE}-gateway-guard.{NAMESPACE}:8000"
+    settings = k8s_hub_settings(platform_policy(objects), hub_env)
+    [gateway] = [s for s in settings["JupyterHub"]["services"] if s["name"] == "dask-gateway"]
+    assert gateway["url"] == guard_url and gateway["oauth_no_confirm"] is True
+    assert settings["WorkbenchKubeSpawner"]["environment"]["DASK_GATEWAY__ADDRESS"] == f"{guard_url}{GATEWAY_PREFIX}"
+
+    guard = k8s_guard_settings(container_env(objects, f"{RELEASE}-gateway-guard"))
+    assert guard.upstream == f"http://{RELEASE}-gateway-proxy.{NAMESPACE}:8000"
+    assert guard.hub_api_url == f"http://{RELEASE}-hub:8081/hub/api"
+    assert guard.api_token == hub_env["WORKBENCH_GATEWAY_API_TOKEN"]  # the hub service dask-gateway's token
+    dep = one(objects, "Deployment", f"{RELEASE}-gateway-guard")
+    [container] = dep["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "workbench.k8s_hub", "dashguard"]
+    [port] = one(objects, "Service", f"{RELEASE}-gateway-guard")["spec"]["ports"]
+    assert port["port"] == guard.port == 8000
+
+    policies = _policies(objects)
+    web = {}
+    for rule in policies["gateway-proxy"]["ingress"]:
+        for comp in _peer_components(rule["from"], objects):
+            web.setdefault(comp, set()).update(_ports(rule))
+    assert {comp for comp, ports in web.items() if 8000 in ports} == {"gateway-guard"}
+    dashboard_sources = set()
+    for rule in policies["dask-scheduler"]["ingress"]:
+        if 8787 in _ports(rule):
+            dashboard_sources |= _peer_components(rule["from"], objects)
+    assert dashboard_sources == {"gateway-proxy"}
+    [guard_in] = policies["gateway-guard"]["ingress"]
+    assert _peer_components(guard_in["from"], objects) == {"proxy", "hub", "singleuser"} and _ports(guard_in) == {8000}
+    guard_out = {}
+    for rule in policies["gateway-guard"]["egress"]:
+        for comp in _peer_components(rule["to"], objects):
+            guard_out[comp] = _ports(rule)
+    assert guard_out.pop("hub") == {8081} and guard_out.pop("gateway-proxy") == {8000}
+    assert all(k.startswith("dns:") for k in guard_out)
+    proxy_out = set().union(*(_peer_components(r["to"], objects) for r in policies["proxy"]["egress"]))
+    assert "gateway-proxy" not in proxy_out and "gateway-guard" in proxy_out
+    gw = k8s_gateway_settings(platform_policy(objects), container_env(objects, f"{RELEASE}-gateway-api"))
+    [mw_ref] = gw["KubeController"]["proxy_web_middlewares"]
+    assert set(one(objects, "Middleware", mw_ref["name"])["spec"]) == {"stripPrefixRegex"}
+
+
+def test_the_guards_cookie_key_is_its_own(objects):
+    secrets = secret_data(objects)
+    env = container_env(objects, f"{RELEASE}-gateway-guard")
+    assert env["WORKBENCH_GUARD_COOKIE_SECRET"] == secrets["guard-cookie-secret"] != secrets["cookie-secret"]
+    assert secrets["cookie-secret"] not in env.values()  # the guard cannot forge the hub's cookies

@@ -2,20 +2,24 @@
 
 The platform YAML and the environment are taken from the rendered chart (its ConfigMap and the hub
 Deployment's env, secrets resolved from the rendered Secret), as the kubelet would give them to the
-container; configurable-http-proxy runs beside it as the chart's proxy pod does. Only what needs a
-cluster differs: service host names become 127.0.0.1 with free ports, the in-cluster Kubernetes
-credentials become a placeholder kube config (KubeSpawner is built at login and watches pods; nothing
-answers), and no server is spawned.
+container; configurable-http-proxy runs beside it as the chart's proxy pod does, and so do the dashboard
+guard and the quota service, each from its rendered Deployment. Only what needs a cluster differs:
+service host names become 127.0.0.1 with free ports, the in-cluster Kubernetes credentials become a
+placeholder kube config (KubeSpawner is built at login and watches pods; nothing answers), the
+gateway's Traefik proxy is a stand-in that knows one cluster, and no server is spawned.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -49,21 +53,124 @@ def wait_for(url: str, procs, timeout: float = 60) -> requests.Response:
     raise TimeoutError(url)
 
 
-@pytest.mark.timeout(120)
-def test_the_hub_starts_from_the_charts_configmap_and_environment(default_objects, tmp_path):
+#: the one Dask cluster the stand-in gateway knows, and the token of its owner (set by the test)
+OWNED_CLUSTER = "research.0123abcd"
+
+
+class FakeGatewayProxy(BaseHTTPRequestHandler):
+    """The gateway's Traefik proxy, as the guard sees it: the cluster API and unauthenticated dashboards."""
+
+    owner_token = ""
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.path.startswith("/services/dask-gateway/api/v1/clusters/"):
+            owned = self.path.endswith(OWNED_CLUSTER) and self.headers.get("Authorization") == f"jupyterhub {self.owner_token}"
+            code, body = (200, {"name": OWNED_CLUSTER}) if owned else (404, {"error": "not found"})
+        elif self.path.startswith("/services/dask-gateway/clusters/"):
+            code, body = 200, {"dashboard": self.path}  # what Traefik serves to anyone who gets here
+        else:
+            code, body = 200, {"api": self.path}
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def _command(objects, deployment: str, ports: dict[str, str]) -> list[str]:
+    """The rendered container command, run from this checkout (``python`` is this venv's)."""
+    [container] = one(objects, "Deployment", f"{RELEASE}-{deployment}")["spec"]["template"]["spec"]["containers"]
+    out = [str(VENV_BIN / "python") if arg == "python" else arg for arg in container["command"]]
+    for flag, value in ports.items():
+        out = [f"{flag}={value}" if a.startswith(f"{flag}=") else a for a in out]
+    return out
+
+
+def _cullers_with_token(token: str) -> list[int]:
+    """Processes of jupyterhub-idle-culler started with ``token`` (this test's hub's culler, whoever its parent)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"jupyterhub_idle_culler" in cmdline and f"JUPYTERHUB_API_TOKEN={token}".encode() in environ.split(b"\0"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _stop(procs) -> None:
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+@pytest.fixture
+def no_orphan_culler():
+    """Stops the hub's idle culler if the hub left it behind, and fails the test if it had to.
+
+    The hub starts the culler in a session of its own; it stops it when it gets SIGTERM, but only once
+    its start-up is complete (JupyterHub installs its signal handlers last): a hub stopped earlier
+    leaves the culler running as an orphan (parent pid 1).
+    """
+    tokens: list[str] = []
+    yield tokens
+    leftover = []
+    deadline = time.monotonic() + 10
+    for token in tokens:
+        while (pids := _cullers_with_token(token)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
+            leftover.append(pid)
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+    assert not leftover, f"the hub left its idle culler running: pids {leftover}"
+
+
+@pytest.mark.timeout(180)
+def test_the_hub_starts_from_the_charts_configmap_and_environment(default_objects, tmp_path, no_orphan_culler):
     chp = shutil.which("configurable-http-proxy") or str(VENV_BIN / "configurable-http-proxy")
     if not Path(chp).exists():
         pytest.skip("configurable-http-proxy is not installed (make install puts it into .venv)")
     platform = tmp_path / "platform.yaml"
     platform.write_text(one(default_objects, "ConfigMap", f"{RELEASE}-platform")["data"]["platform.yaml"])
     env = container_env(default_objects, f"{RELEASE}-hub")
-    public, api, hub = free_port(), free_port(), free_port()
+    no_orphan_culler.append(env["WORKBENCH_CULLER_API_TOKEN"])
+    public, api, hub, guard, quota = (free_port() for _ in range(5))
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), FakeGatewayProxy)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    assert env["WORKBENCH_GATEWAY_URL"] == f"http://{RELEASE}-gateway-guard.research:8000"
+    assert env["WORKBENCH_QUOTA_URL"] == f"http://{RELEASE}-quota:8013"
     env.update(
         WORKBENCH_PLATFORM=str(platform),
         WORKBENCH_DB_URL=f"sqlite:///{tmp_path / 'jupyterhub.sqlite'}",
         WORKBENCH_PROXY_API_URL=f"http://127.0.0.1:{api}",
         WORKBENCH_HUB_CONNECT_URL=f"http://127.0.0.1:{hub}",
+        WORKBENCH_GATEWAY_URL=f"http://127.0.0.1:{guard}",
+        WORKBENCH_QUOTA_URL=f"http://127.0.0.1:{quota}",
     )
+    hub_api = {"WORKBENCH_HUB_API_URL": f"http://127.0.0.1:{hub}/hub/api", "JUPYTERHUB_API_URL": f"http://127.0.0.1:{hub}/hub/api"}
+    guard_env = {**container_env(default_objects, f"{RELEASE}-gateway-guard"), "WORKBENCH_GUARD_PORT": str(guard),
+                 "WORKBENCH_GATEWAY_PROXY_URL": f"http://127.0.0.1:{upstream.server_port}", **hub_api}
+    guard_env = {k: v for k, v in guard_env.items() if k != "JUPYTERHUB_API_URL"}
+    quota_env = {**container_env(default_objects, f"{RELEASE}-quota"), "JUPYTERHUB_API_URL": hub_api["JUPYTERHUB_API_URL"]}
+    quota_cmd = _command(default_objects, "quota", {"--config": str(platform), "--ip": "127.0.0.1", "--port": str(quota),
+                                                     "--state-dir": str(tmp_path)})
+    assert quota_cmd[1:4] == ["-m", "workbench.quota", f"--config={platform}"]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKBENCH_", "JUPYTERHUB_", "KUBECONFIG"))}
     base_env["PATH"] = f"{VENV_BIN}:{base_env.get('PATH', '')}"
     kubeconfig = tmp_path / "kubeconfig"
@@ -72,57 +179,82 @@ def test_the_hub_starts_from_the_charts_configmap_and_environment(default_object
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = []
-    with open(logs / "chp.log", "w") as chp_log, open(logs / "hub.log", "w") as hub_log_file:
-        _run(procs, chp, public, api, hub, base_env, env, tmp_path, logs, chp_log, hub_log_file)
+    names = ("chp", "hub", "guard", "quota")
+    files = {name: open(logs / f"{name}.log", "w") for name in names}  # noqa: SIM115 - closed below
+    try:
+        def start(name, argv, extra):
+            procs.append(subprocess.Popen(argv, env={**base_env, **extra}, cwd=tmp_path, stdout=files[name],
+                                          stderr=subprocess.STDOUT))
+
+        start("chp", [chp, "--ip=127.0.0.1", f"--port={public}", "--api-ip=127.0.0.1", f"--api-port={api}",
+                      f"--default-target=http://127.0.0.1:{hub}"], {"CONFIGPROXY_AUTH_TOKEN": env["CONFIGPROXY_AUTH_TOKEN"]})
+        start("guard", _command(default_objects, "gateway-guard", {}), guard_env)
+        start("quota", quota_cmd, quota_env)
+        start("hub", [str(VENV_BIN / "jupyterhub"), f"--config={ROOT / 'hub_config' / 'jupyterhub_config_k8s.py'}",
+                      "--upgrade-db", f"--JupyterHub.hub_bind_url=http://127.0.0.1:{hub}"], env)
+        try:
+            _check_running_workbench(f"http://127.0.0.1:{public}", env, logs, procs, upstream)
+        except BaseException:
+            for name in names:
+                print(f"--- {name}.log\n" + (logs / f"{name}.log").read_text()[-6000:])
+            raise
+    finally:
+        _stop(procs)
+        upstream.shutdown()
+        for f in files.values():
+            f.close()
     _check_logs(logs, env)
 
 
-def _run(procs, chp, public, api, hub, base_env, env, tmp_path, logs, chp_log, hub_log_file):
-    try:
-        procs.append(
-            subprocess.Popen(
-                [chp, "--ip=127.0.0.1", f"--port={public}", "--api-ip=127.0.0.1", f"--api-port={api}",
-                 f"--default-target=http://127.0.0.1:{hub}"],
-                env={**base_env, "CONFIGPROXY_AUTH_TOKEN": env["CONFIGPROXY_AUTH_TOKEN"]},
-                stdout=chp_log, stderr=subprocess.STDOUT,
-            )
-        )
-        procs.append(
-            subprocess.Popen(
-                [str(VENV_BIN / "jupyterhub"), f"--config={ROOT / 'hub_config' / 'jupyterhub_config_k8s.py'}",
-                 "--upgrade-db", f"--JupyterHub.hub_bind_url=http://127.0.0.1:{hub}"],
-                env={**base_env, **env}, cwd=tmp_path,
-                stdout=hub_log_file, stderr=subprocess.STDOUT,
-            )
-        )
-        try:
-            wait_for(f"http://127.0.0.1:{public}/hub/health", procs)
-            page = wait_for(f"http://127.0.0.1:{public}/hub/login", procs).text
-            assert "Workbench (try-out): log in with a demo account" in page
-
-            session = requests.Session()
-            session.get(f"http://127.0.0.1:{public}/hub/login")
-            xsrf = session.cookies.get("_xsrf")
-            form = {"username": "researcher", "password": env["WORKBENCH_DEMO_PASSWORD"], "_xsrf": xsrf}
-            bad = session.post(f"http://127.0.0.1:{public}/hub/login", data={**form, "password": "wrong"}, allow_redirects=False)
-            assert bad.status_code == 403
-            ok = session.post(f"http://127.0.0.1:{public}/hub/login", data=form, allow_redirects=False)
-            assert ok.status_code == 302, ok.text[:500]
-            me = session.get(f"http://127.0.0.1:{public}/hub/api/user", headers={"X-XSRFToken": xsrf})
-            assert me.status_code == 200
-            assert me.json()["name"] == "researcher" and me.json()["groups"] == ["research-lab"]
-        except BaseException:
-            for name in ("hub.log", "chp.log"):
-                print(f"--- {name}\n" + (logs / name).read_text()[-6000:])
-            raise
-    finally:
-        for p in reversed(procs):
-            p.terminate()
+def _wait_for_log(path: Path, text: str, procs, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
         for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            assert p.poll() is None, f"{p.args[0]} exited with {p.returncode}"
+        assert time.monotonic() < deadline, f"{text!r} not in {path.name}"
+        time.sleep(0.3)
+
+
+def _check_running_workbench(url, env, logs, procs, upstream):
+    wait_for(f"{url}/hub/health", procs)
+    page = wait_for(f"{url}/hub/login", procs).text
+    assert "Workbench (try-out): log in with a demo account" in page
+    # the hub has started its services (and only now stops them, the culler included, on SIGTERM)
+    _wait_for_log(logs / "hub.log", "JupyterHub is now running", procs)
+
+    session = requests.Session()
+    session.get(f"{url}/hub/login")
+    xsrf = session.cookies.get("_xsrf")
+    form = {"username": "researcher", "password": env["WORKBENCH_DEMO_PASSWORD"], "_xsrf": xsrf}
+    bad = session.post(f"{url}/hub/login", data={**form, "password": "wrong"}, allow_redirects=False)
+    assert bad.status_code == 403
+    ok = session.post(f"{url}/hub/login", data=form, allow_redirects=False)
+    assert ok.status_code == 302, ok.text[:500]
+    me = session.get(f"{url}/hub/api/user", headers={"X-XSRFToken": xsrf})
+    assert me.status_code == 200
+    assert me.json()["name"] == "researcher" and me.json()["groups"] == ["research-lab"]
+    # the login set a new _xsrf cookie (bound to the session)
+    xsrf = [c.value for c in session.cookies if c.name == "_xsrf"][-1]
+    made = session.post(f"{url}/hub/api/users/researcher/tokens", json={"note": "test"}, headers={"X-XSRFToken": xsrf})
+    assert made.status_code == 201, made.text[:500]
+    token = made.json()["token"]
+
+    # the quota service: registered in the hub, reached through the hub's proxy, accepting the user's token
+    assert wait_for(f"{url}/services/quota/api/health", procs).json()["status"] == "ok"
+    usage = requests.get(f"{url}/services/quota/api/usage/users/researcher", headers={"Authorization": f"token {token}"}, timeout=10)
+    assert usage.status_code == 200, usage.text[:500]
+
+    # the dashboard guard is the hub service dask-gateway: the API passes, dashboards only to their owner
+    FakeGatewayProxy.owner_token = token
+    dashboards = f"{url}/services/dask-gateway/clusters"
+    assert requests.get(f"{url}/services/dask-gateway/api/health", timeout=10).json() == {"api": "/services/dask-gateway/api/health"}
+    anonymous = requests.get(f"{dashboards}/{OWNED_CLUSTER}/status", allow_redirects=False, timeout=10)
+    assert anonymous.status_code == 302 and "/hub/api/oauth2/authorize" in anonymous.headers["Location"]
+    auth = {"Authorization": f"jupyterhub {token}"}
+    other = requests.get(f"{dashboards}/research.fedcba98/status", headers=auth, timeout=10)
+    assert other.status_code == 403 and "another user's cluster" in other.text
+    own = requests.get(f"{dashboards}/{OWNED_CLUSTER}/status", headers=auth, timeout=10)
+    assert own.status_code == 200 and own.json() == {"dashboard": f"/services/dask-gateway/clusters/{OWNED_CLUSTER}/status"}
 
 
 def _check_logs(logs, env):
@@ -131,8 +263,9 @@ def _check_logs(logs, env):
     assert "Using Authenticator: workbench.auth.DemoAuthenticator" in hub_log
     assert "Starting managed service idle-culler" in hub_log  # the culler runs in the hub pod
     for name in ("JPY_COOKIE_SECRET", "CONFIGPROXY_AUTH_TOKEN", "JUPYTERHUB_CRYPT_KEY", "WORKBENCH_GATEWAY_API_TOKEN",
-                 "WORKBENCH_CULLER_API_TOKEN", "WORKBENCH_DEMO_PASSWORD"):
-        assert env[name] not in hub_log, f"{name} leaked into the hub's log"
+                 "WORKBENCH_CULLER_API_TOKEN", "WORKBENCH_QUOTA_API_TOKEN", "WORKBENCH_DEMO_PASSWORD"):
+        for log in ("hub.log", "guard.log", "quota.log"):
+            assert env[name] not in (logs / log).read_text(), f"{name} leaked into {log}"
 
 
 @pytest.mark.timeout(120)

@@ -187,7 +187,17 @@ class Workbench:
         raise TimeoutError(f"server of {username} did not stop")
 
     def gateway(self, token: str):
+        """A dask-gateway client for ``token``'s owner (close it: use ``with``).
+
+        Garbage is collected first, here: ``Gateway.__init__`` starts its loop thread while holding
+        distributed's class-wide ``LoopRunner._lock``, and a collection that finalizes an unclosed
+        ``Gateway`` inside that new thread (``__del__`` -> ``close()`` -> the same lock) deadlocks.
+        """
+        import gc
+
         from dask_gateway import Gateway, JupyterHubAuth
+
+        gc.collect()
 
         rt = self.runtime
         return Gateway(

@@ -31,6 +31,8 @@ SECRETS = {
     "gateway_api_token": "gateway-token",
     "culler_api_token": "culler-token",
     "gateway_db_key": "db-key",
+    "quota_api_token": "quota-token",
+    "sessions_api_token": "sessions-token",
 }
 
 
@@ -49,6 +51,7 @@ def make_runtime(**kw) -> Runtime:
         gateway_http_port=18011,
         gateway_tcp_port=18012,
         gateway_guard_port=18013,
+        sessions_port=18015,
     )
     values.update(kw)
     return Runtime(**values)
@@ -102,15 +105,12 @@ def test_services(settings):
             "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
         },
         {
-            "name": "idle-culler",
-            "api_token": "culler-token",
-            "command": [
-                "/srv/wb/.venv/bin/python",
-                "-m",
-                "jupyterhub_idle_culler",
-                "--timeout=3600",
-                "--cull-every=300",
-            ],
+            "name": "sessions",
+            "url": "http://127.0.0.1:18015",
+            "api_token": "sessions-token",
+            "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.sessions", "--interval=300"],
+            "cwd": "/srv/wb/state",
+            "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
         },
     ]
 
@@ -128,10 +128,17 @@ def test_load_roles(settings):
             "groups": ["physics-lab", "course-ml101", "startup-acme"],
         },
         {
-            "name": "idle-culler",
-            "description": "Stop idle single-user servers",
-            "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
-            "services": ["idle-culler"],
+            "name": "workbench-sessions",
+            "description": "Stop servers at their session limit and when idle (workbench.sessions)",
+            "scopes": ["list:users", "read:users:name", "read:users:groups", "read:servers", "admin:server_state",
+                       "delete:servers"],
+            "services": ["sessions"],
+        },
+        {
+            "name": "workbench-sessions-users",
+            "description": "May read their own notifications (session limits, stopped servers)",
+            "scopes": ["access:services!service=sessions"],
+            "groups": ["physics-lab", "course-ml101", "startup-acme", "platform-admins"],
         },
         {
             "name": "instructor-course-ml101",
@@ -156,6 +163,7 @@ def test_server_token_scopes(settings):
         "access:servers!server",
         "read:users:groups!user",
         "access:services!service=dask-gateway",
+        "access:services!service=sessions",  # the user's session notifications
     ]
     # a copy: mutating the settings must not change the module constant
     assert settings["Spawner"]["server_token_scopes"] is not SERVER_TOKEN_SCOPES
@@ -205,7 +213,7 @@ def test_spawner_sections(settings):
     assert settings["Spawner"] == {
         "cmd": ["/srv/wb/.venv/bin/jupyterhub-singleuser"],
         "default_url": "/lab",
-        "server_token_scopes": list(SERVER_TOKEN_SCOPES),
+        "server_token_scopes": [*SERVER_TOKEN_SCOPES, "access:services!service=sessions"],
         "start_timeout": 120,
         "http_timeout": 90,
         "poll_interval": 10,
@@ -234,22 +242,31 @@ def test_system_users_and_prefix_pass_through(demo):
     assert s["WorkbenchLocalSpawner"]["user_prefix"] == "lab-"
 
 
-def test_culling_disabled_removes_culler(demo):
+def test_no_culling_and_no_session_limits_run_no_sessions_service(demo):
     data = yaml.safe_load(DEMO.read_text())
     data["culling"] = {"enabled": False}
+    for g in data["groups"].values():
+        g.pop("session", None)
     policy = parse_policy(data)
     s = hub_settings(policy, make_runtime(), SECRETS)
     names = [svc["name"] for svc in s["JupyterHub"]["services"]]
     assert names == ["dask-gateway-server", "dask-gateway"]
-    # the culler's role stays harmless: it names a service that is not defined
-    assert services(policy, make_runtime(), SECRETS)[1]["name"] == "dask-gateway"
+    # no role may name a service that is not defined (the hub refuses to start)
+    assert not [r for r in s["JupyterHub"]["load_roles"] if "sessions" in r.get("services", [])]
+    assert "access:services!service=sessions" not in s["Spawner"]["server_token_scopes"]
 
 
-def test_culling_durations_are_seconds():
+def test_session_limits_alone_keep_the_sessions_service(demo):
+    data = yaml.safe_load(DEMO.read_text())
+    data["culling"] = {"enabled": False}  # the demo startup group still has session.max_age
+    assert [svc["name"] for svc in services(parse_policy(data), make_runtime(), SECRETS)][-1] == "sessions"
+
+
+def test_culling_interval_is_seconds():
     data = yaml.safe_load(DEMO.read_text())
     data["culling"] = {"timeout": "2h", "every": 90}
     s = services(parse_policy(data), make_runtime(), SECRETS)
-    assert s[2]["command"][-2:] == ["--timeout=7200", "--cull-every=90"]
+    assert s[2]["command"][-1] == "--interval=90"
 
 
 def test_roles_without_dask_groups():
@@ -287,7 +304,7 @@ def test_ipv6_loopback_bind_url(demo):
 
 def test_hub_settings_missing_secret_raises(demo):
     with pytest.raises(KeyError):
-        hub_settings(demo, make_runtime(), {k: v for k, v in SECRETS.items() if k != "culler_api_token"})
+        hub_settings(demo, make_runtime(), {k: v for k, v in SECRETS.items() if k != "sessions_api_token"})
 
 
 def test_apply_settings_sets_traitlets_config(settings):
@@ -296,9 +313,9 @@ def test_apply_settings_sets_traitlets_config(settings):
     c = Config()
     apply_settings(c, settings)
     assert c.JupyterHub.bind_url == "http://127.0.0.1:8000"
-    assert c.Spawner.server_token_scopes == list(SERVER_TOKEN_SCOPES)
+    assert c.Spawner.server_token_scopes == [*SERVER_TOKEN_SCOPES, "access:services!service=sessions"]
     assert c.DemoAuthenticator.admin_group_names == "platform-admins"
-    assert [s["name"] for s in c.JupyterHub.services] == ["dask-gateway-server", "dask-gateway", "idle-culler"]
+    assert [s["name"] for s in c.JupyterHub.services] == ["dask-gateway-server", "dask-gateway", "sessions"]
 
 
 # ---------------------------------------------------------------------------

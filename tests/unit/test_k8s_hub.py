@@ -13,6 +13,7 @@ from workbench.auth import DemoAuthExposed
 from workbench.hub import SERVER_TOKEN_SCOPES, roles
 from workbench.k8s_hub import (
     GATEWAY_ENV,
+    GUARD_ENV,
     HUB_ENV,
     K8sConfigError,
     NamespacedClient,
@@ -20,13 +21,19 @@ from workbench.k8s_hub import (
     NamespacedKubeController,
     configure_k8s_gateway,
     configure_k8s_hub,
+    culler_roles,
     k8s_gateway_settings,
+    k8s_guard_settings,
     k8s_hub_settings,
     main,
+    serve_k8s_guard,
     singleuser_labels,
 )
 from workbench.kube import kubespawner_settings
 from workbench.policy import PolicyError, load_policy
+from workbench.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
+from workbench.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
+from workbench.quota.wiring import quota_roles
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "hub_config" / "demo.yaml"
@@ -40,7 +47,7 @@ HUB = {
     "WORKBENCH_HUB_CONNECT_URL": "http://wb-hub:8081",
     "WORKBENCH_PROXY_API_URL": "http://wb-proxy-api:8001",
     "WORKBENCH_DB_URL": "sqlite:////srv/jupyterhub/jupyterhub.sqlite",
-    "WORKBENCH_GATEWAY_URL": "http://wb-gateway-proxy.research:8000",
+    "WORKBENCH_GATEWAY_URL": "http://wb-gateway-guard.research:8000",
     "WORKBENCH_GATEWAY_PROXY_ADDRESS": "gateway://wb-gateway-proxy.research:8786",
     "WORKBENCH_GATEWAY_API_TOKEN": "gateway-token",
     "WORKBENCH_CULLER_API_TOKEN": "culler-token",
@@ -53,6 +60,13 @@ GATEWAY = {
     "WORKBENCH_GATEWAY_API_URL": "http://wb-gateway-api.research:8000/api",
     "WORKBENCH_HUB_API_URL": "http://wb-hub:8081/hub/api",
 }
+GUARD = {
+    "WORKBENCH_HUB_API_URL": "http://wb-hub:8081/hub/api",
+    "WORKBENCH_GATEWAY_PROXY_URL": "http://wb-gateway-proxy.research:8000/",
+    "WORKBENCH_GATEWAY_API_TOKEN": "gateway-token",
+    "WORKBENCH_GUARD_COOKIE_SECRET": "ab" * 32,
+}
+QUOTA = {"WORKBENCH_QUOTA_URL": "http://wb-quota:8013", "WORKBENCH_QUOTA_API_TOKEN": "quota-token"}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +89,9 @@ def test_hub_settings_for_sso(centre):
     assert hub["db_url"] == "sqlite:////srv/jupyterhub/jupyterhub.sqlite"
     assert hub["public_url"] == "https://workbench.example.edu/"
     assert hub["cleanup_servers"] is False
-    assert hub["load_roles"] == roles(centre)
+    services = {s["name"] for s in hub["services"]}
+    expected_roles = [r for r in [*roles(centre), *culler_roles(centre)] if set(r.get("services", [])) <= services]
+    assert hub["load_roles"] == expected_roles  # roles of services this hub does not run are left out
     assert hub["services"] == [
         {
             "name": "idle-culler",
@@ -85,8 +101,11 @@ def test_hub_settings_for_sso(centre):
                 "--timeout=7200", "--cull-every=600",
             ],
         },
-        {"name": "dask-gateway", "url": "http://wb-gateway-proxy.research:8000", "api_token": "gateway-token"},
+        # the dashboard guard (workbench.dashguard), logging browsers in with no consent page
+        {"name": "dask-gateway", "url": "http://wb-gateway-guard.research:8000", "api_token": "gateway-token",
+         "oauth_no_confirm": True},
     ]
+    assert "custom_scopes" not in hub  # no quota service without WORKBENCH_QUOTA_URL
     assert "cookie_secret" not in hub  # from JPY_COOKIE_SECRET in the pod, never in the settings
     assert s["ConfigurableHTTPProxy"] == {"should_start": False, "api_url": "http://wb-proxy-api:8001"}
     assert s["Spawner"] == {
@@ -116,7 +135,7 @@ def test_spawner_settings_extend_the_policys(centre):
     env = dict(spawner["environment"])
     max_workers = env.pop("WORKBENCH_DASK_MAX_WORKERS")
     assert env == {
-        "DASK_GATEWAY__ADDRESS": "http://wb-gateway-proxy.research:8000/services/dask-gateway",
+        "DASK_GATEWAY__ADDRESS": "http://wb-gateway-guard.research:8000/services/dask-gateway",
         "DASK_GATEWAY__PUBLIC_ADDRESS": "/services/dask-gateway",
         "DASK_GATEWAY__PROXY_ADDRESS": "gateway://wb-gateway-proxy.research:8786",
         "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
@@ -144,7 +163,7 @@ def test_missing_environment_is_named(centre):
     with pytest.raises(K8sConfigError) as err:
         k8s_hub_settings(centre, env)
     assert "WORKBENCH_NAMESPACE" in str(err.value) and "WORKBENCH_DB_URL" in str(err.value)
-    assert all(name.startswith("WORKBENCH_") for name in HUB_ENV) and all(n.startswith("WORKBENCH_") for n in GATEWAY_ENV)
+    assert all(name.startswith("WORKBENCH_") for name in (*HUB_ENV, *GATEWAY_ENV, *GUARD_ENV))
 
 
 def test_sso_needs_the_public_url_and_the_client_secret(centre):
@@ -164,13 +183,92 @@ def test_demo_auth_only_when_the_chart_allows_it(demo):
     assert "public_url" not in s["JupyterHub"]
 
 
+def test_the_stock_culler_has_its_role_on_kubernetes(centre):
+    hub = k8s_hub_settings(centre, HUB)["JupyterHub"]
+    (role,) = [r for r in hub["load_roles"] if r.get("services") == ["idle-culler"]]
+    assert role["scopes"] == ["list:users", "read:users:activity", "read:servers", "delete:servers"]
+    # the embedded mode's sessions service does not run here, nor may a role name it
+    assert not [r for r in hub["load_roles"] if "sessions" in r.get("services", [])]
+
+
 def test_culler_token_needed_only_with_culling(centre):
     env = {k: v for k, v in HUB.items() if k != "WORKBENCH_CULLER_API_TOKEN"}
     with pytest.raises(K8sConfigError, match="WORKBENCH_CULLER_API_TOKEN"):
         k8s_hub_settings(centre, env)
     no_culling = centre.model_copy(update={"culling": centre.culling.model_copy(update={"enabled": False})})
-    services = k8s_hub_settings(no_culling, env)["JupyterHub"]["services"]
-    assert [s["name"] for s in services] == ["dask-gateway"]
+    hub = k8s_hub_settings(no_culling, env)["JupyterHub"]
+    assert [s["name"] for s in hub["services"]] == ["dask-gateway"]
+    # JupyterHub refuses to start on a role naming a service it does not define
+    assert not [r for r in hub["load_roles"] if "idle-culler" in r.get("services", [])]
+
+
+def test_the_quota_service_is_registered_when_the_chart_runs_it(centre):
+    s = k8s_hub_settings(centre, {**HUB, **QUOTA})
+    hub = s["JupyterHub"]
+    assert [svc["name"] for svc in hub["services"]] == ["idle-culler", "dask-gateway", "quota"]
+    assert hub["services"][-1] == {"name": "quota", "url": "http://wb-quota:8013", "api_token": "quota-token"}
+    for role in quota_roles(centre):  # workbench.quota.wiring's roles, as in the embedded mode
+        assert role in hub["load_roles"]
+    assert hub["custom_scopes"] == QUOTA_CUSTOM_SCOPES
+    assert s["Spawner"]["server_token_scopes"] == [*SERVER_TOKEN_SCOPES, QUOTA_ACCESS_SCOPE]
+    assert "quota-token" not in repr({k: v for k, v in s.items() if k != "JupyterHub"})
+
+
+def test_the_quota_service_needs_its_token(centre):
+    with pytest.raises(K8sConfigError, match="WORKBENCH_QUOTA_API_TOKEN"):
+        k8s_hub_settings(centre, {**HUB, "WORKBENCH_QUOTA_URL": "http://wb-quota:8013"})
+    # a token alone (quota.enabled false, or a stale variable) registers nothing
+    hub = k8s_hub_settings(centre, {**HUB, "WORKBENCH_QUOTA_API_TOKEN": "quota-token"})["JupyterHub"]
+    assert "quota" not in [svc["name"] for svc in hub["services"]]
+    assert not [r for r in hub["load_roles"] if r["name"].startswith("workbench-quota")]
+
+
+def test_guard_settings():
+    g = k8s_guard_settings(GUARD)
+    assert (g.hub_api_url, g.upstream, g.api_token, g.port) == (
+        "http://wb-hub:8081/hub/api", "http://wb-gateway-proxy.research:8000", "gateway-token", 8000)
+    from workbench.dashguard import derive_cookie_secret
+
+    assert g.cookie_secret == derive_cookie_secret("ab" * 32)
+    assert "gateway-token" not in repr(g) and "abab" not in repr(g)
+    assert k8s_guard_settings({**GUARD, "WORKBENCH_GUARD_PORT": "8123"}).port == 8123
+    with pytest.raises(K8sConfigError, match="WORKBENCH_GUARD_COOKIE_SECRET"):
+        k8s_guard_settings({k: v for k, v in GUARD.items() if k != "WORKBENCH_GUARD_COOKIE_SECRET"})
+    with pytest.raises(K8sConfigError, match="must be hex"):
+        k8s_guard_settings({**GUARD, "WORKBENCH_GUARD_COOKIE_SECRET": "not hex"})
+
+
+def test_the_guard_serves_until_stopped():
+    """serve_k8s_guard runs workbench.dashguard's app: a dashboard without credentials goes to the hub's login."""
+    import socket
+
+    from tornado.httpclient import AsyncHTTPClient
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = k8s_guard_settings({**GUARD, "WORKBENCH_GUARD_PORT": str(port)})
+
+    async def go():
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve_k8s_guard(settings, stop))
+        client = AsyncHTTPClient(force_instance=True)
+        try:
+            for _ in range(100):
+                try:
+                    r = await client.fetch(f"http://127.0.0.1:{port}/services/dask-gateway/clusters/research.abc/status",
+                                           follow_redirects=False, raise_error=False)
+                    break
+                except ConnectionRefusedError:
+                    await asyncio.sleep(0.05)
+            return r.code, r.headers.get("Location", "")
+        finally:
+            client.close()
+            stop.set()
+            await asyncio.wait_for(task, 5)
+
+    code, location = asyncio.run(go())
+    assert code == 302 and "/hub/api/oauth2/authorize" in location and "client_id=service-dask-gateway" in location
 
 
 def test_gateway_settings(centre):
@@ -335,6 +433,11 @@ def test_hub_config_files_are_thin_loaders():
         assert len(code) == 2
 
 
-def test_controller_entry_point_usage(capsys):
+def test_controller_entry_point_usage(capsys, monkeypatch):
     assert main([]) == 2
-    assert "kube-controller" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "kube-controller" in err and "dashguard" in err
+    for name in GUARD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert main(["dashguard"]) == 2  # its environment is missing: named, exit status 2
+    assert "WORKBENCH_GATEWAY_PROXY_URL" in capsys.readouterr().err

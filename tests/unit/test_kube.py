@@ -193,10 +193,17 @@ def test_profile_list_for_entitled_profiles_in_policy_order_first_default():
             "shared-course-ml101": {
                 "name": "shared-course-ml101",
                 "persistentVolumeClaim": {"claimName": "workbench-group-course-ml101"},
-            }
+            },
+            # the course's materials folder: read-only for students (instructors write it)
+            "materials-course-ml101": {
+                "name": "materials-course-ml101",
+                "persistentVolumeClaim": {"claimName": "workbench-course-course-ml101", "readOnly": True},
+            },
         },
         "volume_mounts": {
-            "shared-course-ml101": {"name": "shared-course-ml101", "mountPath": "/srv/workbench/groups/course-ml101"}
+            "shared-course-ml101": {"name": "shared-course-ml101", "mountPath": "/srv/workbench/groups/course-ml101"},
+            "materials-course-ml101": {"name": "materials-course-ml101",
+                                       "mountPath": "/srv/workbench/courses/course-ml101", "readOnly": True},
         },
     }
     small, mig = kubespawner_profile(policy, "cpu-small"), kubespawner_profile(policy, "mig-1g")
@@ -375,7 +382,8 @@ def test_every_profile_renders_a_valid_locked_down_pod(path, profile):
     assert mounts[shared] == {"name": shared, "mountPath": storage.shared.format(group=group)}
     assert volumes["datasets"]["persistentVolumeClaim"] == {"claimName": storage.datasets_claim, "readOnly": True}
     assert mounts["datasets"] == {"name": "datasets", "mountPath": storage.datasets, "readOnly": True}
-    assert set(volumes) == {"home", "datasets", shared}
+    materials = {f"materials-{group}"} if policy.groups[group].kind == "course" else set()
+    assert set(volumes) == {"home", "datasets", shared} | materials
 
 
 def test_render_pod_mounts_every_group_and_defaults_to_the_first_profile():
@@ -389,6 +397,7 @@ def test_render_pod_mounts_every_group_and_defaults_to_the_first_profile():
         "/srv/workbench/datasets",
         "/srv/workbench/groups/climate-lab",
         "/srv/workbench/groups/course-geo210",
+        "/srv/workbench/courses/course-geo210",  # the course's materials, read-only
     }
     assert pod["metadata"]["name"] == "jupyter-lmartin"
 

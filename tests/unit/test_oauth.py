@@ -22,7 +22,7 @@ from workbench.oauth import (
     refusal_message,
 )
 from workbench.policy import PolicyError, load_policy, parse_policy
-from workbench.runtime import Runtime
+from workbench.runtime import SECRET_NAMES, Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "hub_config" / "demo.yaml"
@@ -192,7 +192,7 @@ def test_secret_value_is_not_in_the_settings():
 
 def test_hub_settings_use_auth_settings(monkeypatch):
     monkeypatch.setenv(SECRET_ENV, "s3cret-value")
-    secrets = {k: "ab" * 32 for k in ("cookie_secret", "proxy_auth_token", "gateway_api_token", "culler_api_token")}
+    secrets = {k: "ab" * 32 for k in SECRET_NAMES}
     s = hub_settings(policy_with(GENERIC_AUTH), runtime(), secrets)
     assert s["JupyterHub"]["authenticator_class"] == "workbench.oauth.WorkbenchGenericOAuthenticator"
     assert "DemoAuthenticator" not in s

@@ -30,6 +30,7 @@ def test_budget_defaults():
     data["groups"]["physics-lab"]["budget"] = {"gpu_hours": 10}
     b = parse_policy(data).groups["physics-lab"].budget
     assert (b.period, b.term_starts, b.per_user, b.cpu_hours) == ("month", ["02-01", "09-01"], None, None)
+    assert (b.warn_at, b.grace) == ([0.8, 0.95], 15 * 60)  # warned at 80% and 95%; 15 minutes once spent
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,9 @@ def test_budget_defaults():
         ({"caps": {"running_gpus": -2}}, "groups.physics-lab.caps.running_gpus", "greater than or equal to 0"),
         ({"caps": {"max_servers": 2}}, "groups.physics-lab.caps.max_servers", "unknown key"),
         ({"caps": {"user_running_servers": "many"}}, "groups.physics-lab.caps.user_running_servers", "integer"),
+        ({"budget": {"warn_at": [80]}}, "groups.physics-lab.budget.warn_at", "fraction between 0 and 1"),
+        ({"budget": {"warn_at": [0.95, 0.8]}}, "groups.physics-lab.budget.warn_at", "increasing order"),
+        ({"budget": {"grace": "soon"}}, "groups.physics-lab.budget.grace", "duration like"),
     ],
 )
 def test_errors_name_the_path(patch, path, words):

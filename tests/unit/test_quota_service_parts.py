@@ -175,7 +175,7 @@ def test_quota_service_is_wired_only_with_a_port():
         "name": "quota",
         "url": "http://127.0.0.1:18014",
         "api_token": "qt",
-        "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.quota"],
+        "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.quota", "--enforce-every=30"],
         "cwd": "/srv/wb/state",
         "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
     }
@@ -208,13 +208,24 @@ def test_hub_settings_wire_the_quota_service():
     from workbench.policy import load_policy
 
     demo = load_policy(Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml")
-    secrets = {n: "ab" * 32 for n in ("cookie_secret", "proxy_auth_token", "gateway_api_token", "culler_api_token",
-                                       "gateway_db_key", "quota_api_token")}
+    from workbench.runtime import SECRET_NAMES
+
+    secrets = {n: "ab" * 32 for n in SECRET_NAMES}
     s = hub_settings(demo, make_runtime(quota_port=18014), secrets)
     assert "quota" in [svc["name"] for svc in s["JupyterHub"]["services"]]
     assert ACCESS_SCOPE in s["Spawner"]["server_token_scopes"]
+    # every start is admitted by the service and every stop recorded, with the service's own token
+    assert s["WorkbenchLocalSpawner"]["quota_api_url"] == "http://127.0.0.1:18014/services/quota/api"
+    assert s["WorkbenchLocalSpawner"]["quota_api_token"] == secrets["quota_api_token"]
+    roles = {r["name"]: r for r in s["JupyterHub"]["load_roles"]}
+    assert "delete:servers" in roles["workbench-quota-service"]["scopes"]  # stops servers of spent budgets
     plain = hub_settings(demo, make_runtime(), secrets)
     assert "quota" not in [svc["name"] for svc in plain["JupyterHub"]["services"]]
+
+
+def test_the_quota_service_checks_as_often_as_workbench_up_says():
+    s = add_quota_service(base_settings(), POLICY, make_runtime(quota_port=1, quota_every=2.5), {"quota_api_token": "q"})
+    assert s["JupyterHub"]["services"][-1]["command"][-1] == "--enforce-every=2.5"
 
 
 # -- reports -----------------------------------------------------------------------------------

@@ -140,7 +140,10 @@ cannot lookup, so it generates new ones each time unless .Values.secrets gives t
 {{- $existing := lookup "v1" "Secret" .Release.Namespace (include "workbench.secretName" .) -}}
 {{- $previous := dict -}}
 {{- if $existing }}{{ $previous = $existing.data | default dict }}{{ end -}}
-{{- $keys := dict "cookie-secret" .Values.secrets.cookieSecret "proxy-token" .Values.secrets.proxyToken "crypt-key" .Values.secrets.cryptKey "gateway-api-token" .Values.secrets.gatewayApiToken "culler-api-token" .Values.secrets.cullerApiToken -}}
+{{- $keys := dict "cookie-secret" .Values.secrets.cookieSecret "proxy-token" .Values.secrets.proxyToken "crypt-key" .Values.secrets.cryptKey "gateway-api-token" .Values.secrets.gatewayApiToken "culler-api-token" .Values.secrets.cullerApiToken "guard-cookie-secret" .Values.secrets.guardCookieSecret -}}
+{{- if .Values.quota.enabled -}}
+{{- $_ := set $keys "quota-api-token" .Values.secrets.quotaApiToken -}}
+{{- end -}}
 {{- if eq (include "workbench.authType" .) "demo" -}}
 {{- $_ := set $keys "demo-password" .Values.secrets.demoPassword -}}
 {{- end -}}
@@ -170,6 +173,22 @@ cannot lookup, so it generates new ones each time unless .Values.secrets gives t
 
 {{- define "workbench.gatewayProxyHost" -}}
 {{- printf "%s.%s" (include "workbench.name" (dict "root" . "part" "gateway-proxy")) .Release.Namespace -}}
+{{- end -}}
+
+{{/* The dashboard guard: the hub service dask-gateway (workbench.k8s_hub.GUARD_PORT). */}}
+{{- define "workbench.guardUrl" -}}
+{{- printf "http://%s.%s:8000" (include "workbench.name" (dict "root" . "part" "gateway-guard")) .Release.Namespace -}}
+{{- end -}}
+
+{{/* The quota service: the hub service quota. */}}
+{{- define "workbench.quotaUrl" -}}
+{{- printf "http://%s:8013" (include "workbench.name" (dict "root" . "part" "quota")) -}}
+{{- end -}}
+
+{{/* The quota ledger's database: "url" (the operator's Secret) or "sqlite-pvc" (the default). */}}
+{{- define "workbench.quotaDb" -}}
+{{- $url := .Values.quota.db.url -}}
+{{- if and (kindIs "map" $url) $url.existingSecret }}url{{ else }}sqlite-pvc{{ end -}}
 {{- end -}}
 
 {{/* Environment shared by the gateway API server and controller. */}}

@@ -110,6 +110,21 @@ and wrong types; the hub checks the whole policy again at start-up (workbench.po
 {{- if and (eq $v.hub.db.type "postgres") (not $v.hub.db.postgres.existingSecret) -}}
 {{- $problems = append $problems "hub.db.postgres.existingSecret: hub.db.type 'postgres' needs the name of a Secret holding the database URL (postgresql+psycopg://user:password@host:5432/jupyterhub)" -}}
 {{- end -}}
+{{- if $v.quota.enabled -}}
+{{- $url := $v.quota.db.url -}}
+{{- $pvc := $v.quota.db.pvc | default dict -}}
+{{- if kindIs "string" $url -}}
+{{- if $url -}}
+{{- $problems = append $problems "quota.db.url: name the Secret that holds the ledger's database URL, not the URL itself (values are stored in plain text): kubectl create secret generic workbench-quota-db --from-literal=url='postgresql+psycopg://...', then set quota.db.url.existingSecret=workbench-quota-db (and quota.db.url.key if the key is not 'url')" -}}
+{{- end -}}
+{{- else if $url.existingSecret -}}
+{{- if or $pvc.size $pvc.storageClassName -}}
+{{- $problems = append $problems (printf "quota.db.url and quota.db.pvc: both are set, but the ledger is either PostgreSQL (the URL in Secret '%s') or SQLite on a PersistentVolumeClaim (quota.db.pvc); remove quota.db.pvc to use PostgreSQL, or quota.db.url.existingSecret to use SQLite" $url.existingSecret) -}}
+{{- end -}}
+{{- else if and $url.key (ne $url.key "url") -}}
+{{- $problems = append $problems (printf "quota.db.url.existingSecret: quota.db.url.key is '%s' but no Secret is named; set quota.db.url.existingSecret to the Secret holding the database URL (kubectl create secret generic workbench-quota-db --from-literal=%s=...), or remove quota.db.url to keep SQLite on a PersistentVolumeClaim" $url.key $url.key) -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.ingress.enabled (not $v.ingress.host) -}}
 {{- $problems = append $problems "ingress.host: ingress.enabled needs the host name (workbench.example.edu)" -}}
 {{- end -}}

@@ -25,7 +25,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import partial
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from jupyterhub.services.auth import HubAuth
 from pydantic import ValidationError
@@ -34,8 +34,9 @@ from tornado.httpserver import HTTPServer
 
 from ..policy import Policy, PolicyError, load_policy
 from ..runtime import RUNTIME_ENV, Runtime
-from .accounting import as_utc, parse_period
+from .accounting import as_utc, iso, parse_period
 from .authz import ACCESS_SCOPE, SERVICE_NAME, Forbidden, Viewer, can_read_members, check_group, user_scope
+from .enforce import StopItem, notifications
 from .ledger import DB_URL_ENV, Ledger, default_db_url
 from .metrics import QuotaMetrics
 from .models import AdmitBody, EventBatch, ReconcileBody, validation_problems
@@ -61,6 +62,13 @@ class HubClient:
             request_timeout=30,
         )
         return json.loads(r.body)
+
+    async def request(self, method: str, path: str) -> int:
+        r = await self.http.fetch(
+            f"{self.api_url}{path}", method=method, headers={"Authorization": f"token {self.token}"},
+            request_timeout=60, allow_nonstandard_methods=True,
+        )
+        return r.code
 
     async def user_groups(self, name: str, max_age: float = 30.0) -> list[str] | None:
         """The hub groups of ``name`` (None: no such user), cached for ``max_age`` seconds."""
@@ -110,6 +118,7 @@ class QuotaService:
         self.public_metrics = public_metrics
         self.reconcile_grace = reconcile_grace
         self._reconcile_lock = asyncio.Lock()
+        self._stopping: dict[str, datetime] = {}
 
     def now(self) -> datetime:
         return self.ledger.clock()
@@ -125,6 +134,36 @@ class QuotaService:
             items = server_items(self.policy, users)
             return await self.db(self.ledger.reconcile, items, snapshot, kinds=("server",), grace=self.reconcile_grace)
 
+    async def enforce(self) -> list[StopItem]:
+        """Stop the notebook servers whose spent budget's grace is over (through the hub's API).
+
+        Dask schedulers and workers are stopped by the gateway, which asks ``GET api/enforcement``.
+        Returns the servers it asked the hub to stop.
+        """
+        now = self.now()
+        plan = await self.db(self.ledger.stop_plan, now)
+        stopped = []
+        for item in plan:
+            if item.kind != "server" or not item.due(now) or item.item in self._stopping:
+                continue
+            user, _, server = item.item.removeprefix("server:").partition("/")
+            path = f"/users/{quote(user)}/server" if not server else f"/users/{quote(user)}/servers/{quote(server)}"
+            log.warning("stopping %s: %s", item.item, item.message)
+            try:
+                await self.hub.request("DELETE", path)
+            except httpclient.HTTPClientError as e:
+                if e.code not in (400, 404):  # 400: already stopped; 404: no such server
+                    log.error("could not stop %s: %s", item.item, e)
+                    continue
+            self._stopping[item.item] = now
+            self.metrics.stops.labels(item.kind, item.reason).inc()
+            stopped.append(item)
+        # forget servers the hub has stopped (their rows are closed) so a later start is watched again
+        running = {p.item for p in plan}
+        for key in [k for k in self._stopping if k not in running]:
+            del self._stopping[key]
+        return stopped
+
     def make_app(self) -> web.Application:
         p = self.prefix
         handlers = [
@@ -134,6 +173,8 @@ class QuotaService:
             (rf"{p}api/admit", AdmitHandler),
             (rf"{p}api/reconcile", ReconcileHandler),
             (rf"{p}api/reconcile/hub", HubReconcileHandler),
+            (rf"{p}api/enforcement", EnforcementHandler),
+            (rf"{p}api/notifications", NotificationsHandler),
             (rf"{p}api/usage", OverviewHandler),
             (rf"{p}api/usage/users/([^/]+)", UserUsageHandler),
             (rf"{p}api/usage/groups/([^/]+)", GroupUsageHandler),
@@ -301,6 +342,42 @@ class HubReconcileHandler(BaseHandler):
         self.write_json(result.to_json())
 
 
+class EnforcementHandler(BaseHandler):
+    """Running items that draw on spent budgets and when they stop (the gateway stops its clusters' ones)."""
+
+    async def get(self):
+        v = await self.viewer()
+        if not (v.writes or v.reads_all):
+            raise web.HTTPError(403, f"{v.name} may not read the enforcement plan (admins and the gateway may)")
+        kinds = set(self.get_arguments("kind"))
+        now = self.svc.now()
+        plan = await self.svc.db(self.svc.ledger.stop_plan, now)
+        self.write_json({
+            "as_of": iso(now),
+            "stop": [p.to_json(now) for p in plan if not kinds or p.kind in kinds],
+        })
+
+
+class NotificationsHandler(BaseHandler):
+    """The calling user's budget warnings: 80%/95% (``budget.warn_at``), spent, and when running work stops."""
+
+    async def get(self):
+        v = await self.reader()
+        if v.kind != "user":
+            raise web.HTTPError(400, "notifications are per user: ask with a user's token (e.g. a notebook's)")
+        policy, ledger, now = self.svc.policy, self.svc.ledger, self.svc.now()
+        out = []
+        for g in policy.groups_of(v.groups):
+            budget = policy.groups[g].budget
+            if budget is None:
+                continue
+            statuses = await self.svc.db(ledger.budgets, g, v.name, now)
+            plan = await self.svc.db(ledger.stop_plan, now, g)
+            mine = [p for p in plan if p.user == v.name]
+            out += [n.to_json(now) for n in notifications(statuses, budget.warn_at, mine or plan, now)]
+        self.write_json({"user": v.name, "as_of": iso(now), "notifications": out})
+
+
 class OverviewHandler(BaseHandler):
     async def get(self):
         v = await self.reader()
@@ -384,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between reconciles with the hub's active servers; 0: never (default: %(default)s)")
     p.add_argument("--reconcile-grace", type=float, default=30.0,
                    help="rows younger than this many seconds are never closed by a reconcile (default: %(default)s)")
+    p.add_argument("--enforce-every", type=float, default=30.0,
+                   help="seconds between checks for servers to stop because a budget is spent (after the "
+                        "policy's budget.grace); 0: never stop running servers (default: %(default)s)")
     p.add_argument("--threads", type=int, default=8, help="database threads (default: %(default)s)")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without authentication")
     p.add_argument("--log-level", default="INFO")
@@ -440,6 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.reconcile_every > 0 and token:
         loop.add_callback(reconcile_soon)
         ioloop.PeriodicCallback(reconcile_soon, args.reconcile_every * 1000).start()
+
+    async def enforce_soon():
+        try:
+            await svc.enforce()
+        except Exception:  # noqa: BLE001 - logged; the next round tries again
+            log.exception("enforcing spent budgets failed")
+
+    if args.enforce_every > 0 and token:
+        ioloop.PeriodicCallback(enforce_soon, args.enforce_every * 1000).start()
 
     def stop(*_):
         log.info("stopping")

@@ -71,6 +71,7 @@ from .accounting import (
     cap_message,
     iso,
 )
+from .enforce import StopItem, stop_plan
 from .models import AdmitRequest, Resources, RunningItem, UsageEvent
 
 log = logging.getLogger("workbench.quota")
@@ -547,7 +548,7 @@ class Ledger:
                                 request.item, True)
             statuses = self._budget_statuses(s, pgroup.budget, group, user, now)
             for st in statuses:
-                needed = res.gpu_count > 0 if st.resource == "gpu" else res.cpu > 0
+                needed = (res.gpu_count > 0 or request.needs_gpu_budget) if st.resource == "gpu" else res.cpu > 0
                 if needed and st.exhausted:
                     return Decision(False, f"{st.resource}-budget", st.message(), item=request.item,
                                     budgets=tuple(statuses))
@@ -636,6 +637,29 @@ class Ledger:
         if pgroup is None or pgroup.budget is None:
             return []
         return self._read(lambda s: self._budget_statuses(s, pgroup.budget, group, user, now))
+
+    def stop_plan(self, now: datetime | None = None, group: str | None = None) -> list[StopItem]:
+        """Running items that draw on a spent budget (of ``group``, or of every group), with their deadlines."""
+        now = self._now(now)
+
+        def q(s: Session) -> list[StopItem]:
+            stmt = select(UsageRow).where(UsageRow.stop.is_(None))
+            if group is not None:
+                stmt = stmt.where(UsageRow.group == group)
+            rows = [r.interval() for r in s.scalars(stmt.order_by(UsageRow.id))]
+            plan: list[StopItem] = []
+            for g in sorted({r.group for r in rows}):
+                pg = self.policy.groups.get(g) if self.policy else None
+                if pg is None or pg.budget is None:
+                    continue
+                statuses = self._budget_statuses(s, pg.budget, g, None, now)
+                if pg.budget.per_user is not None:
+                    for u in sorted({r.user for r in rows if r.group == g}):
+                        statuses += [st for st in self._budget_statuses(s, pg.budget, g, u, now) if st.scope == "user"]
+                plan += stop_plan(statuses, [r for r in rows if r.group == g], pg.budget.grace, now)
+            return sorted(plan, key=lambda p: (p.deadline, p.item))
+
+        return self._read(q)
 
     def _budget_statuses(self, s: Session, budget, group: str, user: str | None, now: datetime) -> list[BudgetStatus]:
         if budget is None:

@@ -118,6 +118,8 @@ class QuotaMetrics:
                                   ["result", "reason"], registry=self.registry)
         self.events = Counter(f"{PREFIX}_events", "events received by this process", ["status"],
                               registry=self.registry)
+        self.stops = Counter(f"{PREFIX}_budget_stops", "servers stopped by this process because a budget was spent",
+                             ["kind", "reason"], registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

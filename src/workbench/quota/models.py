@@ -97,6 +97,11 @@ class AdmitRequest(Resources):
     kind: Kind = "server"
     id: str | None = Field(default=None, min_length=1, max_length=255,
                            description="idempotency key: an admission replayed with the same id returns the first answer")
+    needs_gpu_budget: bool = Field(
+        default=False,
+        description="refuse when the GPU budget is spent even if this item holds no GPU itself (the scheduler of a "
+        "Dask cluster whose workers will have GPUs)",
+    )
 
 
 class AdmitBody(AdmitRequest):

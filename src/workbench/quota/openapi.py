@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydantic.json_schema import models_json_schema
 
+from .accounting import KINDS
 from .authz import ACCESS_SCOPE, METRICS_SCOPE, READ_ALL_SCOPE, WRITE_SCOPE
 from .models import AdmitBody, EventBatch, ReconcileBody, UsageEvent
 
@@ -197,12 +198,38 @@ def _usage_schemas() -> dict:
     }
 
 
+def _enforcement_schemas() -> dict:
+    s = {"type": "string"}
+    t = {"type": ["string", "null"], "format": "date-time"}
+    stop = {
+        "type": "object",
+        "properties": {"item": s, "kind": s, "user": s, "group": s, "reason": s, "deadline": t,
+                       "due": {"type": "boolean"}, "message": s},
+        "required": ["item", "kind", "user", "group", "reason", "deadline", "due", "message"],
+    }
+    note = {
+        "type": "object",
+        "properties": {"level": {"type": "string", "enum": ["info", "warning", "critical"]}, "source": s,
+                       "message": s, "at": t, "group": s, "resource": {"type": "string", "enum": ["gpu", "cpu"]},
+                       "fraction": {"type": "number"}, "stops_at": t},
+        "required": ["level", "source", "message", "at"],
+    }
+    return {
+        "StopItem": stop,
+        "Enforcement": {"type": "object", "properties": {"as_of": t, "stop": {"type": "array", "items": _ref("StopItem")}},
+                        "required": ["as_of", "stop"]},
+        "Notification": note,
+        "Notifications": {"type": "object", "properties": {"user": s, "as_of": t, "notifications": {
+            "type": "array", "items": _ref("Notification")}}, "required": ["user", "as_of", "notifications"]},
+    }
+
+
 def openapi_document(prefix: str = "/services/quota/") -> dict:
     _, defs = models_json_schema(
         [(UsageEvent, "validation"), (EventBatch, "validation"), (AdmitBody, "validation"), (ReconcileBody, "validation")],
         ref_template=REF,
     )
-    schemas = {**defs.get("$defs", {}), **_usage_schemas()}
+    schemas = {**defs.get("$defs", {}), **_usage_schemas(), **_enforcement_schemas()}
     write = [{"hubToken": [WRITE_SCOPE]}]
     read = [{"hubToken": [ACCESS_SCOPE]}]
     paths = {
@@ -267,6 +294,26 @@ def openapi_document(prefix: str = "/services/quota/") -> dict:
                     "502": _json(_ref("Error"), "the hub did not answer"),
                     **_AUTH,
                 },
+            }
+        },
+        "/api/enforcement": {
+            "get": {
+                "summary": "Running items that draw on a spent budget, with the time each is stopped (budget.grace "
+                "after the budget ran out); the gateway stops its Dask clusters' items, the service the servers",
+                "operationId": "enforcement",
+                "security": write + [{"hubToken": [READ_ALL_SCOPE]}],
+                "parameters": [{"name": "kind", "in": "query", "required": False,
+                                "description": "only items of this kind (repeatable)",
+                                "schema": {"type": "string", "enum": list(KINDS)}}],
+                "responses": {"200": _json(_ref("Enforcement"), "the plan"), **_AUTH},
+            }
+        },
+        "/api/notifications": {
+            "get": {
+                "summary": "The calling user's budget warnings (past budget.warn_at, spent, when running work stops)",
+                "operationId": "notifications",
+                "security": read,
+                "responses": {"200": _json(_ref("Notifications"), "most severe first"), "400": _ERROR, **_AUTH},
             }
         },
         "/api/usage": {

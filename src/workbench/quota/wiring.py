@@ -26,7 +26,7 @@ from .authz import ACCESS_SCOPE, CUSTOM_SCOPES, SERVICE_NAME, WRITE_SCOPE
 from .ledger import DB_URL_ENV
 
 #: what the quota service's own token may do
-SERVICE_SCOPES = ["list:users", "read:users:name", "read:users:groups", "read:servers", WRITE_SCOPE]
+SERVICE_SCOPES = ["list:users", "read:users:name", "read:users:groups", "read:servers", "delete:servers", WRITE_SCOPE]
 
 
 def quota_service(runtime: Runtime, secrets: Mapping[str, str]) -> dict:
@@ -34,7 +34,8 @@ def quota_service(runtime: Runtime, secrets: Mapping[str, str]) -> dict:
         "name": SERVICE_NAME,
         "url": f"http://127.0.0.1:{runtime.quota_port}",
         "api_token": secrets["quota_api_token"],
-        "command": [str(Path(runtime.venv_bin, "python")), "-m", "workbench.quota"],
+        "command": [str(Path(runtime.venv_bin, "python")), "-m", "workbench.quota",
+                    f"--enforce-every={runtime.quota_every:g}"],
         "cwd": runtime.state_dir,
         "environment": {RUNTIME_ENV: str(Path(runtime.state_dir, "runtime.json"))},
     }
@@ -50,7 +51,7 @@ def quota_roles(policy: Policy) -> list[dict]:
         },
         {
             "name": "workbench-quota-service",
-            "description": "The quota service: reconcile servers with the hub, write its ledger",
+            "description": "The quota service: reconcile servers with the hub, write its ledger, stop servers of spent budgets",
             "scopes": list(SERVICE_SCOPES),
             "services": [SERVICE_NAME],
         },
@@ -76,6 +77,11 @@ def add_quota_service(settings: dict, policy: Policy, runtime: Runtime, secrets:
     if ACCESS_SCOPE not in scopes:
         scopes.append(ACCESS_SCOPE)
     spawner["server_token_scopes"] = scopes
+    if "WorkbenchLocalSpawner" in settings:  # every start is admitted by the service, every stop recorded
+        settings["WorkbenchLocalSpawner"]["quota_api_url"] = (
+            f"http://127.0.0.1:{runtime.quota_port}/services/{SERVICE_NAME}/api"
+        )
+        settings["WorkbenchLocalSpawner"]["quota_api_token"] = secrets["quota_api_token"]
     return settings
 
 
