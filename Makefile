@@ -6,6 +6,8 @@ VENV ?= .venv
 # Debian's Python: a venv made from it can be executed by the per-user accounts servers run as
 SYSTEM_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 STAMP := $(VENV)/.workbench-installed
+LAB_EXTENSION := extensions/workbench-notifications
+LAB_EXTENSION_OUT := src/workbench/labextension
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -17,6 +19,7 @@ help:
 	@echo "make unit    run the fast unit tests only"
 	@echo "make bench   run the benchmarks (prints medians and ratios)"
 	@echo "make check   validate hub_config/demo.yaml"
+	@echo "make lab-extension  rebuild the JupyterLab notifications extension into $(LAB_EXTENSION_OUT) (commit it)"
 
 $(STAMP): pyproject.toml scripts/system-deps.sh
 	@scripts/system-deps.sh
@@ -24,6 +27,10 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 	@echo "[workbench] installing Python packages into $(VENV) …"
 	@$(VENV)/bin/python -m pip install -qq --upgrade pip
 	@$(VENV)/bin/python -m pip install -qq -e '.[test]'
+	@# an editable install skips pyproject's data-files: link the JupyterLab notifications in (see README)
+	@mkdir -p $(VENV)/etc/jupyter/jupyter_server_config.d $(VENV)/share/jupyter/labextensions
+	@ln -sfn $(CURDIR)/jupyter-config/jupyter_server_config.d/workbench.json $(VENV)/etc/jupyter/jupyter_server_config.d/workbench.json
+	@ln -sfn $(CURDIR)/$(LAB_EXTENSION_OUT) $(VENV)/share/jupyter/labextensions/workbench-notifications
 	@echo "[workbench] installing configurable-http-proxy into $(VENV) …"
 	@npm install --prefix $(VENV) --no-audit --no-fund --loglevel=error configurable-http-proxy@4 >/dev/null
 	@ln -sf ../node_modules/.bin/configurable-http-proxy $(VENV)/bin/configurable-http-proxy
@@ -34,12 +41,16 @@ install: $(STAMP)
 up: install
 	$(VENV)/bin/workbench up $(ARGS)
 
-test: install slurm postgres
+test: install slurm postgres browser
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests
 
 .PHONY: slurm
 slurm:  # a real one-node Slurm for the Slurm backend's tests and `workbench up --gateway-backend slurm`
 	@scripts/slurm-up.sh
+
+.PHONY: browser
+browser:  # Debian's chromium and chromedriver for the browser tests (tests/browser: JupyterLab notifications)
+	@scripts/system-deps.sh --browser
 
 .PHONY: postgres
 postgres:  # a local PostgreSQL (Debian's packages) for the quota ledger's tests (they ask the script for its URL)
@@ -67,3 +78,10 @@ values-schema: install  # regenerate charts/workbench/values.schema.json from th
 
 images-lock: install  # re-lock images/*/requirements.txt from their requirements.in (Python 3.11, linux x86_64)
 	PYTHON=$(VENV)/bin/python images/lock-requirements.sh
+
+# Notifications in JupyterLab: the prebuilt extension is committed in $(LAB_EXTENSION_OUT); rebuild it after
+# editing $(LAB_EXTENSION)/src (npm, @jupyterlab/builder, against the JupyterLab installed in $(VENV))
+.PHONY: lab-extension
+lab-extension: install
+	cd $(LAB_EXTENSION) && npm ci --no-audit --no-fund --loglevel=error
+	cd $(LAB_EXTENSION) && rm -rf lib tsconfig.tsbuildinfo && PATH="$(abspath $(VENV))/bin:$$PATH" npm run build

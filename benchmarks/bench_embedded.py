@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the embedded workbench (`workbench up`) against stock JupyterHub and plain Dask.
 
-Two metrics, each measured side by side in one run on this machine:
+Three metrics, each measured side by side in one run on this machine:
 
   login   login -> server ready. Log in through the login form (GET /hub/login for the _xsrf
           field, untimed; then the timed POST /hub/login), create an API token, POST
@@ -24,8 +24,12 @@ Two metrics, each measured side by side in one run on this machine:
                        in this process, then Client(cluster).wait_for_workers(2)
           Each cluster is shut down (and its processes waited for) between runs.
 
+  quota   login -> server ready (as for `login`) with the quota service on (every start is
+          admitted by it: budgets and caps in one database transaction) vs `workbench up
+          --no-quota` (no admission); the cost of enforcement at spawn.
+
 Order: the workbench is started once and does all its runs (login, then dask) and is stopped;
-then the stock hub is started once, does its login runs and is stopped; then the LocalCluster
+then `workbench up --no-quota` does its login runs and is stopped; then the stock hub is started once, does its login runs and is stopped; then the LocalCluster
 runs. So each measurement runs with only its own system alive. Hub start-up time is recorded
 too (one sample each; the workbench's includes its Dask Gateway).
 
@@ -513,8 +517,9 @@ def ratio(a: dict, b: dict) -> float | None:
 
 def print_table(results: dict) -> None:
     rows = []
-    labels = {"login": "login->server ready", "dask": "dask create->2 workers"}
-    for metric in ("login", "dask"):
+    labels = {"login": "login->server ready", "dask": "dask create->2 workers",
+              "quota": "login->ready, quota on vs --no-quota"}
+    for metric in ("login", "dask", "quota"):
         if metric not in results:
             continue
         wb, st = results[metric]["workbench"]["summary"], results[metric]["stock"]["summary"]
@@ -540,7 +545,8 @@ def print_table(results: dict) -> None:
     print(f"{head[0]:<{w0}}  {head[1]:>{w[0]}}  {head[2]:>{w[1]}}  {head[3]:>{w[2]}}")
     for r in rows:
         print(f"{r[0]:<{w0}}  {r[1]:>{w[0]}}  {r[2]:>{w[1]}}  {r[3]:>{w[2]}}")
-    print("ratio = workbench / stock (medians); stock login = plain JupyterHub, stock dask = LocalCluster")
+    print("ratio = workbench / stock (medians); stock login = plain JupyterHub, stock dask = LocalCluster, "
+          "stock quota = the workbench with --no-quota (no admission check at spawn)")
     if starts:
         print("* hub start: `workbench up` until ready (includes its Dask Gateway) vs stock jupyterhub until /hub/health")
     print()
@@ -570,7 +576,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--runs", type=int, default=5, help="timed runs per side and metric (default 5)")
     p.add_argument("--json", metavar="FILE", help="write raw timings, medians and ratios to FILE")
-    p.add_argument("--only", choices=("login", "dask"), help="measure only one metric")
+    p.add_argument("--only", choices=("login", "dask", "quota"), help="measure only one metric")
     p.add_argument("--keep-state", action="store_true", help="keep the temporary state folder under /tmp")
     args = p.parse_args(argv)
     if args.runs < 1:
@@ -589,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{VENV_BIN} has no workbench or configurable-http-proxy", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    metrics = ["login", "dask"] if args.only is None else [args.only]
+    metrics = ["login", "dask", "quota"] if args.only is None else [args.only]
 
     root = make_state_dir("wb-bench-")
     say(f"state folder {root}; {args.runs} run(s) per side for: {', '.join(metrics)}; "
@@ -608,8 +614,11 @@ def main(argv: list[str] | None = None) -> int:
         starts["workbench"] = time.perf_counter() - t0
         say(f"workbench ready at {wb.url} after {starts['workbench']:.2f}s")
         hub_log = lambda: wb.hub_log()[-3000:]  # noqa: E731
-        if "login" in metrics:
-            raw["login"]["workbench"] = login_runs("workbench", wb.url, args.runs, wb.proc.pid, hub_log, wb.snapshot)
+        if "login" in metrics or "quota" in metrics:
+            on = login_runs("workbench", wb.url, args.runs, wb.proc.pid, hub_log, wb.snapshot)
+            for m in ("login", "quota"):
+                if m in metrics:
+                    raw[m]["workbench"] = on
         if "dask" in metrics:
             s = wb.login(USER)
             if s.login_status != 302:
@@ -622,6 +631,18 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0 or leftovers:
             say(f"warning: workbench up exited with {code}; leftovers: {leftovers}")
         wb = None
+
+        # 1b. the workbench without its quota service: the cost of admission checks at spawn
+        if "quota" in metrics:
+            wb = Workbench(root / "workbench-noquota-state", extra_args=("--no-quota",))
+            say("starting `workbench up --no-quota` …")
+            wb.start()
+            hub_log = lambda: wb.hub_log()[-3000:]  # noqa: E731
+            raw["quota"]["stock"] = login_runs("workbench --no-quota", wb.url, args.runs, wb.proc.pid, hub_log,
+                                               wb.snapshot)
+            say("stopping the workbench …")
+            wb.stop()
+            wb = None
 
         # 2. the stock hub: login runs
         if "login" in metrics:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the system packages Workbench needs, only those that are missing (Debian/Ubuntu).
-# Used by `make up` and `make test`; safe to run again.
+# Used by `make up` and `make test` (with --browser: only the browser the browser tests drive); safe to run again.
 set -euo pipefail
 need=()
 [ -x /usr/bin/python3 ] || need+=(python3)
@@ -8,6 +8,11 @@ need=()
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v useradd >/dev/null 2>&1 || need+=(passwd)
+if [ "${1:-}" = --browser ]; then  # `make test`: a real browser for tests/browser (Debian's, no download)
+  need=()
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "Workbench needs these system packages: ${need[*]}" >&2

@@ -14,6 +14,7 @@ import os
 from jupyterhub.auth import Authenticator
 from traitlets import Dict, Unicode, default
 
+from .rosters import merge_roster_groups
 from .runtime import is_loopback
 
 PASSWORD_ENV = "WORKBENCH_DEMO_PASSWORD"
@@ -39,9 +40,10 @@ def check_demo_exposure(auth_type: str, bind: str, allowed: bool) -> None:
 class DemoAuthenticator(Authenticator):
     """Log in the demo accounts named in the policy (``auth.demo_users``) with one password.
 
-    Each account's groups come from the policy and are synchronised into the hub on every
-    login (``manage_groups``); members of ``auth.admin_groups`` become hub admins. Anyone
-    else is refused.
+    Each account's groups come from the policy, plus the courses whose roster lists it
+    (:mod:`workbench.rosters`), and are synchronised into the hub on every login
+    (``manage_groups``); members of ``auth.admin_groups`` become hub admins. Anyone else is
+    refused.
     """
 
     accounts = Dict(
@@ -87,9 +89,12 @@ class DemoAuthenticator(Authenticator):
         if not hmac.compare_digest(password.encode(), self.password.encode()):
             self.log.warning("Demo login refused for %r: wrong password", name)
             return None
+        groups = list(self.accounts[name].get("groups", []))
+        # plus the courses whose roster lists the account (workbench.rosters), which manage_groups would drop
+        groups = merge_roster_groups(getattr(handler, "db", None), self.normalize_username(name), groups)
         return {
             "name": name,
-            "groups": list(self.accounts[name].get("groups", [])),
+            "groups": groups,
             "admin": self._is_admin(name),
         }
 

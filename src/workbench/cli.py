@@ -56,6 +56,7 @@ def cmd_up(args) -> int:
         fake_gpus=args.fake_gpus,
         gateway_backend=args.gateway_backend,
         quota_every=args.quota_every,
+        quota=args.quota,
     )
     if args.hub_config_dir:
         opts.hub_config_dir = args.hub_config_dir
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often the quota service stops servers of spent budgets (after the policy's budget.grace) and "
         "the gateway reconciles its clusters with the usage ledger (default: %(default)s)",
     )
+    up.add_argument(
+        "--no-quota",
+        dest="quota",
+        action="store_false",
+        help="run without the quota service: budgets and caps are not enforced and usage is not recorded "
+        "(for comparisons and for machines where nobody is accounted)",
+    )
     up.set_defaults(func=cmd_up)
 
     check = sub.add_parser(
@@ -218,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     course = sub.add_parser(
         "course",
-        help="course material links and rosters (link, add-students)",
-        description="Course groups: print an nbgitpuller link to the course's material (link), or load a roster CSV "
-        "into the course's hub group (add-students).",
+        help="course material links and rosters (link, add-students, remove-student)",
+        description="Course groups: print an nbgitpuller link to the course's material (link), load a roster CSV "
+        "into the course's hub group (add-students) or take a student off it (remove-student), through the hub's "
+        "roster service.",
     )
     add_course_arguments(course)
     return parser

@@ -12,9 +12,9 @@
   embedded mode, a read-only or read-write mount on Kubernetes).
 - ``workbench course link``: an nbgitpuller link (:func:`course_link`) that pulls the material
   into the same folder and opens a file of it.
-- ``workbench course add-students``: a roster CSV (:func:`parse_roster`, every row checked before
-  anything is applied) loaded into the course's hub group through the hub's REST API
-  (:func:`apply_roster`).
+- ``workbench course add-students`` / ``remove-student``: a roster CSV (:func:`parse_roster`, every row
+  checked before anything is applied) sent to the hub's roster service (:mod:`workbench.rosters`),
+  which admins and the course's instructors may call and which applies it with its own token.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ PULL_TIMEOUT = 300
 #: prefix of the Unix group of a course's instructors (embedded mode)
 INSTRUCTOR_GROUP_PREFIX = "wb-i-"
 DEFAULT_HUB_URL = "http://127.0.0.1:8000"
+#: the hub service that loads rosters (:mod:`workbench.rosters`)
+ROSTER_SERVICE = "rosters"
 
 
 # ---------------------------------------------------------------------------
@@ -352,6 +354,27 @@ def username_problem(raw: str) -> str | None:
     return None
 
 
+def _check_student(where: str, n: int, raw: str, email: str, name: str, seen: dict[str, int]) -> Student | str:
+    """One roster row as a :class:`Student`, or its problem as ``<where> N: ...`` (pure; ``seen`` is updated)."""
+    if why := username_problem(raw):
+        return f"{where} {n}: {why}"
+    username = raw.lower()
+    if username in seen:
+        return f"{where} {n}: username {username!r} is already on {where} {seen[username]}"
+    seen[username] = n
+    if email and not _EMAIL_RE.match(email):
+        return f"{where} {n}: email {email!r} of {username!r} is not an email address"
+    return Student(n, username, email, name)
+
+
+def _collect(checked: list[Student | str]) -> tuple[list[Student], list[str]]:
+    students = [c for c in checked if isinstance(c, Student)]
+    problems = [c for c in checked if isinstance(c, str)]
+    if not students and not problems:
+        problems.append("no students: the file has a header but no rows")
+    return students, problems
+
+
 def parse_roster(text: str) -> tuple[list[Student], list[str]]:
     """Students of a roster CSV, and its problems as ``line N: ...`` (pure).
 
@@ -370,108 +393,91 @@ def parse_roster(text: str) -> tuple[list[Student], list[str]]:
         return [], [(f"line {header_line}: no 'username' column in the header ({', '.join(header)}); "
                     f"the first line must name the columns, e.g. username,email,name")]
     col = {name: header.index(name) for name in ROSTER_COLUMNS if name in header}
-    students, problems, seen = [], [], {}
+    checked: list[Student | str] = []
+    seen: dict[str, int] = {}
     for n, row in rows[1:]:
         if len(row) > len(header):
-            problems.append(f"line {n}: {len(row)} fields but the header has {len(header)} (a comma inside a name needs quotes)")
+            checked.append(f"line {n}: {len(row)} fields but the header has {len(header)} (a comma inside a name needs quotes)")
             continue
         cell = {name: (row[i] if i < len(row) else "").strip() for name, i in col.items()}
         raw = row[col["username"]] if col["username"] < len(row) else ""
-        if why := username_problem(raw):
-            problems.append(f"line {n}: {why}")
-            continue
-        username = raw.lower()
-        if username in seen:
-            problems.append(f"line {n}: username {username!r} is already on line {seen[username]}")
-            continue
-        seen[username] = n
-        email = cell.get("email", "")
-        if email and not _EMAIL_RE.match(email):
-            problems.append(f"line {n}: email {email!r} of {username!r} is not an email address")
-            continue
-        students.append(Student(n, username, email, cell.get("name", "")))
-    if not students and not problems:
-        problems.append("no students: the file has a header but no rows")
-    return students, problems
+        checked.append(_check_student("line", n, raw, cell.get("email", ""), cell.get("name", ""), seen))
+    return _collect(checked)
 
 
-class HubApi:
-    """The few hub REST calls of a roster load (``requests``, token auth)."""
+def parse_roster_rows(rows) -> tuple[list[Student], list[str]]:
+    """Students of a roster given as JSON rows, and its problems as ``row N: ...`` (pure).
 
-    def __init__(self, hub_url: str, token: str, timeout: float = 30):
-        import requests
-
-        self.api = hub_base(hub_url) + "/hub/api"
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"token {token}"
-        self.timeout = timeout
-
-    def __call__(self, method: str, path: str, body=None):
-        return self.session.request(method, self.api + path, json=body, timeout=self.timeout)
-
-
-def _message(resp) -> str:
-    try:
-        return resp.json().get("message") or resp.text
-    except ValueError:
-        return resp.text.strip()[:200]
-
-
-def apply_roster(hub, course: str, students: list[Student]) -> list[str]:
-    """Add ``students`` to the hub group ``course``, creating missing users; report lines.
-
-    ``hub(method, path, body)`` answers like :class:`HubApi`. Users can be created only with a
-    token that may (``admin:users``); the group is changed in one request, which the hub applies
-    all or nothing. Raises :class:`CourseError` with the reason when nothing could be applied.
+    ``rows`` is a list (or ``{"students": [...]}``) of user names or of objects with ``username``
+    and optional ``email`` and ``name``; rows are numbered from 1 and checked like CSV lines.
     """
-    me = hub("GET", "/user")
-    if me.status_code != 200:
-        raise CourseError(f"the hub refused the token ({me.status_code}: {_message(me)}); pass a valid --token")
-    scopes = set(me.json().get("scopes", []))
-    can_create = "admin:users" in scopes
-    group = hub("GET", f"/groups/{quote(course)}")
-    report = []
-    if group.status_code == 404:
-        if "admin:groups" not in scopes:
-            raise CourseError(
-                f"the hub has no group {course!r} you can see (it is made when a member first logs in, "
-                f"or by an admin): ask an admin to run this, or to create the group"
-            )
-        made = hub("POST", f"/groups/{quote(course)}")
-        if made.status_code not in (200, 201):
-            raise CourseError(f"could not create the hub group {course!r} ({made.status_code}: {_message(made)})")
-        report.append(f"created the hub group {course}")
-        members = set()
-    elif group.status_code != 200:
-        raise CourseError(f"cannot read the hub group {course!r} ({group.status_code}: {_message(group)})")
-    else:
-        members = set(group.json().get("users", []))
-    new = [s for s in students if s.username not in members]
-    if not new:
-        return report + [f"all {len(students)} students are already in {course}; nothing to do"]
-    missing = [s.username for s in new if hub("GET", f"/users/{quote(s.username)}").status_code == 404]
-    if missing and can_create:
-        made = hub("POST", "/users", {"usernames": missing})
-        if made.status_code not in (200, 201):
-            raise CourseError(f"could not create the users {', '.join(missing)} ({made.status_code}: {_message(made)})")
-        report.append(f"created {len(missing)} hub user(s): {', '.join(missing)}")
-    added = hub("POST", f"/groups/{quote(course)}/users", {"users": [s.username for s in new]})
-    if added.status_code == 403:
-        raise CourseError(
-            f"your token may not change the members of {course!r} (it needs the scope groups!group={course}); "
-            f"ask a platform admin to load the roster. Nothing was changed."
-        )
-    if added.status_code == 400 and missing and not can_create:
-        raise CourseError(
-            f"{_message(added)}: users that are not in the hub yet can only be created by an admin token "
-            f"(not found or not visible to you: {', '.join(missing)}). Nothing was changed."
-        )
-    if added.status_code not in (200, 201):
-        raise CourseError(f"the hub refused to add the students ({added.status_code}: {_message(added)}); nothing was changed")
-    already = len(students) - len(new)
-    report.append(f"added {len(new)} student(s) to {course}: {', '.join(s.username for s in new)}"
-                  + (f" ({already} already members)" if already else ""))
-    return report
+    if isinstance(rows, dict) and set(rows) == {"students"}:
+        rows = rows["students"]
+    if not isinstance(rows, list):
+        return [], [("the JSON body must be a list of students (user names or {username, email, name} objects), "
+                     "or {\"students\": [...]}")]
+    if not rows:
+        return [], ["no students: the list is empty"]
+    checked: list[Student | str] = []
+    seen: dict[str, int] = {}
+    for n, row in enumerate(rows, 1):
+        if isinstance(row, str):
+            row = {"username": row}
+        if not isinstance(row, dict) or not all(isinstance(v, str) for v in row.values()):
+            checked.append(f"row {n}: expected a user name or an object of strings with a 'username', got {row!r}"[:200])
+            continue
+        extra = sorted(set(row) - set(ROSTER_COLUMNS))
+        if extra:
+            checked.append(f"row {n}: unknown field(s) {', '.join(extra)}; a row has username, email and name")
+            continue
+        checked.append(_check_student("row", n, row.get("username", ""), row.get("email", "").strip(),
+                                      row.get("name", "").strip(), seen))
+    return _collect(checked)
+
+
+def roster_url(hub_url: str, course: str, student: str | None = None) -> str:
+    """The roster service's endpoint of ``course`` (:mod:`workbench.rosters`) at ``hub_url`` (pure)."""
+    url = f"{hub_base(hub_url)}/services/{ROSTER_SERVICE}/api/courses/{quote(course, safe='')}/students"
+    return url if student is None else f"{url}/{quote(student, safe='')}"
+
+
+def roster_request(method: str, hub_url: str, token: str, course: str, student: str | None = None,
+                   text: str | None = None, mode: str | None = None, timeout: float = 120):
+    """One request to the roster service with ``token`` (``requests``): a CSV ``text`` to POST, or none."""
+    import requests
+
+    headers = {"Authorization": f"token {token}"}
+    if text is not None:
+        headers["Content-Type"] = "text/csv; charset=utf-8"
+    return requests.request(method, roster_url(hub_url, course, student), headers=headers,
+                            params={"mode": mode} if mode else None,
+                            data=None if text is None else text.encode("utf-8"), timeout=timeout)
+
+
+def roster_answer(resp, label: str, hub_url: str) -> tuple[int, list[str], list[str]]:
+    """``(exit code, stdout lines, stderr lines)`` for the roster service's answer ``resp`` (pure).
+
+    0 and the service's report when it applied the change; 2 and each problem with its line when a
+    row was refused (a bad row, or a safety rule of the service) and nothing was changed; 3 otherwise.
+    """
+    try:
+        doc = resp.json()
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        if resp.status_code == 404:
+            return 3, [], [(f"the hub at {hub_url} has no roster service (/services/{ROSTER_SERVICE}/): is it a "
+                            f"workbench hub with a course in its policy? Nothing was changed.")]
+        return 3, [], [f"unexpected answer from the roster service ({resp.status_code}): {resp.text.strip()[:200]}"]
+    if resp.status_code == 200:
+        return 0, list(doc.get("report") or []), []
+    if resp.status_code == 400 and doc.get("problems"):
+        problems = list(doc["problems"])
+        return 2, [], [f"{label}: {len(problems)} problem(s); nothing was changed:", *(f"  {p}" for p in problems)]
+    # a 502 (the hub refused the service midway) says itself what was done
+    done = "" if resp.status_code == 502 else " Nothing was changed."
+    return 3, [], [f"{doc.get('message') or resp.reason} ({resp.status_code}).{done}"]
+
 
 
 # ---------------------------------------------------------------------------
@@ -480,7 +486,7 @@ def apply_roster(hub, course: str, students: list[Student]) -> list[str]:
 
 
 def add_course_arguments(parser) -> None:
-    """``workbench course link`` and ``workbench course add-students`` (argparse)."""
+    """``workbench course link``, ``add-students`` and ``remove-student`` (argparse)."""
     from .up import DEFAULT_CONFIG
 
     sub = parser.add_subparsers(dest="course_command", metavar="ACTION", required=True)
@@ -499,18 +505,39 @@ def add_course_arguments(parser) -> None:
 
     add = sub.add_parser(
         "add-students",
-        help="load a roster CSV into a course's hub group",
+        help="load a roster CSV into a course (through the hub's roster service)",
         description="Load a roster (CSV with a header: a 'username' column, optional 'email' and 'name') into the "
-        "course's hub group: missing users are created (admin token) and all are added to the group. Every row is "
-        "checked first; if any is wrong, each problem is printed with its line and nothing is changed (exit code 2). "
-        "Exit code 3 when the hub refuses.",
+        "course's hub group through the hub's roster service (workbench.rosters), with an admin's or one of the "
+        "course's instructors' token. Every row is checked first, here and by the service; if any is wrong (or is "
+        "a hub admin, an instructor, or a member of a non-course group), each problem is printed with its line and "
+        "nothing is changed (exit code 2). Missing users are created (never as admins) and all are added to the "
+        "group. The file is the course's whole roster: students an earlier roster added who are not in it leave "
+        "the course (--add-only keeps them). Exit code 3 when the hub or the service refuses.",
     )
     add.add_argument("course", metavar="COURSE", help="the course group")
     add.add_argument("file", metavar="FILE.csv", help="roster CSV")
-    add.add_argument("--hub-url", default=DEFAULT_HUB_URL, help="the hub's address (default: %(default)s)")
-    add.add_argument("--token", default=None, help="hub API token (default: $JUPYTERHUB_API_TOKEN)")
-    add.add_argument("--config", default=str(DEFAULT_CONFIG), help="platform YAML (default: %(default)s)")
+    add.add_argument("--add-only", action="store_true",
+                     help="only add: keep the students of earlier rosters that are not in this file")
+    _roster_service_arguments(add, DEFAULT_CONFIG)
     add.set_defaults(func=cmd_course_add_students)
+
+    remove = sub.add_parser(
+        "remove-student",
+        help="take a student off a course's roster (through the hub's roster service)",
+        description="Remove USER from the course's roster and hub group (workbench.rosters), with an admin's or "
+        "one of the course's instructors' token. Exit code 3 when the hub or the service refuses (e.g. USER is "
+        "not on the roster: members from the identity provider are not the roster's to remove).",
+    )
+    remove.add_argument("course", metavar="COURSE", help="the course group")
+    remove.add_argument("user", metavar="USER", help="the student's hub user name")
+    _roster_service_arguments(remove, DEFAULT_CONFIG)
+    remove.set_defaults(func=cmd_course_remove_student)
+
+
+def _roster_service_arguments(parser, default_config) -> None:
+    parser.add_argument("--hub-url", default=DEFAULT_HUB_URL, help="the hub's address (default: %(default)s)")
+    parser.add_argument("--token", default=None, help="hub API token (default: $JUPYTERHUB_API_TOKEN)")
+    parser.add_argument("--config", default=str(default_config), help="platform YAML (default: %(default)s)")
 
 
 def cmd_course_link(args) -> int:
@@ -527,39 +554,63 @@ def cmd_course_link(args) -> int:
     return 0
 
 
-def cmd_course_add_students(args) -> int:
+def _course_and_token(args, command: str) -> str | None:
+    """The token for a roster command after checking the course against the policy; None: refused (printed)."""
     from .cliutil import load_policy_or_report
 
     policy = load_policy_or_report(args.config)
     if policy is None:
-        return 2
+        return None
     if not is_course(policy, args.course):
         courses = [n for n, g in policy.groups.items() if g.kind == "course"]
-        print(f"workbench course add-students: {args.course!r} is not a course of {args.config}; "
+        print(f"workbench course {command}: {args.course!r} is not a course of {args.config}; "
               f"courses: {', '.join(courses) or '(none)'}", file=sys.stderr)
-        return 2
+        return None
     token = args.token or os.environ.get("JUPYTERHUB_API_TOKEN", "")
     if not token:
-        print("workbench course add-students: no hub token; pass --token or set $JUPYTERHUB_API_TOKEN", file=sys.stderr)
+        print(f"workbench course {command}: no hub token; pass --token or set $JUPYTERHUB_API_TOKEN", file=sys.stderr)
+        return None
+    return token
+
+
+def _ask_service(command: str, label: str, args, method: str, **kw) -> int:
+    import requests
+
+    try:
+        resp = roster_request(method, args.hub_url, kw.pop("token"), args.course, **kw)
+    except requests.RequestException as e:
+        print(f"workbench course {command}: cannot reach the hub at {args.hub_url}: {e}. Nothing was changed.",
+              file=sys.stderr)
+        return 3
+    rc, out, err = roster_answer(resp, label, args.hub_url)
+    for line in out:
+        print(line)
+    for i, line in enumerate(err):
+        print(line if rc == 2 or i else f"workbench course {command}: {line}", file=sys.stderr)
+    return rc
+
+
+def cmd_course_add_students(args) -> int:
+    token = _course_and_token(args, "add-students")
+    if token is None:
         return 2
     try:
         text = Path(args.file).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         print(f"workbench course add-students: cannot read {args.file}: {e}", file=sys.stderr)
         return 2
-    students, problems = parse_roster(text)
-    if problems:
+    _, problems = parse_roster(text)
+    if problems:  # checked here first, so a bad file never reaches the hub
         print(f"{args.file}: {len(problems)} problem(s); nothing was changed:", file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return 2
-    try:
-        for line in apply_roster(HubApi(args.hub_url, token), args.course, students):
-            print(line)
-    except CourseError as e:
-        print(f"workbench course add-students: {e}", file=sys.stderr)
-        return 3
-    except OSError as e:  # requests' connection errors
-        print(f"workbench course add-students: cannot reach the hub at {args.hub_url}: {e}", file=sys.stderr)
-        return 3
-    return 0
+    return _ask_service("add-students", args.file, args, "POST", token=token, text=text,
+                        mode="add" if args.add_only else "replace")
+
+
+def cmd_course_remove_student(args) -> int:
+    token = _course_and_token(args, "remove-student")
+    if token is None:
+        return 2
+    return _ask_service("remove-student", args.user, args, "DELETE", token=token, student=args.user.strip().lower())

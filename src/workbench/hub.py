@@ -14,6 +14,10 @@ from pathlib import Path
 from .auth import DemoAuthExposed, check_demo_exposure
 from .oauth import auth_settings
 from .policy import Policy, PolicyError, load_policy
+from .rosters import ACCESS_SCOPE as ROSTERS_ACCESS_SCOPE
+from .rosters import SERVICE_NAME as ROSTERS_SERVICE
+from .rosters import needs_service as needs_rosters_service
+from .rosters import service_scopes as rosters_service_scopes
 from .runtime import GATEWAY_SERVICE, Runtime, free_port, load_or_create_secrets
 from .session_rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
 from .session_rules import SERVICE_NAME as SESSIONS_SERVICE
@@ -57,12 +61,16 @@ INSTRUCTOR_SCOPES = [
 
 
 def course_roles(policy: Policy) -> list[dict]:
-    """One role per course with instructors: their powers, filtered with ``!group=<course>`` (pure)."""
+    """One role per course with instructors: their powers, filtered with ``!group=<course>`` (pure).
+
+    They may also call the roster service (:mod:`workbench.rosters`), which loads their course's
+    roster with its own token: instructors never get scopes to change groups or create users.
+    """
     return [
         {
             "name": f"instructor-{name}",
-            "description": f"Instructors of {name}: list, start, stop and open their students' servers",
-            "scopes": [f"{scope}!group={name}" for scope in INSTRUCTOR_SCOPES],
+            "description": f"Instructors of {name}: list, start, stop and open their students' servers, load rosters",
+            "scopes": [*(f"{scope}!group={name}" for scope in INSTRUCTOR_SCOPES), ROSTERS_ACCESS_SCOPE],
             "users": list(group.instructors),
         }
         for name, group in policy.groups.items()
@@ -99,12 +107,25 @@ def roles(policy: Policy) -> list[dict]:
             if needs_sessions_service(policy)
             else []
         ),
+        # the roster service (workbench.rosters): create students, change the course groups only
+        *(
+            [
+                {
+                    "name": "workbench-rosters",
+                    "description": "Load course rosters for instructors and admins (workbench.rosters)",
+                    "scopes": rosters_service_scopes(policy),
+                    "services": [ROSTERS_SERVICE],
+                }
+            ]
+            if needs_rosters_service(policy)
+            else []
+        ),
         *course_roles(policy),
     ]
 
 
 def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[dict]:
-    """Hub-managed services: the Dask Gateway (guard + server) and the sessions service.
+    """Hub-managed services: the Dask Gateway (guard + server), the sessions and roster services.
 
     ``dask-gateway`` (the name users' scopes and ``/services/dask-gateway`` depend on) is
     :mod:`workbench.dashguard`, which forwards to dask-gateway-server's HTTP proxy and shows a
@@ -116,6 +137,10 @@ def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[
     profile has ``session.max_age``; it checks every ``culling.every`` and serves users their
     notifications at ``/services/sessions/api/notifications``. Its port is ``runtime.sessions_port``
     (``workbench up`` picks it), else a free port picked here (the only I/O of this function).
+
+    ``rosters`` (:mod:`workbench.rosters`: course rosters loaded by instructors and admins at
+    ``/services/rosters/api/courses/<course>/students``) runs when the policy has a course, on
+    ``runtime.rosters_port`` or, likewise, a free port.
     """
     venv = Path(runtime.venv_bin)
     env = {"WORKBENCH_RUNTIME": str(Path(runtime.state_dir, "runtime.json"))}
@@ -142,18 +167,23 @@ def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[
             "environment": dict(env),
         },
     ]
+
+    def python_service(name: str, port: int, token: str, *command: str) -> dict:
+        """A service of ours on 127.0.0.1 (``port`` 0: a free one), run as ``python -m <command>``."""
+        return {
+            "name": name,
+            "url": f"http://127.0.0.1:{port or free_port()}",
+            "api_token": secrets[token],
+            "command": [str(venv / "python"), "-m", *command],
+            "cwd": runtime.state_dir,
+            "environment": dict(env),
+        }
+
     if needs_sessions_service(policy):
-        port = runtime.sessions_port or free_port()
-        out.append(
-            {
-                "name": SESSIONS_SERVICE,
-                "url": f"http://127.0.0.1:{port}",
-                "api_token": secrets["sessions_api_token"],
-                "command": [str(venv / "python"), "-m", "workbench.sessions", f"--interval={policy.culling.every}"],
-                "cwd": runtime.state_dir,
-                "environment": dict(env),
-            }
-        )
+        out.append(python_service(SESSIONS_SERVICE, runtime.sessions_port, "sessions_api_token",
+                                  "workbench.sessions", f"--interval={policy.culling.every}"))
+    if needs_rosters_service(policy):
+        out.append(python_service(ROSTERS_SERVICE, runtime.rosters_port, "rosters_api_token", "workbench.rosters"))
     return out
 
 

@@ -308,6 +308,9 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
                 "DASK_GATEWAY__PROXY_ADDRESS": env["WORKBENCH_GATEWAY_PROXY_ADDRESS"],
                 "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
                 "WORKBENCH_DASK_MAX_WORKERS": _max_workers_env(policy),
+                # workbench.lab asks <this>quota/api/notifications for the user's budget warnings
+                **({"WORKBENCH_SERVICES_URL": f"{env['WORKBENCH_QUOTA_URL'].rstrip('/')}/services/"}
+                   if env.get("WORKBENCH_QUOTA_URL") else {}),
             },
         }
     )

@@ -13,7 +13,8 @@ The contract of both OAuth authenticators (:class:`PolicyGroupsAuthenticator`):
 
 - a user's hub groups are exactly the *policy* groups their identity provider vouches for (other
   groups the provider sends are ignored, so the hub never fills up with a university's thousands
-  of mailing lists), synchronised at every login (``manage_groups``);
+  of mailing lists), plus the courses whose roster lists them (:mod:`workbench.rosters`, for
+  providers that send no course groups), synchronised at every login (``manage_groups``);
 - a user with no policy group cannot log in: they get a 403 page that says so and shows what the
   provider sent, never a 500; that includes a missing groups claim, an empty one and a malformed
   one (a string instead of a list, a list with something other than names, an object);
@@ -39,6 +40,7 @@ from traitlets import Dict, List, Unicode, default
 
 from .auth import DemoAuthenticator
 from .policy import Policy, PolicyError
+from .rosters import merge_roster_groups
 from .runtime import Runtime
 
 try:
@@ -246,6 +248,23 @@ class PolicyGroupsAuthenticator(Authenticator):
 
     def refusal_message(self, auth_model: dict | None) -> str:
         raise NotImplementedError
+
+    def _with_rosters(self, auth_model, db):
+        """Add the course groups whose roster lists the user (:mod:`workbench.rosters`) to the provider's ones.
+
+        Before ``check_allowed``, so a rostered student whose provider sends no course group logs in.
+        """
+        if isinstance(auth_model, dict) and self.manage_groups and "groups" in auth_model:
+            auth_model["groups"] = merge_roster_groups(db, auth_model["name"], auth_model["groups"], self.allowed_groups)
+        return auth_model
+
+    async def authenticate(self, handler, data=None, **kwargs):
+        auth_model = await super().authenticate(handler, data, **kwargs)
+        return self._with_rosters(auth_model, getattr(handler, "db", None))
+
+    async def refresh_user(self, user, handler=None, **kwargs):
+        refreshed = await super().refresh_user(user, handler, **kwargs)
+        return self._with_rosters(refreshed, getattr(user, "db", None))
 
     async def check_allowed(self, username, auth_model):
         """Allow exactly the users with at least one policy group; refuse the others with a clear 403.

@@ -40,6 +40,7 @@ class Runtime:
     gateway_guard_port: int = 8013  # workbench.dashguard: the hub service `dask-gateway`, in front of the HTTP proxy
     quota_port: int = 0  # workbench.quota: the hub service `quota` (0: not run)
     sessions_port: int = 0  # workbench.sessions: the hub service `sessions` (0: a free port when the hub starts)
+    rosters_port: int = 0  # workbench.rosters: the hub service `rosters` (0: a free port when the hub starts)
     quota_every: float = 30.0  # seconds between budget checks (quota service) and ledger reconciles (gateway)
     system_users: bool = False  # spawn as one system user per hub user (needs root)
     user_prefix: str = "wb-"
@@ -123,7 +124,7 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 SECRET_NAMES = ("cookie_secret", "proxy_auth_token", "gateway_api_token", "culler_api_token", "gateway_db_key",
-                "quota_api_token", "sessions_api_token")
+                "quota_api_token", "sessions_api_token", "rosters_api_token")
 
 
 def _new_secret(name: str) -> str:

@@ -70,6 +70,7 @@ class UpOptions:
     fake_gpus: str = ""  # "h100:2": pretend devices, for tests on machines without a GPU
     gateway_backend: str = "local"  # "local" or "slurm"
     quota_every: float = 30.0  # seconds between budget enforcement rounds (quota service, gateway)
+    quota: bool = True  # run the quota service (budgets enforced, usage recorded)
 
 
 def local_gpus(policy: Policy, fake: str = "") -> dict[str, list[str]]:
@@ -240,9 +241,10 @@ class Supervisor:
             gateway_http_port=free_port(),
             gateway_tcp_port=free_port(),
             gateway_guard_port=free_port(),
-            quota_port=free_port(),  # workbench.quota as a hub service
+            quota_port=free_port() if opts.quota else 0,  # workbench.quota as a hub service (0: not run)
             quota_every=opts.quota_every,
             sessions_port=free_port(),  # workbench.sessions (session limits, idle culling) as a hub service
+            rosters_port=free_port(),  # workbench.rosters (course rosters loaded by instructors) as a hub service
             system_users=system_users,
             allow_demo_auth_on_network=opts.allow_demo_auth_on_network,
             gpus=gpus,
@@ -266,7 +268,9 @@ class Supervisor:
             pass
 
         log_path = state / "logs" / "hub.log"
-        say(f"starting JupyterHub, its proxy, Dask Gateway and the idle culler (log: {log_path})")
+        say(f"starting JupyterHub, its proxy, Dask Gateway, the quota and sessions services (log: {log_path})")
+        if not opts.quota:
+            say("WARNING: --no-quota: budgets and caps are not enforced and usage is not recorded")
         log_file = None if opts.log_to_console else open(log_path, "ab")
         self.hub = subprocess.Popen(
             [str(venv_bin / "jupyterhub"), "-f", str(hub_config / "jupyterhub_config.py")],
@@ -356,6 +360,8 @@ class Supervisor:
             lines.append("")
         lines += [
             f"  Dask Gateway:  {runtime.gateway_public_url}  (Gateway() works with no arguments in a notebook)",
+            f"  Usage, budgets: {runtime.public_url}/services/quota/api/openapi.json  (`workbench report` for tables)"
+            if runtime.quota_port else "  Usage, budgets: not recorded (--no-quota)",
             f"  State folder:  {runtime.state_dir}",
             f"  Hub log:       {log_path}",
             "",

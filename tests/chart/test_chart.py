@@ -415,6 +415,7 @@ def test_notebook_pods_reach_only_the_hub_the_gateway_and_dns(objects):
     assert reached.pop("hub") == {8081}
     assert reached.pop("gateway-guard") == {8000}  # the gateway API, and dashboards of their own clusters
     assert reached.pop("gateway-proxy") == {8786}  # scheduler TLS only: never the dashboards' HTTP port
+    assert reached.pop("quota") == {8013}  # their user's notifications (the service checks the token)
     dns = [k for k in reached if k.startswith("dns:")]
     assert dns and all(reached.pop(k) == {53} for k in dns)
     # not other users' pods (or any pod, or a private address); at most public addresses
@@ -724,11 +725,12 @@ def test_the_quota_ledger_on_postgresql_comes_from_the_operators_secret(helm):
     assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec
 
 
-def test_the_quota_service_is_reached_by_the_hub_the_proxy_and_the_gateway_only(objects):
+def test_the_quota_service_is_reached_by_the_hub_the_proxy_the_gateway_and_notebooks_only(objects):
     policies = _policies(objects)
     spec = policies["quota"]
     [ingress] = spec["ingress"]
-    assert _peer_components(ingress["from"], objects) == {"hub", "proxy", "gateway-api"} and _ports(ingress) == {8013}
+    assert _peer_components(ingress["from"], objects) == {"hub", "proxy", "gateway-api", "singleuser"}
+    assert _ports(ingress) == {8013}
     if "egress" in spec:  # SQLite: the hub API and DNS only (PostgreSQL: see the test above)
         reached = {}
         for rule in spec["egress"]:

@@ -220,9 +220,9 @@ def test_roster_with_one_bad_row_applies_nothing_then_a_good_one_adds_the_studen
     assert wb.token_api(admin, "GET", "/users/cm-new1").status_code == 404
     assert members() == before
 
-    # an instructor's token may not change the group's members (see workbench.hub.course_roles): refused, clearly
+    # a student's token may not load a roster (instructors and admins may: tests/integration/test_rosters.py)
     roster.write_text("username,email,name\ncm-new1,new1@uni.example,New One\ncm-student1,,\n")
-    rc, out, err = add_students(env, env.token("cm-teacher"), roster, capsys)
+    rc, out, err = add_students(env, env.token("cm-student1"), roster, capsys)
     assert rc == 3, out + err
     assert "Nothing was changed" in err
     assert wb.token_api(admin, "GET", "/users/cm-new1").status_code == 404

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psutil
@@ -36,6 +36,7 @@ from tests.quota_support import (
     stop,
 )
 from workbench.quota.ledger import Ledger, default_db_url
+from workbench.quota.models import UsageEvent
 
 from .harness import Workbench
 
@@ -322,24 +323,34 @@ def test_metrics_parse(quota):
 
 
 def test_servers_are_accounted_from_the_hub(quota):
-    """No hub hook yet: the service reconciles with the hub's active servers (periodically, or now on request)."""
+    """The spawner's admission opens a server's row and its stop event closes it; the reconcile with the hub's
+    active servers closes what a lost stop left open, and opens what a lost start missed."""
     headers = quota.token("startup")
     token = headers["Authorization"].split()[1]
     server = quota.wb.start_server(token, "startup", profile="cpu-small")
     admin = quota.token("admin")
-    r = requests.post(f"{quota.api}/reconcile/hub", headers=admin, timeout=30)
-    assert r.status_code == 200, r.text
     assert quota.get("/usage/users/startup", "startup").json()["running"]["servers"] == 1
     ledger = quota.ledger()
     try:
         [row] = [r for r in ledger.open_rows() if r.item == "server:startup/"]
         started = datetime.fromisoformat(server["started"].replace("Z", "+00:00"))
         assert (row.group, row.profile, row.cpu) == ("startup-acme", "cpu-small", 1.0)
-        assert abs((row.start - started).total_seconds()) < 1
+        assert abs((row.start - started).total_seconds()) < 2  # admitted as the spawn began
+        r = requests.post(f"{quota.api}/reconcile/hub", headers=admin, timeout=30)
+        assert r.status_code == 200 and r.json()["opened"] == [] and r.json()["closed"] == [], r.text
         quota.wb.stop_server(token, "startup")
-        assert requests.post(f"{quota.api}/reconcile/hub", headers=admin, timeout=30).json()["closed"] == ["server:startup/"]
         [row] = [r for r in ledger.rows() if r.item == "server:startup/"]
-        assert row.stop is not None and row.stop > row.start
+        assert row.stop is not None and row.stop > row.start  # closed by the spawner's stop event
+
+        # a server whose stop never reached the service (here: a start event with no stop, an hour ago)
+        ghost = "server:startup/ghost"
+        an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+        assert quota.events([UsageEvent(id=f"ghost-{uuid.uuid4().hex}", type="start", item=ghost, kind="server",
+                                        user="startup", group="startup-acme", profile="cpu-small",
+                                        time=an_hour_ago)]).status_code == 200
+        assert requests.post(f"{quota.api}/reconcile/hub", headers=admin, timeout=30).json()["closed"] == [ghost]
+        [row] = [r for r in ledger.rows() if r.item == ghost]
+        assert row.stop is not None
     finally:
         ledger.close()
     assert requests.post(f"{quota.api}/reconcile/hub", headers=quota.token("researcher"), timeout=30).status_code == 403

@@ -15,16 +15,17 @@ import pytest
 from workbench.cli import main
 from workbench.courses import (
     NOTE_NAME,
-    CourseError,
     Student,
-    apply_roster,
     course_link,
     courses_of,
     hub_base,
     materials_path,
     parse_roster,
+    parse_roster_rows,
     pull_material,
     pull_script,
+    roster_answer,
+    roster_url,
     username_problem,
 )
 from workbench.kube import (
@@ -113,86 +114,83 @@ def test_username_rules():
     assert "control character" in username_problem("jane\x00")
 
 
-class FakeHub:
-    """The hub's REST API as apply_roster sees it: (method, path, body) -> response."""
-
-    def __init__(self, scopes, members=None, users=(), group_exists=True, group_post=None):
-        self.scopes = scopes
-        self.members = list(members or [])
-        self.users = set(users) | set(self.members)
-        self.group_exists = group_exists
-        self.group_post = group_post
-        self.calls = []
-
-    def __call__(self, method, path, body=None):
-        self.calls.append((method, path, body))
-        ok = lambda code, data=None: SimpleNamespace(status_code=code, json=lambda: data or {}, text="")
-        if path == "/user":
-            return ok(200, {"name": "x", "scopes": self.scopes})
-        if path == "/groups/course-ml101" and method == "GET":
-            return ok(200, {"users": self.members}) if self.group_exists else ok(404, {"message": "No such group"})
-        if path == "/groups/course-ml101" and method == "POST":
-            self.group_exists = True
-            return ok(201)
-        if path.startswith("/users/") and method == "GET":
-            return ok(200) if path[len("/users/"):] in self.users else ok(404)
-        if path == "/users" and method == "POST":
-            self.users |= set(body["usernames"])
-            return ok(201, [])
-        if path == "/groups/course-ml101/users":
-            if self.group_post:
-                return ok(self.group_post, {"message": "refused"})
-            missing = [u for u in body["users"] if u not in self.users]
-            if missing:
-                return ok(400, {"message": f"No such user: {missing[0]}"})
-            self.members += body["users"]
-            return ok(200)
-        raise AssertionError(f"unexpected call {method} {path}")
+def test_json_rows_are_checked_like_csv_lines():
+    students, problems = parse_roster_rows(
+        {"students": ["Alice", {"username": "bob", "email": "bob@uni.example", "name": "Bob"},
+                      {"username": "Bob Smith"}, {"username": "alice"}, {"username": "c", "age": "3"}, 7]}
+    )
+    assert students == [Student(1, "alice"), Student(2, "bob", "bob@uni.example", "Bob")]
+    assert problems[0].startswith("row 3: username 'Bob Smith' has a space")
+    assert problems[1:3] == ["row 4: username 'alice' is already on row 1",
+                             "row 5: unknown field(s) age; a row has username, email and name"]
+    assert problems[3].startswith("row 6: expected a user name or an object")
+    assert parse_roster_rows([]) == ([], ["no students: the list is empty"])
+    assert parse_roster_rows({"x": 1})[1][0].startswith("the JSON body must be a list of students")
 
 
-STUDENTS = [Student(2, "alice"), Student(3, "bob"), Student(4, "student1")]
+def test_roster_url():
+    assert roster_url("https://wb.example.edu/hub/", "course-ml101") == (
+        "https://wb.example.edu/services/rosters/api/courses/course-ml101/students")
+    assert roster_url("http://127.0.0.1:8000", "c", "a/b") == (
+        "http://127.0.0.1:8000/services/rosters/api/courses/c/students/a%2Fb")
 
 
-def test_admin_creates_missing_users_and_adds_everyone_new():
-    hub = FakeHub(["admin:users", "admin:groups", "groups"], members=["student1"], users=["bob"])
-    assert apply_roster(hub, "course-ml101", STUDENTS) == [
-        "created 1 hub user(s): alice",
-        "added 2 student(s) to course-ml101: alice, bob (1 already members)",
-    ]
-    assert hub.members == ["student1", "alice", "bob"]
-    assert ("POST", "/users", {"usernames": ["alice"]}) in hub.calls
+def answer(status, doc=None, text=""):
+    def json():
+        if doc is None:
+            raise ValueError("no JSON")
+        return doc
+
+    return SimpleNamespace(status_code=status, json=json, text=text, reason="Reason")
 
 
-def test_admin_creates_the_group_when_nobody_has_logged_in_yet():
-    hub = FakeHub(["admin:users", "admin:groups"], group_exists=False)
-    report = apply_roster(hub, "course-ml101", STUDENTS[:1])
-    assert report[0] == "created the hub group course-ml101"
-    assert hub.members == ["alice"]
+def test_roster_answers_become_exit_codes_and_lines():
+    ok = answer(200, {"report": ["created 1 hub user(s): alice", "added 1 student(s) to c: alice"]})
+    assert roster_answer(ok, "r.csv", "http://hub") == (0, ["created 1 hub user(s): alice",
+                                                           "added 1 student(s) to c: alice"], [])
+    refused = answer(400, {"status": 400, "message": "1 problem(s)",
+                           "problems": ["line 3: 'researcher' is a member of physics-lab, which is not a course"]})
+    assert roster_answer(refused, "r.csv", "http://hub") == (2, [], [
+        "r.csv: 1 problem(s); nothing was changed:",
+        "  line 3: 'researcher' is a member of physics-lab, which is not a course",
+    ])
+    rc, out, err = roster_answer(answer(403, {"message": "bob may not load the roster of c"}), "r.csv", "http://hub")
+    assert (rc, out, err) == (3, [], ["bob may not load the roster of c (403). Nothing was changed."])
+    rc, _, err = roster_answer(answer(404, None, "<html>404</html>"), "r.csv", "http://hub")
+    assert rc == 3 and "the hub at http://hub has no roster service (/services/rosters/)" in err[0]
 
 
-def test_nothing_to_do():
-    hub = FakeHub(["read:groups"], members=["alice"])
-    assert apply_roster(hub, "course-ml101", STUDENTS[:1]) == ["all 1 students are already in course-ml101; nothing to do"]
+def test_cli_add_students_posts_the_csv_to_the_roster_service(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def fake_request(method, url, headers, params, data, timeout):
+        calls.append((method, url, headers, params, data))
+        return answer(200, {"report": ["added 1 student(s) to course-ml101: alice"]})
+
+    monkeypatch.setattr("requests.request", fake_request)
+    roster = tmp_path / "roster.csv"
+    roster.write_text("username\nalice\n")
+    rc = main(["course", "add-students", "course-ml101", str(roster), "--config", str(DEMO),
+               "--hub-url", "http://hub.example:8000/hub", "--token", "tok", "--add-only"])
+    assert rc == 0
+    assert capsys.readouterr().out == "added 1 student(s) to course-ml101: alice\n"
+    method, url, headers, params, data = calls[0]
+    assert (method, url) == ("POST", "http://hub.example:8000/services/rosters/api/courses/course-ml101/students")
+    assert headers == {"Authorization": "token tok", "Content-Type": "text/csv; charset=utf-8"}
+    assert params == {"mode": "add"} and data == b"username\nalice\n"
 
 
-def test_a_token_without_the_group_scope_gets_a_clear_refusal():
-    hub = FakeHub(["read:groups!group=course-ml101"], users=["alice", "bob", "student1"], group_post=403)
-    with pytest.raises(CourseError, match=r"may not change the members of 'course-ml101' \(it needs the scope "
-                                          r"groups!group=course-ml101\).*Nothing was changed"):
-        apply_roster(hub, "course-ml101", STUDENTS)
+def test_cli_remove_student_and_an_unreachable_hub(capsys, monkeypatch):
+    import requests
 
+    def down(*a, **kw):
+        raise requests.ConnectionError("refused")
 
-def test_a_non_admin_cannot_create_users():
-    hub = FakeHub(["groups!group=course-ml101"], users=["bob"])
-    with pytest.raises(CourseError, match="No such user: alice: users that are not in the hub yet can only be created "
-                                          "by an admin token .*alice, student1.*Nothing was changed"):
-        apply_roster(hub, "course-ml101", STUDENTS)
-    assert hub.members == [] and not [c for c in hub.calls if c[1] == "/users"]
-
-
-def test_no_group_and_no_right_to_create_it():
-    with pytest.raises(CourseError, match="the hub has no group 'course-ml101' you can see"):
-        apply_roster(FakeHub(["groups!group=course-ml101"], group_exists=False), "course-ml101", STUDENTS)
+    monkeypatch.setattr("requests.request", down)
+    rc = main(["course", "remove-student", "course-ml101", "Alice", "--config", str(DEMO),
+               "--hub-url", "http://127.0.0.1:1", "--token", "t"])
+    assert rc == 3
+    assert "cannot reach the hub at http://127.0.0.1:1" in capsys.readouterr().err
 
 
 def test_cli_add_students_reports_bad_rows_and_contacts_no_hub(tmp_path, capsys):

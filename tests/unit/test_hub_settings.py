@@ -33,6 +33,7 @@ SECRETS = {
     "gateway_db_key": "db-key",
     "quota_api_token": "quota-token",
     "sessions_api_token": "sessions-token",
+    "rosters_api_token": "rosters-token",
 }
 
 
@@ -52,6 +53,7 @@ def make_runtime(**kw) -> Runtime:
         gateway_tcp_port=18012,
         gateway_guard_port=18013,
         sessions_port=18015,
+        rosters_port=18016,
     )
     values.update(kw)
     return Runtime(**values)
@@ -112,6 +114,14 @@ def test_services(settings):
             "cwd": "/srv/wb/state",
             "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
         },
+        {
+            "name": "rosters",
+            "url": "http://127.0.0.1:18016",
+            "api_token": "rosters-token",
+            "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.rosters"],
+            "cwd": "/srv/wb/state",
+            "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
+        },
     ]
 
 
@@ -141,8 +151,14 @@ def test_load_roles(settings):
             "groups": ["physics-lab", "course-ml101", "startup-acme", "platform-admins"],
         },
         {
+            "name": "workbench-rosters",
+            "description": "Load course rosters for instructors and admins (workbench.rosters)",
+            "scopes": ["admin:users", "groups!group=course-ml101"],
+            "services": ["rosters"],
+        },
+        {
             "name": "instructor-course-ml101",
-            "description": "Instructors of course-ml101: list, start, stop and open their students' servers",
+            "description": "Instructors of course-ml101: list, start, stop and open their students' servers, load rosters",
             "scopes": [
                 "list:users!group=course-ml101",
                 "read:users!group=course-ml101",
@@ -151,6 +167,7 @@ def test_load_roles(settings):
                 "access:servers!group=course-ml101",
                 "read:groups!group=course-ml101",
                 "list:groups!group=course-ml101",
+                "access:services!service=rosters",
             ],
             "users": ["instructor"],
         },
@@ -250,7 +267,7 @@ def test_no_culling_and_no_session_limits_run_no_sessions_service(demo):
     policy = parse_policy(data)
     s = hub_settings(policy, make_runtime(), SECRETS)
     names = [svc["name"] for svc in s["JupyterHub"]["services"]]
-    assert names == ["dask-gateway-server", "dask-gateway"]
+    assert names == ["dask-gateway-server", "dask-gateway", "rosters"]
     # no role may name a service that is not defined (the hub refuses to start)
     assert not [r for r in s["JupyterHub"]["load_roles"] if "sessions" in r.get("services", [])]
     assert "access:services!service=sessions" not in s["Spawner"]["server_token_scopes"]
@@ -259,7 +276,7 @@ def test_no_culling_and_no_session_limits_run_no_sessions_service(demo):
 def test_session_limits_alone_keep_the_sessions_service(demo):
     data = yaml.safe_load(DEMO.read_text())
     data["culling"] = {"enabled": False}  # the demo startup group still has session.max_age
-    assert [svc["name"] for svc in services(parse_policy(data), make_runtime(), SECRETS)][-1] == "sessions"
+    assert [svc["name"] for svc in services(parse_policy(data), make_runtime(), SECRETS)][-2:] == ["sessions", "rosters"]
 
 
 def test_culling_interval_is_seconds():
@@ -315,7 +332,7 @@ def test_apply_settings_sets_traitlets_config(settings):
     assert c.JupyterHub.bind_url == "http://127.0.0.1:8000"
     assert c.Spawner.server_token_scopes == [*SERVER_TOKEN_SCOPES, "access:services!service=sessions"]
     assert c.DemoAuthenticator.admin_group_names == "platform-admins"
-    assert [s["name"] for s in c.JupyterHub.services] == ["dask-gateway-server", "dask-gateway", "sessions"]
+    assert [s["name"] for s in c.JupyterHub.services] == ["dask-gateway-server", "dask-gateway", "sessions", "rosters"]
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""The gateway's side of the quota service (workbench.gateway.ClusterCapMixin): what it reports as running,
+what each item holds, and which clusters it stops — with dask-gateway's own JobStatus and a stand-in for its
+in-memory cluster records and for the quota service (the real ones run in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+from dask_gateway_server.backends.db_base import JobStatus
+from dask_gateway_server.utils import FrozenAttrDict
+
+from workbench.gateway import CHARGE_KEY, WorkbenchUnsafeLocalBackend, scheduler_item, worker_item
+
+DEMO = Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml"
+GIB = 2**30
+
+
+def cluster(name, status=JobStatus.RUNNING, workers=(), **config):
+    c = SimpleNamespace(name=name, username="researcher", status=status, target=JobStatus.RUNNING,
+                        start_time=1_780_000_000_000, workers={},
+                        config=FrozenAttrDict({CHARGE_KEY: "physics-lab", "worker_cores": 1, "worker_memory": GIB,
+                                               "scheduler_cores": 1, "scheduler_memory": GIB, **config}))
+    for wname, wstatus in workers:
+        c.workers[wname] = SimpleNamespace(name=wname, status=wstatus, start_time=1_780_000_001_000, cluster=c)
+    return c
+
+
+class FakeQuota:
+    def __init__(self, plan):
+        self.plan, self.reconciled = plan, []
+
+    async def reconcile(self, kinds, items):
+        self.reconciled.append((kinds, items))
+        return {}
+
+    async def enforcement(self, kinds=None):
+        return self.plan
+
+
+def backend(clusters):
+    b = WorkbenchUnsafeLocalBackend(policy_path=str(DEMO), quota_api_url="http://q/api", quota_api_token="t")
+    by_name = {c.name: c for c in clusters}
+    b.db = SimpleNamespace(active_clusters=lambda: [c for c in clusters if c.status < JobStatus.STOPPED],
+                           get_cluster=by_name.get)
+    b.stopped = []
+
+    async def stop_cluster(name, failed=False):
+        b.stopped.append((name, failed))
+
+    b.stop_cluster = stop_cluster
+    return b
+
+
+def test_running_items_are_schedulers_and_started_workers_with_their_resources():
+    c = cluster("c1", workers=[("w-run", JobStatus.RUNNING), ("w-sub", JobStatus.SUBMITTED),
+                               ("w-new", JobStatus.CREATED), ("w-old", JobStatus.STOPPED)])
+    gone = cluster("c2", status=JobStatus.STOPPED)
+    items = backend([c, gone]).running_items()
+    assert [i["item"] for i in items] == ["dask-scheduler:c1", "dask-worker:c1/w-run", "dask-worker:c1/w-sub"]
+    sched, worker = items[0], items[1]
+    assert sched == {"item": "dask-scheduler:c1", "kind": "dask-scheduler", "user": "researcher",
+                     "group": "physics-lab", "cpu": 1.0, "memory": GIB, "started": "2026-05-28T20:26:40+00:00"}
+    assert worker["kind"] == "dask-worker" and worker["cpu"] == 1.0 and worker["gpu_count"] == 0
+    assert "gpu_type" not in worker  # a CPU worker holds no GPU
+
+
+def test_gpu_workers_hold_the_groups_dask_gpu_type():
+    # physics-lab's dask section has no gpu_workers in the demo; a cluster config with GPUs still names the type
+    c = cluster("g1", workers=[("w", JobStatus.RUNNING)], worker_gpus=2)
+    b = backend([c])
+    res = b._resources(c, c.workers["w"])
+    assert res["gpu_count"] == 2 and res["gpu_type"] == b.policy.groups["physics-lab"].dask.gpu_type
+
+
+def test_a_round_reconciles_then_stops_only_due_clusters_once(monkeypatch):
+    c1 = cluster("c1", workers=[("a", JobStatus.RUNNING), ("b", JobStatus.RUNNING)])
+    c2 = cluster("c2")
+    plan = [
+        {"item": worker_item("c1", "a"), "due": True, "message": "CPU budget of group physics-lab is spent"},
+        {"item": worker_item("c1", "b"), "due": True, "message": "same cluster: stopped once"},
+        {"item": scheduler_item("c2"), "due": False, "message": "still in its grace period"},
+        {"item": scheduler_item("gone"), "due": True, "message": "no longer known here"},
+    ]
+    b = backend([c1, c2])
+    fake = FakeQuota(plan)
+    monkeypatch.setattr(WorkbenchUnsafeLocalBackend, "quota", property(lambda self: fake))
+    assert asyncio.run(b.quota_round()) == ["c1"]
+    assert b.stopped == [("c1", True)]
+    (kinds, items), = fake.reconciled
+    assert kinds == ["dask-scheduler", "dask-worker"] and len(items) == 4  # 2 schedulers + 2 workers
