@@ -44,13 +44,11 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import signal
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 from tornado import web
 
@@ -492,61 +490,32 @@ class StudentHandler(BaseHandler):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .hubservice import add_common_args
+
+    return add_common_args(argparse.ArgumentParser(
         prog="python -m workbench.rosters",
         description="The Workbench roster service (a JupyterHub service): course rosters loaded by instructors.",
-    )
-    p.add_argument("--config", help="platform YAML (default: the embedded workbench's, from $WORKBENCH_RUNTIME)")
-    p.add_argument("--port", type=int, help="port to listen on (default: from $JUPYTERHUB_SERVICE_URL)")
-    p.add_argument("--ip", default=None, help="address to listen on (default: from $JUPYTERHUB_SERVICE_URL)")
-    p.add_argument("--log-level", default="INFO")
-    return p
+    ))
 
 
 def main(argv: list[str] | None = None) -> int:
     from jupyterhub.services.auth import HubAuth
-    from tornado import ioloop
-    from tornado.httpserver import HTTPServer
 
-    from .policy import PolicyError, load_policy
+    from .hubservice import serve_until_signal, service_setup
     from .quota.app import HubClient  # the hub's API with this service's token
-    from .runtime import RUNTIME_ENV, Runtime
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="[%(levelname).1s %(asctime)s %(name)s] %(message)s")
-    runtime = Runtime.from_env() if os.environ.get(RUNTIME_ENV) else None
-    config = args.config or (runtime.config if runtime else None)
-    if not config:
-        print("rosters: pass --config FILE (no $WORKBENCH_RUNTIME to find the policy in)", file=sys.stderr)
-        return 2
-    try:
-        policy = load_policy(config)
-    except PolicyError as e:
-        print(f"rosters: {e}", file=sys.stderr)
-        return 2
-    service_url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8014"))
-    port = args.port or service_url.port or 8014
-    ip = args.ip or service_url.hostname or "127.0.0.1"
-    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
-    api_url = os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api")
-    token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
-    hub_auth = HubAuth(api_url=api_url, api_token=token, cache_max_age=60, access_scopes={ACCESS_SCOPE})
-    svc = RosterService(policy, hub_auth, HubClient(api_url, token), prefix)
-    server = HTTPServer(svc.make_app(), xheaders=True)
-    server.listen(port, ip)
-    log.info("roster service on http://%s:%d%s (courses: %s)", ip, port, svc.prefix, ", ".join(course_names(policy)))
+    setup = service_setup(SERVICE_NAME, args, default_port=8015)
+    if isinstance(setup, int):
+        return setup
+    log.info("rosters of courses: %s", ", ".join(course_names(setup.policy)))
 
-    loop = ioloop.IOLoop.current()
+    def build():
+        hub_auth = HubAuth(api_url=setup.api_url, api_token=setup.token, cache_max_age=60,
+                           access_scopes={ACCESS_SCOPE})
+        return RosterService(setup.policy, hub_auth, HubClient(setup.api_url, setup.token), setup.prefix).make_app(), None
 
-    def stop(*_):
-        log.info("stopping")
-        loop.add_callback_from_signal(loop.stop)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    loop.start()
-    server.stop()
+    serve_until_signal(setup, build)
     return 0
 
 

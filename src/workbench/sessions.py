@@ -29,20 +29,17 @@ import asyncio
 import json
 import logging
 import os
-import signal
-import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 from jupyterhub.services.auth import HubAuth
 from tornado import httpclient, web
-from tornado.httpserver import HTTPServer
 
 from .gpu_utilisation import GpuUtilisation, choose_source
-from .policy import Policy, PolicyError, load_policy
+from .hubservice import add_common_args, serve_until_signal, service_setup
+from .policy import Policy
 from .quota.app import HubClient as QuotaHubClient
-from .runtime import RUNTIME_ENV, Runtime
 from .session_rules import (
     ACCESS_SCOPE,
     DEFAULT_GPU_IDLE_THRESHOLD,
@@ -219,7 +216,7 @@ class NotificationsHandler(BaseHandler):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m workbench.sessions", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="platform YAML (default: the policy of $WORKBENCH_RUNTIME)")
+    add_common_args(p)
     p.add_argument("--interval", type=float, default=None,
                    help="seconds between checks (default: the policy's culling.every)")
     p.add_argument("--gpu-idle-threshold", type=float, default=DEFAULT_GPU_IDLE_THRESHOLD,
@@ -229,60 +226,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $WORKBENCH_GPU_UTILISATION_FILE; with --fake-gpus: "
                         "<state>/fake-gpu-utilisation.json)")
     p.add_argument("--keep", type=float, default=86400.0, help="seconds notifications are kept (default: %(default)s)")
-    p.add_argument("--port", type=int, help="port to listen on (default: from $JUPYTERHUB_SERVICE_URL)")
-    p.add_argument("--ip", default=None, help="address to listen on (default: from $JUPYTERHUB_SERVICE_URL)")
-    p.add_argument("--log-level", default="INFO")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="[%(levelname).1s %(asctime)s %(name)s] %(message)s")
-    runtime = Runtime.from_env() if os.environ.get(RUNTIME_ENV) else None
-    config = args.config or (runtime.config if runtime else None)
-    if not config:
-        print("sessions: pass --config FILE (no $WORKBENCH_RUNTIME to find the policy in)", file=sys.stderr)
-        return 2
-    try:
-        policy = load_policy(config)
-    except PolicyError as e:
-        print(f"sessions: {e}", file=sys.stderr)
-        return 2
+    setup = service_setup(SERVICE_NAME, args, default_port=8014)
+    if isinstance(setup, int):
+        return setup
+    policy, runtime = setup.policy, setup.runtime
     interval = args.interval if args.interval is not None else float(policy.culling.every)
-    gpu = choose_source(runtime.gpus if runtime else {}, runtime.state_dir if runtime else ".",
-                        args.gpu_utilisation_file)
-    service_url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8014"))
-    port = args.port or service_url.port or 8014
-    ip = args.ip or service_url.hostname or "127.0.0.1"
-    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
-    api_url = os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api")
-    token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
-    hub_auth = HubAuth(api_url=api_url, api_token=token, cache_max_age=60, access_scopes={ACCESS_SCOPE})
-    svc = SessionsService(policy, HubClient(api_url, token), gpu, threshold=args.gpu_idle_threshold, keep=args.keep)
-    log.info("sessions service on http://%s:%d%s: checks every %gs, idle culling %s, GPU utilisation from %s",
-             ip, port, prefix, interval, "on" if policy.culling.enabled else "off",
-             type(gpu).__name__ if gpu else "nowhere (no GPUs)")
+    gpu = choose_source(runtime.gpus if runtime else {}, setup.state_dir, args.gpu_utilisation_file)
+    log.info("sessions: checks every %gs, idle culling %s, GPU utilisation from %s", interval,
+             "on" if policy.culling.enabled else "off", type(gpu).__name__ if gpu else "nowhere (no GPUs)")
     if getattr(gpu, "path", None):
         log.info("GPU utilisation file: %s", gpu.path)
 
-    async def serve() -> None:
-        server = HTTPServer(svc.make_app(hub_auth, prefix), xheaders=True)
-        server.listen(port, ip)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        task = asyncio.create_task(svc.run(interval))
-        await stop.wait()
-        log.info("stopping")
-        task.cancel()
-        server.stop()
+    def build():
+        hub_auth = HubAuth(api_url=setup.api_url, api_token=setup.token, cache_max_age=60,
+                           access_scopes={ACCESS_SCOPE})
+        svc = SessionsService(policy, HubClient(setup.api_url, setup.token), gpu, threshold=args.gpu_idle_threshold,
+                              keep=args.keep)
+        return svc.make_app(hub_auth, setup.prefix), lambda: svc.run(interval)
 
-    asyncio.run(serve())
-    close = getattr(gpu, "close", None)
-    if close:
-        close()
+    try:
+        serve_until_signal(setup, build)
+    finally:
+        close = getattr(gpu, "close", None)
+        if close:
+            close()
     return 0
 
 

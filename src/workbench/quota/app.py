@@ -20,22 +20,27 @@ import asyncio
 import json
 import logging
 import os
-import signal
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import partial
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 from jupyterhub.services.auth import HubAuth
 from pydantic import ValidationError
-from tornado import httpclient, ioloop, web
-from tornado.httpserver import HTTPServer
+from tornado import httpclient, web
 
-from ..policy import Policy, PolicyError, load_policy
-from ..runtime import RUNTIME_ENV, Runtime
+from ..hubservice import add_common_args, every, serve_until_signal, service_setup
+from ..policy import Policy
 from .accounting import as_utc, iso, parse_period
-from .authz import ACCESS_SCOPE, SERVICE_NAME, Forbidden, Viewer, can_read_members, check_group, user_scope
+from .authz import (
+    ACCESS_SCOPE,
+    SERVICE_NAME,
+    Forbidden,
+    Viewer,
+    can_read_members,
+    check_group,
+    user_scope,
+)
 from .enforce import StopItem, notifications
 from .ledger import DB_URL_ENV, Ledger, default_db_url
 from .metrics import QuotaMetrics
@@ -452,11 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m workbench.quota",
         description="The Workbench quota service (a JupyterHub service): usage ledger, budgets, caps, metrics.",
     )
-    p.add_argument("--config", help="platform YAML (default: the embedded workbench's, from $WORKBENCH_RUNTIME)")
+    add_common_args(p)
     p.add_argument("--db-url", help=f"ledger database URL (default: ${DB_URL_ENV}, else quota.sqlite in the state folder)")
     p.add_argument("--state-dir", help="state folder for the default SQLite ledger (default: from $WORKBENCH_RUNTIME)")
-    p.add_argument("--port", type=int, help="port to listen on (default: from $JUPYTERHUB_SERVICE_URL)")
-    p.add_argument("--ip", default=None, help="address to listen on (default: from $JUPYTERHUB_SERVICE_URL)")
     p.add_argument("--reconcile-every", type=float, default=60.0,
                    help="seconds between reconciles with the hub's active servers; 0: never (default: %(default)s)")
     p.add_argument("--reconcile-grace", type=float, default=30.0,
@@ -466,78 +469,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "policy's budget.grace); 0: never stop running servers (default: %(default)s)")
     p.add_argument("--threads", type=int, default=8, help="database threads (default: %(default)s)")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without authentication")
-    p.add_argument("--log-level", default="INFO")
     return p
-
-
-def _runtime() -> Runtime | None:
-    return Runtime.from_env() if os.environ.get(RUNTIME_ENV) else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="[%(levelname).1s %(asctime)s %(name)s] %(message)s")
-    runtime = _runtime()
-    config = args.config or (runtime.config if runtime else None)
-    if not config:
-        print("quota: pass --config FILE (no $WORKBENCH_RUNTIME to find the policy in)", file=sys.stderr)
-        return 2
+    setup = service_setup(SERVICE_NAME, args, default_port=8013)
+    if isinstance(setup, int):
+        return setup
+    db_url = args.db_url or os.environ.get(DB_URL_ENV) or default_db_url(args.state_dir or setup.state_dir)
+    ledger = Ledger(db_url, setup.policy, pool_size=max(args.threads, 2))
+    log.info("ledger %r, policy %s (%d groups)", ledger, setup.config, len(setup.policy.groups))
+    services: list[QuotaService] = []
+
+    def build():
+        hub_auth = HubAuth(api_url=setup.api_url, api_token=setup.token, cache_max_age=60,
+                           access_scopes={ACCESS_SCOPE})
+        svc = QuotaService(ledger, setup.policy, hub_auth, HubClient(setup.api_url, setup.token), setup.prefix,
+                           threads=args.threads, public_metrics=args.public_metrics,
+                           reconcile_grace=args.reconcile_grace)
+        services.append(svc)
+
+        async def background():
+            rounds = []
+            if args.reconcile_every > 0 and setup.token:  # servers are accounted even with no events at all
+                rounds.append(every(args.reconcile_every, svc.reconcile_hub, "reconcile with the hub"))
+            if args.enforce_every > 0 and setup.token:
+                rounds.append(every(args.enforce_every, svc.enforce, "enforcing spent budgets", first=args.enforce_every))
+            await asyncio.gather(*rounds)
+
+        return svc.make_app(), background
+
     try:
-        policy = load_policy(config)
-    except PolicyError as e:
-        print(f"quota: {e}", file=sys.stderr)
-        return 2
-    state_dir = args.state_dir or (runtime.state_dir if runtime else ".")
-    db_url = args.db_url or os.environ.get(DB_URL_ENV) or default_db_url(state_dir)
-    ledger = Ledger(db_url, policy, pool_size=max(args.threads, 2))
-    log.info("ledger %r, policy %s (%d groups)", ledger, config, len(policy.groups))
-
-    service_url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8013"))
-    port = args.port or service_url.port or 8013
-    ip = args.ip or service_url.hostname or "127.0.0.1"
-    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
-    api_url = os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api")
-    token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
-    hub_auth = HubAuth(api_url=api_url, api_token=token, cache_max_age=60,
-                       access_scopes={ACCESS_SCOPE})
-    hub = HubClient(api_url, token)
-    svc = QuotaService(ledger, policy, hub_auth, hub, prefix, threads=args.threads,
-                       public_metrics=args.public_metrics, reconcile_grace=args.reconcile_grace)
-    server = HTTPServer(svc.make_app(), xheaders=True)
-    server.listen(port, ip)
-    log.info("quota service on http://%s:%d%s", ip, port, svc.prefix)
-
-    loop = ioloop.IOLoop.current()
-
-    async def reconcile_soon():
-        try:
-            result = await svc.reconcile_hub()
-            log.debug("reconciled servers with the hub: %s", result)
-        except Exception as e:  # the hub may be starting or restarting; next round retries
-            log.warning("reconcile with the hub failed: %s", e)
-
-    if args.reconcile_every > 0 and token:
-        loop.add_callback(reconcile_soon)
-        ioloop.PeriodicCallback(reconcile_soon, args.reconcile_every * 1000).start()
-
-    async def enforce_soon():
-        try:
-            await svc.enforce()
-        except Exception:  # noqa: BLE001 - logged; the next round tries again
-            log.exception("enforcing spent budgets failed")
-
-    if args.enforce_every > 0 and token:
-        ioloop.PeriodicCallback(enforce_soon, args.enforce_every * 1000).start()
-
-    def stop(*_):
-        log.info("stopping")
-        loop.add_callback_from_signal(loop.stop)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    loop.start()
-    server.stop()
-    svc.pool.shutdown(wait=True)
-    ledger.close()
+        serve_until_signal(setup, build)
+    finally:
+        for svc in services:
+            svc.pool.shutdown(wait=True)
+        ledger.close()
     return 0
+
+
