@@ -296,6 +296,8 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
     spawner = settings["WorkbenchKubeSpawner"]
     spawner.update(
         {
+            # a user's Dask clusters stop with their server (through the dashboard guard, as notebooks reach it)
+            "gateway_api_url": f"{gateway_address}/api/v1",
             "namespace": namespace,
             "component_label": SINGLEUSER_COMPONENT,
             "extra_labels": {"app.kubernetes.io/instance": env["WORKBENCH_RELEASE"]},

@@ -44,7 +44,7 @@ from traitlets import Instance, Unicode, default
 
 from .courses import courses_of, material_pulls, materials_path, pull_env, pull_script, teaches
 from .policy import Policy
-from .spawner import cached_policy, choose_profile, describe_profile
+from .spawner import StopsDaskClustersMixin, cached_policy, choose_profile, describe_profile
 
 __all__ = [
     "COURSE_CLAIM",
@@ -308,7 +308,7 @@ def kube_hub_settings(policy: Policy, policy_path: str) -> dict[str, dict[str, A
 # ---------------------------------------------------------------------------
 
 
-class WorkbenchKubeSpawner(KubeSpawner):
+class WorkbenchKubeSpawner(StopsDaskClustersMixin, KubeSpawner):
     """KubeSpawner that enforces the platform policy on the server.
 
     ``profile_list`` defaults to the user's entitled profiles (:func:`make_profile_list`). The
@@ -316,7 +316,8 @@ class WorkbenchKubeSpawner(KubeSpawner):
     against the policy before KubeSpawner loads it: a profile the user's groups may not use, or
     any spawn by a user in no entitled group, is refused with a 403 naming the allowed profiles
     (stock KubeSpawner raises a ValueError for an unknown slug, a 500, and starts a pod with its
-    defaults when the list is empty).
+    defaults when the list is empty). With ``gateway_api_url`` set, stopping a user's default
+    server stops their Dask clusters too.
     """
 
     policy_path = Unicode(
@@ -342,6 +343,13 @@ class WorkbenchKubeSpawner(KubeSpawner):
     @property
     def user_groups(self) -> list[str]:
         return [g.name for g in self.user.groups]
+
+    async def stop(self, now=False):
+        try:
+            return await super().stop(now=now)
+        finally:
+            if self._owns_dask_clusters():  # the user's clusters end with their default server
+                await self._stop_dask_clusters()
 
     async def load_user_options(self):
         requested = (self.user_options or {}).get("profile") or None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from tornado import web
-from traitlets import Bool, Dict, Unicode, default
+from traitlets import Bool, Dict, HasTraits, Unicode, default
 
 from .courses import prepare_courses
 from .gpus import GpuAllocator, NoFreeGpu
@@ -120,7 +120,49 @@ def options_form_html(policy: Policy, user_groups: list[str]) -> str:
     return "\n".join(sections)
 
 
-class WorkbenchLocalSpawner(LocalProcessSpawner):
+class StopsDaskClustersMixin(HasTraits):
+    """A user's Dask clusters end with their default notebook server (dask-gateway#255, #393).
+
+    Used by the local spawner and by :class:`workbench.kube.WorkbenchKubeSpawner`: after the server
+    stops, the user's clusters are listed and stopped through the gateway's API, with a short-lived
+    token of the user that carries only the gateway access scope. A gateway that does not answer
+    is logged, never blocks the stop.
+    """
+
+    gateway_api_url = Unicode(
+        "",
+        help="The gateway's API (e.g. http://127.0.0.1:PORT/services/dask-gateway/api/v1); when set, a user's "
+        "clusters are stopped when their server stops.",
+    ).tag(config=True)
+
+    def _owns_dask_clusters(self) -> bool:
+        groups = [g.name for g in self.user.groups]
+        return bool(self.gateway_api_url) and not self.name and self.policy.dask_group_for(groups) is not None
+
+    async def _stop_dask_clusters(self) -> None:
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        from .hub import GATEWAY_ACCESS_SCOPE
+
+        token = self.user.new_api_token(
+            scopes=[GATEWAY_ACCESS_SCOPE], expires_in=120, note="workbench: stop Dask clusters with the server"
+        )
+        headers = {"Authorization": f"jupyterhub {token}"}
+        client = AsyncHTTPClient()
+        try:
+            resp = await client.fetch(f"{self.gateway_api_url}/clusters/", headers=headers, request_timeout=20)
+            clusters = list(json.loads(resp.body))  # {name: model}
+            for name in clusters:
+                await client.fetch(
+                    f"{self.gateway_api_url}/clusters/{name}", method="DELETE", headers=headers, request_timeout=20
+                )
+            if clusters:
+                self.log.info("Stopped %d Dask cluster(s) of %s with their server", len(clusters), self.user.name)
+        except (HTTPClientError, OSError) as e:
+            self.log.warning("Could not stop the Dask clusters of %s: %s", self.user.name, e)
+
+
+class WorkbenchLocalSpawner(StopsDaskClustersMixin, LocalProcessSpawner):
     """LocalProcessSpawner driven by the platform policy.
 
     - the spawn form lists only the user's entitled profiles; ``user_options["profile"]`` from the
@@ -145,11 +187,6 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
 
     dask_env = Dict(help="Gateway address settings added to every server's environment.").tag(config=True)
 
-    gateway_api_url = Unicode(
-        "",
-        help="The gateway's API (e.g. http://127.0.0.1:PORT/services/dask-gateway/api/v1); when set, a user's "
-        "clusters are stopped when their server stops.",
-    ).tag(config=True)
 
     gpus = Dict(help="Local GPU devices by GPU type: {type: [device ids]} (from `workbench up`).").tag(config=True)
 
@@ -378,28 +415,5 @@ class WorkbenchLocalSpawner(LocalProcessSpawner):
             if self.quota is not None:
                 await self.quota.stop(self.quota_item)
             # the default server owns the user's clusters (users without Dask access have none)
-            if self.gateway_api_url and not self.name and self.policy.dask_group_for(self.user_groups):
+            if self._owns_dask_clusters():
                 await self._stop_dask_clusters()
-
-    async def _stop_dask_clusters(self) -> None:
-        """A user's Dask clusters end with their notebook server (dask-gateway#255, #393)."""
-        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
-
-        from .hub import GATEWAY_ACCESS_SCOPE
-
-        token = self.user.new_api_token(
-            scopes=[GATEWAY_ACCESS_SCOPE], expires_in=120, note="workbench: stop Dask clusters with the server"
-        )
-        headers = {"Authorization": f"jupyterhub {token}"}
-        client = AsyncHTTPClient()
-        try:
-            resp = await client.fetch(f"{self.gateway_api_url}/clusters/", headers=headers, request_timeout=20)
-            clusters = list(json.loads(resp.body))  # {name: model}
-            for name in clusters:
-                await client.fetch(
-                    f"{self.gateway_api_url}/clusters/{name}", method="DELETE", headers=headers, request_timeout=20
-                )
-            if clusters:
-                self.log.info("Stopped %d Dask cluster(s) of %s with their server", len(clusters), self.user.name)
-        except (HTTPClientError, OSError) as e:
-            self.log.warning("Could not stop the Dask clusters of %s: %s", self.user.name, e)
