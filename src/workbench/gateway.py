@@ -14,13 +14,14 @@ import asyncio
 import functools
 import math
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dask_gateway_server.backends.base import PublicException
 from dask_gateway_server.backends.db_base import JobStatus
 from dask_gateway_server.backends.local import LocalBackend, LocalClusterConfig, UnsafeLocalBackend
-from dask_gateway_server.options import Float, Integer, Options
+from dask_gateway_server.options import Float, Integer, Mapping, Options
 from traitlets import Float as FloatTrait
 from traitlets import Integer as IntTrait
 from traitlets import Type, Unicode
@@ -34,7 +35,32 @@ from .sysusers import chown_tree, ensure_system_user, others_can_execute, system
 GIB = 2**30
 
 
-def cluster_options_for(policy: Policy, user_groups: list[str], backend_overrides=None) -> Options:
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+#: environment variables a user may not set for their cluster: the workbench and dask-gateway set them
+RESERVED_ENV = frozenset({"PATH", "HOME", "USER", "SHELL", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONHOME",
+                          "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"})
+RESERVED_ENV_PREFIXES = ("DASK_GATEWAY", "DASK_DISTRIBUTED__COMM__", "JUPYTERHUB_", "SLURM_", "WORKBENCH_")
+MAX_ENV = 64
+
+
+def check_environment(env: dict) -> dict[str, str]:
+    """The ``environment`` option, checked: names, string values, no variable the workbench sets (pure)."""
+    if len(env) > MAX_ENV:
+        raise ValueError(f"environment: at most {MAX_ENV} variables, got {len(env)}")
+    for name, value in env.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise ValueError(f"environment: {name!r} is not a variable name (letters, digits, _; not first a digit)")
+        if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
+            raise ValueError(f"environment: {name} is set by the workbench for every cluster; choose another name")
+        if not isinstance(value, str):
+            raise ValueError(f"environment: the value of {name} must be a string (quote it), got {value!r}")
+        if len(value) > 4096:
+            raise ValueError(f"environment: the value of {name} is longer than 4096 characters")
+    return dict(env)
+
+
+def cluster_options_for(policy: Policy, user_groups: list[str], backend_overrides=None,
+                        base_environment: dict[str, str] | None = None) -> Options:
     """Cluster options a user may set, bounded by their group's Dask policy (pure).
 
     A user none of whose groups has a Dask policy sees no options, and creating a cluster is
@@ -60,6 +86,9 @@ def cluster_options_for(policy: Policy, user_groups: list[str], backend_override
 
     def handler(options, user=None):
         config = cluster_config_for(dask, options.worker_cores, options.worker_memory)
+        env = {**(base_environment or {}), **check_environment(options.environment)}
+        if env:  # the user's variables on top of the gateway's own (which they may not replace)
+            config["environment"] = env
         if backend_overrides is not None:
             config.update(backend_overrides(group, dask, options))
         return config
@@ -85,6 +114,7 @@ def cluster_options_for(policy: Policy, user_groups: list[str], backend_override
                 label=f"GPUs per worker ({gtype.display_name or dask.gpu_type})",
             )
         )
+    fields.append(Mapping("environment", default={}, label="Environment variables of the scheduler and workers"))
     return Options(*fields, handler=handler)
 
 
@@ -411,8 +441,10 @@ def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None =
         configure_slurm(c, policy, runtime)
         backend_overrides = slurm_overrides
 
+    base_env = dict(c.ClusterConfig.environment)
+
     def options(user):
-        return cluster_options_for(policy, list(user.groups), backend_overrides)
+        return cluster_options_for(policy, list(user.groups), backend_overrides, base_environment=base_env)
 
     c.Backend.cluster_options = options
 

@@ -55,13 +55,16 @@ def test_options_beyond_the_group_limits_are_refused_naming_the_option(wb):
         r = requests.post(f"{api(wb)}/clusters/", headers=auth(token), timeout=30,
                           json={"cluster_options": {"worker_memory": 64}})
         assert r.status_code == 422 and "worker_memory must be <= 0.93" in r.text
+        r = requests.post(f"{api(wb)}/clusters/", headers=auth(token), timeout=30,
+                          json={"cluster_options": {"environment": {"PATH": "/tmp/mine"}}})
+        assert r.status_code == 422 and "environment: PATH is set by the workbench" in r.text
         assert gw.list_clusters() == []
 
 
 def test_scaling_beyond_max_workers_is_capped_with_a_message(wb):
     token = user_token(wb, "student1")  # max_workers 2
     with wb.gateway(token) as gw:
-        cluster = gw.new_cluster()
+        cluster = gw.new_cluster(environment={"WB_COURSE_SEED": "42"})  # the user's own variables reach the workers
         try:
             with pytest.warns(UserWarning, match="exceed.*2 workers|limit"):
                 cluster.scale(5)
@@ -69,6 +72,9 @@ def test_scaling_beyond_max_workers_is_capped_with_a_message(wb):
             client.wait_for_workers(2, timeout=120)
             time.sleep(3)
             assert len(client.scheduler_info()["workers"]) == 2
+            seen = client.run(lambda: (__import__("os").environ.get("WB_COURSE_SEED"),
+                                       __import__("os").environ.get("PATH", "")))
+            assert all(seed == "42" and ".venv" in path for seed, path in seen.values()), seen
             client.close()
         finally:
             cluster.shutdown()

@@ -48,6 +48,12 @@ def test_specification_physics_lab(demo):
             "default": 1.0,
             "spec": {"type": "float", "min": 0.25, "max": 1.86},  # 2G = 1.8626 GiB
         },
+        {
+            "field": "environment",
+            "label": "Environment variables of the scheduler and workers",
+            "default": {},
+            "spec": {"type": "mapping"},
+        },
     ]
 
 
@@ -60,7 +66,7 @@ def test_specification_course(demo):
 def test_defaults_within_limits(demo):
     options = cluster_options_for(demo, ["physics-lab"])
     parsed = options.parse_options({})
-    assert parsed == {"worker_cores": 1, "worker_memory": 1.0}
+    assert parsed == {"worker_cores": 1, "worker_memory": 1.0, "environment": {}}
     assert options.get_configuration(parsed, None) == {
         "worker_cores": 1,
         "worker_memory": GIB,
@@ -77,7 +83,7 @@ def test_defaults_within_limits(demo):
 def test_options_within_limits(demo):
     options = cluster_options_for(demo, ["physics-lab"])
     parsed = options.parse_options({"worker_cores": 1, "worker_memory": 1.5})
-    assert parsed == {"worker_cores": 1, "worker_memory": 1.5}
+    assert parsed == {"worker_cores": 1, "worker_memory": 1.5, "environment": {}}
     config = options.get_configuration(parsed, None)
     assert config["worker_memory"] == int(1.5 * GIB) == 1610612736
     assert config["worker_cores"] == 1
@@ -85,7 +91,7 @@ def test_options_within_limits(demo):
 
 def test_integer_memory_accepted(demo):
     options = cluster_options_for(demo, ["physics-lab"])
-    assert options.parse_options({"worker_memory": 1}) == {"worker_cores": 1, "worker_memory": 1.0}
+    assert options.parse_options({"worker_memory": 1}) == {"worker_cores": 1, "worker_memory": 1.0, "environment": {}}
 
 
 def test_worker_cores_beyond_limit_rejected(demo):
@@ -112,6 +118,33 @@ def test_wrong_types_and_unknown_fields_rejected(demo):
         options.parse_options({"worker_cores": 1.5})
     with pytest.raises(ValueError, match=r"^Unknown fields \['worker_gpus'\]$"):
         options.parse_options({"worker_gpus": 1})
+
+
+def test_environment_is_added_to_the_gateways_own(demo):
+    options = cluster_options_for(demo, ["physics-lab"], base_environment={"PATH": "/opt/wb/bin"})
+    config = options.get_configuration(options.parse_options({"environment": {"OMP_NUM_THREADS": "1"}}), None)
+    assert config["environment"] == {"PATH": "/opt/wb/bin", "OMP_NUM_THREADS": "1"}
+    plain = cluster_options_for(demo, ["physics-lab"])
+    assert "environment" not in plain.get_configuration(plain.parse_options({}), None)  # the backend's default
+
+
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        ({"PATH": "/tmp/evil"}, "environment: PATH is set by the workbench for every cluster; choose another name"),
+        ({"DASK_GATEWAY__ADDRESS": "x"}, "environment: DASK_GATEWAY__ADDRESS is set by the workbench"),
+        ({"LD_PRELOAD": "x.so"}, "environment: LD_PRELOAD is set by the workbench"),
+        ({"1ABC": "x"}, "environment: '1ABC' is not a variable name"),
+        ({"A-B": "x"}, "environment: 'A-B' is not a variable name"),
+        ({"THREADS": 4}, "environment: the value of THREADS must be a string (quote it), got 4"),
+        ({f"V{i}": "x" for i in range(65)}, "environment: at most 64 variables, got 65"),
+    ],
+)
+def test_environment_refusals_name_the_variable_and_the_fix(demo, env, words):
+    options = cluster_options_for(demo, ["physics-lab"])
+    with pytest.raises(ValueError) as info:
+        options.get_configuration(options.parse_options({"environment": env}), None)
+    assert words in str(info.value)
 
 
 def test_most_generous_group_applies(demo):
