@@ -259,6 +259,10 @@ def gateway_options_report(policy: Policy, user: str, groups: list[str]) -> str:
     lines.append("per-worker options (gateway.cluster_options()):")
     for f in cluster_options_for(policy, groups).get_specification():
         spec = f["spec"]
+        if spec.get("type") == "mapping":  # environment: the user's own variables, checked by name
+            lines.append(f"  {f['field']:<14} {{NAME: value, ...}} not PATH, HOME, DASK_GATEWAY_*, ...; "
+                         f"{f.get('label', '')}")
+            continue
         lines.append(f"  {f['field']:<14} default {f.get('default')!s:<6} min {spec.get('min')!s:<6} "
                      f"max {spec.get('max')!s:<6} {f.get('label', '')}")
     return "\n".join(lines)
