@@ -133,8 +133,20 @@ def test_up_help(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: workbench up")
     assert "--allow-demo-auth-on-network" in out
-    for opt in ["--config", "--port", "--bind", "--state-dir", "--system-users", "--no-system-users"]:
+    for opt in ["--config", "--port", "--bind", "--state-dir", "--system-users", "--no-system-users", "--no-quota",
+                "--quota-every", "--fake-gpus", "--gateway-backend"]:
         assert opt in out
+
+
+def test_up_passes_the_quota_options(monkeypatch):
+    import workbench.up as up_module
+
+    seen = []
+    monkeypatch.setattr(up_module, "up", lambda opts: seen.append(opts) or 0)
+    assert main(["up", "--no-quota", "--quota-every", "5"]) == 0
+    assert main(["up"]) == 0
+    assert (seen[0].quota, seen[0].quota_every) == (False, 5.0)
+    assert (seen[1].quota, seen[1].quota_every) == (True, 30.0)  # on by default, every 30 s
 
 
 def test_up_rejects_both_system_user_flags(capsys):
