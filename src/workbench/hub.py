@@ -218,9 +218,11 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
         "Spawner": {
             "cmd": [str(venv / "jupyterhub-singleuser")],
             "default_url": "/lab",
-            # notebooks may also read their user's session notifications (workbench.sessions)
+            # notebooks may also read their user's session notifications (workbench.sessions), and an
+            # instructor's notebook may load rosters (JupyterHub gives a token only the scopes its owner holds)
             "server_token_scopes": list(SERVER_TOKEN_SCOPES)
-            + ([SESSIONS_ACCESS_SCOPE] if needs_sessions_service(policy) else []),
+            + ([SESSIONS_ACCESS_SCOPE] if needs_sessions_service(policy) else [])
+            + ([ROSTERS_ACCESS_SCOPE] if needs_rosters_service(policy) else []),
             "start_timeout": 120,
             "http_timeout": 90,
             "poll_interval": 10,  # also how soon a crashed managed service (the gateway) is restarted

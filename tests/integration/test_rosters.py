@@ -136,3 +136,21 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
     # student1 is in the course by the policy too: a login keeps it either way
     assert wb.login("student1").login_status == 302
     assert COURSE in groups_of(wb, admin, "student1")
+
+
+def test_an_instructors_notebook_token_may_load_rosters_a_students_may_not(wb):
+    """The server token asks for the roster service's access scope; JupyterHub grants it only to its holders."""
+    from .test_embedded import server_process
+
+    students_url = f"{wb.url}/services/rosters/api/courses/{COURSE}/students"
+    codes = {}
+    for name in ("instructor", "student1"):
+        tok = token(wb, name)
+        wb.start_server(tok, name)
+        try:
+            server_token = server_process(wb, name).environ()["JUPYTERHUB_API_TOKEN"]
+            codes[name] = requests.get(students_url, headers={"Authorization": f"token {server_token}"},
+                                       timeout=30).status_code
+        finally:
+            wb.stop_server(tok, name)
+    assert codes == {"instructor": 200, "student1": 403}, codes

@@ -181,6 +181,7 @@ def test_server_token_scopes(settings):
         "read:users:groups!user",
         "access:services!service=dask-gateway",
         "access:services!service=sessions",  # the user's session notifications
+        "access:services!service=rosters",  # an instructor's notebook may load rosters (only holders get it)
     ]
     # a copy: mutating the settings must not change the module constant
     assert settings["Spawner"]["server_token_scopes"] is not SERVER_TOKEN_SCOPES
@@ -230,7 +231,8 @@ def test_spawner_sections(settings):
     assert settings["Spawner"] == {
         "cmd": ["/srv/wb/.venv/bin/jupyterhub-singleuser"],
         "default_url": "/lab",
-        "server_token_scopes": [*SERVER_TOKEN_SCOPES, "access:services!service=sessions"],
+        "server_token_scopes": [*SERVER_TOKEN_SCOPES, "access:services!service=sessions",
+                                "access:services!service=rosters"],
         "start_timeout": 120,
         "http_timeout": 90,
         "poll_interval": 10,
@@ -330,7 +332,8 @@ def test_apply_settings_sets_traitlets_config(settings):
     c = Config()
     apply_settings(c, settings)
     assert c.JupyterHub.bind_url == "http://127.0.0.1:8000"
-    assert c.Spawner.server_token_scopes == [*SERVER_TOKEN_SCOPES, "access:services!service=sessions"]
+    assert c.Spawner.server_token_scopes == [*SERVER_TOKEN_SCOPES, "access:services!service=sessions",
+                                             "access:services!service=rosters"]
     assert c.DemoAuthenticator.admin_group_names == "platform-admins"
     assert [s["name"] for s in c.JupyterHub.services] == ["dask-gateway-server", "dask-gateway", "sessions", "rosters"]
 
