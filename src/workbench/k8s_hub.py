@@ -14,7 +14,10 @@ dashboard guard        ``python -m workbench.k8s_hub dashguard`` → :func:`serv
 =====================  ==========================================================================
 
 The quota service runs in its own pod too (``python -m workbench.quota``, configured by its command
-line); the hub registers it as an external service when the chart sets ``WORKBENCH_QUOTA_URL``.
+line); the hub registers it as an external service when the chart sets ``WORKBENCH_QUOTA_URL``. So does
+the sessions service (``python -m workbench.sessions``: session limits, per-profile idle culling and
+notifications), registered when the chart sets ``WORKBENCH_SESSIONS_URL``; it then replaces the stock
+jupyterhub-idle-culler, which the hub runs in its own pod only when there is no sessions service.
 
 The platform YAML is mounted from a ConfigMap (``WORKBENCH_PLATFORM``, default
 ``/etc/workbench/platform.yaml``); everything that depends on the deployment (namespace, release,
@@ -60,6 +63,9 @@ from .quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
 from .quota.authz import SERVICE_NAME as QUOTA_SERVICE
 from .quota.wiring import quota_roles
 from .runtime import CULLER_SERVICE, GATEWAY_SERVICE
+from .session_rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
+from .session_rules import SERVICE_NAME as SESSIONS_SERVICE
+from .session_rules import needs_service as needs_sessions_service
 
 __all__ = [
     "DEFAULT_PLATFORM",
@@ -107,9 +113,15 @@ HUB_ENV: dict[str, str] = {
     "WORKBENCH_GATEWAY_URL": "* the dashboard guard in front of the gateway's HTTP proxy: the hub service dask-gateway",
     "WORKBENCH_GATEWAY_PROXY_ADDRESS": "* gateway://<host>:<port> of the gateway's TCP entrypoint (schedulers)",
     "WORKBENCH_GATEWAY_API_TOKEN": "* API token of the hub service dask-gateway (from the chart's Secret)",
-    "WORKBENCH_CULLER_API_TOKEN": "API token of the idle culler (required when culling is enabled)",
+    "WORKBENCH_CULLER_API_TOKEN": "API token of the idle culler (required when culling is enabled and "
+                                  "WORKBENCH_SESSIONS_URL is not set)",
     "WORKBENCH_QUOTA_URL": "the quota service (http://<release>-quota:8013): the hub service quota; unset: none",
     "WORKBENCH_QUOTA_API_TOKEN": "API token of the hub service quota (required with WORKBENCH_QUOTA_URL)",
+    "WORKBENCH_SESSIONS_URL": "the sessions service (http://<release>-sessions:8014): the hub service sessions, "
+                              "in place of the idle culler; unset: the idle culler (when culling is enabled)",
+    "WORKBENCH_SESSIONS_API_TOKEN": "API token of the hub service sessions (required with WORKBENCH_SESSIONS_URL)",
+    "WORKBENCH_SERVICES_URL": "where notebook pods reach the hub services for their notifications (the proxy's "
+                              "in-cluster Service + /services/); unset: <WORKBENCH_QUOTA_URL>/services/",
     "WORKBENCH_ALLOW_DEMO_AUTH": "'true' to accept auth.type demo (the chart sets it only when not exposed)",
     "WORKBENCH_IMAGE_PULL_SECRETS": "comma-separated Secret names for pulling notebook images",
 }
@@ -191,13 +203,26 @@ def _quota_url(env: Mapping[str, str]) -> str:
     return url
 
 
+def _sessions_url(env: Mapping[str, str]) -> str:
+    """The sessions service's URL, when the chart runs it (``WORKBENCH_SESSIONS_URL``), else ''."""
+    url = (env.get("WORKBENCH_SESSIONS_URL") or "").strip()
+    if url and not env.get("WORKBENCH_SESSIONS_API_TOKEN"):
+        raise K8sConfigError(
+            "hub: WORKBENCH_SESSIONS_URL is set but WORKBENCH_SESSIONS_API_TOKEN (the sessions service's token) is not")
+    return url
+
+
 def _services(policy: Policy, env: Mapping[str, str]) -> list[dict[str, Any]]:
     """The hub's services: the idle culler first (the hub starts services in order and waits a little for
     an external service that does not answer yet, as the gateway's guard may not at first), then the
     gateway (its dashboard guard: ``oauth_no_confirm``, as in the embedded mode), then the quota service
-    when ``WORKBENCH_QUOTA_URL`` is set."""
+    when ``WORKBENCH_QUOTA_URL`` is set, then the sessions service when ``WORKBENCH_SESSIONS_URL`` is set.
+
+    The sessions service culls idle servers itself (per profile), so with it the idle culler is not run:
+    two cullers would fight."""
     services: list[dict[str, Any]] = []
-    if policy.culling.enabled:
+    sessions_url = _sessions_url(env)
+    if policy.culling.enabled and not sessions_url:
         if not env.get("WORKBENCH_CULLER_API_TOKEN"):
             raise K8sConfigError(
                 "hub: culling is enabled in the platform YAML but WORKBENCH_CULLER_API_TOKEN is not set"
@@ -227,16 +252,41 @@ def _services(policy: Policy, env: Mapping[str, str]) -> list[dict[str, Any]]:
     quota_url = _quota_url(env)
     if quota_url:
         services.append({"name": QUOTA_SERVICE, "url": quota_url, "api_token": env["WORKBENCH_QUOTA_API_TOKEN"]})
+    if sessions_url:
+        services.append({"name": SESSIONS_SERVICE, "url": sessions_url, "api_token": env["WORKBENCH_SESSIONS_API_TOKEN"]})
     return services
 
 
+def _services_url(env: Mapping[str, str]) -> str:
+    """``WORKBENCH_SERVICES_URL`` of notebook pods (where :mod:`workbench.lab` asks the services for the user's
+    notifications): the chart's ``WORKBENCH_SERVICES_URL`` (the hub's proxy), else the quota service's
+    ``/services/``, else '' (none)."""
+    explicit = (env.get("WORKBENCH_SERVICES_URL") or "").strip()
+    if explicit:
+        return explicit.rstrip("/") + "/"
+    quota_url = (env.get("WORKBENCH_QUOTA_URL") or "").strip()
+    return f"{quota_url.rstrip('/')}/services/" if quota_url else ""
+
+
 def culler_roles(policy: Policy) -> list[dict[str, Any]]:
-    """The stock jupyterhub-idle-culler's role (Kubernetes runs it in the hub pod; the embedded mode runs
-    :mod:`workbench.sessions` instead, which has its own role) (pure)."""
+    """The stock jupyterhub-idle-culler's role (Kubernetes runs it in the hub pod when the chart runs no
+    sessions service; :mod:`workbench.sessions` has its own role) (pure). :func:`_roles_of_services`
+    drops it when the culler does not run."""
     if not policy.culling.enabled:
         return []
     return [{"name": CULLER_SERVICE, "description": "Stop idle single-user servers", "scopes": list(CULLER_SCOPES),
              "services": [CULLER_SERVICE]}]
+
+
+def _sessions_roles(policy: Policy) -> list[dict[str, Any]]:
+    """The sessions service's roles (``workbench-sessions``, ``workbench-sessions-users``) where
+    :func:`workbench.hub.roles` leaves them out because the policy gives the service nothing to enforce
+    (no culling, no session limit): the chart runs it all the same, and its checks and users'
+    notification requests must not be refused (pure)."""
+    if needs_sessions_service(policy):
+        return []  # roles(policy) has them
+    enforcing = policy.model_copy(update={"culling": policy.culling.model_copy(update={"enabled": True})})
+    return [r for r in roles(enforcing) if r["name"].startswith("workbench-sessions")]
 
 
 def _roles_of_services(role_list: list[dict[str, Any]], services: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -263,10 +313,11 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
       chart's NetworkPolicies select), with the Dask Gateway addresses in the environment;
     - login: :func:`workbench.oauth.auth_settings` (the OAuth callback under ``WORKBENCH_PUBLIC_URL``);
       demo auth only when ``WORKBENCH_ALLOW_DEMO_AUTH`` is true;
-    - services: ``dask-gateway`` (the dashboard guard in front of the gateway's Traefik proxy), the idle
-      culler (in the hub pod) and, with ``WORKBENCH_QUOTA_URL``, ``quota`` (its own pod); roles from
-      :func:`workbench.hub.roles` and :func:`workbench.quota.wiring.quota_roles`, the quota service's
-      custom scopes, and ``access:services!service=quota`` in notebook servers' tokens;
+    - services: ``dask-gateway`` (the dashboard guard in front of the gateway's Traefik proxy), with
+      ``WORKBENCH_QUOTA_URL`` ``quota`` (its own pod), with ``WORKBENCH_SESSIONS_URL`` ``sessions`` (its
+      own pod) and else the idle culler (in the hub pod); roles from :func:`workbench.hub.roles` and
+      :func:`workbench.quota.wiring.quota_roles`, the quota service's custom scopes, and
+      ``access:services!service=quota`` / ``access:services!service=sessions`` in notebook servers' tokens;
     - the external configurable-http-proxy (not started by the hub), the database, and
       ``cleanup_servers = False`` so that an upgrade of the hub leaves users' pods running.
 
@@ -310,13 +361,13 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
                 "DASK_GATEWAY__PROXY_ADDRESS": env["WORKBENCH_GATEWAY_PROXY_ADDRESS"],
                 "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
                 "WORKBENCH_DASK_MAX_WORKERS": _max_workers_env(policy),
-                # workbench.lab asks <this>quota/api/notifications for the user's budget warnings
-                **({"WORKBENCH_SERVICES_URL": f"{env['WORKBENCH_QUOTA_URL'].rstrip('/')}/services/"}
-                   if env.get("WORKBENCH_QUOTA_URL") else {}),
+                # workbench.lab asks <this>quota/api/notifications and <this>sessions/api/notifications
+                **({"WORKBENCH_SERVICES_URL": _services_url(env)} if _services_url(env) else {}),
             },
         }
     )
     quota = bool(_quota_url(env))
+    sessions = bool(_sessions_url(env))
     services = _services(policy, env)
     hub = {
         **settings["JupyterHub"],
@@ -324,8 +375,8 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
         "hub_connect_url": env["WORKBENCH_HUB_CONNECT_URL"],
         "db_url": env["WORKBENCH_DB_URL"],
         "services": services,
-        "load_roles": _roles_of_services([*roles(policy), *culler_roles(policy), *(quota_roles(policy) if quota else [])],
-                                         services),
+        "load_roles": _roles_of_services([*roles(policy), *culler_roles(policy), *(quota_roles(policy) if quota else []),
+                                          *(_sessions_roles(policy) if sessions else [])], services),
         "cleanup_servers": False,
         **auth["JupyterHub"],
     }
@@ -340,7 +391,8 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
         "Spawner": {
             "cmd": ["jupyterhub-singleuser"],
             "default_url": "/lab",
-            "server_token_scopes": [*SERVER_TOKEN_SCOPES, *([QUOTA_ACCESS_SCOPE] if quota else [])],
+            "server_token_scopes": [*SERVER_TOKEN_SCOPES, *([QUOTA_ACCESS_SCOPE] if quota else []),
+                                    *([SESSIONS_ACCESS_SCOPE] if sessions else [])],
             "start_timeout": 600,  # first pull of a multi-GB GPU image on a fresh node
             "http_timeout": 120,
         },

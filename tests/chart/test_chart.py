@@ -22,6 +22,8 @@ from workbench.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
 from workbench.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
 from workbench.quota.wiring import quota_roles
 from workbench.policy import load_policy, parse_policy
+from workbench.session_rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
+from workbench.session_rules import SERVICE_SCOPES as SESSIONS_SCOPES
 
 from .conftest import (
     CENTRE,
@@ -165,7 +167,7 @@ def test_large_numbers_stay_numbers(helm):
 
 
 def test_pods_mount_the_platform_read_only(objects):
-    for comp in ("hub", "gateway-api", "gateway-controller", "quota"):
+    for comp in ("hub", "gateway-api", "gateway-controller", "quota", "sessions"):
         dep = one(objects, "Deployment", f"{RELEASE}-{comp}")
         spec = dep["spec"]["template"]["spec"]
         [container] = spec["containers"]
@@ -197,7 +199,8 @@ def test_pods_are_locked_down(objects):
             assert sc["runAsNonRoot"] is True, comp
             assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], comp
         assert not spec.get("hostNetwork") and not spec.get("hostPID"), comp
-    assert comps == {"hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy", "gateway-guard", "quota"}
+    assert comps == {"hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy", "gateway-guard", "quota",
+                     "sessions"}
 
 
 def test_service_account_tokens_only_where_the_api_is_used(objects):
@@ -267,10 +270,15 @@ def test_notebook_pods_from_the_chart(production_objects):
 
     hub = settings["JupyterHub"]
     assert hub["hub_connect_url"] == f"http://{RELEASE}-hub:8081"
-    assert [s["name"] for s in hub["services"]] == ["idle-culler", "dask-gateway", "quota"]
-    assert hub["services"][1]["url"] == guard
+    assert [s["name"] for s in hub["services"]] == ["dask-gateway", "quota", "sessions"]  # no idle culler
+    assert hub["services"][0]["url"] == guard
     [quota_port] = one(objects, "Service", f"{RELEASE}-quota")["spec"]["ports"]
-    assert hub["services"][2]["url"] == f"http://{RELEASE}-quota:{quota_port['port']}"
+    assert hub["services"][1]["url"] == f"http://{RELEASE}-quota:{quota_port['port']}"
+    [sessions_port] = one(objects, "Service", f"{RELEASE}-sessions")["spec"]["ports"]
+    assert hub["services"][2]["url"] == f"http://{RELEASE}-sessions:{sessions_port['port']}"
+    # notebooks ask the services for notifications through the proxy's Service, at its port
+    [public_port] = one(objects, "Service", f"{RELEASE}-proxy-public")["spec"]["ports"]
+    assert pod_env["WORKBENCH_SERVICES_URL"] == f"http://{RELEASE}-proxy-public:{public_port['port']}/services/"
     assert settings["ConfigurableHTTPProxy"]["api_url"] == f"http://{RELEASE}-proxy-api:8001"
     assert settings["WorkbenchGenericOAuthenticator"]["oauth_callback_url"] == "https://workbench.example.edu/hub/oauth_callback"
 
@@ -359,7 +367,8 @@ def _policies(objects) -> dict[str, dict]:
 def _peer_components(peers: list[dict], objects) -> set[str]:
     labels = {
         comp: {"app.kubernetes.io/name": "workbench", "app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": comp}
-        for comp in ("hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy", "gateway-guard", "quota")
+        for comp in ("hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy", "gateway-guard", "quota",
+                     "sessions")
     }
     labels["singleuser"] = singleuser_labels(RELEASE)
     out = set()
@@ -399,7 +408,7 @@ def test_every_component_has_a_network_policy(objects):
     policies = _policies(objects)
     assert set(policies) == {
         "hub", "proxy", "singleuser", "gateway-api", "gateway-controller", "gateway-proxy", "dask-scheduler", "dask-worker",
-        "gateway-guard", "quota",
+        "gateway-guard", "quota", "sessions",
     }
 
 
@@ -415,7 +424,9 @@ def test_notebook_pods_reach_only_the_hub_the_gateway_and_dns(objects):
     assert reached.pop("hub") == {8081}
     assert reached.pop("gateway-guard") == {8000}  # the gateway API, and dashboards of their own clusters
     assert reached.pop("gateway-proxy") == {8786}  # scheduler TLS only: never the dashboards' HTTP port
-    assert reached.pop("quota") == {8013}  # their user's notifications (the service checks the token)
+    # their user's notifications from the quota and sessions services, through the hub's proxy (the services
+    # check the token); never those services' pods directly
+    assert reached.pop("proxy") == {8000}
     dns = [k for k in reached if k.startswith("dns:")]
     assert dns and all(reached.pop(k) == {53} for k in dns)
     # not other users' pods (or any pod, or a private address); at most public addresses
@@ -451,7 +462,7 @@ def test_schedulers_are_reached_through_the_gateway_proxy_only(objects):
     assert api_sources == {"gateway-proxy", "dask-scheduler"}
     assert "ingress" not in policies["gateway-controller"] and policies["gateway-controller"]["policyTypes"] == ["Ingress"]
     hub_sources = set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
-    assert hub_sources == {"proxy", "singleuser", "gateway-api", "gateway-guard", "quota"}
+    assert hub_sources == {"proxy", "singleuser", "gateway-api", "gateway-guard", "quota", "sessions"}
     gw_proxy = {}
     for rule in policies["gateway-proxy"]["ingress"]:
         for comp in _peer_components(rule["from"], objects):
@@ -490,13 +501,14 @@ def test_secrets_are_kept_across_upgrades(helm, default_objects):
     asserts the Secret is identical; a third render without it proves values are not constant.
     """
     first = secret_data(default_objects)
-    assert set(first) == {"cookie-secret", "proxy-token", "crypt-key", "gateway-api-token", "culler-api-token",
+    # no culler-api-token: the sessions service culls (sessions.enabled false brings the culler's back)
+    assert set(first) == {"cookie-secret", "proxy-token", "crypt-key", "gateway-api-token", "sessions-api-token",
                           "quota-api-token", "guard-cookie-secret", "demo-password"}
     for key, value in first.items():
         if key != "demo-password":
             assert re.fullmatch(r"[0-9a-f]{64}", value), key
     names = {"cookie-secret": "cookieSecret", "proxy-token": "proxyToken", "crypt-key": "cryptKey",
-             "gateway-api-token": "gatewayApiToken", "culler-api-token": "cullerApiToken", "quota-api-token": "quotaApiToken",
+             "gateway-api-token": "gatewayApiToken", "sessions-api-token": "sessionsApiToken", "quota-api-token": "quotaApiToken",
              "guard-cookie-secret": "guardCookieSecret", "demo-password": "demoPassword"}
     args = [a for key, value in first.items() for a in ("--set", f"secrets.{names[key]}={value}")]
     second = secret_data(helm_template(helm, *args))
@@ -549,6 +561,7 @@ def test_images_come_from_values(helm, default_objects):
         "gateway-controller": "registry.example.edu/workbench/hub:0.1.0",
         "gateway-guard": "registry.example.edu/workbench/hub:0.1.0",
         "quota": "registry.example.edu/workbench/hub:0.1.0",
+        "sessions": "registry.example.edu/workbench/hub:0.1.0",
         "proxy": "quay.io/jupyterhub/configurable-http-proxy:4.6.3",
         "gateway-proxy": "docker.io/library/traefik:v3.3.5",
     }
@@ -627,6 +640,9 @@ BAD_VALUES = {
     ),
     "quota reconcile interval below zero": (["--set", "quota.reconcileEvery=-1"], ["/quota/reconcileEvery", "minimum"]),
     "quota PVC with a bad size": (["--set", "quota.db.pvc.size=5GB"], ["/quota/db/pvc/size", "does not match pattern"]),
+    "sessions interval below zero": (["--set", "sessions.interval=-1"], ["/sessions/interval", "exclusiveMinimum"]),
+    "sessions interval of zero": (["--set", "sessions.interval=0"], ["/sessions/interval", "exclusiveMinimum"]),
+    "sessions interval not a number": (["--set", "sessions.interval=often"], ["/sessions/interval", "got string"]),
 }
 
 
@@ -725,11 +741,12 @@ def test_the_quota_ledger_on_postgresql_comes_from_the_operators_secret(helm):
     assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec
 
 
-def test_the_quota_service_is_reached_by_the_hub_the_proxy_the_gateway_and_notebooks_only(objects):
+def test_the_quota_service_is_reached_by_the_hub_the_proxy_and_the_gateway_only(objects):
     policies = _policies(objects)
     spec = policies["quota"]
     [ingress] = spec["ingress"]
-    assert _peer_components(ingress["from"], objects) == {"hub", "proxy", "gateway-api", "singleuser"}
+    # notebook pods ask through the proxy (WORKBENCH_SERVICES_URL), never the pod directly
+    assert _peer_components(ingress["from"], objects) == {"hub", "proxy", "gateway-api"}
     assert _ports(ingress) == {8013}
     if "egress" in spec:  # SQLite: the hub API and DNS only (PostgreSQL: see the test above)
         reached = {}
@@ -756,10 +773,107 @@ def test_quota_disabled_renders_nothing_of_it(helm):
     assert "quota" not in set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
     assert all("quota" not in _peer_components(r["to"], objects) for r in policies["proxy"]["egress"])
     settings = k8s_hub_settings(platform_policy(objects), env)
-    assert [s["name"] for s in settings["JupyterHub"]["services"]] == ["idle-culler", "dask-gateway"]
+    assert [s["name"] for s in settings["JupyterHub"]["services"]] == ["dask-gateway", "sessions"]
     assert "custom_scopes" not in settings["JupyterHub"]
     assert QUOTA_ACCESS_SCOPE not in settings["Spawner"]["server_token_scopes"]
     assert not [r for r in settings["JupyterHub"]["load_roles"] if r["name"].startswith("workbench-quota")]
+
+
+# ---------------------------------------------------------------------------
+# The sessions service
+# ---------------------------------------------------------------------------
+
+def _sessions_pod(objects) -> tuple[dict, dict]:
+    spec = one(objects, "Deployment", f"{RELEASE}-sessions")["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    return spec, container
+
+
+def test_the_sessions_service_is_registered_in_the_hub_instead_of_the_culler(objects):
+    """The sessions Deployment runs `python -m workbench.sessions` on the platform ConfigMap with the environment
+    of a hub-managed service; the hub, from its rendered environment, registers it as the external service
+    sessions with the roles workbench.hub.roles() gives it, and runs no idle culler (two cullers would fight)."""
+    spec, container = _sessions_pod(objects)
+    assert container["command"] == ["python", "-m", "workbench.sessions", "--config=/etc/workbench/platform.yaml",
+                                    "--ip=0.0.0.0", "--port=8014"]  # --interval: the policy's culling.every
+    env = container_env(objects, f"{RELEASE}-sessions", OAUTH_SECRET)
+    hub_env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
+    assert env["JUPYTERHUB_API_TOKEN"] == hub_env["WORKBENCH_SESSIONS_API_TOKEN"] == secret_data(objects)["sessions-api-token"]
+    assert env["JUPYTERHUB_API_URL"] == f"http://{RELEASE}-hub:8081/hub/api"
+    assert env["JUPYTERHUB_SERVICE_URL"] == hub_env["WORKBENCH_SESSIONS_URL"] == f"http://{RELEASE}-sessions:8014"
+    assert env["JUPYTERHUB_SERVICE_PREFIX"] == "/services/sessions/"
+    [port] = one(objects, "Service", f"{RELEASE}-sessions")["spec"]["ports"]
+    assert port["port"] == 8014 and port["targetPort"] == "http"
+    assert container["ports"] == [{"name": "http", "containerPort": 8014}]
+    for probe in ("readinessProbe", "livenessProbe"):  # its unauthenticated health endpoint
+        assert container[probe]["httpGet"] == {"path": "/services/sessions/api/health", "port": "http"}
+    # no service account token, no volume but the platform YAML and /tmp, one replica (its memory is the state)
+    assert spec["automountServiceAccountToken"] is False
+    assert one(objects, "ServiceAccount", f"{RELEASE}-sessions")["automountServiceAccountToken"] is False
+    assert {v["name"] for v in spec["volumes"]} <= {"platform", "tmp"}
+    assert one(objects, "Deployment", f"{RELEASE}-sessions")["spec"]["replicas"] == 1
+    assert "WORKBENCH_CULLER_API_TOKEN" not in hub_env and "culler-api-token" not in secret_data(objects)
+
+    policy = platform_policy(objects)
+    settings = k8s_hub_settings(policy, hub_env)
+    hub = settings["JupyterHub"]
+    [sessions] = [s for s in hub["services"] if s["name"] == "sessions"]
+    assert sessions == {"name": "sessions", "url": f"http://{RELEASE}-sessions:8014", "api_token": env["JUPYTERHUB_API_TOKEN"]}
+    assert "idle-culler" not in {s["name"] for s in hub["services"]}
+    assert not [r for r in hub["load_roles"] if r["name"] == "idle-culler" or "idle-culler" in r.get("services", [])]
+    [role] = [r for r in hub["load_roles"] if r["name"] == "workbench-sessions"]
+    assert role["services"] == ["sessions"] and role["scopes"] == SESSIONS_SCOPES
+    assert [r for r in hub["load_roles"] if r["name"] == "workbench-sessions-users"]
+    assert SESSIONS_ACCESS_SCOPE in settings["Spawner"]["server_token_scopes"]
+
+
+def test_the_sessions_interval_comes_from_values(helm):
+    objects = helm_template(helm, "--set", "sessions.interval=30")
+    assert _sessions_pod(objects)[1]["command"][-1] == "--interval=30"
+
+
+def test_the_sessions_service_is_reached_by_the_hub_and_the_proxy_and_reaches_the_hub_only(objects):
+    policies = _policies(objects)
+    spec = policies["sessions"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    [ingress] = spec["ingress"]
+    # notebook pods ask for their notifications through the proxy (/services/sessions), never directly
+    assert _peer_components(ingress["from"], objects) == {"hub", "proxy"} and _ports(ingress) == {8014}
+    reached = {}
+    for rule in spec["egress"]:
+        for comp in _peer_components(rule["to"], objects):
+            reached[comp] = _ports(rule)
+        assert not _reaches(rule, METADATA) and not _reaches(rule, ipaddress.ip_address("8.8.8.8"))
+    assert reached.pop("hub") == {8081}
+    assert reached and all(k.startswith("dns:") and v == {53} for k, v in reached.items())
+    assert any(8014 in _ports(r) and _peer_components(r["to"], objects) == {"sessions"} for r in policies["proxy"]["egress"])
+
+
+def test_sessions_disabled_brings_back_the_idle_culler(helm):
+    objects = helm_template(helm, "--values", str(PRODUCTION), "--set", "sessions.enabled=false")
+    for obj in objects:
+        assert "sessions" not in obj["metadata"]["name"], obj["metadata"]["name"]
+        assert obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "sessions", obj["metadata"]["name"]
+    keys = secret_data(objects)
+    assert "sessions-api-token" not in keys and "culler-api-token" in keys
+    env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
+    assert not [k for k in env if "SESSIONS" in k]
+    assert env["WORKBENCH_CULLER_API_TOKEN"] == keys["culler-api-token"]
+    policies = _policies(objects)
+    assert "sessions" not in set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
+    assert all("sessions" not in _peer_components(r["to"], objects) for r in policies["proxy"]["egress"])
+    settings = k8s_hub_settings(platform_policy(objects), env)
+    hub = settings["JupyterHub"]
+    assert [s["name"] for s in hub["services"]] == ["idle-culler", "dask-gateway", "quota"]
+    assert [r for r in hub["load_roles"] if r.get("services") == ["idle-culler"]]
+    assert not [r for r in hub["load_roles"] if r["name"] == "workbench-sessions"]
+    assert SESSIONS_ACCESS_SCOPE not in settings["Spawner"]["server_token_scopes"]
+    # the quota service's notifications still go through the proxy
+    assert any(_peer_components(r["to"], objects) == {"proxy"} and _ports(r) == {8000} for r in policies["singleuser"]["egress"])
+    # neither quota nor sessions: notebooks need not reach the proxy, and have no services URL
+    bare = helm_template(helm, "--set", "sessions.enabled=false", "--set", "quota.enabled=false")
+    assert "WORKBENCH_SERVICES_URL" not in container_env(bare, f"{RELEASE}-hub")
+    assert not any("proxy" in _peer_components(r["to"], bare) for r in _policies(bare)["singleuser"]["egress"])
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The platform YAML and the environment are taken from the rendered chart (its ConfigMap and the hub
 Deployment's env, secrets resolved from the rendered Secret), as the kubelet would give them to the
 container; configurable-http-proxy runs beside it as the chart's proxy pod does, and so do the dashboard
-guard and the quota service, each from its rendered Deployment. Only what needs a cluster differs:
+guard, the quota service and the sessions service, each from its rendered Deployment. Only what needs a cluster differs:
 service host names become 127.0.0.1 with free ports, the in-cluster Kubernetes credentials become a
 placeholder kube config (KubeSpawner is built at login and watches pods; nothing answers), the
 gateway's Traefik proxy is a stand-in that knows one cluster, and no server is spawned.
@@ -149,12 +149,16 @@ def test_the_hub_starts_from_the_charts_configmap_and_environment(default_object
     platform = tmp_path / "platform.yaml"
     platform.write_text(one(default_objects, "ConfigMap", f"{RELEASE}-platform")["data"]["platform.yaml"])
     env = container_env(default_objects, f"{RELEASE}-hub")
-    no_orphan_culler.append(env["WORKBENCH_CULLER_API_TOKEN"])
-    public, api, hub, guard, quota = (free_port() for _ in range(5))
+    # the sessions service culls: the hub runs no idle culler (nor may one be left behind with the
+    # sessions service's token, the only service token a culler could be given here)
+    assert "WORKBENCH_CULLER_API_TOKEN" not in env
+    no_orphan_culler.append(env["WORKBENCH_SESSIONS_API_TOKEN"])
+    public, api, hub, guard, quota, sessions = (free_port() for _ in range(6))
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), FakeGatewayProxy)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     assert env["WORKBENCH_GATEWAY_URL"] == f"http://{RELEASE}-gateway-guard.research:8000"
     assert env["WORKBENCH_QUOTA_URL"] == f"http://{RELEASE}-quota:8013"
+    assert env["WORKBENCH_SESSIONS_URL"] == f"http://{RELEASE}-sessions:8014"
     env.update(
         WORKBENCH_PLATFORM=str(platform),
         WORKBENCH_DB_URL=f"sqlite:///{tmp_path / 'jupyterhub.sqlite'}",
@@ -162,6 +166,7 @@ def test_the_hub_starts_from_the_charts_configmap_and_environment(default_object
         WORKBENCH_HUB_CONNECT_URL=f"http://127.0.0.1:{hub}",
         WORKBENCH_GATEWAY_URL=f"http://127.0.0.1:{guard}",
         WORKBENCH_QUOTA_URL=f"http://127.0.0.1:{quota}",
+        WORKBENCH_SESSIONS_URL=f"http://127.0.0.1:{sessions}",
     )
     hub_api = {"WORKBENCH_HUB_API_URL": f"http://127.0.0.1:{hub}/hub/api", "JUPYTERHUB_API_URL": f"http://127.0.0.1:{hub}/hub/api"}
     guard_env = {**container_env(default_objects, f"{RELEASE}-gateway-guard"), "WORKBENCH_GUARD_PORT": str(guard),
@@ -171,6 +176,12 @@ def test_the_hub_starts_from_the_charts_configmap_and_environment(default_object
     quota_cmd = _command(default_objects, "quota", {"--config": str(platform), "--ip": "127.0.0.1", "--port": str(quota),
                                                      "--state-dir": str(tmp_path)})
     assert quota_cmd[1:4] == ["-m", "workbench.quota", f"--config={platform}"]
+    sessions_env = {**container_env(default_objects, f"{RELEASE}-sessions"), "JUPYTERHUB_API_URL": hub_api["JUPYTERHUB_API_URL"],
+                    "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{sessions}"}
+    # checks every second (the policy's culling.every is minutes), so that the test sees some
+    sessions_cmd = [*_command(default_objects, "sessions", {"--config": str(platform), "--ip": "127.0.0.1",
+                                                            "--port": str(sessions)}), "--interval=1"]
+    assert sessions_cmd[1:4] == ["-m", "workbench.sessions", f"--config={platform}"]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKBENCH_", "JUPYTERHUB_", "KUBECONFIG"))}
     base_env["PATH"] = f"{VENV_BIN}:{base_env.get('PATH', '')}"
     kubeconfig = tmp_path / "kubeconfig"
@@ -179,7 +190,7 @@ def test_the_hub_starts_from_the_charts_configmap_and_environment(default_object
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = []
-    names = ("chp", "hub", "guard", "quota")
+    names = ("chp", "hub", "guard", "quota", "sessions")
     files = {name: open(logs / f"{name}.log", "w") for name in names}  # noqa: SIM115 - closed below
     try:
         def start(name, argv, extra):
@@ -190,6 +201,7 @@ def test_the_hub_starts_from_the_charts_configmap_and_environment(default_object
                       f"--default-target=http://127.0.0.1:{hub}"], {"CONFIGPROXY_AUTH_TOKEN": env["CONFIGPROXY_AUTH_TOKEN"]})
         start("guard", _command(default_objects, "gateway-guard", {}), guard_env)
         start("quota", quota_cmd, quota_env)
+        start("sessions", sessions_cmd, sessions_env)
         start("hub", [str(VENV_BIN / "jupyterhub"), f"--config={ROOT / 'hub_config' / 'jupyterhub_config_k8s.py'}",
                       "--upgrade-db", f"--JupyterHub.hub_bind_url=http://127.0.0.1:{hub}"], env)
         try:
@@ -244,6 +256,19 @@ def _check_running_workbench(url, env, logs, procs, upstream):
     usage = requests.get(f"{url}/services/quota/api/usage/users/researcher", headers={"Authorization": f"token {token}"}, timeout=10)
     assert usage.status_code == 200, usage.text[:500]
 
+    # the sessions service: registered in the hub, reached through the hub's proxy, answering the user's token
+    assert wait_for(f"{url}/services/sessions/api/health", procs).json()["status"] == "ok"
+    notes = requests.get(f"{url}/services/sessions/api/notifications", headers={"Authorization": f"token {token}"}, timeout=10)
+    assert notes.status_code == 200 and notes.json() == {"notifications": []}, notes.text[:500]
+    assert requests.get(f"{url}/services/sessions/api/notifications", timeout=10).status_code == 401
+    # ... and its checks list the servers with its own token and role (one check a second; the first ones
+    # may have run before the hub was up)
+    time.sleep(2.5)
+    seen = len((logs / "sessions.log").read_text())
+    time.sleep(3)
+    later = (logs / "sessions.log").read_text()[seen:]
+    assert "check failed" not in later, later[-2000:]
+
     # the dashboard guard is the hub service dask-gateway: the API passes, dashboards only to their owner
     FakeGatewayProxy.owner_token = token
     dashboards = f"{url}/services/dask-gateway/clusters"
@@ -261,10 +286,13 @@ def _check_logs(logs, env):
     hub_log = (logs / "hub.log").read_text()
     assert "Using Spawner: workbench.kube.WorkbenchKubeSpawner" in hub_log
     assert "Using Authenticator: workbench.auth.DemoAuthenticator" in hub_log
-    assert "Starting managed service idle-culler" in hub_log  # the culler runs in the hub pod
+    assert "idle-culler" not in hub_log  # the sessions service culls; no culler in the hub pod
+    sessions_log = (logs / "sessions.log").read_text()
+    # no NVML, no runtime.json in that pod: no GPU-idle culling, said once at start
+    assert sessions_log.count("GPU utilisation from nowhere (no GPUs)") == 1, sessions_log[-2000:]
     for name in ("JPY_COOKIE_SECRET", "CONFIGPROXY_AUTH_TOKEN", "JUPYTERHUB_CRYPT_KEY", "WORKBENCH_GATEWAY_API_TOKEN",
-                 "WORKBENCH_CULLER_API_TOKEN", "WORKBENCH_QUOTA_API_TOKEN", "WORKBENCH_DEMO_PASSWORD"):
-        for log in ("hub.log", "guard.log", "quota.log"):
+                 "WORKBENCH_SESSIONS_API_TOKEN", "WORKBENCH_QUOTA_API_TOKEN", "WORKBENCH_DEMO_PASSWORD"):
+        for log in ("hub.log", "guard.log", "quota.log", "sessions.log"):
             assert env[name] not in (logs / log).read_text(), f"{name} leaked into {log}"
 
 

@@ -34,6 +34,8 @@ from workbench.policy import PolicyError, load_policy
 from workbench.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
 from workbench.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
 from workbench.quota.wiring import quota_roles
+from workbench.session_rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
+from workbench.session_rules import SERVICE_SCOPES as SESSIONS_SCOPES
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "hub_config" / "demo.yaml"
@@ -67,6 +69,7 @@ GUARD = {
     "WORKBENCH_GUARD_COOKIE_SECRET": "ab" * 32,
 }
 QUOTA = {"WORKBENCH_QUOTA_URL": "http://wb-quota:8013", "WORKBENCH_QUOTA_API_TOKEN": "quota-token"}
+SESSIONS = {"WORKBENCH_SESSIONS_URL": "http://wb-sessions:8014", "WORKBENCH_SESSIONS_API_TOKEN": "sessions-token"}
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +224,72 @@ def test_the_quota_service_needs_its_token(centre):
     hub = k8s_hub_settings(centre, {**HUB, "WORKBENCH_QUOTA_API_TOKEN": "quota-token"})["JupyterHub"]
     assert "quota" not in [svc["name"] for svc in hub["services"]]
     assert not [r for r in hub["load_roles"] if r["name"].startswith("workbench-quota")]
+
+
+def test_the_sessions_service_replaces_the_idle_culler(centre):
+    """With WORKBENCH_SESSIONS_URL the hub registers the external service sessions, with the roles
+    workbench.hub.roles() gives it, and runs no idle culler (two cullers would fight): no culler
+    service, no culler role, and no culler token needed."""
+    env = {k: v for k, v in HUB.items() if k != "WORKBENCH_CULLER_API_TOKEN"}
+    s = k8s_hub_settings(centre, {**env, **QUOTA, **SESSIONS})
+    hub = s["JupyterHub"]
+    assert [svc["name"] for svc in hub["services"]] == ["dask-gateway", "quota", "sessions"]
+    assert hub["services"][-1] == {"name": "sessions", "url": "http://wb-sessions:8014", "api_token": "sessions-token"}
+    names = [r["name"] for r in hub["load_roles"]]
+    assert "idle-culler" not in names
+    assert not [r for r in hub["load_roles"] if "idle-culler" in r.get("services", [])]
+    [service_role] = [r for r in hub["load_roles"] if r["name"] == "workbench-sessions"]
+    assert service_role["services"] == ["sessions"] and service_role["scopes"] == SESSIONS_SCOPES
+    [users_role] = [r for r in hub["load_roles"] if r["name"] == "workbench-sessions-users"]
+    assert users_role["scopes"] == [SESSIONS_ACCESS_SCOPE] and set(users_role["groups"]) == set(centre.groups)
+    services = {svc["name"] for svc in hub["services"]}
+    expected = [r for r in [*roles(centre), *quota_roles(centre)] if set(r.get("services", [])) <= services]
+    assert hub["load_roles"] == expected  # all of roles() but the embedded-only rosters service's
+    assert s["Spawner"]["server_token_scopes"] == [*SERVER_TOKEN_SCOPES, QUOTA_ACCESS_SCOPE, SESSIONS_ACCESS_SCOPE]
+    assert "sessions-token" not in repr({k: v for k, v in s.items() if k != "JupyterHub"})
+
+
+def test_the_sessions_service_has_its_roles_with_nothing_to_enforce(centre):
+    """No culling and no session limit: workbench.hub.roles() gives the sessions service no role, but the chart
+    runs it, so the hub gives it (and its users) the same roles: no refused checks or notifications."""
+    quiet = centre.model_copy(update={
+        "culling": centre.culling.model_copy(update={"enabled": False}),
+        "groups": {n: g.model_copy(update={"session": None}) for n, g in centre.groups.items()},
+        "profiles": {n: p.model_copy(update={"session": None}) for n, p in centre.profiles.items()},
+    })
+    assert not [r for r in roles(quiet) if r["name"].startswith("workbench-sessions")]
+    hub = k8s_hub_settings(quiet, {**HUB, **SESSIONS})["JupyterHub"]
+    names = [r["name"] for r in hub["load_roles"]]
+    assert names.count("workbench-sessions") == 1 and names.count("workbench-sessions-users") == 1
+    # with something to enforce, roles() has them, once
+    names = [r["name"] for r in k8s_hub_settings(centre, {**HUB, **SESSIONS})["JupyterHub"]["load_roles"]]
+    assert names.count("workbench-sessions") == 1 and names.count("workbench-sessions-users") == 1
+
+
+def test_the_sessions_service_needs_its_token(centre):
+    with pytest.raises(K8sConfigError, match="WORKBENCH_SESSIONS_API_TOKEN"):
+        k8s_hub_settings(centre, {**HUB, "WORKBENCH_SESSIONS_URL": "http://wb-sessions:8014"})
+
+
+def test_without_the_sessions_service_the_idle_culler_is_back(centre):
+    """sessions.enabled false: no WORKBENCH_SESSIONS_URL, today's stock culler (a stale token registers nothing)."""
+    s = k8s_hub_settings(centre, {**HUB, **QUOTA, "WORKBENCH_SESSIONS_API_TOKEN": "sessions-token"})
+    hub = s["JupyterHub"]
+    assert [svc["name"] for svc in hub["services"]] == ["idle-culler", "dask-gateway", "quota"]
+    assert [r for r in hub["load_roles"] if r.get("services") == ["idle-culler"]]
+    assert not [r for r in hub["load_roles"] if r["name"] == "workbench-sessions"]
+    assert SESSIONS_ACCESS_SCOPE not in s["Spawner"]["server_token_scopes"]
+
+
+def test_notebooks_reach_the_services_where_the_chart_says(centre):
+    """WORKBENCH_SERVICES_URL of notebook pods: the chart's (the hub's proxy), else the quota service's, else none."""
+    def services_url(env):
+        return k8s_hub_settings(centre, env)["WorkbenchKubeSpawner"]["environment"].get("WORKBENCH_SERVICES_URL")
+
+    proxy = {"WORKBENCH_SERVICES_URL": "http://wb-proxy-public:80/services"}
+    assert services_url({**HUB, **QUOTA, **SESSIONS, **proxy}) == "http://wb-proxy-public:80/services/"
+    assert services_url({**HUB, **QUOTA}) == "http://wb-quota:8013/services/"
+    assert services_url(HUB) is None
 
 
 def test_guard_settings():

@@ -142,6 +142,31 @@ def test_servers_of_hub_models():
     ]
 
 
+def test_servers_of_kubespawner_models():
+    """On Kubernetes (KubeSpawner) the spawner state holds the pod, not the profile or GPU devices: the profile
+    comes from user_options, and without devices there is no GPU-idle culling (nor any sampling)."""
+    users = [{"name": "ada", "groups": ["lab"], "servers": {"": {
+        "name": "", "started": "2026-05-04T10:00:00Z", "last_activity": "2026-05-04T10:20:00Z", "pending": None,
+        "user_options": {"profile": "gpu"},
+        "state": {"pod_name": "jupyter-ada", "namespace": "research", "dns_name": "jupyter-ada.research.svc"}}}}]
+    [s] = servers_of(P, users)
+    assert s == Server("ada", "", "gpu", ("lab",), at(0), at(1200), (), None)
+    limits = server_limits(P, s.groups, s.profile)
+    assert limits.gpu_idle_timeout is not None  # the profile has one, but no device is ever sampled
+    idle_since = update_gpu_idle({}, [s], {}, at(1200))
+    assert idle_since == {}
+    # past the GPU-idle timeout (20m), within the idle timeout (30m): nothing to do
+    assert decide(P, [s], at(1200 + 1500), gpu_idle_since=idle_since) == []
+    # a server started with the default profile has no user_options["profile"]: the user's first profile
+    users[0]["servers"][""]["user_options"] = {}
+    assert servers_of(P, users)[0].profile == P.profiles_for(["lab"])[0]
+
+
+def test_no_gpu_source_without_the_embedded_runtime(tmp_path):
+    """The sessions pod on Kubernetes has no runtime.json (no GPUs listed) and no NVML: no GPU source."""
+    assert choose_source({}, ".", None) is None
+
+
 def test_server_key_changes_with_a_restart():
     assert server(started=0).key == "ada/@2026-05-04T10:00:00Z"
     assert server(started=5).key != server(started=0).key

@@ -140,9 +140,14 @@ cannot lookup, so it generates new ones each time unless .Values.secrets gives t
 {{- $existing := lookup "v1" "Secret" .Release.Namespace (include "workbench.secretName" .) -}}
 {{- $previous := dict -}}
 {{- if $existing }}{{ $previous = $existing.data | default dict }}{{ end -}}
-{{- $keys := dict "cookie-secret" .Values.secrets.cookieSecret "proxy-token" .Values.secrets.proxyToken "crypt-key" .Values.secrets.cryptKey "gateway-api-token" .Values.secrets.gatewayApiToken "culler-api-token" .Values.secrets.cullerApiToken "guard-cookie-secret" .Values.secrets.guardCookieSecret -}}
+{{- $keys := dict "cookie-secret" .Values.secrets.cookieSecret "proxy-token" .Values.secrets.proxyToken "crypt-key" .Values.secrets.cryptKey "gateway-api-token" .Values.secrets.gatewayApiToken "guard-cookie-secret" .Values.secrets.guardCookieSecret -}}
 {{- if .Values.quota.enabled -}}
 {{- $_ := set $keys "quota-api-token" .Values.secrets.quotaApiToken -}}
+{{- end -}}
+{{- if .Values.sessions.enabled -}}
+{{- $_ := set $keys "sessions-api-token" .Values.secrets.sessionsApiToken -}}
+{{- else -}}
+{{- $_ := set $keys "culler-api-token" .Values.secrets.cullerApiToken -}}
 {{- end -}}
 {{- if eq (include "workbench.authType" .) "demo" -}}
 {{- $_ := set $keys "demo-password" .Values.secrets.demoPassword -}}
@@ -183,6 +188,17 @@ cannot lookup, so it generates new ones each time unless .Values.secrets gives t
 {{/* The quota service: the hub service quota. */}}
 {{- define "workbench.quotaUrl" -}}
 {{- printf "http://%s:8013" (include "workbench.name" (dict "root" . "part" "quota")) -}}
+{{- end -}}
+
+{{/* The sessions service: the hub service sessions (workbench.sessions; the embedded mode's port). */}}
+{{- define "workbench.sessionsUrl" -}}
+{{- printf "http://%s:8014" (include "workbench.name" (dict "root" . "part" "sessions")) -}}
+{{- end -}}
+
+{{/* Where notebook pods reach the hub services (quota, sessions) for their notifications: the proxy's
+Service inside the cluster, which routes /services/<name>/ to each. */}}
+{{- define "workbench.servicesUrl" -}}
+{{- printf "http://%s:%v/services/" (include "workbench.name" (dict "root" . "part" "proxy-public")) .Values.proxy.service.port -}}
 {{- end -}}
 
 {{/* The quota ledger's database: "url" (the operator's Secret) or "sqlite-pvc" (the default). */}}
