@@ -11,7 +11,6 @@ role to groups whose policy has a ``dask`` section), whatever its own service is
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import os
 import re
@@ -27,7 +26,7 @@ from traitlets import Integer as IntTrait
 from traitlets import Type, Unicode
 from traitlets.config import LoggingConfigurable
 
-from .policy import DaskPolicy, Policy, load_policy
+from .policy import DaskPolicy, Policy, cached_policy
 from .quota.client import QuotaClient, QuotaUnavailable
 from .runtime import GATEWAY_SERVICE, Runtime, load_or_create_secrets
 from .sysusers import chown_tree, ensure_system_user, others_can_execute, system_username
@@ -183,7 +182,7 @@ class ClusterCapMixin(LoggingConfigurable):
 
     @property
     def policy(self) -> Policy:
-        return _cached_policy(self.policy_path)
+        return cached_policy(self.policy_path)
 
     async def start_cluster(self, user, cluster_options):
         options, config = await self.process_cluster_options(user, cluster_options)
@@ -335,11 +334,6 @@ def _iso(ms: int | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat() if ms else None
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_policy(path: str) -> Policy:
-    return load_policy(path)
-
-
 class WorkbenchLocalBackend(ClusterCapMixin, LocalBackend):
     """dask-gateway's LocalBackend, running each cluster as the hub user's Unix account (``wb-<name>``)."""
 
@@ -395,7 +389,7 @@ class WorkbenchUnsafeLocalBackend(ClusterCapMixin, UnsafeLocalBackend):
 def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None = None) -> None:
     """Apply the gateway configuration for ``runtime`` to the traitlets config ``c``."""
     runtime = runtime or Runtime.from_env()
-    policy = policy or load_policy(runtime.config)
+    policy = policy or cached_policy(runtime.config)  # the same object the backend's policy_path gives
     secrets = load_or_create_secrets(runtime.state_dir)
     venv = Path(runtime.venv_bin)
 

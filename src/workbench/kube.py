@@ -43,8 +43,8 @@ from kubespawner import KubeSpawner
 from traitlets import Instance, Unicode, default
 
 from .courses import courses_of, material_pulls, materials_path, pull_env, pull_script, teaches
-from .policy import Policy
-from .spawner import StopsDaskClustersMixin, cached_policy, choose_profile, describe_profile
+from .policy import Policy, cached_policy
+from .spawner import StopsDaskClustersMixin, choose_profile, describe_profile
 
 __all__ = [
     "COURSE_CLAIM",

@@ -802,3 +802,13 @@ def load_policy(path: str | Path) -> Policy:
         problem = getattr(e, "problem", None) or str(e)
         raise PolicyError(str(path), [("", f"not valid YAML at {where}: {problem}")]) from None
     return parse_policy(data, source=str(path))
+
+
+_LOADED: dict[str, Policy] = {}
+
+
+def cached_policy(path: str) -> Policy:
+    """The policy at ``path``, loaded once per process (the spawner, the gateway's backend and its config)."""
+    if path not in _LOADED:
+        _LOADED[path] = load_policy(path)
+    return _LOADED[path]

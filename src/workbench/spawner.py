@@ -25,23 +25,15 @@ from traitlets import Bool, Dict, HasTraits, Unicode, default
 from .courses import prepare_courses
 from .gpus import GpuAllocator, NoFreeGpu
 from .limits import Limiter, detect_cgroups, local_limits, own_cgroups
-from .policy import Policy, Profile, load_policy
+from .policy import Policy, Profile, cached_policy
 from .quota.client import QuotaClient, QuotaUnavailable
 from .quota.models import server_item_id
 from .quota.views import charge_group
 from .starters import install_starters
 from .sysusers import ensure_folder, ensure_group_membership, ensure_system_user, system_username, unix_group_name
 
-_POLICIES: dict[str, Policy] = {}
 _ALLOCATORS: dict[str, GpuAllocator] = {}
 _LIMITERS: dict[str, Limiter] = {}
-
-
-def cached_policy(path: str) -> Policy:
-    """The policy at ``path``, loaded once per process."""
-    if path not in _POLICIES:
-        _POLICIES[path] = load_policy(path)
-    return _POLICIES[path]
 
 
 def choose_profile(policy: Policy, user_groups: list[str], requested: str | None) -> str:
