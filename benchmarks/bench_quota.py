@@ -50,8 +50,8 @@ import yaml  # noqa: E402
 
 from tests.quota_support import fresh_postgres_database, postgres_url, quota_policy_data  # noqa: E402
 from workbench.policy import parse_policy  # noqa: E402
-from workbench.quota.ledger import Ledger, default_db_url  # noqa: E402
-from workbench.quota.models import AdmitRequest, UsageEvent  # noqa: E402
+from workbench.services.quota.ledger import Ledger, default_db_url  # noqa: E402
+from workbench.services.quota.models import AdmitRequest, UsageEvent  # noqa: E402
 
 UTC = timezone.utc
 

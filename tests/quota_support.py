@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from workbench.policy import parse_policy
-from workbench.quota.models import AdmitRequest, RunningItem, UsageEvent
+from workbench.services.quota.models import AdmitRequest, RunningItem, UsageEvent
 
 UTC = timezone.utc
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def fresh_postgres_database(url: str) -> tuple[str, callable]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    from workbench.quota.ledger import normalize_db_url
+    from workbench.services.quota.ledger import normalize_db_url
 
     base = make_url(normalize_db_url(url))
     name = f"wbq_{uuid.uuid4().hex[:12]}"

@@ -1,6 +1,6 @@
 """How busy GPUs are: a small interface with an NVML and a file-driven implementation.
 
-:class:`GpuUtilisation` is what the sessions service (:mod:`workbench.sessions`) asks:
+:class:`GpuUtilisation` is what the sessions service (:mod:`workbench.services.sessions.app`) asks:
 ``utilisation(devices) -> {device: percent}``. A device it cannot read is left out of the
 answer (unknown), and the service never counts an unknown device as idle.
 
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-log = logging.getLogger("workbench.sessions")
+log = logging.getLogger("workbench.services.sessions.app")
 
 FAKE_PREFIX = "FAKE-"  # device ids of workbench up --fake-gpus (workbench.gpus.parse_fake_gpus)
 FAKE_FILE = "fake-gpu-utilisation.json"

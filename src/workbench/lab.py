@@ -45,8 +45,8 @@ from tornado import httpclient, web
 from traitlets import Dict, Float, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from .quota.authz import SERVICE_NAME as QUOTA_SERVICE
-from .session_rules import SERVICE_NAME as SESSIONS_SERVICE
+from workbench.services.quota.authz import SERVICE_NAME as QUOTA_SERVICE
+from workbench.services.sessions.rules import SERVICE_NAME as SESSIONS_SERVICE
 
 #: severity order of the levels the services use; unknown levels count as "info"
 LEVEL_RANK = {"critical": 0, "error": 0, "warning": 1, "info": 2}

@@ -16,7 +16,7 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
-from .policy import Profile
+from workbench.policy import Profile
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT = "workbench"

@@ -167,7 +167,7 @@ class Auth(_Model):
     client_secret_env: str = ""
     #: never valid: only declared so that a secret pasted into the YAML gets a precise error
     client_secret: Any = Field(default=None, repr=False, exclude=True)
-    scope: list[str] | None = None  # None: the type's default (see workbench.oauth.DEFAULT_SCOPES)
+    scope: list[str] | None = None  # None: the type's default (see workbench.auth.oauth.DEFAULT_SCOPES)
     login_service: str = ""  # the text of the login button ("Sign in with <login_service>")
     #: generic-oauth: the provider's endpoints (from its /.well-known/openid-configuration) and claims
     authorize_url: str = ""
@@ -401,7 +401,7 @@ class DaskPolicy(_Model):
     slurm: SlurmPolicy = Field(default_factory=SlurmPolicy)
 
 
-# -- budgets and concurrency caps (read by workbench.quota) -------------------
+# -- budgets and concurrency caps (read by workbench.services.quota) -------------------
 
 _TERM_START_RE = re.compile(r"^(?P<month>[0-9]{2})-(?P<day>[0-9]{2})$")
 
@@ -486,13 +486,13 @@ class Group(_Model):
     instructors: list[str] = Field(default_factory=list)
     dask: DaskPolicy | None = None
     budget: Budget | None = None
-    caps: Caps | None = None  # concurrency caps (workbench.quota)
+    caps: Caps | None = None  # concurrency caps (workbench.services.quota)
     session: Session | None = None
     material: Material | None = None
 
 
 class Culling(_Model):
-    """Idle culling and session limits, enforced by the ``sessions`` hub service (:mod:`workbench.sessions`).
+    """Idle culling and session limits, enforced by the ``sessions`` hub service (:mod:`workbench.services.sessions.app`).
 
     ``timeout``: idle servers are stopped after this (a profile's ``idle_timeout`` overrides it);
     ``every``: how often servers are checked; ``warn_before``: how long before a session limit
@@ -529,7 +529,7 @@ class Storage(_Model):
     shared: str = "/srv/workbench/groups/{group}"
     datasets: str = "/srv/workbench/datasets"
     #: each course's materials folder ({course}: the course group): read-only for students,
-    #: writable by the course's instructors (workbench.courses)
+    #: writable by the course's instructors (workbench.courses.material)
     courses: str = "/srv/workbench/courses/{course}"
     home_size: str = "10Gi"
     storage_class: str | None = None

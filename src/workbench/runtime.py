@@ -37,10 +37,10 @@ class Runtime:
     gateway_port: int = 8010  # gateway's private API
     gateway_http_port: int = 8011
     gateway_tcp_port: int = 8012
-    gateway_guard_port: int = 8013  # workbench.dashguard: the hub service `dask-gateway`, in front of the HTTP proxy
-    quota_port: int = 0  # workbench.quota: the hub service `quota` (0: not run)
-    sessions_port: int = 0  # workbench.sessions: the hub service `sessions` (0: a free port when the hub starts)
-    rosters_port: int = 0  # workbench.rosters: the hub service `rosters` (0: a free port when the hub starts)
+    gateway_guard_port: int = 8013  # workbench.gateway.dashguard: the hub service `dask-gateway`, in front of the HTTP proxy
+    quota_port: int = 0  # workbench.services.quota: the hub service `quota` (0: not run)
+    sessions_port: int = 0  # workbench.services.sessions.app: the hub service `sessions` (0: a free port when the hub starts)
+    rosters_port: int = 0  # workbench.services.rosters.app: the hub service `rosters` (0: a free port when the hub starts)
     quota_every: float = 30.0  # seconds between budget checks (quota service) and ledger reconciles (gateway)
     system_users: bool = False  # spawn as one system user per hub user (needs root)
     user_prefix: str = "wb-"

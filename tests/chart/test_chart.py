@@ -16,14 +16,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from workbench.gateway_kube import render_cluster_pods
-from workbench.k8s_hub import GATEWAY_PREFIX, k8s_gateway_settings, k8s_guard_settings, k8s_hub_settings, singleuser_labels
-from workbench.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
-from workbench.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
-from workbench.quota.wiring import quota_roles
+from workbench.gateway.kube import render_cluster_pods
+from workbench.kubernetes.hub import GATEWAY_PREFIX, k8s_gateway_settings, k8s_guard_settings, k8s_hub_settings, singleuser_labels
+from workbench.services.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
+from workbench.services.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
+from workbench.services.quota.wiring import quota_roles
 from workbench.policy import load_policy, parse_policy
-from workbench.session_rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
-from workbench.session_rules import SERVICE_SCOPES as SESSIONS_SCOPES
+from workbench.services.sessions.rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
+from workbench.services.sessions.rules import SERVICE_SCOPES as SESSIONS_SCOPES
 
 from .conftest import (
     CENTRE,
@@ -215,7 +215,7 @@ def test_service_account_tokens_only_where_the_api_is_used(objects):
 def test_notebook_pods_from_the_chart(production_objects):
     """The pod the hub will create, from the chart's ConfigMap and the hub Deployment's environment.
 
-    A real WorkbenchKubeSpawner configured by workbench.k8s_hub (as hub_config/jupyterhub_config_k8s.py
+    A real WorkbenchKubeSpawner configured by workbench.kubernetes.hub (as hub_config/jupyterhub_config_k8s.py
     does in the hub pod) renders it: non-root, no API token, in the release's namespace, labelled so
     that the chart's NetworkPolicy for notebook pods selects it, and pointed at the gateway's proxy.
     """
@@ -224,7 +224,7 @@ def test_notebook_pods_from_the_chart(production_objects):
     from kubernetes_asyncio.client import ApiClient
     from traitlets.config import Config
 
-    from workbench.kube import WorkbenchKubeSpawner, _offline_kube_config, _RenderHub, _RenderUser
+    from workbench.spawn.kube import WorkbenchKubeSpawner, _offline_kube_config, _RenderHub, _RenderUser
 
     objects = production_objects
     env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
@@ -685,10 +685,10 @@ def _quota_container(objects) -> dict:
 
 
 def test_the_quota_service_is_registered_in_the_hub(objects):
-    """The quota Deployment runs `python -m workbench.quota` on the platform ConfigMap; the hub, from its
+    """The quota Deployment runs `python -m workbench.services.quota` on the platform ConfigMap; the hub, from its
     rendered environment, registers it as the external service quota with its roles and scopes."""
     container = _quota_container(objects)
-    assert container["command"][:4] == ["python", "-m", "workbench.quota", "--config=/etc/workbench/platform.yaml"]
+    assert container["command"][:4] == ["python", "-m", "workbench.services.quota", "--config=/etc/workbench/platform.yaml"]
     assert "--reconcile-every=60" in container["command"] and "--port=8013" in container["command"]
     quota_env = container_env(objects, f"{RELEASE}-quota", OAUTH_SECRET)
     hub_env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
@@ -790,11 +790,11 @@ def _sessions_pod(objects) -> tuple[dict, dict]:
 
 
 def test_the_sessions_service_is_registered_in_the_hub_instead_of_the_culler(objects):
-    """The sessions Deployment runs `python -m workbench.sessions` on the platform ConfigMap with the environment
+    """The sessions Deployment runs `python -m workbench.services.sessions.app` on the platform ConfigMap with the environment
     of a hub-managed service; the hub, from its rendered environment, registers it as the external service
-    sessions with the roles workbench.hub.roles() gives it, and runs no idle culler (two cullers would fight)."""
+    sessions with the roles workbench.embedded.hub.roles() gives it, and runs no idle culler (two cullers would fight)."""
     spec, container = _sessions_pod(objects)
-    assert container["command"] == ["python", "-m", "workbench.sessions", "--config=/etc/workbench/platform.yaml",
+    assert container["command"] == ["python", "-m", "workbench.services.sessions", "--config=/etc/workbench/platform.yaml",
                                     "--ip=0.0.0.0", "--port=8014"]  # --interval: the policy's culling.every
     env = container_env(objects, f"{RELEASE}-sessions", OAUTH_SECRET)
     hub_env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
@@ -886,11 +886,11 @@ def test_dashboards_are_reached_only_through_the_dashboard_guard(objects):
     route for a cluster only strips a prefix). So, from the rendered objects:
 
     - the hub service dask-gateway (what the hub's proxy routes /services/dask-gateway to) and notebook
-      pods' DASK_GATEWAY__ADDRESS are the guard (workbench.dashguard), which forwards the API untouched and
+      pods' DASK_GATEWAY__ADDRESS are the guard (workbench.gateway.dashguard), which forwards the API untouched and
       a dashboard to its cluster's owner only, and whose upstream is Traefik's HTTP entrypoint;
     - Traefik's HTTP port admits the guard only (notebook pods get its TLS port for schedulers), and a
       scheduler's dashboard port (8787) admits Traefik only: no pod reaches a dashboard around the guard;
-    - the middleware on each cluster's route is the prefix strip of workbench.k8s_hub, nothing that authenticates.
+    - the middleware on each cluster's route is the prefix strip of workbench.kubernetes.hub, nothing that authenticates.
     """
     hub_env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
     guard_url = f"http://{RELEASE}-gateway-guard.{NAMESPACE}:8000"
@@ -905,7 +905,7 @@ def test_dashboards_are_reached_only_through_the_dashboard_guard(objects):
     assert guard.api_token == hub_env["WORKBENCH_GATEWAY_API_TOKEN"]  # the hub service dask-gateway's token
     dep = one(objects, "Deployment", f"{RELEASE}-gateway-guard")
     [container] = dep["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["python", "-m", "workbench.k8s_hub", "dashguard"]
+    assert container["command"] == ["python", "-m", "workbench.kubernetes", "dashguard"]
     [port] = one(objects, "Service", f"{RELEASE}-gateway-guard")["spec"]["ports"]
     assert port["port"] == guard.port == 8000
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from workbench.kube import _PLACEHOLDER_KUBECONFIG
+from workbench.spawn.kube import _PLACEHOLDER_KUBECONFIG
 
 from .conftest import RELEASE, ROOT, container_env, one
 
@@ -175,13 +175,13 @@ def test_the_hub_starts_from_the_charts_configmap_and_environment(default_object
     quota_env = {**container_env(default_objects, f"{RELEASE}-quota"), "JUPYTERHUB_API_URL": hub_api["JUPYTERHUB_API_URL"]}
     quota_cmd = _command(default_objects, "quota", {"--config": str(platform), "--ip": "127.0.0.1", "--port": str(quota),
                                                      "--state-dir": str(tmp_path)})
-    assert quota_cmd[1:4] == ["-m", "workbench.quota", f"--config={platform}"]
+    assert quota_cmd[1:4] == ["-m", "workbench.services.quota", f"--config={platform}"]
     sessions_env = {**container_env(default_objects, f"{RELEASE}-sessions"), "JUPYTERHUB_API_URL": hub_api["JUPYTERHUB_API_URL"],
                     "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{sessions}"}
     # checks every second (the policy's culling.every is minutes), so that the test sees some
     sessions_cmd = [*_command(default_objects, "sessions", {"--config": str(platform), "--ip": "127.0.0.1",
                                                             "--port": str(sessions)}), "--interval=1"]
-    assert sessions_cmd[1:4] == ["-m", "workbench.sessions", f"--config={platform}"]
+    assert sessions_cmd[1:4] == ["-m", "workbench.services.sessions", f"--config={platform}"]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKBENCH_", "JUPYTERHUB_", "KUBECONFIG"))}
     base_env["PATH"] = f"{VENV_BIN}:{base_env.get('PATH', '')}"
     kubeconfig = tmp_path / "kubeconfig"
@@ -284,8 +284,8 @@ def _check_running_workbench(url, env, logs, procs, upstream):
 
 def _check_logs(logs, env):
     hub_log = (logs / "hub.log").read_text()
-    assert "Using Spawner: workbench.kube.WorkbenchKubeSpawner" in hub_log
-    assert "Using Authenticator: workbench.auth.DemoAuthenticator" in hub_log
+    assert "Using Spawner: workbench.spawn.kube.WorkbenchKubeSpawner" in hub_log
+    assert "Using Authenticator: workbench.auth.demo.DemoAuthenticator" in hub_log
     assert "idle-culler" not in hub_log  # the sessions service culls; no culler in the hub pod
     sessions_log = (logs / "sessions.log").read_text()
     # no NVML, no runtime.json in that pod: no GPU-idle culling, said once at start
@@ -314,8 +314,8 @@ def test_the_gateway_pods_load_their_configuration(production_objects, tmp_path,
         show = "type(app.backend).__name__, app.backend.watch_namespace, app.backend.gateway_instance, app.authenticator.jupyterhub_api_url"
         expected = f"NamespacedKubeBackend research {RELEASE}-gateway http://{RELEASE}-hub:8081/hub/api"
     else:
-        assert command[:4] == ["python", "-m", "workbench.k8s_hub", "kube-controller"]
-        app, argv = "workbench.k8s_hub.NamespacedKubeController", command[4:]
+        assert command[:4] == ["python", "-m", "workbench.kubernetes", "kube-controller"]
+        app, argv = "workbench.kubernetes.hub.NamespacedKubeController", command[4:]
         show = "type(app).__name__, app.watch_namespace, app.gateway_instance, app.proxy_prefix, app.completed_cluster_max_age"
         expected = f"NamespacedKubeController research {RELEASE}-gateway /services/dask-gateway 86400.0"
     module, _, cls = app.rpartition(".")

@@ -23,8 +23,8 @@ import pytest
 import requests
 import yaml
 
-from workbench.cli import main
-from workbench.courses import NOTE_NAME
+from workbench.cli.main import main
+from workbench.courses.material import NOTE_NAME
 
 from .harness import DEMO, Workbench, free_port
 from .test_embedded import state_dir

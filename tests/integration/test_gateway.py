@@ -115,7 +115,7 @@ def test_other_user_cannot_see_scale_stop_or_open_dashboard(wb):
             ]:
                 r = requests.request(method, f"{api(wb)}{path}", headers=auth(other), json=body, timeout=30)
                 assert r.status_code in (403, 404), (method, path, r.status_code)
-            # the dashboard is behind the guard (workbench.dashguard): another user's token gets nothing
+            # the dashboard is behind the guard (workbench.gateway.dashguard): another user's token gets nothing
             dash = f"{wb.url}/services/dask-gateway/clusters/{name}/status"
             r = requests.get(dash, headers=auth(other), timeout=30, allow_redirects=False)
             assert r.status_code in (401, 403, 404), r.status_code

@@ -26,7 +26,7 @@ import pytest
 import requests
 import yaml
 
-from workbench.oauth import NOT_ENTITLED
+from workbench.auth.oauth import NOT_ENTITLED
 
 from .harness import DEMO, Workbench
 

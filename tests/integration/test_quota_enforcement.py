@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from workbench.quota.ledger import Ledger, default_db_url
+from workbench.services.quota.ledger import Ledger, default_db_url
 from workbench.policy import load_policy
 
 from .harness import Workbench

@@ -1,6 +1,6 @@
 """The quota service as a real hub-managed service of the embedded workbench, on SQLite and on PostgreSQL.
 
-`workbench up` runs it (``python -m workbench.quota``) with its own token and roles; the tests talk
+`workbench up` runs it (``python -m workbench.services.quota``) with its own token and roles; the tests talk
 to it through the hub's proxy at /services/quota with real hub tokens: the gateway's service token
 sends events, users read usage. PostgreSQL comes from scripts/postgres-up.sh (Debian's packages);
 each run gets a fresh database.
@@ -35,8 +35,8 @@ from tests.quota_support import (
     start,
     stop,
 )
-from workbench.quota.ledger import Ledger, default_db_url
-from workbench.quota.models import UsageEvent
+from workbench.services.quota.ledger import Ledger, default_db_url
+from workbench.services.quota.models import UsageEvent
 
 from .harness import Workbench
 
@@ -89,7 +89,7 @@ class Quota:
     def process(self) -> psutil.Process:
         for p in self.wb.snapshot():
             try:
-                if "workbench.quota" in " ".join(p.cmdline()):
+                if "workbench.services.quota" in " ".join(p.cmdline()):
                     return p
             except psutil.Error:
                 pass
@@ -386,7 +386,7 @@ def test_ledger_admissions_are_atomic_across_pools(backend, tmp_path):
         assert [r.status for r in ledgers[1].record_many(evs)] == ["duplicate"] * 30
         assert ledgers[0].counts()["rows"] == 25
         # budgets summed by this database agree with the pure accounting over the same rows
-        from workbench.quota.accounting import budget_statuses
+        from workbench.services.quota.accounting import budget_statuses
 
         now = datetime.now(UTC)
         ledgers[0].record_many([start("dask-worker:b/1", gpu_type="h100", gpu_count=3, time=now.replace(day=1, hour=0)),

@@ -1,4 +1,4 @@
-"""Course rosters through the real embedded hub and its roster service (workbench.rosters).
+"""Course rosters through the real embedded hub and its roster service (workbench.services.rosters.app).
 
 The policy is demo.yaml (``instructor`` teaches course-ml101) plus a second course taught by
 someone else and a demo account in no group (``late``), whom only a roster puts in a course.
@@ -10,7 +10,7 @@ import pytest
 import requests
 import yaml
 
-from workbench.cli import main
+from workbench.cli.main import main
 
 from .harness import DEMO, Workbench
 from .test_embedded import state_dir

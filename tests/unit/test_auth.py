@@ -1,4 +1,4 @@
-"""Unit tests of workbench.auth (demo exposure, DemoAuthenticator) and the spawner's profile choice."""
+"""Unit tests of workbench.auth.demo (demo exposure, DemoAuthenticator) and the spawner's profile choice."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import logging
 import pytest
 from tornado import web
 
-from workbench.auth import ALLOW_FLAG, PASSWORD_ENV, DemoAuthenticator, DemoAuthExposed, check_demo_exposure
+from workbench.auth.demo import ALLOW_FLAG, PASSWORD_ENV, DemoAuthenticator, DemoAuthExposed, check_demo_exposure
 from workbench.policy import load_policy
-from workbench.spawner import choose_profile
+from workbench.spawn.local import choose_profile
 
 from pathlib import Path
 

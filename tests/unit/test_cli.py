@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from workbench import __version__
-from workbench.cli import main, summary_table
+from workbench.cli.main import main, summary_table
 from workbench.policy import load_policy
 
 DEMO = Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml"
@@ -139,7 +139,7 @@ def test_up_help(capsys):
 
 
 def test_up_passes_the_quota_options(monkeypatch):
-    import workbench.up as up_module
+    import workbench.embedded.up as up_module
 
     seen = []
     monkeypatch.setattr(up_module, "up", lambda opts: seen.append(opts) or 0)
@@ -178,7 +178,7 @@ def test_unknown_command(capsys):
 
 
 def test_gateway_options_for_a_demo_account(capsys):
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     assert main(["gateway-options", "--user", "student1"]) == 0
     out = capsys.readouterr().out
@@ -189,7 +189,7 @@ def test_gateway_options_for_a_demo_account(capsys):
 
 
 def test_gateway_options_explains_the_chosen_group_and_slurm_placement(capsys):
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     centre = str(Path(__file__).resolve().parents[2] / "hub_config/examples/centre.yaml")
     assert main(["gateway-options", "--config", centre, "--user", "x", "--groups", "course-ml101,vision-lab"]) == 0
@@ -200,7 +200,7 @@ def test_gateway_options_explains_the_chosen_group_and_slurm_placement(capsys):
 
 
 def test_gateway_options_without_dask_access_and_unknown_account(capsys):
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     assert main(["gateway-options", "--user", "admin"]) == 0
     assert "no Dask Gateway access" in capsys.readouterr().out

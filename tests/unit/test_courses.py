@@ -12,8 +12,8 @@ from urllib.parse import parse_qs, urlsplit
 import kubernetes_validate
 import pytest
 
-from workbench.cli import main
-from workbench.courses import (
+from workbench.cli.main import main
+from workbench.courses.material import (
     NOTE_NAME,
     Student,
     course_link,
@@ -28,7 +28,7 @@ from workbench.courses import (
     roster_url,
     username_problem,
 )
-from workbench.kube import (
+from workbench.spawn.kube import (
     course_volumes,
     material_init_container,
     profile_list_for,

@@ -1,4 +1,4 @@
-"""workbench.dashguard: the pure parts, then the guard in-process in front of a stand-in gateway.
+"""workbench.gateway.dashguard: the pure parts, then the guard in-process in front of a stand-in gateway.
 
 The stand-in answers the gateway's ``GET /api/v1/clusters/<name>`` like dask-gateway-server
 (200 to the owner's token, 404 to anyone else), the hub's ``GET /hub/api/user`` (403 to a bad
@@ -19,7 +19,7 @@ from tornado import httputil, web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketHandler, websocket_connect
 
-from workbench.dashguard import (
+from workbench.gateway.dashguard import (
     CLUSTER_NAME,
     DecisionCache,
     Guard,
@@ -632,7 +632,7 @@ def test_gateway_serves_under_the_guards_prefix_and_checks_its_scope(tmp_path, m
 
     from traitlets.config import Config
 
-    from workbench.gateway import configure_gateway
+    from workbench.gateway.local import configure_gateway
     from workbench.policy import load_policy
     from workbench.runtime import Runtime
 

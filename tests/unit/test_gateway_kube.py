@@ -1,7 +1,7 @@
 """Dask Gateway on Kubernetes: the policy's per-user cluster config, and the pods upstream builds from it.
 
 ``kube_overrides`` / ``kube_gateway_settings`` are pure and tested against literal dicts. The pods come
-from dask-gateway's own code (``workbench.gateway_kube.render_cluster_pods``: the KubeBackend's option
+from dask-gateway's own code (``workbench.gateway.kube.render_cluster_pods``: the KubeBackend's option
 processing, then the KubeController's pod creation against a recording stand-in for the API, no
 cluster) and are validated against the Kubernetes 1.30 schema (``kubernetes-validate``, strict).
 """
@@ -21,7 +21,7 @@ from dask_gateway_server.utils import FrozenAttrDict
 from kubespawner.slugs import is_valid_label, safe_slug
 from traitlets.config import Config
 
-from workbench.gateway_kube import (
+from workbench.gateway.kube import (
     GROUP_LABEL,
     USERNAME_LABEL,
     ClusterOptionsError,
@@ -176,7 +176,7 @@ def test_kube_gateway_settings():
     settings = kube_gateway_settings(policy_at(CENTRE), namespace="dask")
     assert callable(settings["Backend"].pop("cluster_options"))
     assert settings == {
-        "DaskGateway": {"backend_class": "workbench.gateway_kube.WorkbenchKubeBackend"},
+        "DaskGateway": {"backend_class": "workbench.gateway.kube.WorkbenchKubeBackend"},
         "Backend": {},
         "KubeClusterConfig": {
             "namespace": "dask",

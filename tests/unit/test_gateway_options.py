@@ -1,4 +1,4 @@
-"""Unit tests of workbench.gateway (per-group cluster options) and spawner.dask_environment."""
+"""Unit tests of workbench.gateway.local (per-group cluster options) and spawner.dask_environment."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench.gateway import GIB, cluster_config_for, cluster_options_for
+from workbench.gateway.local import GIB, cluster_config_for, cluster_options_for
 from workbench.policy import PolicyError, DaskPolicy, load_policy, parse_policy
-from workbench.spawner import dask_environment
+from workbench.spawn.local import dask_environment
 
 DEMO = Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml"
 

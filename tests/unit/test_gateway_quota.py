@@ -1,4 +1,4 @@
-"""The gateway's side of the quota service (workbench.gateway.ClusterCapMixin): what it reports as running,
+"""The gateway's side of the quota service (workbench.gateway.local.ClusterCapMixin): what it reports as running,
 what each item holds, and which clusters it stops — with dask-gateway's own JobStatus and a stand-in for its
 in-memory cluster records and for the quota service (the real ones run in tests/integration)."""
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from dask_gateway_server.backends.db_base import JobStatus
 from dask_gateway_server.utils import FrozenAttrDict
 
-from workbench.gateway import CHARGE_KEY, WorkbenchUnsafeLocalBackend, scheduler_item, worker_item
+from workbench.gateway.local import CHARGE_KEY, WorkbenchUnsafeLocalBackend, scheduler_item, worker_item
 
 DEMO = Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml"
 GIB = 2**30

@@ -16,9 +16,9 @@ from dask_gateway_server.backends.jobqueue.slurm import SlurmBackend
 from dask_gateway_server.utils import FrozenAttrDict
 from traitlets.config import Config
 
-from workbench import gateway_slurm
-from workbench.gateway import cluster_options_for
-from workbench.gateway_slurm import (
+from workbench.gateway import slurm as gateway_slurm
+from workbench.gateway.local import cluster_options_for
+from workbench.gateway.slurm import (
     DEFAULT_SLURM_CONF,
     SLURM_UP_MARKER,
     WorkbenchSlurmBackend,
@@ -254,7 +254,7 @@ def test_configure_for_the_cluster_of_slurm_up(tmp_path, demo, tools):
     conf = tmp_path / "slurm.conf"
     conf.write_text(f"{SLURM_UP_MARKER}: a one-node test cluster.\nClusterName=workbench\n")
     c = configured(runtime_for(tmp_path, extra={"slurm_conf": str(conf)}), demo)
-    assert c.DaskGateway.backend_class == "workbench.gateway_slurm.WorkbenchSlurmBackend"
+    assert c.DaskGateway.backend_class == "workbench.gateway.slurm.WorkbenchSlurmBackend"
     b = c.WorkbenchSlurmBackend
     assert b.slurm_conf == str(conf)
     assert b.dask_gateway_jobqueue_launcher == "/opt/venv/bin/dask-gateway-jobqueue-launcher"

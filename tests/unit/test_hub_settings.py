@@ -1,4 +1,4 @@
-"""Unit tests of workbench.hub (settings built from policy + runtime) and workbench.runtime."""
+"""Unit tests of workbench.embedded.hub (settings built from policy + runtime) and workbench.runtime."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench.auth import DemoAuthExposed
-from workbench.hub import SERVER_TOKEN_SCOPES, apply_settings, hub_settings, roles, services
+from workbench.auth.demo import DemoAuthExposed
+from workbench.embedded.hub import SERVER_TOKEN_SCOPES, apply_settings, hub_settings, roles, services
 from workbench.policy import load_policy, parse_policy
 from workbench.runtime import (
     RUNTIME_ENV,
@@ -102,7 +102,7 @@ def test_services(settings):
             "url": "http://127.0.0.1:18013",
             "api_token": "gateway-token",
             "oauth_no_confirm": True,
-            "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.dashguard"],
+            "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.gateway.dashguard"],
             "cwd": "/srv/wb/state",
             "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
         },
@@ -110,7 +110,7 @@ def test_services(settings):
             "name": "sessions",
             "url": "http://127.0.0.1:18015",
             "api_token": "sessions-token",
-            "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.sessions", "--interval=300"],
+            "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.services.sessions", "--interval=300"],
             "cwd": "/srv/wb/state",
             "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
         },
@@ -118,7 +118,7 @@ def test_services(settings):
             "name": "rosters",
             "url": "http://127.0.0.1:18016",
             "api_token": "rosters-token",
-            "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.rosters"],
+            "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.services.rosters"],
             "cwd": "/srv/wb/state",
             "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
         },
@@ -139,7 +139,7 @@ def test_load_roles(settings):
         },
         {
             "name": "workbench-sessions",
-            "description": "Stop servers at their session limit and when idle (workbench.sessions)",
+            "description": "Stop servers at their session limit and when idle (workbench.services.sessions.app)",
             "scopes": ["list:users", "read:users:name", "read:users:groups", "read:servers", "admin:server_state",
                        "delete:servers"],
             "services": ["sessions"],
@@ -152,7 +152,7 @@ def test_load_roles(settings):
         },
         {
             "name": "workbench-rosters",
-            "description": "Load course rosters for instructors and admins (workbench.rosters)",
+            "description": "Load course rosters for instructors and admins (workbench.services.rosters.app)",
             "scopes": ["admin:users", "groups!group=course-ml101"],
             "services": ["rosters"],
         },
@@ -195,8 +195,8 @@ def test_jupyterhub_section(settings):
     assert hub["cookie_secret"] == bytes.fromhex("ab" * 32)
     assert len(hub["cookie_secret"]) == 32
     assert hub["pid_file"] == "/srv/wb/state/jupyterhub.pid"
-    assert hub["authenticator_class"] == "workbench.auth.DemoAuthenticator"
-    assert hub["spawner_class"] == "workbench.spawner.WorkbenchLocalSpawner"
+    assert hub["authenticator_class"] == "workbench.auth.demo.DemoAuthenticator"
+    assert hub["spawner_class"] == "workbench.spawn.local.WorkbenchLocalSpawner"
     assert hub["cleanup_servers"] is True
     assert hub["cleanup_proxy"] is True
     assert hub["template_vars"] == {"announcement_login": "Workbench demo: log in with a demo account"}

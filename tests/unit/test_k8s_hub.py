@@ -1,4 +1,4 @@
-"""Unit tests of workbench.k8s_hub: hub and gateway settings on Kubernetes from (policy, environment)."""
+"""Unit tests of workbench.kubernetes.hub: hub and gateway settings on Kubernetes from (policy, environment)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from traitlets.config import Config
 
-from workbench.auth import DemoAuthExposed
-from workbench.hub import SERVER_TOKEN_SCOPES, roles
-from workbench.k8s_hub import (
+from workbench.auth.demo import DemoAuthExposed
+from workbench.embedded.hub import SERVER_TOKEN_SCOPES, roles
+from workbench.kubernetes.hub import (
     GATEWAY_ENV,
     GUARD_ENV,
     HUB_ENV,
@@ -29,13 +29,13 @@ from workbench.k8s_hub import (
     serve_k8s_guard,
     singleuser_labels,
 )
-from workbench.kube import kubespawner_settings
+from workbench.spawn.kube import kubespawner_settings
 from workbench.policy import PolicyError, load_policy
-from workbench.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
-from workbench.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
-from workbench.quota.wiring import quota_roles
-from workbench.session_rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
-from workbench.session_rules import SERVICE_SCOPES as SESSIONS_SCOPES
+from workbench.services.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
+from workbench.services.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
+from workbench.services.quota.wiring import quota_roles
+from workbench.services.sessions.rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
+from workbench.services.sessions.rules import SERVICE_SCOPES as SESSIONS_SCOPES
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "hub_config" / "demo.yaml"
@@ -85,8 +85,8 @@ def demo():
 def test_hub_settings_for_sso(centre):
     s = k8s_hub_settings(centre, HUB)
     hub = s["JupyterHub"]
-    assert hub["spawner_class"] == "workbench.kube.WorkbenchKubeSpawner"
-    assert hub["authenticator_class"] == "workbench.oauth.WorkbenchGenericOAuthenticator"
+    assert hub["spawner_class"] == "workbench.spawn.kube.WorkbenchKubeSpawner"
+    assert hub["authenticator_class"] == "workbench.auth.oauth.WorkbenchGenericOAuthenticator"
     assert hub["hub_bind_url"] == "http://:8081"
     assert hub["hub_connect_url"] == "http://wb-hub:8081"
     assert hub["db_url"] == "sqlite:////srv/jupyterhub/jupyterhub.sqlite"
@@ -104,7 +104,7 @@ def test_hub_settings_for_sso(centre):
                 "--timeout=7200", "--cull-every=600",
             ],
         },
-        # the dashboard guard (workbench.dashguard), logging browsers in with no consent page
+        # the dashboard guard (workbench.gateway.dashguard), logging browsers in with no consent page
         {"name": "dask-gateway", "url": "http://wb-gateway-guard.research:8000", "api_token": "gateway-token",
          "oauth_no_confirm": True},
     ]
@@ -128,7 +128,7 @@ def test_hub_settings_for_sso(centre):
 def test_spawner_settings_extend_the_policys(centre):
     spawner = k8s_hub_settings(centre, HUB)["WorkbenchKubeSpawner"]
     base = {"policy_path": "/etc/workbench/platform.yaml", **kubespawner_settings(centre)}
-    assert {k: spawner[k] for k in base} == base  # locked-down pods, volumes: exactly workbench.kube's
+    assert {k: spawner[k] for k in base} == base  # locked-down pods, volumes: exactly workbench.spawn.kube's
     assert spawner["automount_service_account_token"] is False
     assert spawner["namespace"] == "research"
     assert spawner["component_label"] == "singleuser-server"
@@ -182,7 +182,7 @@ def test_demo_auth_only_when_the_chart_allows_it(demo):
     with pytest.raises(DemoAuthExposed, match="Kubernetes"):
         k8s_hub_settings(demo, env)
     s = k8s_hub_settings(demo, {**env, "WORKBENCH_ALLOW_DEMO_AUTH": "true"})
-    assert s["JupyterHub"]["authenticator_class"] == "workbench.auth.DemoAuthenticator"
+    assert s["JupyterHub"]["authenticator_class"] == "workbench.auth.demo.DemoAuthenticator"
     assert "public_url" not in s["JupyterHub"]
 
 
@@ -210,7 +210,7 @@ def test_the_quota_service_is_registered_when_the_chart_runs_it(centre):
     hub = s["JupyterHub"]
     assert [svc["name"] for svc in hub["services"]] == ["idle-culler", "dask-gateway", "quota"]
     assert hub["services"][-1] == {"name": "quota", "url": "http://wb-quota:8013", "api_token": "quota-token"}
-    for role in quota_roles(centre):  # workbench.quota.wiring's roles, as in the embedded mode
+    for role in quota_roles(centre):  # workbench.services.quota.wiring's roles, as in the embedded mode
         assert role in hub["load_roles"]
     assert hub["custom_scopes"] == QUOTA_CUSTOM_SCOPES
     assert s["Spawner"]["server_token_scopes"] == [*SERVER_TOKEN_SCOPES, QUOTA_ACCESS_SCOPE]
@@ -228,7 +228,7 @@ def test_the_quota_service_needs_its_token(centre):
 
 def test_the_sessions_service_replaces_the_idle_culler(centre):
     """With WORKBENCH_SESSIONS_URL the hub registers the external service sessions, with the roles
-    workbench.hub.roles() gives it, and runs no idle culler (two cullers would fight): no culler
+    workbench.embedded.hub.roles() gives it, and runs no idle culler (two cullers would fight): no culler
     service, no culler role, and no culler token needed."""
     env = {k: v for k, v in HUB.items() if k != "WORKBENCH_CULLER_API_TOKEN"}
     s = k8s_hub_settings(centre, {**env, **QUOTA, **SESSIONS})
@@ -250,7 +250,7 @@ def test_the_sessions_service_replaces_the_idle_culler(centre):
 
 
 def test_the_sessions_service_has_its_roles_with_nothing_to_enforce(centre):
-    """No culling and no session limit: workbench.hub.roles() gives the sessions service no role, but the chart
+    """No culling and no session limit: workbench.embedded.hub.roles() gives the sessions service no role, but the chart
     runs it, so the hub gives it (and its users) the same roles: no refused checks or notifications."""
     quiet = centre.model_copy(update={
         "culling": centre.culling.model_copy(update={"enabled": False}),
@@ -296,7 +296,7 @@ def test_guard_settings():
     g = k8s_guard_settings(GUARD)
     assert (g.hub_api_url, g.upstream, g.api_token, g.port) == (
         "http://wb-hub:8081/hub/api", "http://wb-gateway-proxy.research:8000", "gateway-token", 8000)
-    from workbench.dashguard import derive_cookie_secret
+    from workbench.gateway.dashguard import derive_cookie_secret
 
     assert g.cookie_secret == derive_cookie_secret("ab" * 32)
     assert "gateway-token" not in repr(g) and "abab" not in repr(g)
@@ -308,7 +308,7 @@ def test_guard_settings():
 
 
 def test_the_guard_serves_until_stopped():
-    """serve_k8s_guard runs workbench.dashguard's app: a dashboard without credentials goes to the hub's login."""
+    """serve_k8s_guard runs workbench.gateway.dashguard's app: a dashboard without credentials goes to the hub's login."""
     import socket
 
     from tornado.httpclient import AsyncHTTPClient
@@ -343,7 +343,7 @@ def test_the_guard_serves_until_stopped():
 def test_gateway_settings(centre):
     s = k8s_gateway_settings(centre, GATEWAY)
     assert s["DaskGateway"] == {
-        "backend_class": "workbench.k8s_hub.NamespacedKubeBackend",
+        "backend_class": "workbench.kubernetes.hub.NamespacedKubeBackend",
         "address": ":8000",
         "log_level": "INFO",
         "authenticator_class": "dask_gateway_server.auth.JupyterHubAuthenticator",
@@ -489,7 +489,7 @@ def test_hub_loader_applies_the_settings(tmp_path):
 def test_gateway_loader_applies_the_settings(capsys):
     c = Config()
     configure_k8s_gateway(c, {**GATEWAY, "WORKBENCH_PLATFORM": str(CENTRE)})
-    assert c.DaskGateway.backend_class == "workbench.k8s_hub.NamespacedKubeBackend"
+    assert c.DaskGateway.backend_class == "workbench.kubernetes.hub.NamespacedKubeBackend"
     with pytest.raises(SystemExit):
         configure_k8s_gateway(Config(), {"WORKBENCH_PLATFORM": str(CENTRE)})
     assert "WORKBENCH_NAMESPACE" in capsys.readouterr().err
@@ -498,7 +498,7 @@ def test_gateway_loader_applies_the_settings(capsys):
 def test_hub_config_files_are_thin_loaders():
     for name, call in (("jupyterhub_config_k8s.py", "configure_k8s_hub(c)"), ("dask_gateway_config_k8s.py", "configure_k8s_gateway(c)")):
         code = [line for line in (REPO / "hub_config" / name).read_text().splitlines() if line and not line.startswith("#")]
-        assert code[0].startswith("from workbench.k8s_hub import") and code[1].startswith(call)
+        assert code[0].startswith("from workbench.kubernetes.hub import") and code[1].startswith(call)
         assert len(code) == 2
 
 

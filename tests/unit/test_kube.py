@@ -1,6 +1,6 @@
 """The policy on Kubernetes: pure KubeSpawner builders against literal dicts, and real pod manifests.
 
-The manifests come from KubeSpawner's own ``get_pod_manifest`` (``workbench.kube.render_pod``,
+The manifests come from KubeSpawner's own ``get_pod_manifest`` (``workbench.spawn.kube.render_pod``,
 offline, no cluster) and are validated against the official Kubernetes 1.30 schema
 (``kubernetes-validate``, strict: unknown fields are errors).
 """
@@ -18,8 +18,8 @@ import pytest
 import yaml
 from tornado import web
 
-from workbench.cli import main
-from workbench.kube import (
+from workbench.cli.main import main
+from workbench.spawn.kube import (
     WorkbenchKubeSpawner,
     _offline_kube_config,
     group_volumes,
@@ -283,7 +283,7 @@ def test_kubespawner_settings_from_storage():
 def test_kube_hub_settings():
     policy = policy_at(CENTRE)
     assert kube_hub_settings(policy, "/etc/workbench/platform.yaml") == {
-        "JupyterHub": {"spawner_class": "workbench.kube.WorkbenchKubeSpawner"},
+        "JupyterHub": {"spawner_class": "workbench.spawn.kube.WorkbenchKubeSpawner"},
         "WorkbenchKubeSpawner": {"policy_path": "/etc/workbench/platform.yaml", **kubespawner_settings(policy)},
     }
 

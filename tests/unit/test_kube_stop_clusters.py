@@ -18,8 +18,8 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from workbench.k8s_hub import k8s_hub_settings
-from workbench.kube import WorkbenchKubeSpawner, _offline_kube_config, _RenderHub, _RenderUser
+from workbench.kubernetes.hub import k8s_hub_settings
+from workbench.spawn.kube import WorkbenchKubeSpawner, _offline_kube_config, _RenderHub, _RenderUser
 from workbench.policy import load_policy
 
 DEMO = load_policy(Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml")

@@ -1,4 +1,4 @@
-"""Unit tests of workbench.oauth (authenticator settings, robust group claims) and the policy's auth checks."""
+"""Unit tests of workbench.auth.oauth (authenticator settings, robust group claims) and the policy's auth checks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import yaml
 from tornado import web
 from traitlets.config import Config
 
-from workbench.hub import apply_settings, hub_settings
-from workbench.oauth import (
+from workbench.embedded.hub import apply_settings, hub_settings
+from workbench.auth.oauth import (
     NOT_ENTITLED,
     WorkbenchGenericOAuthenticator,
     WorkbenchGitHubOAuthenticator,
@@ -89,7 +89,7 @@ def problems_of(auth: dict) -> list[tuple[str, str]]:
 def test_demo_settings():
     assert auth_settings(load_policy(DEMO), runtime(), environ={}) == {
         "JupyterHub": {
-            "authenticator_class": "workbench.auth.DemoAuthenticator",
+            "authenticator_class": "workbench.auth.demo.DemoAuthenticator",
             "template_vars": {"announcement_login": "Workbench demo: log in with a demo account"},
         },
         "DemoAuthenticator": {
@@ -110,7 +110,7 @@ def test_demo_settings():
 def test_generic_oauth_settings():
     assert auth_settings(policy_with(GENERIC_AUTH), runtime(port=8443), environ=ENV) == {
         "JupyterHub": {
-            "authenticator_class": "workbench.oauth.WorkbenchGenericOAuthenticator",
+            "authenticator_class": "workbench.auth.oauth.WorkbenchGenericOAuthenticator",
             "template_vars": {"announcement_login": "Workbench demo: sign in with single sign-on"},
         },
         "Authenticator": {"manage_groups": True, "allow_all": False},
@@ -153,7 +153,7 @@ def test_github_settings():
     auth = dict(GITHUB_AUTH, github_url="https://github.acme.example/")
     assert auth_settings(policy_with(auth), runtime(), environ=ENV) == {
         "JupyterHub": {
-            "authenticator_class": "workbench.oauth.WorkbenchGitHubOAuthenticator",
+            "authenticator_class": "workbench.auth.oauth.WorkbenchGitHubOAuthenticator",
             "template_vars": {"announcement_login": "Workbench demo: sign in with GitHub"},
         },
         "Authenticator": {"manage_groups": True, "allow_all": False},
@@ -194,7 +194,7 @@ def test_hub_settings_use_auth_settings(monkeypatch):
     monkeypatch.setenv(SECRET_ENV, "s3cret-value")
     secrets = {k: "ab" * 32 for k in SECRET_NAMES}
     s = hub_settings(policy_with(GENERIC_AUTH), runtime(), secrets)
-    assert s["JupyterHub"]["authenticator_class"] == "workbench.oauth.WorkbenchGenericOAuthenticator"
+    assert s["JupyterHub"]["authenticator_class"] == "workbench.auth.oauth.WorkbenchGenericOAuthenticator"
     assert "DemoAuthenticator" not in s
     assert s["Authenticator"] == {"manage_groups": True, "allow_all": False}
     assert s["WorkbenchGenericOAuthenticator"]["token_url"] == "https://sso.example.edu/oauth2/token"

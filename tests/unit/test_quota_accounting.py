@@ -1,4 +1,4 @@
-"""Pure accounting of workbench.quota: periods, clipping, budget status and messages (no clock, no I/O)."""
+"""Pure accounting of workbench.services.quota: periods, clipping, budget status and messages (no clock, no I/O)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from workbench.policy import parse_policy
-from workbench.quota.accounting import (
+from workbench.services.quota.accounting import (
     BudgetStatus,
     Interval,
     Period,

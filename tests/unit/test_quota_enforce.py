@@ -1,11 +1,11 @@
-"""Warnings and stop deadlines of spent budgets (workbench.quota.enforce): pure, literal inputs."""
+"""Warnings and stop deadlines of spent budgets (workbench.services.quota.enforce): pure, literal inputs."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from workbench.quota.accounting import BudgetStatus, Interval, month_period
-from workbench.quota.enforce import draws_on, exhausted_since, notifications, stop_plan
+from workbench.services.quota.accounting import BudgetStatus, Interval, month_period
+from workbench.services.quota.enforce import draws_on, exhausted_since, notifications, stop_plan
 
 UTC = timezone.utc
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)

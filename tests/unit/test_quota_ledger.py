@@ -14,9 +14,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from tests.quota_support import POLICY, Clock, admit_request, running, start, stop, t
-from workbench.quota.accounting import month_period, usage_in_period
-from workbench.quota.ledger import Ledger, default_db_url, normalize_db_url
-from workbench.quota.models import UsageEvent
+from workbench.services.quota.accounting import month_period, usage_in_period
+from workbench.services.quota.ledger import Ledger, default_db_url, normalize_db_url
+from workbench.services.quota.models import UsageEvent
 
 
 @pytest.fixture
@@ -277,7 +277,7 @@ def test_database_sums_match_the_pure_accounting(ledger, clock):
     """Admissions sum usage in SQL; it must agree with accounting.usage_in_period over the same rows."""
     from datetime import timedelta
 
-    from workbench.quota.accounting import budget_statuses
+    from workbench.services.quota.accounting import budget_statuses
 
     rng = random.Random(7)
     evs = []

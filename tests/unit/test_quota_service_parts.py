@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.quota_support import POLICY, Clock, running, start, stop, t
-from workbench.quota.accounting import Interval, month_period
-from workbench.quota.app import QuotaService
-from workbench.quota.authz import (
+from workbench.services.quota.accounting import Interval, month_period
+from workbench.services.quota.app import QuotaService
+from workbench.services.quota.authz import (
     ACCESS_SCOPE,
     READ_ALL_SCOPE,
     WRITE_SCOPE,
@@ -25,11 +25,11 @@ from workbench.quota.authz import (
     check_group,
     user_scope,
 )
-from workbench.quota.ledger import Ledger, default_db_url
-from workbench.quota.openapi import openapi_document
-from workbench.quota.report import add_report_arguments, cmd_report, report_csv, report_json, report_rows
-from workbench.quota.views import charge_group, server_items
-from workbench.quota.wiring import add_quota_service, pass_db_url
+from workbench.services.quota.ledger import Ledger, default_db_url
+from workbench.services.quota.openapi import openapi_document
+from workbench.services.quota.report import add_report_arguments, cmd_report, report_csv, report_json, report_rows
+from workbench.services.quota.views import charge_group, server_items
+from workbench.services.quota.wiring import add_quota_service, pass_db_url
 from workbench.runtime import Runtime
 
 # -- authorization -----------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_quota_service_is_wired_only_with_a_port():
         "name": "quota",
         "url": "http://127.0.0.1:18014",
         "api_token": "qt",
-        "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.quota", "--enforce-every=30"],
+        "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.services.quota", "--enforce-every=30"],
         "cwd": "/srv/wb/state",
         "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
     }
@@ -204,7 +204,7 @@ def test_db_url_comes_from_the_hubs_environment_only():
 
 
 def test_hub_settings_wire_the_quota_service():
-    from workbench.hub import hub_settings
+    from workbench.embedded.hub import hub_settings
     from workbench.policy import load_policy
 
     demo = load_policy(Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml")

@@ -1,5 +1,5 @@
 """The roster service's pure parts: who may load which course, rows it refuses, the change it makes,
-the order it talks to the hub in, and logins that keep roster memberships (workbench.rosters)."""
+the order it talks to the hub in, and logins that keep roster memberships (workbench.services.rosters.app)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import yaml
 from jupyterhub import orm
 
-from workbench.auth import DemoAuthenticator
-from workbench.courses import Student, parse_roster
+from workbench.auth.demo import DemoAuthenticator
+from workbench.courses.material import Student, parse_roster
 from workbench.policy import parse_policy
-from workbench.rosters import (
+from workbench.services.rosters.app import (
     ACCESS_SCOPE,
     ROSTER_PROPERTY,
     Refused,
@@ -233,7 +233,7 @@ def test_a_rostered_demo_account_keeps_its_course_at_login(db):
 def test_a_rostered_oauth_user_logs_in_without_a_course_group_from_the_provider(db, monkeypatch):
     from oauthenticator.oauth2 import OAuthenticator
 
-    from workbench.oauth import WorkbenchGenericOAuthenticator
+    from workbench.auth.oauth import WorkbenchGenericOAuthenticator
 
     monkeypatch.setenv("WB_TEST_SECRET", "s")
     auth = WorkbenchGenericOAuthenticator(client_secret_env="WB_TEST_SECRET", manage_groups=True,

@@ -1,4 +1,4 @@
-"""Unit tests of the sessions service's pure parts (workbench.session_rules), its utilisation sources,
+"""Unit tests of the sessions service's pure parts (workbench.services.sessions.rules), its utilisation sources,
 its wiring into the hub, and the policy fields it reads (profile session / idle_timeout / gpu_idle_timeout,
 culling.warn_before). Inputs are literal: policies, hub user models, GPU samples and ``now``."""
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from workbench.gpu_utilisation import FileUtilisation, GpuUtilisation, choose_source
-from workbench.hub import roles, services
+from workbench.embedded.hub import roles, services
 from workbench.policy import Culling, PolicyError, parse_policy
 from workbench.runtime import SECRET_NAMES, Runtime
-from workbench.session_rules import (
+from workbench.services.sessions.rules import (
     Limits,
     Server,
     decide,
@@ -27,7 +27,7 @@ from workbench.session_rules import (
     servers_of,
     update_gpu_idle,
 )
-from workbench.sessions import SessionsService
+from workbench.services.sessions.app import SessionsService
 
 T0 = datetime(2026, 5, 4, 10, 0, tzinfo=timezone.utc)
 
@@ -385,7 +385,7 @@ def test_sessions_service_replaces_the_idle_culler():
         "name": "sessions",
         "url": "http://127.0.0.1:18015",
         "api_token": "sessions-token",
-        "command": ["/v/bin/python", "-m", "workbench.sessions", "--interval=60"],
+        "command": ["/v/bin/python", "-m", "workbench.services.sessions", "--interval=60"],
         "cwd": "/s",
         "environment": {"WORKBENCH_RUNTIME": "/s/runtime.json"},
     }
@@ -402,7 +402,7 @@ def test_sessions_roles_have_exactly_the_scopes_needed():
     by_name = {r["name"]: r for r in roles(P)}
     assert by_name["workbench-sessions"] == {
         "name": "workbench-sessions",
-        "description": "Stop servers at their session limit and when idle (workbench.sessions)",
+        "description": "Stop servers at their session limit and when idle (workbench.services.sessions.app)",
         "scopes": ["list:users", "read:users:name", "read:users:groups", "read:servers", "admin:server_state",
                    "delete:servers"],
         "services": ["sessions"],

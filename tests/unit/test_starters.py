@@ -1,4 +1,4 @@
-"""Unit tests of workbench.starters: notebooks per kind, install never overwrites, notebooks run."""
+"""Unit tests of workbench.spawn.starters: notebooks per kind, install never overwrites, notebooks run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import stat
 import nbformat
 import pytest
 
-from workbench.starters import STARTERS, install_starters, starter_notebooks
+from workbench.spawn.starters import STARTERS, install_starters, starter_notebooks
 
 EXPECTED_FILES = {
     "research": "climatology-with-dask.ipynb",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workbench import up
+from workbench.embedded import up
 
 
 def test_slurm_backend_needs_per_user_accounts_sbatch_and_sudo(monkeypatch):

@@ -33,7 +33,7 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
 {{- end -}}
 
-{{/* Labels of notebook pods (set by the hub's KubeSpawner: workbench.k8s_hub.singleuser_labels). */}}
+{{/* Labels of notebook pods (set by the hub's KubeSpawner: workbench.kubernetes.hub.singleuser_labels). */}}
 {{- define "workbench.singleuserSelectorLabels" -}}
 app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/component: singleuser-server
@@ -180,7 +180,7 @@ cannot lookup, so it generates new ones each time unless .Values.secrets gives t
 {{- printf "%s.%s" (include "workbench.name" (dict "root" . "part" "gateway-proxy")) .Release.Namespace -}}
 {{- end -}}
 
-{{/* The dashboard guard: the hub service dask-gateway (workbench.k8s_hub.GUARD_PORT). */}}
+{{/* The dashboard guard: the hub service dask-gateway (workbench.kubernetes.hub.GUARD_PORT). */}}
 {{- define "workbench.guardUrl" -}}
 {{- printf "http://%s.%s:8000" (include "workbench.name" (dict "root" . "part" "gateway-guard")) .Release.Namespace -}}
 {{- end -}}
@@ -190,7 +190,7 @@ cannot lookup, so it generates new ones each time unless .Values.secrets gives t
 {{- printf "http://%s:8013" (include "workbench.name" (dict "root" . "part" "quota")) -}}
 {{- end -}}
 
-{{/* The sessions service: the hub service sessions (workbench.sessions; the embedded mode's port). */}}
+{{/* The sessions service: the hub service sessions (workbench.services.sessions; the embedded mode's port). */}}
 {{- define "workbench.sessionsUrl" -}}
 {{- printf "http://%s:8014" (include "workbench.name" (dict "root" . "part" "sessions")) -}}
 {{- end -}}

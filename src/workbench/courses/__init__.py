@@ -1,0 +1,1 @@
+"""Courses: material pulled into students' homes, the materials folder, roster files and course links."""

@@ -1,0 +1,1 @@
+"""The embedded engine: `workbench up` runs hub, proxy, gateway and services as local processes."""

@@ -1,0 +1,265 @@
+"""JupyterHub configuration of the embedded workbench, built from (policy, runtime) by pure functions.
+
+``hub_settings`` returns ``{section: {trait: value}}`` with no I/O, so it can be unit-tested
+against literal dicts; ``configure_hub`` reads the runtime, policy and secrets and applies it to
+the traitlets config object of ``hub_config/jupyterhub_config.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from workbench.auth.demo import DemoAuthExposed, check_demo_exposure
+from workbench.auth.oauth import auth_settings
+from workbench.policy import Policy, PolicyError, load_policy
+from workbench.services.rosters.app import ACCESS_SCOPE as ROSTERS_ACCESS_SCOPE
+from workbench.services.rosters.app import SERVICE_NAME as ROSTERS_SERVICE
+from workbench.services.rosters.app import needs_service as needs_rosters_service
+from workbench.services.rosters.app import service_scopes as rosters_service_scopes
+from workbench.runtime import GATEWAY_SERVICE, Runtime, free_port, load_or_create_secrets
+from workbench.services.sessions.rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
+from workbench.services.sessions.rules import SERVICE_NAME as SESSIONS_SERVICE
+from workbench.services.sessions.rules import SERVICE_SCOPES as SESSIONS_SCOPES
+from workbench.services.sessions.rules import needs_service as needs_sessions_service
+from workbench.spawn.local import WorkbenchLocalSpawner
+from workbench.services.quota.wiring import add_quota_service, pass_db_url
+
+GATEWAY_ACCESS_SCOPE = f"access:services!service={GATEWAY_SERVICE}"
+#: the hub-managed service running dask-gateway-server (no URL: the `dask-gateway` guard fronts it)
+GATEWAY_SERVER_SERVICE = "dask-gateway-server"
+
+#: scopes of $JUPYTERHUB_API_TOKEN in single-user servers: the defaults of the `server`
+#: role, plus the gateway (so `Gateway()` works) and the user's own groups (for options).
+SERVER_TOKEN_SCOPES = [
+    "users:activity!user",
+    "access:servers!server",
+    "read:users:groups!user",
+    GATEWAY_ACCESS_SCOPE,
+]
+
+
+#: what jupyterhub-idle-culler needs (Kubernetes still runs it; the embedded mode runs workbench.services.sessions.app)
+CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
+
+
+def _cls(klass: type) -> str:
+    return f"{klass.__module__}.{klass.__name__}"
+
+
+#: what an instructor may do, each scope filtered to their course's group
+INSTRUCTOR_SCOPES = [
+    "list:users",
+    "read:users",
+    "read:users:activity",
+    "servers",
+    "access:servers",
+    "read:groups",
+    "list:groups",
+]
+
+
+def course_roles(policy: Policy) -> list[dict]:
+    """One role per course with instructors: their powers, filtered with ``!group=<course>`` (pure).
+
+    They may also call the roster service (:mod:`workbench.services.rosters.app`), which loads their course's
+    roster with its own token: instructors never get scopes to change groups or create users.
+    """
+    return [
+        {
+            "name": f"instructor-{name}",
+            "description": f"Instructors of {name}: list, start, stop and open their students' servers, load rosters",
+            "scopes": [*(f"{scope}!group={name}" for scope in INSTRUCTOR_SCOPES), ROSTERS_ACCESS_SCOPE],
+            "users": list(group.instructors),
+        }
+        for name, group in policy.groups.items()
+        if group.kind == "course" and group.instructors
+    ]
+
+
+def roles(policy: Policy) -> list[dict]:
+    """Roles generated from the policy (pure)."""
+    dask_groups = [name for name, g in policy.groups.items() if g.dask is not None]
+    return [
+        {
+            "name": "workbench-dask-users",
+            "description": "May use the Dask Gateway (groups with a dask policy)",
+            "scopes": [GATEWAY_ACCESS_SCOPE],
+            "groups": dask_groups,
+        },
+        # the sessions service (workbench.services.sessions.app): session limits and idle culling
+        *(
+            [
+                {
+                    "name": "workbench-sessions",
+                    "description": "Stop servers at their session limit and when idle (workbench.services.sessions.app)",
+                    "scopes": list(SESSIONS_SCOPES),
+                    "services": [SESSIONS_SERVICE],
+                },
+                {
+                    "name": "workbench-sessions-users",
+                    "description": "May read their own notifications (session limits, stopped servers)",
+                    "scopes": [SESSIONS_ACCESS_SCOPE],
+                    "groups": list(policy.groups),
+                },
+            ]
+            if needs_sessions_service(policy)
+            else []
+        ),
+        # the roster service (workbench.services.rosters.app): create students, change the course groups only
+        *(
+            [
+                {
+                    "name": "workbench-rosters",
+                    "description": "Load course rosters for instructors and admins (workbench.services.rosters.app)",
+                    "scopes": rosters_service_scopes(policy),
+                    "services": [ROSTERS_SERVICE],
+                }
+            ]
+            if needs_rosters_service(policy)
+            else []
+        ),
+        *course_roles(policy),
+    ]
+
+
+def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[dict]:
+    """Hub-managed services: the Dask Gateway (guard + server), the sessions and roster services.
+
+    ``dask-gateway`` (the name users' scopes and ``/services/dask-gateway`` depend on) is
+    :mod:`workbench.gateway.dashguard`, which forwards to dask-gateway-server's HTTP proxy and shows a
+    cluster's dashboard to its owner only (logging browsers in with the hub's OAuth, with no
+    consent page); dask-gateway-server itself is ``dask-gateway-server``, with no URL.
+
+    ``sessions`` (:mod:`workbench.services.sessions.app`, instead of jupyterhub-idle-culler: per-profile idle
+    limits, idle GPUs, session limits with warnings) runs when culling is enabled or a group or
+    profile has ``session.max_age``; it checks every ``culling.every`` and serves users their
+    notifications at ``/services/sessions/api/notifications``. Its port is ``runtime.sessions_port``
+    (``workbench up`` picks it), else a free port picked here (the only I/O of this function).
+
+    ``rosters`` (:mod:`workbench.services.rosters.app`: course rosters loaded by instructors and admins at
+    ``/services/rosters/api/courses/<course>/students``) runs when the policy has a course, on
+    ``runtime.rosters_port`` or, likewise, a free port.
+    """
+    venv = Path(runtime.venv_bin)
+    env = {"WORKBENCH_RUNTIME": str(Path(runtime.state_dir, "runtime.json"))}
+    # the hub starts services in this order and waits for each one with a URL to answer
+    # (< 500): the guard answers for the gateway, so the gateway starts first
+    out = [
+        {
+            "name": GATEWAY_SERVER_SERVICE,
+            "command": [
+                str(venv / "dask-gateway-server"),
+                "-f",
+                str(Path(runtime.hub_config_dir, "dask_gateway_config.py")),
+            ],
+            "cwd": runtime.state_dir,
+            "environment": dict(env),
+        },
+        {
+            "name": GATEWAY_SERVICE,
+            "url": f"http://127.0.0.1:{runtime.gateway_guard_port}",
+            "api_token": secrets["gateway_api_token"],
+            "oauth_no_confirm": True,
+            "command": [str(venv / "python"), "-m", "workbench.gateway.dashguard"],
+            "cwd": runtime.state_dir,
+            "environment": dict(env),
+        },
+    ]
+
+    def python_service(name: str, port: int, token: str, *command: str) -> dict:
+        """A service of ours on 127.0.0.1 (``port`` 0: a free one), run as ``python -m <command>``."""
+        return {
+            "name": name,
+            "url": f"http://127.0.0.1:{port or free_port()}",
+            "api_token": secrets[token],
+            "command": [str(venv / "python"), "-m", *command],
+            "cwd": runtime.state_dir,
+            "environment": dict(env),
+        }
+
+    if needs_sessions_service(policy):
+        out.append(python_service(SESSIONS_SERVICE, runtime.sessions_port, "sessions_api_token",
+                                  "workbench.services.sessions", f"--interval={policy.culling.every}"))
+    if needs_rosters_service(policy):
+        out.append(python_service(ROSTERS_SERVICE, runtime.rosters_port, "rosters_api_token", "workbench.services.rosters"))
+    return out
+
+
+def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> dict[str, dict]:
+    """All hub settings for the embedded mode (pure)."""
+    check_demo_exposure(policy.auth.type, runtime.bind, runtime.allow_demo_auth_on_network)
+    auth = auth_settings(policy, runtime)  # authenticator_class, login page text and the authenticator's sections
+    state = Path(runtime.state_dir)
+    venv = Path(runtime.venv_bin)
+    settings = {
+        "JupyterHub": {
+            "bind_url": f"http://{f'[{runtime.bind}]' if ':' in runtime.bind else runtime.bind}:{runtime.port}",
+            "hub_bind_url": f"http://127.0.0.1:{runtime.hub_port}",
+            "db_url": f"sqlite:///{state / 'jupyterhub.sqlite'}",
+            "cookie_secret": bytes.fromhex(secrets["cookie_secret"]),
+            "pid_file": str(state / "jupyterhub.pid"),
+            "spawner_class": _cls(WorkbenchLocalSpawner),
+            "services": services(policy, runtime, secrets),
+            "load_roles": roles(policy),
+            "cleanup_servers": True,
+            "cleanup_proxy": True,
+            **auth["JupyterHub"],
+        },
+        "ConfigurableHTTPProxy": {
+            "command": [runtime.proxy_command],
+            "api_url": f"http://127.0.0.1:{runtime.proxy_api_port}",
+            "auth_token": secrets["proxy_auth_token"],
+            "pid_file": str(state / "proxy.pid"),
+            "should_start": True,
+        },
+        **{section: values for section, values in auth.items() if section != "JupyterHub"},
+        "Spawner": {
+            "cmd": [str(venv / "jupyterhub-singleuser")],
+            "default_url": "/lab",
+            # notebooks may also read their user's session notifications (workbench.services.sessions.app), and an
+            # instructor's notebook may load rosters (JupyterHub gives a token only the scopes its owner holds)
+            "server_token_scopes": list(SERVER_TOKEN_SCOPES)
+            + ([SESSIONS_ACCESS_SCOPE] if needs_sessions_service(policy) else [])
+            + ([ROSTERS_ACCESS_SCOPE] if needs_rosters_service(policy) else []),
+            "start_timeout": 120,
+            "http_timeout": 90,
+            "poll_interval": 10,  # also how soon a crashed managed service (the gateway) is restarted
+        },
+        "WorkbenchLocalSpawner": {
+            "policy_path": runtime.config,
+            "system_users": runtime.system_users,
+            "user_prefix": runtime.user_prefix,
+            "homes_root": str(state / "homes"),
+            "gpus": runtime.gpus,
+            "gateway_api_url": f"http://127.0.0.1:{runtime.gateway_http_port}/services/{GATEWAY_SERVICE}/api/v1",
+            "dask_env": {
+                "gateway_url": runtime.gateway_public_url,
+                "proxy_address": runtime.gateway_proxy_address,
+            },
+            "env_keep": ["PATH", "LANG", "LC_ALL"],
+            "environment": {"PATH": f"{venv}:/usr/local/bin:/usr/bin:/bin"},
+        },
+    }
+    # the quota service, its roles and scopes (workbench.services.quota.wiring; only when runtime.quota_port is set)
+    return add_quota_service(settings, policy, runtime, secrets)
+
+
+def apply_settings(c, settings: dict[str, dict]) -> None:
+    for section, values in settings.items():
+        for key, value in values.items():
+            setattr(c[section], key, value)
+
+
+def configure_hub(c, runtime: Runtime | None = None, policy: Policy | None = None) -> None:
+    """Configure the hub of the embedded workbench (reads runtime.json, the policy, secrets)."""
+    runtime = runtime or Runtime.from_env()
+    try:
+        policy = policy or load_policy(runtime.config)
+        settings = hub_settings(policy, runtime, load_or_create_secrets(runtime.state_dir))
+    except (PolicyError, DemoAuthExposed) as e:  # make the hub's own log say what is wrong, then stop
+        print(f"workbench: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    pass_db_url(settings, os.environ)  # $WORKBENCH_QUOTA_DB_URL of the hub's environment to the quota service
+    apply_settings(c, settings)

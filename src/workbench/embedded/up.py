@@ -1,0 +1,397 @@
+"""``workbench up``: run the embedded workbench in the foreground.
+
+Order of work: validate the policy (nothing starts if it is broken), refuse demo auth on a
+network address, prepare the state folder and secrets, pick ports, then start JupyterHub (which
+starts its proxy, the Dask Gateway and the idle culler as managed services) and wait for
+``/hub/health``. On Ctrl-C or SIGTERM the hub is asked to stop (it stops servers, services and
+the proxy); anything still alive after that is killed. This process is a Linux child
+subreaper, so processes orphaned by a crashed hub or gateway come back to it and are reaped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets as pysecrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import requests
+
+from workbench.auth.demo import PASSWORD_ENV, DemoAuthExposed, check_demo_exposure
+from workbench.gpus import detect_devices, inventory, parse_fake_gpus
+from workbench.policy import Policy, PolicyError, load_policy
+from workbench.runtime import RUNTIME_ENV, Runtime, free_port, load_or_create_secrets, port_in_use
+from workbench.sysusers import others_can_execute, system_username
+
+#: the thin config loaders and the demo policy, shipped inside the package (``workbench/hub_config``)
+HUB_CONFIG_DIR = Path(__file__).resolve().parents[1] / "hub_config"
+DEFAULT_CONFIG = HUB_CONFIG_DIR / "demo.yaml"
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def say(msg: str) -> None:
+    print(f"[workbench] {msg}", flush=True)
+
+
+def fail(msg: str, code: int = 2) -> int:
+    print(f"[workbench] error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+@dataclass
+class UpOptions:
+    config: str = str(DEFAULT_CONFIG)
+    port: int = 8000
+    bind: str = "127.0.0.1"
+    state_dir: str = ".workbench"
+    hub_config_dir: str = str(HUB_CONFIG_DIR)
+    allow_demo_auth_on_network: bool = False
+    system_users: bool | None = None  # None: when root and the venv is usable by other users
+    log_to_console: bool = False
+    ready_timeout: float = 180.0
+    fake_gpus: str = ""  # "h100:2": pretend devices, for tests on machines without a GPU
+    gateway_backend: str = "local"  # "local" or "slurm"
+    quota_every: float = 30.0  # seconds between budget enforcement rounds (quota service, gateway)
+    quota: bool = True  # run the quota service (budgets enforced, usage recorded)
+
+
+def local_gpus(policy: Policy, fake: str = "") -> dict[str, list[str]]:
+    if fake:
+        return parse_fake_gpus(fake)
+    return inventory(policy, detect_devices())
+
+
+def slurm_problem(system_users: bool) -> str | None:
+    """Why the Slurm backend cannot run here (None: it can)."""
+    if not system_users:
+        return ("--gateway-backend slurm submits jobs as each user's own Unix account: run as root, from a checkout "
+                "other users can reach (see the warning above)")
+    if not shutil.which("sbatch"):
+        return "--gateway-backend slurm: sbatch not found; run `make slurm` (one-node Slurm) or install Slurm's client"
+    if not shutil.which("sudo"):
+        return "--gateway-backend slurm needs sudo (the backend submits as each user with sudo -u); apt-get install sudo"
+    return None
+
+
+def find_proxy(venv_bin: Path) -> str | None:
+    for candidate in (venv_bin / "configurable-http-proxy", venv_bin.parent / "node_modules/.bin/configurable-http-proxy"):
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("configurable-http-proxy")
+
+
+def decide_system_users(opts: UpOptions, venv_bin: Path) -> tuple[bool, str]:
+    """Whether to run servers as per-user system accounts, and a warning if not."""
+    if opts.system_users is False:
+        return False, "--no-system-users: every server runs as the current user; users are NOT isolated from each other."
+    if os.geteuid() != 0:
+        if opts.system_users:
+            raise SystemExit(fail("--system-users needs root (it creates one Unix account per user)"))
+        return False, (
+            "not running as root: every single-user server runs as the current user, so users are NOT "
+            "isolated from each other. Run as root for one Unix account per user."
+        )
+    ok, blocker = others_can_execute(venv_bin / "python")
+    if not ok:
+        msg = (
+            f"{blocker} is not reachable by other users, so per-user accounts could not run the Python "
+            f"environment in {venv_bin.parent}; servers run as root instead (NOT isolated). Put the "
+            f"checkout in a folder other users can traverse (e.g. chmod o+x {blocker})."
+        )
+        if opts.system_users:
+            raise SystemExit(fail(msg))
+        return False, msg
+    return True, ""
+
+
+class Supervisor:
+    def __init__(self, opts: UpOptions):
+        self.opts = opts
+        self.hub: subprocess.Popen | None = None
+        self.stopping = False
+        self.seen: dict[int, float] = {}  # pid -> create_time of every descendant seen
+
+    # -- process bookkeeping ------------------------------------------------------
+
+    def track(self) -> list[psutil.Process]:
+        try:
+            kids = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            return []
+        for p in kids:
+            try:
+                self.seen.setdefault(p.pid, p.create_time())
+            except psutil.Error:
+                pass
+        return kids
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def kill_leftovers(self) -> int:
+        """Kill every descendant still alive; returns how many there were."""
+        killed = 0
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            alive = [p for p in self.track() if _alive(p)]
+            if not alive:
+                break
+            killed = max(killed, len(alive))
+            for p in alive:
+                try:
+                    p.send_signal(sig)
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(alive, timeout=wait)
+            self.reap()
+        self.reap()
+        return killed
+
+    # -- main --------------------------------------------------------------------
+
+    def run(self) -> int:
+        opts = self.opts
+        config = Path(opts.config).resolve()
+        try:
+            policy = load_policy(config)
+        except PolicyError as e:
+            return fail(str(e))
+        say(f"policy {config} is valid: {len(policy.groups)} groups, {len(policy.profiles)} profiles")
+        try:
+            check_demo_exposure(policy.auth.type, opts.bind, opts.allow_demo_auth_on_network)
+        except DemoAuthExposed as e:
+            return fail(str(e))
+        if policy.auth.type == "demo" and opts.allow_demo_auth_on_network:
+            say(f"WARNING: demo auth (one shared password) is exposed on {opts.bind}:{opts.port}")
+
+        venv_bin = Path(sys.executable).parent
+        proxy = find_proxy(venv_bin)
+        if not proxy:
+            return fail(
+                "configurable-http-proxy not found next to this Python or on PATH; run `make up` "
+                "(it installs it with npm into .venv) or `npm install -g configurable-http-proxy`"
+            )
+        hub_config = Path(opts.hub_config_dir).resolve()
+        if not (hub_config / "jupyterhub_config.py").exists():
+            return fail(f"{hub_config}/jupyterhub_config.py not found; pass --hub-config-dir")
+        if port_in_use(opts.bind, opts.port):
+            return fail(f"{opts.bind}:{opts.port} is already in use; stop what uses it or pass --port")
+
+        system_users, warning = decide_system_users(opts, venv_bin)
+        if warning:
+            say(f"WARNING: {warning}")
+        if opts.gateway_backend == "slurm":
+            problem = slurm_problem(system_users)
+            if problem:
+                return fail(problem)
+
+        try:
+            gpus = local_gpus(policy, opts.fake_gpus)
+        except ValueError as e:
+            return fail(str(e))
+        unknown = sorted(set(gpus) - set(policy.gpu_types))
+        if unknown:
+            return fail(f"--fake-gpus names unknown GPU types {unknown}; the policy defines: {sorted(policy.gpu_types)}")
+        found = {t: len(ids) for t, ids in gpus.items() if ids}
+        say(
+            "GPUs: "
+            + (", ".join(f"{n}\u00d7 {t}" for t, n in found.items()) if found else "none found (GPU profiles will say so)")
+            + (" [PRETEND devices from --fake-gpus]" if opts.fake_gpus else "")
+        )
+
+        state = Path(opts.state_dir).resolve()
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o711)
+        (state / "logs").mkdir(exist_ok=True)
+        load_or_create_secrets(state)
+        runtime = Runtime(
+            config=str(config),
+            state_dir=str(state),
+            hub_config_dir=str(hub_config),
+            venv_bin=str(venv_bin),
+            proxy_command=proxy,
+            bind=opts.bind,
+            port=opts.port,
+            hub_port=free_port(),
+            proxy_api_port=free_port(),
+            gateway_port=free_port(),
+            gateway_http_port=free_port(),
+            gateway_tcp_port=free_port(),
+            gateway_guard_port=free_port(),
+            quota_port=free_port() if opts.quota else 0,  # workbench.services.quota as a hub service (0: not run)
+            quota_every=opts.quota_every,
+            sessions_port=free_port(),  # workbench.services.sessions.app (session limits, idle culling) as a hub service
+            rosters_port=free_port(),  # workbench.services.rosters.app (course rosters loaded by instructors) as a hub service
+            system_users=system_users,
+            allow_demo_auth_on_network=opts.allow_demo_auth_on_network,
+            gpus=gpus,
+            gateway_backend=opts.gateway_backend,
+            extra={"slurm_conf": os.environ.get("SLURM_CONF", "")} if opts.gateway_backend == "slurm" else {},
+        )
+        runtime_file = runtime.write()
+
+        env = dict(os.environ)
+        env[RUNTIME_ENV] = str(runtime_file)
+        env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
+        password = os.environ.get(PASSWORD_ENV) or ""
+        generated = False
+        if policy.auth.type == "demo" and not password:
+            password, generated = pysecrets.token_urlsafe(9), True
+        env[PASSWORD_ENV] = password
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+        log_path = state / "logs" / "hub.log"
+        say(f"starting JupyterHub, its proxy, Dask Gateway, the quota and sessions services (log: {log_path})")
+        if not opts.quota:
+            say("WARNING: --no-quota: budgets and caps are not enforced and usage is not recorded")
+        log_file = None if opts.log_to_console else open(log_path, "ab")
+        self.hub = subprocess.Popen(
+            [str(venv_bin / "jupyterhub"), "-f", str(hub_config / "jupyterhub_config.py")],
+            cwd=state,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT if log_file else None,
+            start_new_session=True,
+            # if we were started with SIGINT ignored (nohup, background jobs), the hub and its services
+            # would inherit that and each take its stop timeout to die; give them the default back
+            preexec_fn=_default_signals,
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+        code = 0
+        if self._wait_ready(runtime, log_path):
+            self._banner(policy, runtime, password, generated, log_path)
+            while not self.stopping and self.hub.poll() is None:
+                self.track()
+                time.sleep(0.5)
+            if not self.stopping:
+                code = 1
+                say(f"JupyterHub exited unexpectedly (code {self.hub.returncode}); see {log_path}")
+                self._tail(log_path)
+        else:
+            code = 1
+        self.shutdown()
+        if log_file:
+            log_file.close()
+        return code
+
+    def _on_signal(self, signum, frame):
+        if not self.stopping:
+            say(f"received {signal.Signals(signum).name}, stopping…")
+        self.stopping = True
+
+    def _wait_ready(self, runtime: Runtime, log_path: Path) -> bool:
+        # ready = the hub answers and the proxy routes to the gateway (added after the hub's own route)
+        checks = [
+            ("the hub", f"{runtime.public_url}/hub/health"),
+            ("Dask Gateway", f"{runtime.gateway_public_url}/api/health"),
+        ]
+        deadline = time.monotonic() + self.opts.ready_timeout
+        last_note = 0.0
+        while checks and time.monotonic() < deadline and not self.stopping:
+            if self.hub.poll() is not None:
+                say(f"JupyterHub exited during start-up (code {self.hub.returncode}); last lines of {log_path}:")
+                self._tail(log_path)
+                return False
+            name, url = checks[0]
+            try:
+                if requests.get(url, timeout=2).status_code == 200:
+                    say(f"{name} is up")
+                    checks.pop(0)
+                    continue
+            except requests.RequestException:
+                pass
+            if time.monotonic() - last_note > 10:
+                say(f"waiting for {name} ({url}) …")
+                last_note = time.monotonic()
+            self.track()
+            time.sleep(0.3)
+        if not checks:
+            return True
+        if not self.stopping:
+            say(f"the hub did not become ready within {self.opts.ready_timeout:.0f}s; last lines of {log_path}:")
+            self._tail(log_path)
+        return False
+
+    def _tail(self, log_path: Path, n: int = 40) -> None:
+        if self.opts.log_to_console or not log_path.exists():
+            return
+        for line in log_path.read_text(errors="replace").splitlines()[-n:]:
+            print(f"    {line}", file=sys.stderr)
+
+    def _banner(self, policy: Policy, runtime: Runtime, password: str, generated: bool, log_path: Path) -> None:
+        url = f"http://{runtime.bind if runtime.bind not in ('0.0.0.0', '::') else runtime.connect_host}:{runtime.port}"
+        lines = ["", f"  Workbench is ready:  {url}/", ""]
+        if policy.auth.type == "demo":
+            src = "generated for this run" if generated else f"from ${PASSWORD_ENV}"
+            lines.append(f"  Demo logins (password {password!r}, {src}):")
+            for name, user in policy.auth.demo_users.items():
+                kinds = ", ".join(f"{g} ({policy.groups[g].kind})" for g in user.groups)
+                sys_user = f"  [runs as {system_username(name, runtime.user_prefix)}]" if runtime.system_users else ""
+                lines.append(f"    {name:<12} {kinds}{sys_user}")
+            lines.append("")
+        lines += [
+            f"  Dask Gateway:  {runtime.gateway_public_url}  (Gateway() works with no arguments in a notebook)",
+            f"  Usage, budgets: {runtime.public_url}/services/quota/api/openapi.json  (`workbench report` for tables)"
+            if runtime.quota_port else "  Usage, budgets: not recorded (--no-quota)",
+            f"  State folder:  {runtime.state_dir}",
+            f"  Hub log:       {log_path}",
+            "",
+            "  Press Ctrl-C to stop.",
+            "",
+        ]
+        print("\n".join(lines), flush=True)
+
+    def shutdown(self) -> None:
+        hub = self.hub
+        if hub is not None and hub.poll() is None:
+            say("stopping JupyterHub (it stops the servers, Dask clusters, services and proxy) …")
+            hub.send_signal(signal.SIGTERM)
+            try:
+                hub.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                say("JupyterHub did not stop within 60 s; killing it")
+                hub.kill()
+                hub.wait()
+        # give the gateway's processes a moment to finish their own clean-up
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in self.track()):
+            self.reap()
+            time.sleep(0.2)
+        leftovers = self.kill_leftovers()
+        if leftovers:
+            say(f"killed {leftovers} leftover process(es)")
+        say("stopped; no processes left behind")
+
+
+def up(opts: UpOptions) -> int:
+    return Supervisor(opts).run()

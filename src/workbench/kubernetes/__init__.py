@@ -1,0 +1,1 @@
+"""The Kubernetes engine: hub, gateway and guard settings read from the chart's environment."""

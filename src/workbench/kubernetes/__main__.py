@@ -1,0 +1,5 @@
+import sys
+
+from workbench.kubernetes.hub import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The rosters service: course rosters loaded by instructors and admins through the hub."""

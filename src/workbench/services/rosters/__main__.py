@@ -1,0 +1,5 @@
+import sys
+
+from workbench.services.rosters.app import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from workbench.services.sessions.app import main
+
+sys.exit(main())

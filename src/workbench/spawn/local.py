@@ -1,0 +1,411 @@
+"""The local spawner of the embedded mode: single-user JupyterLab servers as local processes.
+
+As root, each hub user runs as their own Unix account (``wb-<name>``, home 0700), so users
+cannot read each other's files. Not as root, every server runs as the current user (the hub
+says so at start-up): fine for a laptop demo, not for shared use.
+
+What a user may start comes from the policy: the profile (``user_options["profile"]``, the
+KubeSpawner convention) must be one of the user's entitled profiles, else the spawn is
+refused with 403 before anything starts.
+"""
+
+from __future__ import annotations
+
+import grp
+import html
+import json
+import os
+import pwd
+from pathlib import Path
+
+from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+from tornado import web
+from traitlets import Bool, Dict, HasTraits, Unicode, default
+
+from workbench.courses.material import prepare_courses
+from workbench.gpus import GpuAllocator, NoFreeGpu
+from workbench.limits import Limiter, detect_cgroups, local_limits, own_cgroups
+from workbench.policy import Policy, Profile, cached_policy
+from workbench.services.quota.client import QuotaClient, QuotaUnavailable
+from workbench.services.quota.models import server_item_id
+from workbench.services.quota.views import charge_group
+from workbench.spawn.starters import install_starters
+from workbench.sysusers import ensure_folder, ensure_group_membership, ensure_system_user, system_username, unix_group_name
+
+_ALLOCATORS: dict[str, GpuAllocator] = {}
+_LIMITERS: dict[str, Limiter] = {}
+
+
+def choose_profile(policy: Policy, user_groups: list[str], requested: str | None) -> str:
+    """The profile to start for a user, or raise ``web.HTTPError(403)`` (pure)."""
+    allowed = policy.profiles_for(user_groups)
+    if not allowed:
+        raise web.HTTPError(
+            403,
+            "You are not in any group that may start a server (your groups: %s). "
+            "Ask the platform team to add you to a group." % (", ".join(user_groups) or "none"),
+        )
+    if not requested:
+        return allowed[0]
+    if requested not in allowed:
+        raise web.HTTPError(
+            403,
+            f"Profile {requested!r} is not available to you; your groups may use: {', '.join(allowed)}",
+        )
+    return requested
+
+
+def dask_environment(policy: Policy, user_groups: list[str], gateway_url: str, proxy_address: str) -> dict[str, str]:
+    """Environment that makes ``dask_gateway.Gateway()`` work with no arguments (pure)."""
+    env = {
+        "DASK_GATEWAY__ADDRESS": gateway_url,
+        "DASK_GATEWAY__PUBLIC_ADDRESS": gateway_url,
+        "DASK_GATEWAY__PROXY_ADDRESS": proxy_address,
+        "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
+    }
+    dask = policy.dask_policy_for(user_groups)
+    if dask is not None:
+        env["WORKBENCH_DASK_MAX_WORKERS"] = str(dask.max_workers)
+    return env
+
+
+def describe_profile(policy: Policy, name: str) -> str:
+    """One line saying what a profile gives: GPU, cores, memory, image (pure)."""
+    p: Profile = policy.profiles[name]
+    parts = []
+    if p.gpu:
+        gtype = policy.gpu_types[p.gpu.type]
+        parts.append(f"{p.gpu.count}× {gtype.display_name or p.gpu.type}")
+    parts.append(f"{p.cpu:g} CPU")
+    parts.append(f"{(p.memory_limit or p.memory) / 1e9:g} GB")
+    image = policy.images[p.image]
+    parts.append(f"image: {image.display_name or image.image}")
+    return " · ".join(parts)
+
+
+def options_form_html(policy: Policy, user_groups: list[str]) -> str:
+    """The spawn form: the user's entitled profiles, grouped by group and described (pure)."""
+    seen: set[str] = set()
+    sections = []
+    first = True
+    for gname in policy.groups_of(user_groups):
+        group = policy.groups[gname]
+        items = []
+        for pname in policy.profiles_for([gname]):
+            if pname in seen:
+                continue
+            seen.add(pname)
+            prof = policy.profiles[pname]
+            checked = " checked" if first else ""
+            first = False
+            items.append(
+                f'<label class="wb-profile" style="display:block;margin:0.4em 0">'
+                f'<input type="radio" name="profile" value="{html.escape(pname)}"{checked}> '
+                f"<strong>{html.escape(prof.display_name or pname)}</strong> "
+                f'<span class="text-muted">({html.escape(pname)})</span><br>'
+                f'<small>{html.escape(describe_profile(policy, pname))}'
+                f"{' — ' + html.escape(prof.description) if prof.description else ''}</small></label>"
+            )
+        if items:
+            title = html.escape(group.display_name or gname)
+            sections.append(f'<fieldset class="wb-group"><legend>{title}</legend>{"".join(items)}</fieldset>')
+    return "\n".join(sections)
+
+
+class StopsDaskClustersMixin(HasTraits):
+    """A user's Dask clusters end with their default notebook server (dask-gateway#255, #393).
+
+    Used by the local spawner and by :class:`workbench.spawn.kube.WorkbenchKubeSpawner`: after the server
+    stops, the user's clusters are listed and stopped through the gateway's API, with a short-lived
+    token of the user that carries only the gateway access scope. A gateway that does not answer
+    is logged, never blocks the stop.
+    """
+
+    gateway_api_url = Unicode(
+        "",
+        help="The gateway's API (e.g. http://127.0.0.1:PORT/services/dask-gateway/api/v1); when set, a user's "
+        "clusters are stopped when their server stops.",
+    ).tag(config=True)
+
+    def _owns_dask_clusters(self) -> bool:
+        groups = [g.name for g in self.user.groups]
+        return bool(self.gateway_api_url) and not self.name and self.policy.dask_group_for(groups) is not None
+
+    async def _stop_dask_clusters(self) -> None:
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        from workbench.embedded.hub import GATEWAY_ACCESS_SCOPE
+
+        token = self.user.new_api_token(
+            scopes=[GATEWAY_ACCESS_SCOPE], expires_in=120, note="workbench: stop Dask clusters with the server"
+        )
+        headers = {"Authorization": f"jupyterhub {token}"}
+        client = AsyncHTTPClient()
+        try:
+            resp = await client.fetch(f"{self.gateway_api_url}/clusters/", headers=headers, request_timeout=20)
+            clusters = list(json.loads(resp.body))  # {name: model}
+            for name in clusters:
+                await client.fetch(
+                    f"{self.gateway_api_url}/clusters/{name}", method="DELETE", headers=headers, request_timeout=20
+                )
+            if clusters:
+                self.log.info("Stopped %d Dask cluster(s) of %s with their server", len(clusters), self.user.name)
+        except (HTTPClientError, OSError) as e:
+            self.log.warning("Could not stop the Dask clusters of %s: %s", self.user.name, e)
+
+
+class WorkbenchLocalSpawner(StopsDaskClustersMixin, LocalProcessSpawner):
+    """LocalProcessSpawner driven by the platform policy.
+
+    - the spawn form lists only the user's entitled profiles; ``user_options["profile"]`` from the
+      form or the REST API is checked against the policy (403 otherwise) before anything starts;
+    - CPU and memory limits of the profile are applied (cgroups where available, rlimits otherwise);
+    - GPU profiles get devices of their GPU type via ``CUDA_VISIBLE_DEVICES``, never shared.
+    """
+
+    policy_path = Unicode(help="Path of the platform YAML.").tag(config=True)
+
+    system_users = Bool(
+        False,
+        help="""Run each user's server as their own Unix account (created on first spawn).
+        Needs root. When False, servers run as the hub's user with homes under `homes_root`.""",
+    ).tag(config=True)
+
+    user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
+
+    homes_root = Unicode(
+        help="Where homes live when `system_users` is False (one folder per hub user).",
+    ).tag(config=True)
+
+    dask_env = Dict(help="Gateway address settings added to every server's environment.").tag(config=True)
+
+
+    gpus = Dict(help="Local GPU devices by GPU type: {type: [device ids]} (from `workbench up`).").tag(config=True)
+
+    quota_api_url = Unicode(
+        "",
+        help="The quota service's API (e.g. http://127.0.0.1:PORT/services/quota/api); when set, every start is "
+        "admitted by it first (budgets and caps; refused with its message) and every stop is recorded.",
+    ).tag(config=True)
+
+    quota_api_token = Unicode("", help="A hub token with custom:workbench-quota:write.").tag(config=True)
+
+    gpu_devices: list[str] = []
+    profile_name: str = ""
+
+    # -- policy ----------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        return cached_policy(self.policy_path)
+
+    @property
+    def user_groups(self) -> list[str]:
+        return [g.name for g in self.user.groups]
+
+    @property
+    def system_user(self) -> str:
+        return system_username(self.user.name, self.user_prefix)
+
+    @property
+    def home(self) -> str:
+        if self.system_users:
+            return pwd.getpwnam(self.system_user).pw_dir
+        return os.path.join(self.homes_root, self.user.name)
+
+    @property
+    def allocator(self) -> GpuAllocator:
+        key = self.policy_path
+        if key not in _ALLOCATORS:
+            _ALLOCATORS[key] = GpuAllocator(self.gpus)
+        return _ALLOCATORS[key]
+
+    @property
+    def limiter(self) -> Limiter:
+        if "default" not in _LIMITERS:
+            mode = detect_cgroups()
+            _LIMITERS["default"] = Limiter(mode, own=own_cgroups(Path("/proc/self/cgroup").read_text()) if mode else {})
+        return _LIMITERS["default"]
+
+    @property
+    def server_key(self) -> str:
+        return f"{self.user.name}-{self.name}" if self.name else self.user.name
+
+    # -- form --------------------------------------------------------------------
+
+    def _options_form(self, spawner=None):
+        allowed = self.policy.profiles_for(self.user_groups)
+        if len(allowed) <= 1:
+            return ""  # nothing to choose
+        return options_form_html(self.policy, self.user_groups)
+
+    @default("options_form")
+    def _default_options_form(self):
+        return self._options_form
+
+    def options_from_form(self, formdata):
+        profile = (formdata.get("profile") or [""])[0]
+        # checked again in start(); refusing here shows the message on the spawn page at once
+        choose_profile(self.policy, self.user_groups, profile or None)
+        return {"profile": profile} if profile else {}
+
+    # -- LocalProcessSpawner hooks ---------------------------------------------
+
+    def make_preexec_fn(self, name):
+        join = Limiter.preexec(self._cgroup_dirs, self._limits)
+        if self.system_users:
+            setuid = set_user_setuid(self.system_user)
+
+            def preexec():
+                join()
+                setuid()
+
+            return preexec
+        home = self.home
+
+        def preexec():
+            join()
+            os.chdir(home)
+
+        return preexec
+
+    def user_env(self, env):
+        env["HOME"] = self.home
+        env["SHELL"] = "/bin/bash"
+        env["USER"] = self.system_user if self.system_users else pwd.getpwuid(os.getuid()).pw_name
+        return env
+
+    async def move_certs(self, paths):  # internal_ssl is off in the embedded mode
+        return paths
+
+    def get_env(self):
+        env = super().get_env()
+        env.update(dask_environment(self.policy, self.user_groups, **self.dask_env) if self.dask_env else {})
+        profile = self.policy.profiles[self.profile_name]
+        env.update(profile.env)
+        env.update(self._limits.env(self.limiter.mechanism))
+        env["WORKBENCH_PROFILE"] = self.profile_name
+        if profile.gpu:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpu_devices)
+            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(self.gpu_devices)
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
+    def get_state(self):
+        state = super().get_state()
+        if self.gpu_devices:
+            state["gpu_devices"] = list(self.gpu_devices)
+        if self.profile_name:
+            state["profile"] = self.profile_name
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        self.profile_name = state.get("profile", "")
+        self.gpu_devices = list(state.get("gpu_devices", []))
+        if self.gpu_devices:
+            self.allocator.restore(self.server_key, self.gpu_devices)
+
+    def clear_state(self):
+        super().clear_state()
+        self.gpu_devices = []
+
+    @property
+    def quota(self) -> QuotaClient | None:
+        return QuotaClient(self.quota_api_url, self.quota_api_token) if self.quota_api_url else None
+
+    @property
+    def quota_item(self) -> str:
+        return server_item_id(self.user.name, self.name)
+
+    async def _admit(self) -> None:
+        """Ask the quota service (budgets, caps) before anything starts; 403 with its message if refused."""
+        group = charge_group(self.policy, self.user_groups, self.profile_name)
+        try:
+            decision = await self.quota.admit(
+                item=self.quota_item, kind="server", user=self.user.name, group=group, profile=self.profile_name,
+            )
+        except QuotaUnavailable as e:
+            self.log.error("Refusing %s's start: %s", self.user.name, e)
+            raise web.HTTPError(
+                503, "The quota service does not answer, so no server can start now; try again in a minute."
+            ) from None
+        if not decision.allowed:
+            self.log.info("Quota refused %s's start (%s): %s", self.user.name, decision.reason, decision.message)
+            raise web.HTTPError(403, decision.message)
+
+    async def start(self):
+        self.profile_name = choose_profile(self.policy, self.user_groups, self.user_options.get("profile"))
+        profile = self.policy.profiles[self.profile_name]
+        if self.quota is not None:
+            await self._admit()
+        try:
+            return await self._start_with_gpus(profile)
+        except BaseException:
+            if self.quota is not None:
+                await self.quota.stop(self.quota_item)
+            raise
+
+    async def _start_with_gpus(self, profile: Profile):
+        if profile.gpu:
+            gtype = self.policy.gpu_types[profile.gpu.type]
+            try:
+                self.gpu_devices = self.allocator.allocate(
+                    self.server_key, profile.gpu.type, profile.gpu.count, gtype.display_name
+                )
+            except NoFreeGpu as e:
+                raise web.HTTPError(409, str(e)) from None
+        try:
+            return await self._start_process(profile)
+        except BaseException:
+            self.allocator.release(self.server_key)
+            self.gpu_devices = []
+            self.limiter.remove(self.server_key)
+            raise
+
+    async def _start_process(self, profile: Profile):
+        kinds = self.policy.kinds_of(self.user_groups)
+        if self.system_users:
+            entry = ensure_system_user(self.system_user, comment=f"Workbench user {self.user.name}")
+            install_starters(entry.pw_dir, kinds, entry.pw_uid, entry.pw_gid)
+            self._prepare_shared_folders()
+        else:
+            Path(self.home).mkdir(parents=True, exist_ok=True)
+            install_starters(self.home, kinds)
+        await prepare_courses(self)  # course material pulled as the user, course folders (never blocks the start)
+        self._limits = local_limits(profile)
+        self._cgroup_dirs = self.limiter.prepare(self.server_key, self._limits)
+        self.log.info(
+            "Starting %s's server: profile %s, as %s, limits %s (%g CPU, %d bytes)%s",
+            self.user.name,
+            self.profile_name,
+            self.system_user if self.system_users else "the hub's own user",
+            self.limiter.mechanism,
+            self._limits.cpu,
+            self._limits.memory,
+            f", GPUs {','.join(self.gpu_devices)}" if self.gpu_devices else "",
+        )
+        return await super().start()
+
+    def _prepare_shared_folders(self) -> None:
+        """Group folders (read-write for members, setgid) and the read-only datasets folder, at the
+        same paths as on Kubernetes (``storage.shared`` / ``storage.datasets``)."""
+        storage = self.policy.storage
+        for group in self.policy.groups_of(self.user_groups):
+            unix_group = unix_group_name(group)
+            ensure_group_membership(self.system_user, unix_group)
+            ensure_folder(storage.shared.format(group=group), 0o2770, grp.getgrnam(unix_group).gr_gid)
+        ensure_folder(storage.datasets, 0o755)
+
+    async def stop(self, now=False):
+        try:
+            await super().stop(now=now)
+        finally:
+            self.allocator.release(self.server_key)
+            self.limiter.remove(self.server_key)
+            if self.quota is not None:
+                await self.quota.stop(self.quota_item)
+            # the default server owns the user's clusters (users without Dask access have none)
+            if self._owns_dask_clusters():
+                await self._stop_dask_clusters()
