@@ -11,11 +11,12 @@ LAB_EXTENSION_OUT := src/workbench/labextension
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: up test install unit integration bench check clean help
+.PHONY: up test install unit integration bench check clean help lint
 
 help:
 	@echo "make up      run the embedded workbench (ARGS='--port 8080 ...' passes options to 'workbench up')"
 	@echo "make test    run the whole test suite (unit + integration)"
+	@echo "make lint    ruff: lint, import order, format check"
 	@echo "make unit    run the fast unit tests only"
 	@echo "make bench   run the benchmarks (prints medians and ratios)"
 	@echo "make check   validate hub_config/demo.yaml"
@@ -41,7 +42,7 @@ install: $(STAMP)
 up: install
 	$(VENV)/bin/workbench up $(ARGS)
 
-test: install slurm postgres browser
+test: install slurm postgres browser lint
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests
 
 .PHONY: slurm
@@ -55,6 +56,10 @@ browser:  # Debian's chromium and chromedriver for the browser tests (tests/brow
 .PHONY: postgres
 postgres:  # a local PostgreSQL (Debian's packages) for the quota ledger's tests (they ask the script for its URL)
 	@scripts/postgres-up.sh >/dev/null
+
+lint: install  # ruff: lint, import order and format (configured in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 unit: install
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit

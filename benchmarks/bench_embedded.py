@@ -195,7 +195,11 @@ class StockHub:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "jupyterhub"), "-f", str(cfg)],
-            cwd=self.state_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.state_dir,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.tracker = Tracker(self.proc.pid)
         deadline = time.monotonic() + timeout
@@ -387,8 +391,11 @@ def wait_dask_gone(root_pid: int, timeout: float = 60) -> None:
             try:
                 cmd = " ".join(p.cmdline())
                 if p.status() != psutil.STATUS_ZOMBIE and (
-                    "dask scheduler" in cmd or "dask worker" in cmd or "dask-scheduler" in cmd
-                    or "dask-worker" in cmd or "spawn_main" in cmd  # not the long-lived resource_tracker
+                    "dask scheduler" in cmd
+                    or "dask worker" in cmd
+                    or "dask-scheduler" in cmd
+                    or "dask-worker" in cmd
+                    or "spawn_main" in cmd  # not the long-lived resource_tracker
                 ):
                     busy.append(p)
             except psutil.Error:
@@ -450,8 +457,12 @@ def gateway_runs(wb: Workbench, token: str, runs: int) -> list[dict]:
                 if cluster is not None:
                     cluster.shutdown()
                     _forget_loop(getattr(cluster, "gateway", None))
-            res = {"total_s": t_ready - t0, "create_s": t_created - t0, "workers_s": t_ready - t_created,
-                   "reduce_s": reduce_s}
+            res = {
+                "total_s": t_ready - t0,
+                "create_s": t_created - t0,
+                "workers_s": t_ready - t_created,
+                "reduce_s": reduce_s,
+            }
             say(
                 f"workbench dask  run {i + 1}/{runs}: {res['total_s']:.2f}s  (new_cluster {res['create_s']:.2f}, "
                 f"scale(2) -> 2 workers {res['workers_s']:.2f}); xarray reduction {reduce_s:.2f}s"
@@ -475,9 +486,7 @@ def local_cluster_runs(runs: int) -> list[dict]:
         cluster = client = None
         try:
             t0 = time.perf_counter()
-            cluster = LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-            )
+            cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
             t_created = time.perf_counter()
             client = Client(cluster)
             client.wait_for_workers(2, timeout=READY_TIMEOUT)
@@ -488,8 +497,12 @@ def local_cluster_runs(runs: int) -> list[dict]:
                 client.close()
             if cluster is not None:
                 cluster.close()
-        res = {"total_s": t_ready - t0, "create_s": t_created - t0, "workers_s": t_ready - t_created,
-               "reduce_s": reduce_s}
+        res = {
+            "total_s": t_ready - t0,
+            "create_s": t_created - t0,
+            "workers_s": t_ready - t_created,
+            "reduce_s": reduce_s,
+        }
         say(
             f"stock     dask  run {i + 1}/{runs}: {res['total_s']:.2f}s  (LocalCluster() {res['create_s']:.2f}, "
             f"then 2 workers {res['workers_s']:.2f}); xarray reduction {reduce_s:.2f}s"
@@ -517,27 +530,49 @@ def ratio(a: dict, b: dict) -> float | None:
 
 def print_table(results: dict) -> None:
     rows = []
-    labels = {"login": "login->server ready", "dask": "dask create->2 workers",
-              "quota": "login->ready, quota on vs --no-quota"}
+    labels = {
+        "login": "login->server ready",
+        "dask": "dask create->2 workers",
+        "quota": "login->ready, quota on vs --no-quota",
+    }
     for metric in ("login", "dask", "quota"):
         if metric not in results:
             continue
         wb, st = results[metric]["workbench"]["summary"], results[metric]["stock"]["summary"]
         r = results[metric]["ratio_median"]
-        rows.append((f"{labels[metric]} (median s)", f"{wb['median_s']:.2f}", f"{st['median_s']:.2f}",
-                     f"{r:.2f}" if r else "-"))
-        rows.append((f"{labels[metric]} (min-max s)", f"{wb['min_s']:.2f}-{wb['max_s']:.2f}",
-                     f"{st['min_s']:.2f}-{st['max_s']:.2f}", ""))
+        rows.append(
+            (f"{labels[metric]} (median s)", f"{wb['median_s']:.2f}", f"{st['median_s']:.2f}", f"{r:.2f}" if r else "-")
+        )
+        rows.append(
+            (
+                f"{labels[metric]} (min-max s)",
+                f"{wb['min_s']:.2f}-{wb['max_s']:.2f}",
+                f"{st['min_s']:.2f}-{st['max_s']:.2f}",
+                "",
+            )
+        )
         if metric == "dask":
             wr = summary(results[metric]["workbench"]["runs"], "reduce_s")
             sr = summary(results[metric]["stock"]["runs"], "reduce_s")
             if wr and sr:
-                rows.append(("xarray reduction, 2 workers (median s)", f"{wr['median_s']:.2f}", f"{sr['median_s']:.2f}",
-                             f"{wr['median_s'] / sr['median_s']:.2f}"))
+                rows.append(
+                    (
+                        "xarray reduction, 2 workers (median s)",
+                        f"{wr['median_s']:.2f}",
+                        f"{sr['median_s']:.2f}",
+                        f"{wr['median_s'] / sr['median_s']:.2f}",
+                    )
+                )
     starts = results.get("hub_start_s", {})
     if starts.get("workbench") is not None and starts.get("stock") is not None:
-        rows.append(("hub start (1 sample, s)*", f"{starts['workbench']:.2f}", f"{starts['stock']:.2f}",
-                     f"{starts['workbench'] / starts['stock']:.2f}"))
+        rows.append(
+            (
+                "hub start (1 sample, s)*",
+                f"{starts['workbench']:.2f}",
+                f"{starts['stock']:.2f}",
+                f"{starts['workbench'] / starts['stock']:.2f}",
+            )
+        )
     head = ("metric", "workbench", "stock", "ratio")
     w0 = max(len(head[0]), *(len(r[0]) for r in rows))
     w = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in (1, 2, 3)]
@@ -545,10 +580,14 @@ def print_table(results: dict) -> None:
     print(f"{head[0]:<{w0}}  {head[1]:>{w[0]}}  {head[2]:>{w[1]}}  {head[3]:>{w[2]}}")
     for r in rows:
         print(f"{r[0]:<{w0}}  {r[1]:>{w[0]}}  {r[2]:>{w[1]}}  {r[3]:>{w[2]}}")
-    print("ratio = workbench / stock (medians); stock login = plain JupyterHub, stock dask = LocalCluster, "
-          "stock quota = the workbench with --no-quota (no admission check at spawn)")
+    print(
+        "ratio = workbench / stock (medians); stock login = plain JupyterHub, stock dask = LocalCluster, "
+        "stock quota = the workbench with --no-quota (no admission check at spawn)"
+    )
     if starts:
-        print("* hub start: `workbench up` until ready (includes its Dask Gateway) vs stock jupyterhub until /hub/health")
+        print(
+            "* hub start: `workbench up` until ready (includes its Dask Gateway) vs stock jupyterhub until /hub/health"
+        )
     print()
 
 
@@ -591,15 +630,17 @@ def _raise_interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not (VENV_BIN / "workbench").exists() or not (VENV_BIN / "configurable-http-proxy").exists():
-        print(f"run this with the project's venv (.venv/bin/python), after `make install`; "
-              f"{VENV_BIN} has no workbench or configurable-http-proxy", file=sys.stderr)
+        print(
+            f"run this with the project's venv (.venv/bin/python), after `make install`; "
+            f"{VENV_BIN} has no workbench or configurable-http-proxy",
+            file=sys.stderr,
+        )
         return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     metrics = ["login", "dask", "quota"] if args.only is None else [args.only]
 
     root = make_state_dir("wb-bench-")
-    say(f"state folder {root}; {args.runs} run(s) per side for: {', '.join(metrics)}; "
-        f"{os.cpu_count()} CPUs")
+    say(f"state folder {root}; {args.runs} run(s) per side for: {', '.join(metrics)}; {os.cpu_count()} CPUs")
     raw: dict = {m: {"workbench": [], "stock": []} for m in metrics}
     starts: dict = {}
     ok = False
@@ -638,8 +679,9 @@ def main(argv: list[str] | None = None) -> int:
             say("starting `workbench up --no-quota` …")
             wb.start()
             hub_log = lambda: wb.hub_log()[-3000:]  # noqa: E731
-            raw["quota"]["stock"] = login_runs("workbench --no-quota", wb.url, args.runs, wb.proc.pid, hub_log,
-                                               wb.snapshot)
+            raw["quota"]["stock"] = login_runs(
+                "workbench --no-quota", wb.url, args.runs, wb.proc.pid, hub_log, wb.snapshot
+            )
             say("stopping the workbench …")
             wb.stop()
             wb = None
@@ -653,8 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             starts["stock"] = time.perf_counter() - t0
             say(f"stock hub ready at {stock.url} after {starts['stock']:.2f}s")
             stock_log = lambda: stock.output()[-3000:]  # noqa: E731
-            raw["login"]["stock"] = login_runs("stock", stock.url, args.runs, stock.proc.pid, stock_log,
-                                               stock.snapshot)
+            raw["login"]["stock"] = login_runs("stock", stock.url, args.runs, stock.proc.pid, stock_log, stock.snapshot)
             say("stopping the stock hub …")
             stock.stop()
             stock = None

@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ from workbench.policy import parse_policy  # noqa: E402
 from workbench.services.quota.ledger import Ledger, default_db_url  # noqa: E402
 from workbench.services.quota.models import AdmitRequest, UsageEvent  # noqa: E402
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def bench_policy_data(groups: int) -> dict:
@@ -76,8 +76,13 @@ def pct(values: list[float], p: float) -> float:
 
 
 def summary(ms: list[float]) -> dict:
-    return {"n": len(ms), "p50_ms": round(pct(ms, 50), 2), "p99_ms": round(pct(ms, 99), 2),
-            "max_ms": round(max(ms), 2), "mean_ms": round(statistics.fmean(ms), 2)}
+    return {
+        "n": len(ms),
+        "p50_ms": round(pct(ms, 50), 2),
+        "p99_ms": round(pct(ms, 99), 2),
+        "max_ms": round(max(ms), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+    }
 
 
 def fill_history(ledger: Ledger, rows: int, groups: int) -> None:
@@ -89,11 +94,21 @@ def fill_history(ledger: Ledger, rows: int, groups: int) -> None:
         t0 = month_start + timedelta(seconds=span * i / rows)
         item = f"dask-worker:hist/{i}"
         kw = dict(cpu=1.0, memory=10**9, gpu_type="h100", gpu_count=1)
-        evs.append(UsageEvent(id=f"h{i}s", type="start", item=item, kind="dask-worker", user=f"u{i % 50}",
-                              group=f"bench-{i % groups}", time=t0, **kw))
+        evs.append(
+            UsageEvent(
+                id=f"h{i}s",
+                type="start",
+                item=item,
+                kind="dask-worker",
+                user=f"u{i % 50}",
+                group=f"bench-{i % groups}",
+                time=t0,
+                **kw,
+            )
+        )
         evs.append(UsageEvent(id=f"h{i}e", type="stop", item=item, time=t0 + timedelta(minutes=30)))
     for k in range(0, len(evs), 1000):
-        ledger.record_many(evs[k:k + 1000])
+        ledger.record_many(evs[k : k + 1000])
 
 
 def concurrent_calls(n: int, call, workers: int | None = None) -> tuple[list[float], float, list]:
@@ -135,8 +150,20 @@ def event_pairs(prefix: str, n: int, groups: int) -> list[UsageEvent]:
     evs = []
     for i in range(n // 2):
         item = f"dask-worker:{prefix}/{i}"
-        evs.append(UsageEvent(id=f"{prefix}-{i}-s", type="start", item=item, kind="dask-worker", user=f"u{i % 50}",
-                              group=f"bench-{i % groups}", cpu=1.0, memory=10**9, gpu_type="h100", gpu_count=1))
+        evs.append(
+            UsageEvent(
+                id=f"{prefix}-{i}-s",
+                type="start",
+                item=item,
+                kind="dask-worker",
+                user=f"u{i % 50}",
+                group=f"bench-{i % groups}",
+                cpu=1.0,
+                memory=10**9,
+                gpu_type="h100",
+                gpu_count=1,
+            )
+        )
         evs.append(UsageEvent(id=f"{prefix}-{i}-e", type="stop", item=item))
     return evs
 
@@ -151,7 +178,7 @@ def ingest_rates(send_one, send_batch, events: int, groups: int) -> dict:
 
     evs = event_pairs(f"par-{uuid.uuid4().hex[:6]}", events, groups)
     # 8 threads; each item's start and stop stay in order on one thread
-    pairs = [evs[i:i + 2] for i in range(0, len(evs), 2)]
+    pairs = [evs[i : i + 2] for i in range(0, len(evs), 2)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda p: [send_one(e) for e in p], pairs))
@@ -160,7 +187,7 @@ def ingest_rates(send_one, send_batch, events: int, groups: int) -> dict:
     evs = event_pairs(f"bat-{uuid.uuid4().hex[:6]}", events * 5, groups)
     t0 = time.perf_counter()
     for k in range(0, len(evs), 100):
-        send_batch(evs[k:k + 100])
+        send_batch(evs[k : k + 100])
     out["batch_100_per_s"] = round(len(evs) / (time.perf_counter() - t0), 1)
     return out
 
@@ -178,24 +205,45 @@ def bench_ledger(url: str, policy, args) -> dict:
         run = uuid.uuid4().hex[:6]
 
         def call(i):
-            return ledger.admit(f"u{i}", f"bench-{i % args.groups}",
-                                AdmitRequest(item=f"dask-worker:adm-{run}/{i}", kind="dask-worker", cpu=1,
-                                             memory=10**9, gpu_type="h100", gpu_count=1))
+            return ledger.admit(
+                f"u{i}",
+                f"bench-{i % args.groups}",
+                AdmitRequest(
+                    item=f"dask-worker:adm-{run}/{i}",
+                    kind="dask-worker",
+                    cpu=1,
+                    memory=10**9,
+                    gpu_type="h100",
+                    gpu_count=1,
+                ),
+            )
 
         # warm the pool and the caches once
-        concurrent_calls(min(20, args.concurrency), lambda i: ledger.admit(
-            "warm", "bench-0", AdmitRequest(item=f"dask-worker:warm-{run}/{i}", kind="dask-worker", cpu=1)))
+        concurrent_calls(
+            min(20, args.concurrency),
+            lambda i: ledger.admit(
+                "warm", "bench-0", AdmitRequest(item=f"dask-worker:warm-{run}/{i}", kind="dask-worker", cpu=1)
+            ),
+        )
         lat, wall, out = concurrent_calls(args.concurrency, call, args.db_threads or None)
         assert all(d.allowed for d in out), [d.message for d in out if not d.allowed][:3]
-        results["admission"] = {**summary(lat), "concurrency": args.concurrency, "wall_s": round(wall, 3),
-                                "throughput_per_s": round(args.concurrency / wall, 1),
-                                "db_threads": args.db_threads or args.concurrency}
+        results["admission"] = {
+            **summary(lat),
+            "concurrency": args.concurrency,
+            "wall_s": round(wall, 3),
+            "throughput_per_s": round(args.concurrency / wall, 1),
+            "db_threads": args.db_threads or args.concurrency,
+        }
         seq = []
         for i in range(args.concurrency):  # the same work, one at a time: no queueing
             t0 = time.perf_counter()
-            ledger.admit(f"s{i}", f"bench-{i % args.groups}",
-                         AdmitRequest(item=f"dask-worker:seq-{run}/{i}", kind="dask-worker", cpu=1, gpu_type="h100",
-                                      gpu_count=1))
+            ledger.admit(
+                f"s{i}",
+                f"bench-{i % args.groups}",
+                AdmitRequest(
+                    item=f"dask-worker:seq-{run}/{i}", kind="dask-worker", cpu=1, gpu_type="h100", gpu_count=1
+                ),
+            )
             seq.append((time.perf_counter() - t0) * 1000)
         results["admission_sequential"] = summary(seq)
         results["ingest"] = ingest_rates(ledger.record, ledger.record_many, args.events, args.groups)
@@ -233,16 +281,29 @@ def bench_http(db_url: str | None, policy_data: dict, args) -> dict:
         run = uuid.uuid4().hex[:6]
 
         def body(i, prefix):
-            return {"user": f"u{i}", "group": f"bench-{i % args.groups}", "item": f"dask-worker:{prefix}-{run}/{i}",
-                    "kind": "dask-worker", "cpu": 1, "memory": 10**9, "gpu_type": "h100", "gpu_count": 1}
+            return {
+                "user": f"u{i}",
+                "group": f"bench-{i % args.groups}",
+                "item": f"dask-worker:{prefix}-{run}/{i}",
+                "kind": "dask-worker",
+                "cpu": 1,
+                "memory": 10**9,
+                "gpu_type": "h100",
+                "gpu_count": 1,
+            }
 
         concurrent_calls(20, lambda i: session.post(f"{api}/admit", json=body(i, "warm"), timeout=120))
         lat, wall, out = concurrent_calls(
-            args.concurrency, lambda i: session.post(f"{api}/admit", json=body(i, "adm"), timeout=120))
+            args.concurrency, lambda i: session.post(f"{api}/admit", json=body(i, "adm"), timeout=120)
+        )
         codes = {r.status_code for r in out}
         assert codes == {200}, codes
-        results["admission"] = {**summary(lat), "concurrency": args.concurrency, "wall_s": round(wall, 3),
-                                "throughput_per_s": round(args.concurrency / wall, 1)}
+        results["admission"] = {
+            **summary(lat),
+            "concurrency": args.concurrency,
+            "wall_s": round(wall, 3),
+            "throughput_per_s": round(args.concurrency / wall, 1),
+        }
         seq = []
         for i in range(args.concurrency):  # the same work, one at a time: no queueing
             t0 = time.perf_counter()
@@ -251,8 +312,11 @@ def bench_http(db_url: str | None, policy_data: dict, args) -> dict:
         results["admission_sequential"] = summary(seq)
 
         def send(evs):
-            r = session.post(f"{api}/events", timeout=120,
-                             json={"events": [json.loads(e.model_dump_json(exclude_none=True)) for e in evs]})
+            r = session.post(
+                f"{api}/events",
+                timeout=120,
+                json={"events": [json.loads(e.model_dump_json(exclude_none=True)) for e in evs]},
+            )
             assert r.status_code == 200, r.text
 
         results["ingest"] = ingest_rates(lambda e: send([e]), send, args.events, args.groups)
@@ -263,14 +327,19 @@ def bench_http(db_url: str | None, policy_data: dict, args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--concurrency", type=int, default=200)
     ap.add_argument("--history", type=int, default=2000, help="closed rows in the current month before the run")
     ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--db-threads", type=int, default=8,
-                    help="ledger layer: threads running the admissions, like the service's --threads "
-                         "(0: one thread per concurrent caller) (default: %(default)s)")
+    ap.add_argument(
+        "--db-threads",
+        type=int,
+        default=8,
+        help="ledger layer: threads running the admissions, like the service's --threads "
+        "(0: one thread per concurrent caller) (default: %(default)s)",
+    )
     ap.add_argument("--events", type=int, default=1000, help="events per ingest measurement (batches: 5x)")
     ap.add_argument("--layer", choices=["ledger", "http", "both"], default="ledger")
     ap.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
@@ -281,8 +350,11 @@ def main(argv=None) -> int:
     policy = parse_policy(policy_data)
     dbs = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     layers = ["ledger", "http"] if args.layer == "both" else [args.layer]
-    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-              "args": vars(args), "results": {}}
+    report = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "args": vars(args),
+        "results": {},
+    }
     pg_base = postgres_url() if "postgresql" in dbs else None
     for layer in layers:
         for db in dbs:
@@ -304,18 +376,24 @@ def main(argv=None) -> int:
                 shutil.rmtree(tmp, ignore_errors=True)
             report["results"][f"{layer}/{db}"] = res
             a, i = res["admission"], res["ingest"]
-            print(f"[{layer} / {db}] admission x{a['concurrency']}: p50 {a['p50_ms']} ms, p99 {a['p99_ms']} ms, "
-                  f"max {a['max_ms']} ms ({a['throughput_per_s']}/s); ingest: {i['single_1_thread_per_s']}/s single, "
-                  f"{i['single_8_threads_per_s']}/s single x8 threads, {i['batch_100_per_s']}/s in batches of 100",
-                  flush=True)
+            print(
+                f"[{layer} / {db}] admission x{a['concurrency']}: p50 {a['p50_ms']} ms, p99 {a['p99_ms']} ms, "
+                f"max {a['max_ms']} ms ({a['throughput_per_s']}/s); ingest: {i['single_1_thread_per_s']}/s single, "
+                f"{i['single_8_threads_per_s']}/s single x8 threads, {i['batch_100_per_s']}/s in batches of 100",
+                flush=True,
+            )
     print()
-    print(f"{'layer/db':<20} {'adm p50 ms':>10} {'adm p99 ms':>10} {'adm/s':>8} {'alone p50':>10} {'alone p99':>10} "
-          f"{'ingest 1x/s':>12} {'8x/s':>8} {'batch/s':>9}")
+    print(
+        f"{'layer/db':<20} {'adm p50 ms':>10} {'adm p99 ms':>10} {'adm/s':>8} {'alone p50':>10} {'alone p99':>10} "
+        f"{'ingest 1x/s':>12} {'8x/s':>8} {'batch/s':>9}"
+    )
     for key, res in report["results"].items():
         a, i, q = res["admission"], res["ingest"], res["admission_sequential"]
-        print(f"{key:<20} {a['p50_ms']:>10} {a['p99_ms']:>10} {a['throughput_per_s']:>8} {q['p50_ms']:>10} "
-              f"{q['p99_ms']:>10} {i['single_1_thread_per_s']:>12} {i['single_8_threads_per_s']:>8} "
-              f"{i['batch_100_per_s']:>9}")
+        print(
+            f"{key:<20} {a['p50_ms']:>10} {a['p99_ms']:>10} {a['throughput_per_s']:>8} {q['p50_ms']:>10} "
+            f"{q['p99_ms']:>10} {i['single_1_thread_per_s']:>12} {i['single_8_threads_per_s']:>8} "
+            f"{i['batch_100_per_s']:>9}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -87,7 +87,9 @@ def check_slurm() -> str | None:
     if shutil.which("sinfo") is None:
         return "Slurm is not installed: run `make slurm` (scripts/slurm-up.sh) first"
     res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    if res.returncode != 0 or not any(s.startswith(("idle", "mix", "alloc")) and "*" not in s for s in res.stdout.split()):
+    if res.returncode != 0 or not any(
+        s.startswith(("idle", "mix", "alloc")) and "*" not in s for s in res.stdout.split()
+    ):
         return f"Slurm does not answer or has no usable node ({res.stderr.strip() or res.stdout.strip()}): run `make slurm`"
     return None
 
@@ -137,8 +139,10 @@ def gateway_runs(wb: Workbench, token: str, runs: int, workers: int) -> list[dic
                 g.__dict__.pop("_loop_runner", None)
         wait_no_jobs("-u", UNIX_USER)
         out.append({"ready_s": ready, "new_cluster_s": t_cluster, "reduction_s": reduce_s})
-        say(f"gateway   run {i + 1}/{runs}: {workers} workers ready {ready:6.2f}s (new_cluster {t_cluster:.2f}s), "
-            f"reduction {reduce_s:6.2f}s")
+        say(
+            f"gateway   run {i + 1}/{runs}: {workers} workers ready {ready:6.2f}s (new_cluster {t_cluster:.2f}s), "
+            f"reduction {reduce_s:6.2f}s"
+        )
     return out
 
 
@@ -151,8 +155,15 @@ def jobqueue_runs(runs: int, workers: int, log_dir: Path) -> list[dict]:
     for i in range(runs):
         t0 = time.perf_counter()
         cluster = SLURMCluster(
-            cores=1, processes=1, memory="1GiB", queue="cpu", account="physics-lab", walltime="04:00:00",
-            job_name=JOBQUEUE_JOB_NAME, python=str(VENV_BIN / "python"), log_directory=str(log_dir),
+            cores=1,
+            processes=1,
+            memory="1GiB",
+            queue="cpu",
+            account="physics-lab",
+            walltime="04:00:00",
+            job_name=JOBQUEUE_JOB_NAME,
+            python=str(VENV_BIN / "python"),
+            log_directory=str(log_dir),
             scheduler_options={"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
         )
         try:
@@ -167,8 +178,10 @@ def jobqueue_runs(runs: int, workers: int, log_dir: Path) -> list[dict]:
             cluster.close()
         wait_no_jobs("-u", me, "-n", JOBQUEUE_JOB_NAME)
         out.append({"ready_s": ready, "new_cluster_s": t_cluster, "reduction_s": reduce_s})
-        say(f"jobqueue  run {i + 1}/{runs}: {workers} workers ready {ready:6.2f}s (SLURMCluster {t_cluster:.2f}s), "
-            f"reduction {reduce_s:6.2f}s")
+        say(
+            f"jobqueue  run {i + 1}/{runs}: {workers} workers ready {ready:6.2f}s (SLURMCluster {t_cluster:.2f}s), "
+            f"reduction {reduce_s:6.2f}s"
+        )
     return out
 
 
@@ -182,7 +195,9 @@ def summary(values: list[float]) -> dict:
 def print_table(results: dict, workers: int) -> None:
     rows = [("ready_s", f"create -> {workers} workers"), ("reduction_s", "xarray reduction")]
     print()
-    print(f"{'metric (seconds)':<24}  {'gateway (Slurm backend)':>24}  {'dask-jobqueue SLURMCluster':>27}  {'ratio':>6}")
+    print(
+        f"{'metric (seconds)':<24}  {'gateway (Slurm backend)':>24}  {'dask-jobqueue SLURMCluster':>27}  {'ratio':>6}"
+    )
     for key, label in rows:
         g, j = results[key]["gateway"], results[key]["jobqueue"]
         cell = lambda s: f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"  # noqa: E731

@@ -86,7 +86,7 @@ def _close_name_maps(node: Any) -> Any:
     node = {k: _close_name_maps(v) for k, v in node.items()}
     patterns = node.get("patternProperties")
     if patterns and len(patterns) == 1 and "additionalProperties" not in node:
-        (pattern, values), = patterns.items()
+        ((pattern, values),) = patterns.items()
         del node["patternProperties"]
         node["propertyNames"] = {"pattern": pattern, **node.get("propertyNames", {})}
         node["additionalProperties"] = values

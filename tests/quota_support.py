@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -13,7 +13,7 @@ import yaml
 from workbench.policy import parse_policy
 from workbench.services.quota.models import AdmitRequest, RunningItem, UsageEvent
 
-UTC = timezone.utc
+UTC = UTC
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "hub_config" / "demo.yaml"
 
@@ -26,8 +26,12 @@ def quota_policy_data() -> dict:
     """The demo policy with per-user budgets and concurrency caps added (a dict, for YAML files too)."""
     data = yaml.safe_load(DEMO.read_text())
     groups = data["groups"]
-    groups["physics-lab"]["budget"] = {"gpu_hours": 500, "cpu_hours": 20000, "period": "month",
-                                       "per_user": {"gpu_hours": 300}}
+    groups["physics-lab"]["budget"] = {
+        "gpu_hours": 500,
+        "cpu_hours": 20000,
+        "period": "month",
+        "per_user": {"gpu_hours": 300},
+    }
     groups["physics-lab"]["caps"] = {"running_gpus": 5, "user_running_servers": 1}
     groups["course-ml101"]["budget"] = {"cpu_hours": 1000, "period": "term", "term_starts": ["02-01", "09-01"]}
     groups["course-ml101"]["caps"] = {"running_servers": 5}
@@ -48,11 +52,21 @@ class Clock:
         return self.now
 
 
-def start(item: str, user="researcher", group="physics-lab", kind="dask-worker", id=None, time=None, **res) -> UsageEvent:
+def start(
+    item: str, user="researcher", group="physics-lab", kind="dask-worker", id=None, time=None, **res
+) -> UsageEvent:
     res.setdefault("cpu", 1.0)
     res.setdefault("memory", 2 * 10**9)
-    return UsageEvent(id=id or f"start-{uuid.uuid4().hex}", type="start", item=item, kind=kind, user=user,
-                      group=group, time=time, **res)
+    return UsageEvent(
+        id=id or f"start-{uuid.uuid4().hex}",
+        type="start",
+        item=item,
+        kind=kind,
+        user=user,
+        group=group,
+        time=time,
+        **res,
+    )
 
 
 def stop(item: str, id=None, time=None) -> UsageEvent:
@@ -97,9 +111,12 @@ def fresh_postgres_database(url: str) -> tuple[str, callable]:
 
     def drop():
         with admin.connect() as c:
-            c.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"
-            ), {"n": name})
+            c.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"
+                ),
+                {"n": name},
+            )
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
 

@@ -90,7 +90,9 @@ class NvmlUtilisation:
             pass
 
 
-def choose_source(gpus: Mapping[str, list[str]], state_dir: str | Path, file: str | Path | None = None) -> GpuUtilisation | None:
+def choose_source(
+    gpus: Mapping[str, list[str]], state_dir: str | Path, file: str | Path | None = None
+) -> GpuUtilisation | None:
     """The utilisation source for this machine's ``gpus`` ({type: [device ids]}, from runtime.json).
 
     ``file`` (``--gpu-utilisation-file``) wins; pretend devices (``--fake-gpus``) read

@@ -36,7 +36,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from jupyter_server.base.handlers import APIHandler
@@ -45,8 +45,7 @@ from tornado import httpclient, web
 from traitlets import Dict, Float, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from workbench.services.quota.authz import SERVICE_NAME as QUOTA_SERVICE
-from workbench.services.sessions.rules import SERVICE_NAME as SESSIONS_SERVICE
+from workbench.names import QUOTA_SERVICE, SESSIONS_SERVICE
 
 #: severity order of the levels the services use; unknown levels count as "info"
 LEVEL_RANK = {"critical": 0, "error": 0, "warning": 1, "info": 2}
@@ -121,7 +120,7 @@ def merge_notifications(answers: Iterable[SourceAnswer], as_of: datetime | None 
         notes += [n for n in (_normalised(x, a.source) for x in a.notifications) if n is not None]
     unique = list({n["id"]: n for n in notes}.values())
     unique.sort(key=lambda n: (LEVEL_RANK[n["level"]], -_fraction(n), -_when(n)))
-    stamp = (as_of or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    stamp = (as_of or datetime.now(UTC)).astimezone(UTC)
     return {"as_of": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"), "notifications": unique, "problems": problems}
 
 

@@ -176,4 +176,3 @@ class Limiter:
                 resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
 
         return step
-

@@ -11,9 +11,9 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from decimal import Decimal
 import string
 from collections.abc import Iterable
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -271,7 +271,10 @@ def _auth_problems(p: Policy) -> list[tuple[str, str]]:
         if auth.type not in types:
             used = " and ".join(repr(t) for t in types)
             problems.append(
-                (f"auth.{field}", f"only used with auth type{'s' if len(types) > 1 else ''} {used}, not {auth.type!r}; remove it")
+                (
+                    f"auth.{field}",
+                    f"only used with auth type{'s' if len(types) > 1 else ''} {used}, not {auth.type!r}; remove it",
+                )
             )
     for field, what in _AUTH_REQUIRED.get(auth.type, {}).items():
         if not getattr(auth, field):
@@ -613,8 +616,14 @@ class Policy(_Model):
         named = [g for g in self.groups_of(user_groups) if self.groups[g].dask]
         if not named:
             return None
-        return max(named, key=lambda g: (self.groups[g].dask.max_cores, self.groups[g].dask.max_memory,
-                                         self.groups[g].dask.max_workers))
+        return max(
+            named,
+            key=lambda g: (
+                self.groups[g].dask.max_cores,
+                self.groups[g].dask.max_memory,
+                self.groups[g].dask.max_workers,
+            ),
+        )
 
     def dask_policy_for(self, user_groups: Iterable[str]) -> DaskPolicy | None:
         """The most generous Dask limits among the user's groups (None: no Dask access)."""
@@ -714,7 +723,10 @@ def _reference_problems(p: Policy) -> list[tuple[str, str]]:
     for i, g in enumerate(p.auth.admin_groups):
         if g not in p.groups:
             problems.append(
-                (f"auth.admin_groups[{i}]", f"unknown group {g!r}; define it under 'groups' or use one of: {_names(p.groups)}")
+                (
+                    f"auth.admin_groups[{i}]",
+                    f"unknown group {g!r}; define it under 'groups' or use one of: {_names(p.groups)}",
+                )
             )
     if p.auth.type == "demo" and not p.auth.demo_users:
         problems.append(("auth.demo_users", "auth type 'demo' needs at least one demo user"))
@@ -739,27 +751,42 @@ def _session_problems(p: Policy) -> list[tuple[str, str]]:
     problems = []
     for pname, prof in p.profiles.items():
         if prof.session is not None and prof.session.max_age is not None and prof.session.max_age <= 0:
-            problems.append((f"profiles.{pname}.session.max_age",
-                             "must be more than 0 (like 8h); remove 'session' for no limit"))
+            problems.append(
+                (f"profiles.{pname}.session.max_age", "must be more than 0 (like 8h); remove 'session' for no limit")
+            )
         if prof.idle_timeout is not None and prof.idle_timeout <= 0:
-            problems.append((f"profiles.{pname}.idle_timeout",
-                             "must be more than 0 (like 30m); remove it to use culling.timeout"))
+            problems.append(
+                (f"profiles.{pname}.idle_timeout", "must be more than 0 (like 30m); remove it to use culling.timeout")
+            )
         if prof.gpu_idle_timeout is not None:
             if prof.gpu is None:
-                problems.append((f"profiles.{pname}.gpu_idle_timeout",
-                                 "only profiles with a 'gpu' have GPUs to watch; remove it or use idle_timeout"))
+                problems.append(
+                    (
+                        f"profiles.{pname}.gpu_idle_timeout",
+                        "only profiles with a 'gpu' have GPUs to watch; remove it or use idle_timeout",
+                    )
+                )
             elif prof.gpu_idle_timeout <= 0:
-                problems.append((f"profiles.{pname}.gpu_idle_timeout",
-                                 "must be more than 0 (like 20m); remove it to never stop servers for idle GPUs"))
+                problems.append(
+                    (
+                        f"profiles.{pname}.gpu_idle_timeout",
+                        "must be more than 0 (like 20m); remove it to never stop servers for idle GPUs",
+                    )
+                )
     if p.culling.every <= 0:
         problems.append(("culling.every", "must be more than 0 (like 5m): how often servers are checked"))
     if p.culling.enabled and p.culling.timeout <= 0:
-        problems.append(("culling.timeout",
-                         "must be more than 0 (like 1h); use 'enabled: false' to never stop idle servers"))
+        problems.append(
+            ("culling.timeout", "must be more than 0 (like 1h); use 'enabled: false' to never stop idle servers")
+        )
     for i, lead in enumerate(p.culling.warn_before):
         if lead <= 0:
-            problems.append((f"culling.warn_before[{i}]",
-                             "must be more than 0 (like 15m): how long before a session limit users are warned"))
+            problems.append(
+                (
+                    f"culling.warn_before[{i}]",
+                    "must be more than 0 (like 15m): how long before a session limit users are warned",
+                )
+            )
         elif lead in p.culling.warn_before[:i]:
             problems.append((f"culling.warn_before[{i}]", f"{lead}s is listed twice; list each warning once"))
     return problems

@@ -18,9 +18,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.names import GATEWAY_SERVICE
+
 RUNTIME_ENV = "WORKBENCH_RUNTIME"
-GATEWAY_SERVICE = "dask-gateway"
-CULLER_SERVICE = "idle-culler"
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,16 @@ class Runtime:
     gateway_port: int = 8010  # gateway's private API
     gateway_http_port: int = 8011
     gateway_tcp_port: int = 8012
-    gateway_guard_port: int = 8013  # workbench.gateway.dashguard: the hub service `dask-gateway`, in front of the HTTP proxy
+    gateway_guard_port: int = (
+        8013  # workbench.gateway.dashguard: the hub service `dask-gateway`, in front of the HTTP proxy
+    )
     quota_port: int = 0  # workbench.services.quota: the hub service `quota` (0: not run)
-    sessions_port: int = 0  # workbench.services.sessions.app: the hub service `sessions` (0: a free port when the hub starts)
-    rosters_port: int = 0  # workbench.services.rosters.app: the hub service `rosters` (0: a free port when the hub starts)
+    sessions_port: int = (
+        0  # workbench.services.sessions.app: the hub service `sessions` (0: a free port when the hub starts)
+    )
+    rosters_port: int = (
+        0  # workbench.services.rosters.app: the hub service `rosters` (0: a free port when the hub starts)
+    )
     quota_every: float = 30.0  # seconds between budget checks (quota service) and ledger reconciles (gateway)
     system_users: bool = False  # spawn as one system user per hub user (needs root)
     user_prefix: str = "wb-"
@@ -123,8 +129,16 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-SECRET_NAMES = ("cookie_secret", "proxy_auth_token", "gateway_api_token", "culler_api_token", "gateway_db_key",
-                "quota_api_token", "sessions_api_token", "rosters_api_token")
+SECRET_NAMES = (
+    "cookie_secret",
+    "proxy_auth_token",
+    "gateway_api_token",
+    "culler_api_token",
+    "gateway_db_key",
+    "quota_api_token",
+    "sessions_api_token",
+    "rosters_api_token",
+)
 
 
 def _new_secret(name: str) -> str:

@@ -42,7 +42,7 @@ def ensure_system_user(name: str, comment: str = "") -> pwd.struct_passwd:
             cmd += ["--comment", comment]
         res = subprocess.run([*cmd, name], capture_output=True, text=True)
         if res.returncode not in (0, 9):  # 9: created concurrently by another process
-            raise RuntimeError(f"useradd {name} failed: {res.stderr.strip()}")
+            raise RuntimeError(f"useradd {name} failed: {res.stderr.strip()}") from None
         entry = pwd.getpwnam(name)
     home = Path(entry.pw_dir)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -33,14 +33,23 @@ def chrome_or_skip():
         pytest.skip(f"selenium is not installed ({e}); `make test` installs it (the [test] extra)")
     binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
     driver = shutil.which("chromedriver") or next(
-        (p for p in ("/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver") if os.path.exists(p)), None)
+        (p for p in ("/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver") if os.path.exists(p)), None
+    )
     if not binary or not driver:
-        pytest.skip("no chromium and chromedriver here: `make test` installs Debian's chromium and chromium-driver "
-                    "(scripts/system-deps.sh --browser)")
+        pytest.skip(
+            "no chromium and chromedriver here: `make test` installs Debian's chromium and chromium-driver "
+            "(scripts/system-deps.sh --browser)"
+        )
     opts = webdriver.ChromeOptions()
     opts.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", "--no-first-run"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        "--no-first-run",
+    ):
         opts.add_argument(arg)
     try:  # both paths given: selenium fetches no browser or driver
         return webdriver.Chrome(options=opts, service=Service(executable_path=driver))
@@ -102,7 +111,8 @@ def test_the_user_sees_budget_toasts_in_jupyterlab(wb, browser):
         assert "Toastify__toast--error" in seen["gpu"][0] and "exhausted" in seen["gpu"][1], seen
         # shown once: a reload finds the error (autoClose false) only in what it remembers, not a new toast
         remembered = browser.execute_script(
-            "return Object.keys(localStorage).filter(k => k.startsWith('workbench-notifications:seen:'))")
+            "return Object.keys(localStorage).filter(k => k.startsWith('workbench-notifications:seen:'))"
+        )
         assert remembered, "the ids shown are not remembered"
         browser.refresh()
         wait_for(lambda: browser.find_elements("css selector", ".jp-LabShell"), 120, "JupyterLab after the reload")

@@ -42,7 +42,8 @@ def helm() -> str:
         return explicit
     env = {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.run(
-        [str(ROOT / "scripts" / "get-helm.sh")], capture_output=True, text=True, env=env, timeout=600, check=False)
+        [str(ROOT / "scripts" / "get-helm.sh")], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
     if proc.returncode == 3:  # not linux x86_64
         pytest.skip(f"no pinned helm for this machine ({proc.stderr.strip()}); set HELM=/path/to/helm")
     assert proc.returncode == 0, f"scripts/get-helm.sh failed:\n{proc.stderr}"
@@ -55,7 +56,9 @@ def helm_template(helm: str, *args: str, release: str = RELEASE, namespace: str 
         [helm, "template", release, str(CHART), "--namespace", namespace, "--include-crds", *args],
         capture_output=True,
         text=True,
-        timeout=120, check=False)
+        timeout=120,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RenderError(proc.stderr)
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
@@ -90,7 +93,9 @@ def secret_data(objects: list[dict], name: str = f"{RELEASE}-secrets") -> dict[s
     return {k: base64.b64decode(v).decode() for k, v in one(objects, "Secret", name)["data"].items()}
 
 
-def container_env(objects: list[dict], deployment: str, external: dict[tuple[str, str], str] | None = None) -> dict[str, str]:
+def container_env(
+    objects: list[dict], deployment: str, external: dict[tuple[str, str], str] | None = None
+) -> dict[str, str]:
     """The environment the first container of ``deployment`` gets, resolved as the kubelet would.
 
     ``fieldRef metadata.namespace`` is the release's namespace, ``secretKeyRef`` to the chart's Secret

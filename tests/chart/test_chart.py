@@ -17,11 +17,13 @@ import pytest
 import yaml
 
 from workbench.gateway.kube import render_cluster_pods
-from workbench.kubernetes.hub import GATEWAY_PREFIX, k8s_gateway_settings, k8s_guard_settings, k8s_hub_settings, singleuser_labels
+from workbench.kubernetes.gateway import k8s_gateway_settings
+from workbench.kubernetes.guard import k8s_guard_settings
+from workbench.kubernetes.hub import GATEWAY_PREFIX, k8s_hub_settings, singleuser_labels
+from workbench.policy import load_policy, parse_policy
 from workbench.services.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
 from workbench.services.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
 from workbench.services.quota.wiring import quota_roles
-from workbench.policy import load_policy, parse_policy
 from workbench.services.sessions.rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
 from workbench.services.sessions.rules import SERVICE_SCOPES as SESSIONS_SCOPES
 
@@ -40,8 +42,11 @@ from .conftest import (
     secret_data,
 )
 
-OAUTH_SECRET = {("workbench-oauth", "client-secret"): "s3cret", ("workbench-hub-db", "url"): "postgresql+psycopg://x",
-                ("workbench-quota-db", "url"): "postgresql+psycopg://quota@db/quota"}
+OAUTH_SECRET = {
+    ("workbench-oauth", "client-secret"): "s3cret",
+    ("workbench-hub-db", "url"): "postgresql+psycopg://x",
+    ("workbench-quota-db", "url"): "postgresql+psycopg://quota@db/quota",
+}
 #: components whose pods use the Kubernetes API, and so get a service account token
 API_USERS = {"hub", "gateway-api", "gateway-controller", "gateway-proxy"}
 TRAEFIK_KINDS = {"IngressRoute", "Middleware"}
@@ -106,9 +111,7 @@ def _check_traefik_object(obj: dict, crds: dict[tuple[str, str], dict]) -> None:
 
 
 def test_every_object_is_valid_kubernetes(objects):
-    crds = {
-        (o["spec"]["group"], o["spec"]["names"]["kind"]): o for o in find(objects, "CustomResourceDefinition")
-    }
+    crds = {(o["spec"]["group"], o["spec"]["names"]["kind"]): o for o in find(objects, "CustomResourceDefinition")}
     assert ("gateway.dask.org", "DaskCluster") in crds
     kinds = set()
     for obj in objects:
@@ -158,8 +161,13 @@ def test_the_configmap_holds_the_policy(production_objects, default_objects):
 def test_large_numbers_stay_numbers(helm):
     """Helm keeps numbers as float64 and its YAML writes 1e+06; the chart writes the policy as JSON."""
     objects = helm_template(
-        helm, "--values", str(PRODUCTION), "--set", "platform.groups.climate-lab.budget.cpu_hours=1000000",
-        "--set", "platform.profiles.cpu-small.memory=4000000000",
+        helm,
+        "--values",
+        str(PRODUCTION),
+        "--set",
+        "platform.groups.climate-lab.budget.cpu_hours=1000000",
+        "--set",
+        "platform.profiles.cpu-small.memory=4000000000",
     )
     policy = platform_policy(objects)
     assert policy.groups["climate-lab"].budget.cpu_hours == 1_000_000
@@ -199,8 +207,16 @@ def test_pods_are_locked_down(objects):
             assert sc["runAsNonRoot"] is True, comp
             assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], comp
         assert not spec.get("hostNetwork") and not spec.get("hostPID"), comp
-    assert comps == {"hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy", "gateway-guard", "quota",
-                     "sessions"}
+    assert comps == {
+        "hub",
+        "proxy",
+        "gateway-api",
+        "gateway-controller",
+        "gateway-proxy",
+        "gateway-guard",
+        "quota",
+        "sessions",
+    }
 
 
 def test_service_account_tokens_only_where_the_api_is_used(objects):
@@ -280,7 +296,10 @@ def test_notebook_pods_from_the_chart(production_objects):
     [public_port] = one(objects, "Service", f"{RELEASE}-proxy-public")["spec"]["ports"]
     assert pod_env["WORKBENCH_SERVICES_URL"] == f"http://{RELEASE}-proxy-public:{public_port['port']}/services/"
     assert settings["ConfigurableHTTPProxy"]["api_url"] == f"http://{RELEASE}-proxy-api:8001"
-    assert settings["WorkbenchGenericOAuthenticator"]["oauth_callback_url"] == "https://workbench.example.edu/hub/oauth_callback"
+    assert (
+        settings["WorkbenchGenericOAuthenticator"]["oauth_callback_url"]
+        == "https://workbench.example.edu/hub/oauth_callback"
+    )
 
 
 def test_dask_pods_from_the_chart(production_objects):
@@ -299,7 +318,12 @@ def test_dask_pods_from_the_chart(production_objects):
     assert dashboard_mw["name"] in middlewares
 
     pods = render_cluster_pods(
-        policy, "ada", ["vision-lab"], {"worker_gpus": 1}, namespace=NAMESPACE, gateway_instance=instance,
+        policy,
+        "ada",
+        ["vision-lab"],
+        {"worker_gpus": 1},
+        namespace=NAMESPACE,
+        gateway_instance=instance,
         api_url=env["WORKBENCH_GATEWAY_API_URL"],
     )
     policies = {component(n): n for n in find(objects, "NetworkPolicy")}
@@ -349,7 +373,11 @@ def test_rbac_is_namespaced_and_least_privilege(objects):
     bindings = {component(b): b for b in find(objects, "RoleBinding")}
     assert set(bindings) == API_USERS
     for comp, binding in bindings.items():
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{RELEASE}-{comp}"}
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": f"{RELEASE}-{comp}",
+        }
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-{comp}", "namespace": NAMESPACE}]
 
 
@@ -366,9 +394,21 @@ def _policies(objects) -> dict[str, dict]:
 
 def _peer_components(peers: list[dict], objects) -> set[str]:
     labels = {
-        comp: {"app.kubernetes.io/name": "workbench", "app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": comp}
-        for comp in ("hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy", "gateway-guard", "quota",
-                     "sessions")
+        comp: {
+            "app.kubernetes.io/name": "workbench",
+            "app.kubernetes.io/instance": RELEASE,
+            "app.kubernetes.io/component": comp,
+        }
+        for comp in (
+            "hub",
+            "proxy",
+            "gateway-api",
+            "gateway-controller",
+            "gateway-proxy",
+            "gateway-guard",
+            "quota",
+            "sessions",
+        )
     }
     labels["singleuser"] = singleuser_labels(RELEASE)
     out = set()
@@ -397,8 +437,10 @@ def _reaches(rule: dict, ip) -> bool:
         return True
     for peer in rule["to"]:
         block = peer.get("ipBlock")
-        if block and ip in ipaddress.ip_network(block["cidr"]) and not any(
-            ip in ipaddress.ip_network(e) for e in block.get("except", [])
+        if (
+            block
+            and ip in ipaddress.ip_network(block["cidr"])
+            and not any(ip in ipaddress.ip_network(e) for e in block.get("except", []))
         ):
             return True
     return False
@@ -407,8 +449,17 @@ def _reaches(rule: dict, ip) -> bool:
 def test_every_component_has_a_network_policy(objects):
     policies = _policies(objects)
     assert set(policies) == {
-        "hub", "proxy", "singleuser", "gateway-api", "gateway-controller", "gateway-proxy", "dask-scheduler", "dask-worker",
-        "gateway-guard", "quota", "sessions",
+        "hub",
+        "proxy",
+        "singleuser",
+        "gateway-api",
+        "gateway-controller",
+        "gateway-proxy",
+        "dask-scheduler",
+        "dask-worker",
+        "gateway-guard",
+        "quota",
+        "sessions",
     }
 
 
@@ -460,7 +511,9 @@ def test_schedulers_are_reached_through_the_gateway_proxy_only(objects):
     # users reach the gateway's proxy, never the API server or the controller directly
     api_sources = set().union(*(_peer_components(r["from"], objects) for r in policies["gateway-api"]["ingress"]))
     assert api_sources == {"gateway-proxy", "dask-scheduler"}
-    assert "ingress" not in policies["gateway-controller"] and policies["gateway-controller"]["policyTypes"] == ["Ingress"]
+    assert "ingress" not in policies["gateway-controller"] and policies["gateway-controller"]["policyTypes"] == [
+        "Ingress"
+    ]
     hub_sources = set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
     assert hub_sources == {"proxy", "singleuser", "gateway-api", "gateway-guard", "quota", "sessions"}
     gw_proxy = {}
@@ -502,14 +555,29 @@ def test_secrets_are_kept_across_upgrades(helm, default_objects):
     """
     first = secret_data(default_objects)
     # no culler-api-token: the sessions service culls (sessions.enabled false brings the culler's back)
-    assert set(first) == {"cookie-secret", "proxy-token", "crypt-key", "gateway-api-token", "sessions-api-token",
-                          "quota-api-token", "guard-cookie-secret", "demo-password"}
+    assert set(first) == {
+        "cookie-secret",
+        "proxy-token",
+        "crypt-key",
+        "gateway-api-token",
+        "sessions-api-token",
+        "quota-api-token",
+        "guard-cookie-secret",
+        "demo-password",
+    }
     for key, value in first.items():
         if key != "demo-password":
             assert re.fullmatch(r"[0-9a-f]{64}", value), key
-    names = {"cookie-secret": "cookieSecret", "proxy-token": "proxyToken", "crypt-key": "cryptKey",
-             "gateway-api-token": "gatewayApiToken", "sessions-api-token": "sessionsApiToken", "quota-api-token": "quotaApiToken",
-             "guard-cookie-secret": "guardCookieSecret", "demo-password": "demoPassword"}
+    names = {
+        "cookie-secret": "cookieSecret",
+        "proxy-token": "proxyToken",
+        "crypt-key": "cryptKey",
+        "gateway-api-token": "gatewayApiToken",
+        "sessions-api-token": "sessionsApiToken",
+        "quota-api-token": "quotaApiToken",
+        "guard-cookie-secret": "guardCookieSecret",
+        "demo-password": "demoPassword",
+    }
     args = [a for key, value in first.items() for a in ("--set", f"secrets.{names[key]}={value}")]
     second = secret_data(helm_template(helm, *args))
     assert second == first
@@ -536,13 +604,20 @@ def test_sso_secrets_come_from_the_operators_secret(production_objects, default_
     assert "WORKBENCH_ALLOW_DEMO_AUTH" not in env and "demo-password" not in secret_data(production_objects)
     assert not find(production_objects, "PersistentVolumeClaim")  # postgres, claims made by the platform team
     assert container_env(production_objects, f"{RELEASE}-quota", OAUTH_SECRET)["WORKBENCH_QUOTA_DB_URL"] == (
-        "postgresql+psycopg://quota@db/quota")
+        "postgresql+psycopg://quota@db/quota"
+    )
     demo = container_env(default_objects, f"{RELEASE}-hub")
     assert demo["WORKBENCH_ALLOW_DEMO_AUTH"] == "true" and demo["WORKBENCH_DEMO_PASSWORD"]
     assert demo["WORKBENCH_DB_URL"] == "sqlite:////srv/jupyterhub/jupyterhub.sqlite"
     claims = {c["metadata"]["name"] for c in find(default_objects, "PersistentVolumeClaim")}
-    assert claims == {f"{RELEASE}-hub-db", f"{RELEASE}-quota-db", "workbench-datasets", "workbench-group-research-lab",
-                      "workbench-group-course-demo", "workbench-group-platform-admins"}
+    assert claims == {
+        f"{RELEASE}-hub-db",
+        f"{RELEASE}-quota-db",
+        "workbench-datasets",
+        "workbench-group-research-lab",
+        "workbench-group-course-demo",
+        "workbench-group-platform-admins",
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -566,8 +641,15 @@ def test_images_come_from_values(helm, default_objects):
         "gateway-proxy": "docker.io/library/traefik:v3.3.5",
     }
     objects = helm_template(
-        helm, "--set", "images.registry=harbor.example.org/wb", "--set", "images.tag=2025.1",
-        "--set", "images.gatewayProxy.registry=mirror.example.org", "--set", "images.pullSecrets={regcred}",
+        helm,
+        "--set",
+        "images.registry=harbor.example.org/wb",
+        "--set",
+        "images.tag=2025.1",
+        "--set",
+        "images.gatewayProxy.registry=mirror.example.org",
+        "--set",
+        "images.pullSecrets={regcred}",
     )
     images = _images(objects)
     assert images["hub"] == "harbor.example.org/wb/hub:2025.1"
@@ -601,7 +683,10 @@ BAD_VALUES = {
     "unknown chart value": (["--set", "hub.replicas=2"], ["additional properties 'replicas' not allowed"]),
     "removed value": (
         ["--set", "hub.cookieSecret=abc", "--set", "singleuser.image=x"],
-        ["hub.cookieSecret: removed; use secrets.cookieSecret", "singleuser: removed; notebook pods are described by the platform policy"],
+        [
+            "hub.cookieSecret: removed; use secrets.cookieSecret",
+            "singleuser: removed; notebook pods are described by the platform policy",
+        ],
     ),
     "demo logins on a public service": (
         ["--set", "proxy.service.type=LoadBalancer"],
@@ -609,7 +694,10 @@ BAD_VALUES = {
     ),
     "SSO without public URL and client secret": (
         ["--values", str(PRODUCTION), "--set", "publicUrl=", "--set", "hub.oauthClientSecret.existingSecret="],
-        ["publicUrl: auth type 'generic-oauth' needs the workbench's public URL", "hub.oauthClientSecret.existingSecret:"],
+        [
+            "publicUrl: auth type 'generic-oauth' needs the workbench's public URL",
+            "hub.oauthClientSecret.existingSecret:",
+        ],
     ),
     "client secret in the policy": (
         ["--values", str(PRODUCTION), "--set", "platform.auth.client_secret=hunter2"],
@@ -622,8 +710,10 @@ BAD_VALUES = {
     "secret that is not 64 hex characters": (["--set", "secrets.cookieSecret=short"], ["/secrets/cookieSecret"]),
     "quota database URL in values": (
         ["--set-json", 'quota.db.url="postgresql+psycopg://quota:hunter2@db:5432/quota"'],
-        ["quota.db.url: name the Secret that holds the ledger's database URL, not the URL itself",
-         "quota.db.url.existingSecret=workbench-quota-db"],
+        [
+            "quota.db.url: name the Secret that holds the ledger's database URL, not the URL itself",
+            "quota.db.url.existingSecret=workbench-quota-db",
+        ],
     ),
     "quota database URL and PVC both set": (
         ["--set", "quota.db.url.existingSecret=workbench-quota-db", "--set", "quota.db.pvc.size=5Gi"],
@@ -631,8 +721,10 @@ BAD_VALUES = {
     ),
     "quota database key without its Secret": (
         ["--set", "quota.db.url.key=dsn"],
-        ["quota.db.url.existingSecret: quota.db.url.key is 'dsn' but no Secret is named",
-         "kubectl create secret generic workbench-quota-db --from-literal=dsn="],
+        [
+            "quota.db.url.existingSecret: quota.db.url.key is 'dsn' but no Secret is named",
+            "kubectl create secret generic workbench-quota-db --from-literal=dsn=",
+        ],
     ),
     "quota database Secret with an empty key": (
         ["--set", "quota.db.url.existingSecret=workbench-quota-db", "--set", "quota.db.url.key="],
@@ -663,7 +755,14 @@ def test_install_notes_say_how_to_reach_it(helm, values, tmp_path):
     args = [helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"]
     if values:
         args += ["--values", str(values)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env={"KUBECONFIG": "/dev/null", "HOME": str(tmp_path)}, check=False)
+    proc = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"KUBECONFIG": "/dev/null", "HOME": str(tmp_path)},
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     if values is None:
@@ -679,6 +778,7 @@ def test_install_notes_say_how_to_reach_it(helm, values, tmp_path):
 # The quota service
 # ---------------------------------------------------------------------------
 
+
 def _quota_container(objects) -> dict:
     [container] = one(objects, "Deployment", f"{RELEASE}-quota")["spec"]["template"]["spec"]["containers"]
     return container
@@ -688,11 +788,20 @@ def test_the_quota_service_is_registered_in_the_hub(objects):
     """The quota Deployment runs `python -m workbench.services.quota` on the platform ConfigMap; the hub, from its
     rendered environment, registers it as the external service quota with its roles and scopes."""
     container = _quota_container(objects)
-    assert container["command"][:4] == ["python", "-m", "workbench.services.quota", "--config=/etc/workbench/platform.yaml"]
+    assert container["command"][:4] == [
+        "python",
+        "-m",
+        "workbench.services.quota",
+        "--config=/etc/workbench/platform.yaml",
+    ]
     assert "--reconcile-every=60" in container["command"] and "--port=8013" in container["command"]
     quota_env = container_env(objects, f"{RELEASE}-quota", OAUTH_SECRET)
     hub_env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
-    assert quota_env["JUPYTERHUB_API_TOKEN"] == hub_env["WORKBENCH_QUOTA_API_TOKEN"] == secret_data(objects)["quota-api-token"]
+    assert (
+        quota_env["JUPYTERHUB_API_TOKEN"]
+        == hub_env["WORKBENCH_QUOTA_API_TOKEN"]
+        == secret_data(objects)["quota-api-token"]
+    )
     assert quota_env["JUPYTERHUB_API_URL"] == f"http://{RELEASE}-hub:8081/hub/api"
     assert quota_env["JUPYTERHUB_SERVICE_PREFIX"] == "/services/quota/"
     [port] = one(objects, "Service", f"{RELEASE}-quota")["spec"]["ports"]
@@ -702,7 +811,11 @@ def test_the_quota_service_is_registered_in_the_hub(objects):
     settings = k8s_hub_settings(policy, hub_env)
     hub = settings["JupyterHub"]
     [quota] = [s for s in hub["services"] if s["name"] == "quota"]
-    assert quota == {"name": "quota", "url": f"http://{RELEASE}-quota:8013", "api_token": quota_env["JUPYTERHUB_API_TOKEN"]}
+    assert quota == {
+        "name": "quota",
+        "url": f"http://{RELEASE}-quota:8013",
+        "api_token": quota_env["JUPYTERHUB_API_TOKEN"],
+    }
     assert all(role in hub["load_roles"] for role in quota_roles(policy))
     assert hub["custom_scopes"] == QUOTA_CUSTOM_SCOPES
     assert QUOTA_ACCESS_SCOPE in settings["Spawner"]["server_token_scopes"]
@@ -718,8 +831,15 @@ def test_the_quota_ledger_is_sqlite_on_a_kept_pvc_by_default(default_objects, he
     assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi" and "storageClassName" not in pvc["spec"]
     dep = one(default_objects, "Deployment", f"{RELEASE}-quota")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
-    sized = helm_template(helm, "--set", "quota.db.pvc.size=5Gi", "--set", "quota.db.pvc.storageClassName=fast",
-                          "--set", "quota.reconcileEvery=300")
+    sized = helm_template(
+        helm,
+        "--set",
+        "quota.db.pvc.size=5Gi",
+        "--set",
+        "quota.db.pvc.storageClassName=fast",
+        "--set",
+        "quota.reconcileEvery=300",
+    )
     pvc = one(sized, "PersistentVolumeClaim", f"{RELEASE}-quota-db")
     assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi" and pvc["spec"]["storageClassName"] == "fast"
     assert "--reconcile-every=300" in _quota_container(sized)["command"]
@@ -756,8 +876,13 @@ def test_the_quota_service_is_reached_by_the_hub_the_proxy_and_the_gateway_only(
         assert reached.pop("hub") == {8081}
         assert all(k.startswith("dns:") for k in reached)
     else:
-        assert spec["policyTypes"] == ["Ingress"] and _quota_container(objects)["env"][-1]["name"] == "WORKBENCH_QUOTA_DB_URL"
-    assert any(8013 in _ports(r) and _peer_components(r["to"], objects) == {"quota"} for r in policies["proxy"]["egress"])
+        assert (
+            spec["policyTypes"] == ["Ingress"]
+            and _quota_container(objects)["env"][-1]["name"] == "WORKBENCH_QUOTA_DB_URL"
+        )
+    assert any(
+        8013 in _ports(r) and _peer_components(r["to"], objects) == {"quota"} for r in policies["proxy"]["egress"]
+    )
 
 
 def test_quota_disabled_renders_nothing_of_it(helm):
@@ -783,6 +908,7 @@ def test_quota_disabled_renders_nothing_of_it(helm):
 # The sessions service
 # ---------------------------------------------------------------------------
 
+
 def _sessions_pod(objects) -> tuple[dict, dict]:
     spec = one(objects, "Deployment", f"{RELEASE}-sessions")["spec"]["template"]["spec"]
     [container] = spec["containers"]
@@ -794,11 +920,21 @@ def test_the_sessions_service_is_registered_in_the_hub_instead_of_the_culler(obj
     of a hub-managed service; the hub, from its rendered environment, registers it as the external service
     sessions with the roles workbench.embedded.hub.roles() gives it, and runs no idle culler (two cullers would fight)."""
     spec, container = _sessions_pod(objects)
-    assert container["command"] == ["python", "-m", "workbench.services.sessions", "--config=/etc/workbench/platform.yaml",
-                                    "--ip=0.0.0.0", "--port=8014"]  # --interval: the policy's culling.every
+    assert container["command"] == [
+        "python",
+        "-m",
+        "workbench.services.sessions",
+        "--config=/etc/workbench/platform.yaml",
+        "--ip=0.0.0.0",
+        "--port=8014",
+    ]  # --interval: the policy's culling.every
     env = container_env(objects, f"{RELEASE}-sessions", OAUTH_SECRET)
     hub_env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
-    assert env["JUPYTERHUB_API_TOKEN"] == hub_env["WORKBENCH_SESSIONS_API_TOKEN"] == secret_data(objects)["sessions-api-token"]
+    assert (
+        env["JUPYTERHUB_API_TOKEN"]
+        == hub_env["WORKBENCH_SESSIONS_API_TOKEN"]
+        == secret_data(objects)["sessions-api-token"]
+    )
     assert env["JUPYTERHUB_API_URL"] == f"http://{RELEASE}-hub:8081/hub/api"
     assert env["JUPYTERHUB_SERVICE_URL"] == hub_env["WORKBENCH_SESSIONS_URL"] == f"http://{RELEASE}-sessions:8014"
     assert env["JUPYTERHUB_SERVICE_PREFIX"] == "/services/sessions/"
@@ -818,7 +954,11 @@ def test_the_sessions_service_is_registered_in_the_hub_instead_of_the_culler(obj
     settings = k8s_hub_settings(policy, hub_env)
     hub = settings["JupyterHub"]
     [sessions] = [s for s in hub["services"] if s["name"] == "sessions"]
-    assert sessions == {"name": "sessions", "url": f"http://{RELEASE}-sessions:8014", "api_token": env["JUPYTERHUB_API_TOKEN"]}
+    assert sessions == {
+        "name": "sessions",
+        "url": f"http://{RELEASE}-sessions:8014",
+        "api_token": env["JUPYTERHUB_API_TOKEN"],
+    }
     assert "idle-culler" not in {s["name"] for s in hub["services"]}
     assert not [r for r in hub["load_roles"] if r["name"] == "idle-culler" or "idle-culler" in r.get("services", [])]
     [role] = [r for r in hub["load_roles"] if r["name"] == "workbench-sessions"]
@@ -846,14 +986,18 @@ def test_the_sessions_service_is_reached_by_the_hub_and_the_proxy_and_reaches_th
         assert not _reaches(rule, METADATA) and not _reaches(rule, ipaddress.ip_address("8.8.8.8"))
     assert reached.pop("hub") == {8081}
     assert reached and all(k.startswith("dns:") and v == {53} for k, v in reached.items())
-    assert any(8014 in _ports(r) and _peer_components(r["to"], objects) == {"sessions"} for r in policies["proxy"]["egress"])
+    assert any(
+        8014 in _ports(r) and _peer_components(r["to"], objects) == {"sessions"} for r in policies["proxy"]["egress"]
+    )
 
 
 def test_sessions_disabled_brings_back_the_idle_culler(helm):
     objects = helm_template(helm, "--values", str(PRODUCTION), "--set", "sessions.enabled=false")
     for obj in objects:
         assert "sessions" not in obj["metadata"]["name"], obj["metadata"]["name"]
-        assert obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "sessions", obj["metadata"]["name"]
+        assert obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "sessions", obj["metadata"][
+            "name"
+        ]
     keys = secret_data(objects)
     assert "sessions-api-token" not in keys and "culler-api-token" in keys
     env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
@@ -869,7 +1013,10 @@ def test_sessions_disabled_brings_back_the_idle_culler(helm):
     assert not [r for r in hub["load_roles"] if r["name"] == "workbench-sessions"]
     assert SESSIONS_ACCESS_SCOPE not in settings["Spawner"]["server_token_scopes"]
     # the quota service's notifications still go through the proxy
-    assert any(_peer_components(r["to"], objects) == {"proxy"} and _ports(r) == {8000} for r in policies["singleuser"]["egress"])
+    assert any(
+        _peer_components(r["to"], objects) == {"proxy"} and _ports(r) == {8000}
+        for r in policies["singleuser"]["egress"]
+    )
     # neither quota nor sessions: notebooks need not reach the proxy, and have no services URL
     bare = helm_template(helm, "--set", "sessions.enabled=false", "--set", "quota.enabled=false")
     assert "WORKBENCH_SERVICES_URL" not in container_env(bare, f"{RELEASE}-hub")

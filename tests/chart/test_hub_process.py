@@ -64,7 +64,10 @@ class FakeGatewayProxy(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         if self.path.startswith("/services/dask-gateway/api/v1/clusters/"):
-            owned = self.path.endswith(OWNED_CLUSTER) and self.headers.get("Authorization") == f"jupyterhub {self.owner_token}"
+            owned = (
+                self.path.endswith(OWNED_CLUSTER)
+                and self.headers.get("Authorization") == f"jupyterhub {self.owner_token}"
+            )
             code, body = (200, {"name": OWNED_CLUSTER}) if owned else (404, {"error": "not found"})
         elif self.path.startswith("/services/dask-gateway/clusters/"):
             code, body = 200, {"dashboard": self.path}  # what Traefik serves to anyone who gets here
@@ -168,19 +171,39 @@ def test_the_hub_starts_from_the_charts_configmap_and_environment(default_object
         WORKBENCH_QUOTA_URL=f"http://127.0.0.1:{quota}",
         WORKBENCH_SESSIONS_URL=f"http://127.0.0.1:{sessions}",
     )
-    hub_api = {"WORKBENCH_HUB_API_URL": f"http://127.0.0.1:{hub}/hub/api", "JUPYTERHUB_API_URL": f"http://127.0.0.1:{hub}/hub/api"}
-    guard_env = {**container_env(default_objects, f"{RELEASE}-gateway-guard"), "WORKBENCH_GUARD_PORT": str(guard),
-                 "WORKBENCH_GATEWAY_PROXY_URL": f"http://127.0.0.1:{upstream.server_port}", **hub_api}
+    hub_api = {
+        "WORKBENCH_HUB_API_URL": f"http://127.0.0.1:{hub}/hub/api",
+        "JUPYTERHUB_API_URL": f"http://127.0.0.1:{hub}/hub/api",
+    }
+    guard_env = {
+        **container_env(default_objects, f"{RELEASE}-gateway-guard"),
+        "WORKBENCH_GUARD_PORT": str(guard),
+        "WORKBENCH_GATEWAY_PROXY_URL": f"http://127.0.0.1:{upstream.server_port}",
+        **hub_api,
+    }
     guard_env = {k: v for k, v in guard_env.items() if k != "JUPYTERHUB_API_URL"}
-    quota_env = {**container_env(default_objects, f"{RELEASE}-quota"), "JUPYTERHUB_API_URL": hub_api["JUPYTERHUB_API_URL"]}
-    quota_cmd = _command(default_objects, "quota", {"--config": str(platform), "--ip": "127.0.0.1", "--port": str(quota),
-                                                     "--state-dir": str(tmp_path)})
+    quota_env = {
+        **container_env(default_objects, f"{RELEASE}-quota"),
+        "JUPYTERHUB_API_URL": hub_api["JUPYTERHUB_API_URL"],
+    }
+    quota_cmd = _command(
+        default_objects,
+        "quota",
+        {"--config": str(platform), "--ip": "127.0.0.1", "--port": str(quota), "--state-dir": str(tmp_path)},
+    )
     assert quota_cmd[1:4] == ["-m", "workbench.services.quota", f"--config={platform}"]
-    sessions_env = {**container_env(default_objects, f"{RELEASE}-sessions"), "JUPYTERHUB_API_URL": hub_api["JUPYTERHUB_API_URL"],
-                    "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{sessions}"}
+    sessions_env = {
+        **container_env(default_objects, f"{RELEASE}-sessions"),
+        "JUPYTERHUB_API_URL": hub_api["JUPYTERHUB_API_URL"],
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{sessions}",
+    }
     # checks every second (the policy's culling.every is minutes), so that the test sees some
-    sessions_cmd = [*_command(default_objects, "sessions", {"--config": str(platform), "--ip": "127.0.0.1",
-                                                            "--port": str(sessions)}), "--interval=1"]
+    sessions_cmd = [
+        *_command(
+            default_objects, "sessions", {"--config": str(platform), "--ip": "127.0.0.1", "--port": str(sessions)}
+        ),
+        "--interval=1",
+    ]
     assert sessions_cmd[1:4] == ["-m", "workbench.services.sessions", f"--config={platform}"]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKBENCH_", "JUPYTERHUB_", "KUBECONFIG"))}
     base_env["PATH"] = f"{VENV_BIN}:{base_env.get('PATH', '')}"
@@ -193,17 +216,39 @@ def test_the_hub_starts_from_the_charts_configmap_and_environment(default_object
     names = ("chp", "hub", "guard", "quota", "sessions")
     files = {name: open(logs / f"{name}.log", "w") for name in names}  # noqa: SIM115 - closed below
     try:
-        def start(name, argv, extra):
-            procs.append(subprocess.Popen(argv, env={**base_env, **extra}, cwd=tmp_path, stdout=files[name],
-                                          stderr=subprocess.STDOUT))
 
-        start("chp", [chp, "--ip=127.0.0.1", f"--port={public}", "--api-ip=127.0.0.1", f"--api-port={api}",
-                      f"--default-target=http://127.0.0.1:{hub}"], {"CONFIGPROXY_AUTH_TOKEN": env["CONFIGPROXY_AUTH_TOKEN"]})
+        def start(name, argv, extra):
+            procs.append(
+                subprocess.Popen(
+                    argv, env={**base_env, **extra}, cwd=tmp_path, stdout=files[name], stderr=subprocess.STDOUT
+                )
+            )
+
+        start(
+            "chp",
+            [
+                chp,
+                "--ip=127.0.0.1",
+                f"--port={public}",
+                "--api-ip=127.0.0.1",
+                f"--api-port={api}",
+                f"--default-target=http://127.0.0.1:{hub}",
+            ],
+            {"CONFIGPROXY_AUTH_TOKEN": env["CONFIGPROXY_AUTH_TOKEN"]},
+        )
         start("guard", _command(default_objects, "gateway-guard", {}), guard_env)
         start("quota", quota_cmd, quota_env)
         start("sessions", sessions_cmd, sessions_env)
-        start("hub", [str(VENV_BIN / "jupyterhub"), f"--config={ROOT / 'hub_config' / 'jupyterhub_config_k8s.py'}",
-                      "--upgrade-db", f"--JupyterHub.hub_bind_url=http://127.0.0.1:{hub}"], env)
+        start(
+            "hub",
+            [
+                str(VENV_BIN / "jupyterhub"),
+                f"--config={ROOT / 'hub_config' / 'jupyterhub_config_k8s.py'}",
+                "--upgrade-db",
+                f"--JupyterHub.hub_bind_url=http://127.0.0.1:{hub}",
+            ],
+            env,
+        )
         try:
             _check_running_workbench(f"http://127.0.0.1:{public}", env, logs, procs, upstream)
         except BaseException:
@@ -253,12 +298,16 @@ def _check_running_workbench(url, env, logs, procs, upstream):
 
     # the quota service: registered in the hub, reached through the hub's proxy, accepting the user's token
     assert wait_for(f"{url}/services/quota/api/health", procs).json()["status"] == "ok"
-    usage = requests.get(f"{url}/services/quota/api/usage/users/researcher", headers={"Authorization": f"token {token}"}, timeout=10)
+    usage = requests.get(
+        f"{url}/services/quota/api/usage/users/researcher", headers={"Authorization": f"token {token}"}, timeout=10
+    )
     assert usage.status_code == 200, usage.text[:500]
 
     # the sessions service: registered in the hub, reached through the hub's proxy, answering the user's token
     assert wait_for(f"{url}/services/sessions/api/health", procs).json()["status"] == "ok"
-    notes = requests.get(f"{url}/services/sessions/api/notifications", headers={"Authorization": f"token {token}"}, timeout=10)
+    notes = requests.get(
+        f"{url}/services/sessions/api/notifications", headers={"Authorization": f"token {token}"}, timeout=10
+    )
     assert notes.status_code == 200 and notes.json() == {"notifications": []}, notes.text[:500]
     assert requests.get(f"{url}/services/sessions/api/notifications", timeout=10).status_code == 401
     # ... and its checks list the servers with its own token and role (one check a second; the first ones
@@ -272,14 +321,18 @@ def _check_running_workbench(url, env, logs, procs, upstream):
     # the dashboard guard is the hub service dask-gateway: the API passes, dashboards only to their owner
     FakeGatewayProxy.owner_token = token
     dashboards = f"{url}/services/dask-gateway/clusters"
-    assert requests.get(f"{url}/services/dask-gateway/api/health", timeout=10).json() == {"api": "/services/dask-gateway/api/health"}
+    assert requests.get(f"{url}/services/dask-gateway/api/health", timeout=10).json() == {
+        "api": "/services/dask-gateway/api/health"
+    }
     anonymous = requests.get(f"{dashboards}/{OWNED_CLUSTER}/status", allow_redirects=False, timeout=10)
     assert anonymous.status_code == 302 and "/hub/api/oauth2/authorize" in anonymous.headers["Location"]
     auth = {"Authorization": f"jupyterhub {token}"}
     other = requests.get(f"{dashboards}/research.fedcba98/status", headers=auth, timeout=10)
     assert other.status_code == 403 and "another user's cluster" in other.text
     own = requests.get(f"{dashboards}/{OWNED_CLUSTER}/status", headers=auth, timeout=10)
-    assert own.status_code == 200 and own.json() == {"dashboard": f"/services/dask-gateway/clusters/{OWNED_CLUSTER}/status"}
+    assert own.status_code == 200 and own.json() == {
+        "dashboard": f"/services/dask-gateway/clusters/{OWNED_CLUSTER}/status"
+    }
 
 
 def _check_logs(logs, env):
@@ -290,8 +343,15 @@ def _check_logs(logs, env):
     sessions_log = (logs / "sessions.log").read_text()
     # no NVML, no runtime.json in that pod: no GPU-idle culling, said once at start
     assert sessions_log.count("GPU utilisation from nowhere (no GPUs)") == 1, sessions_log[-2000:]
-    for name in ("JPY_COOKIE_SECRET", "CONFIGPROXY_AUTH_TOKEN", "JUPYTERHUB_CRYPT_KEY", "WORKBENCH_GATEWAY_API_TOKEN",
-                 "WORKBENCH_SESSIONS_API_TOKEN", "WORKBENCH_QUOTA_API_TOKEN", "WORKBENCH_DEMO_PASSWORD"):
+    for name in (
+        "JPY_COOKIE_SECRET",
+        "CONFIGPROXY_AUTH_TOKEN",
+        "JUPYTERHUB_CRYPT_KEY",
+        "WORKBENCH_GATEWAY_API_TOKEN",
+        "WORKBENCH_SESSIONS_API_TOKEN",
+        "WORKBENCH_QUOTA_API_TOKEN",
+        "WORKBENCH_DEMO_PASSWORD",
+    ):
         for log in ("hub.log", "guard.log", "quota.log", "sessions.log"):
             assert env[name] not in (logs / log).read_text(), f"{name} leaked into {log}"
 
@@ -315,16 +375,15 @@ def test_the_gateway_pods_load_their_configuration(production_objects, tmp_path,
         expected = f"NamespacedKubeBackend research {RELEASE}-gateway http://{RELEASE}-hub:8081/hub/api"
     else:
         assert command[:4] == ["python", "-m", "workbench.kubernetes", "kube-controller"]
-        app, argv = "workbench.kubernetes.hub.NamespacedKubeController", command[4:]
+        app, argv = "workbench.kubernetes.gateway.NamespacedKubeController", command[4:]
         show = "type(app).__name__, app.watch_namespace, app.gateway_instance, app.proxy_prefix, app.completed_cluster_max_age"
         expected = f"NamespacedKubeController research {RELEASE}-gateway /services/dask-gateway 86400.0"
     module, _, cls = app.rpartition(".")
-    code = (
-        f"from {module} import {cls}\napp = {cls}.instance()\napp.initialize({argv!r})\n"
-        f"print('APP', *({show}))\n"
-    )
+    code = f"from {module} import {cls}\napp = {cls}.instance()\napp.initialize({argv!r})\nprint('APP', *({show}))\n"
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKBENCH_", "JUPYTERHUB_"))}
-    proc = subprocess.run([sys.executable, "-c", code], env={**base_env, **env}, capture_output=True, text=True, timeout=100, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env={**base_env, **env}, capture_output=True, text=True, timeout=100, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     [line] = [line for line in proc.stdout.splitlines() if line.startswith("APP ")]
     assert line == f"APP {expected}"

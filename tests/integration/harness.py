@@ -34,9 +34,7 @@ def free_port() -> int:
 class Workbench:
     """One `workbench up` process on free ports with its own state folder."""
 
-    def __init__(
-        self, state_dir: Path, config: Path = DEMO, extra_args: tuple[str, ...] = (), env: dict | None = None
-    ):
+    def __init__(self, state_dir: Path, config: Path = DEMO, extra_args: tuple[str, ...] = (), env: dict | None = None):
         self.state_dir = Path(state_dir)
         self.config = config
         self.port = free_port()
@@ -51,10 +49,14 @@ class Workbench:
 
     def command(self) -> list[str]:
         return [
-            str(VENV_BIN / "workbench"), "up",
-            "--config", str(self.config),
-            "--port", str(self.port),
-            "--state-dir", str(self.state_dir),
+            str(VENV_BIN / "workbench"),
+            "up",
+            "--config",
+            str(self.config),
+            "--port",
+            str(self.port),
+            "--state-dir",
+            str(self.state_dir),
             *self.extra_args,
         ]
 

@@ -36,8 +36,12 @@ EXERCISE = "# Exercise 1\n\nWhat is 6 x 7?\n\nanswer: ...\n"
 
 
 def git(*args, cwd):
-    subprocess.run(["git", "-c", "user.name=Instructor", "-c", "user.email=i@uni.example", *args],
-                   cwd=cwd, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=Instructor", "-c", "user.email=i@uni.example", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+    )
 
 
 def commit_and_push(work: Path, message: str) -> None:
@@ -62,9 +66,18 @@ class Env:
         # a real remote (the users' accounts cannot read root's repository directly: git's ownership check)
         port = free_port()
         self.daemon = subprocess.Popen(
-            ["git", "daemon", "--export-all", "--reuseaddr", f"--base-path={self.root}", "--listen=127.0.0.1",
-             f"--port={port}", str(self.root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "git",
+                "daemon",
+                "--export-all",
+                "--reuseaddr",
+                f"--base-path={self.root}",
+                "--listen=127.0.0.1",
+                f"--port={port}",
+                str(self.root),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.repo_url = f"git://127.0.0.1:{port}/material.git"
         self.bare = bare
@@ -121,8 +134,13 @@ def env():
 
 
 def contents(env: Env, token: str, user: str, path: str, method: str = "GET", **kw) -> requests.Response:
-    return requests.request(method, f"{env.wb.url}/user/{user}/api/contents/{path}",
-                            headers={"Authorization": f"token {token}"}, timeout=30, **kw)
+    return requests.request(
+        method,
+        f"{env.wb.url}/user/{user}/api/contents/{path}",
+        headers={"Authorization": f"token {token}"},
+        timeout=30,
+        **kw,
+    )
 
 
 def test_material_is_pulled_at_spawn_and_the_students_edits_survive_upstream_changes(env):
@@ -136,8 +154,14 @@ def test_material_is_pulled_at_spawn_and_the_students_edits_survive_upstream_cha
 
     # the student answers, through their server
     answered = EXERCISE.replace("answer: ...", "answer: 42")
-    r = contents(env, token, "cm-student1", f"{COURSE}/exercise.md", "PUT",
-                 json={"type": "file", "format": "text", "content": answered})
+    r = contents(
+        env,
+        token,
+        "cm-student1",
+        f"{COURSE}/exercise.md",
+        "PUT",
+        json={"type": "file", "format": "text", "content": answered},
+    )
     assert r.status_code in (200, 201), r.text
     # meanwhile the instructor improves the exercise and adds week 2
     (env.upstream / "exercise.md").write_text(EXERCISE.replace("# Exercise 1", "# Exercise 1 (multiplication)"))
@@ -189,20 +213,44 @@ def test_the_materials_folder_is_writable_by_instructors_only(env):
         from jupyterhub.spawner import set_user_setuid
 
         def write_as(account: str, name: str) -> int:
-            return subprocess.run(["sh", "-c", f"echo notes > {env.materials / name}"],
-                                  preexec_fn=set_user_setuid(account), capture_output=True, check=False).returncode
+            return subprocess.run(
+                ["sh", "-c", f"echo notes > {env.materials / name}"],
+                preexec_fn=set_user_setuid(account),
+                capture_output=True,
+                check=False,
+            ).returncode
 
         assert write_as("wb-cm-teacher", "slides.md") == 0
         assert write_as("wb-cm-student1", "cheat.md") != 0
-        assert subprocess.run(["cat", str(env.materials / "slides.md")], preexec_fn=set_user_setuid("wb-cm-student1"),
-                              capture_output=True, text=True, check=True).stdout == "notes\n"
+        assert (
+            subprocess.run(
+                ["cat", str(env.materials / "slides.md")],
+                preexec_fn=set_user_setuid("wb-cm-student1"),
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            == "notes\n"
+        )
     finally:
         wb.stop_server(teacher, "cm-teacher")
 
 
 def add_students(env: Env, token: str, roster: Path, capsys) -> tuple[int, str, str]:
-    rc = main(["course", "add-students", COURSE, str(roster), "--hub-url", env.wb.url, "--token", token,
-               "--config", str(env.config)])
+    rc = main(
+        [
+            "course",
+            "add-students",
+            COURSE,
+            str(roster),
+            "--hub-url",
+            env.wb.url,
+            "--token",
+            token,
+            "--config",
+            str(env.config),
+        ]
+    )
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -212,8 +260,10 @@ def test_roster_with_one_bad_row_applies_nothing_then_a_good_one_adds_the_studen
     members = lambda: sorted(wb.token_api(admin, "GET", f"/groups/{COURSE}").json()["users"])
     before = members()
     roster = env.root / "roster.csv"
-    roster.write_text("username,email,name\ncm-new1,new1@uni.example,New One\ncm-new2,,New Two\n"
-                      "New Three,new3@uni.example,New Three\n")
+    roster.write_text(
+        "username,email,name\ncm-new1,new1@uni.example,New One\ncm-new2,,New Two\n"
+        "New Three,new3@uni.example,New Three\n"
+    )
     rc, out, err = add_students(env, admin, roster, capsys)
     assert rc == 2, out + err
     assert "line 4: username 'New Three' has a space" in err and "nothing was changed" in err
@@ -256,10 +306,14 @@ def test_course_link_opens_for_a_logged_in_student(env, capsys):
     # what that page's script does next: the pull, into the same folder, keeping the student's answer
     query = {k: v[0] for k, v in parse_qs(urlsplit(r.url).query).items()}
     assert query["urlpath"] == f"lab/tree/{COURSE}/exercise.md" and query["targetpath"] == COURSE
-    events = browser.get(f"{wb.url}/user/cm-student1/git-pull/api",
-                         params={k: query[k] for k in ("repo", "branch", "targetpath")}, timeout=120)
-    phases = [json.loads(line[len("data: "):]).get("phase") for line in events.text.splitlines()
-              if line.startswith("data: ")]
+    events = browser.get(
+        f"{wb.url}/user/cm-student1/git-pull/api",
+        params={k: query[k] for k in ("repo", "branch", "targetpath")},
+        timeout=120,
+    )
+    phases = [
+        json.loads(line[len("data: ") :]).get("phase") for line in events.text.splitlines() if line.startswith("data: ")
+    ]
     assert phases[-1] == "finished", events.text[-2000:]
     assert "answer: 42" in (env.home("cm-student1") / COURSE / "exercise.md").read_text()
     # and the file the link opens is there

@@ -37,10 +37,14 @@ def test_instructor_sees_and_helps_only_their_students(wb):
     # start a student's server for them, open it, and stop it
     wb.start_server(instructor, "student1", profile="cpu-small")
     # (the hub resolves !group= filters when it issues a token for one server, as in the browser's OAuth flow)
-    r = wb.token_api(instructor, "POST", "/users/instructor/tokens", json={"scopes": ["access:servers!server=student1/"]})
+    r = wb.token_api(
+        instructor, "POST", "/users/instructor/tokens", json={"scopes": ["access:servers!server=student1/"]}
+    )
     assert r.status_code in (200, 201), r.text
     server_token = r.json()["token"]
-    r = requests.get(f"{wb.url}/user/student1/api/status", headers={"Authorization": f"token {server_token}"}, timeout=30)
+    r = requests.get(
+        f"{wb.url}/user/student1/api/status", headers={"Authorization": f"token {server_token}"}, timeout=30
+    )
     assert r.status_code == 200
     wb.stop_server(instructor, "student1")
 
@@ -50,8 +54,9 @@ def test_instructor_sees_and_helps_only_their_students(wb):
     try:
         hdr = {"Authorization": f"token {instructor}"}
         assert requests.get(f"{wb.url}/user/researcher/api/status", headers=hdr, timeout=30).status_code in (403, 404)
-        r = wb.token_api(instructor, "POST", "/users/instructor/tokens",
-                         json={"scopes": ["access:servers!server=researcher/"]})
+        r = wb.token_api(
+            instructor, "POST", "/users/instructor/tokens", json={"scopes": ["access:servers!server=researcher/"]}
+        )
         assert r.status_code in (400, 403), "no token for a server outside the course"
         assert "Not assigning requested scopes access:servers!server=researcher/" in r.json()["message"]
         assert wb.token_api(instructor, "DELETE", "/users/researcher/server").status_code in (403, 404)

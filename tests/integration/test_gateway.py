@@ -47,16 +47,23 @@ def stop_all(w: Workbench, token: str) -> None:
 def test_options_beyond_the_group_limits_are_refused_naming_the_option(wb):
     token = user_token(wb, "student1")  # course-ml101: worker_max_cores 1, worker_max_memory 1G
     with wb.gateway(token) as gw:
-        spec = {f["field"]: f["spec"] for f in
-                requests.get(f"{api(wb)}/options", headers=auth(token), timeout=30).json()["cluster_options"]}
+        spec = {
+            f["field"]: f["spec"]
+            for f in requests.get(f"{api(wb)}/options", headers=auth(token), timeout=30).json()["cluster_options"]
+        }
         assert spec["worker_cores"]["max"] == 1 and spec["worker_memory"]["max"] == 0.93
         with pytest.raises(ValueError, match="worker_cores must be <= 1"):
             gw.new_cluster(worker_cores=2)
-        r = requests.post(f"{api(wb)}/clusters/", headers=auth(token), timeout=30,
-                          json={"cluster_options": {"worker_memory": 64}})
+        r = requests.post(
+            f"{api(wb)}/clusters/", headers=auth(token), timeout=30, json={"cluster_options": {"worker_memory": 64}}
+        )
         assert r.status_code == 422 and "worker_memory must be <= 0.93" in r.text
-        r = requests.post(f"{api(wb)}/clusters/", headers=auth(token), timeout=30,
-                          json={"cluster_options": {"environment": {"PATH": "/tmp/mine"}}})
+        r = requests.post(
+            f"{api(wb)}/clusters/",
+            headers=auth(token),
+            timeout=30,
+            json={"cluster_options": {"environment": {"PATH": "/tmp/mine"}}},
+        )
         assert r.status_code == 422 and "environment: PATH is set by the workbench" in r.text
         assert gw.list_clusters() == []
 
@@ -72,8 +79,9 @@ def test_scaling_beyond_max_workers_is_capped_with_a_message(wb):
             client.wait_for_workers(2, timeout=120)
             time.sleep(3)
             assert len(client.scheduler_info()["workers"]) == 2
-            seen = client.run(lambda: (__import__("os").environ.get("WB_COURSE_SEED"),
-                                       __import__("os").environ.get("PATH", "")))
+            seen = client.run(
+                lambda: (__import__("os").environ.get("WB_COURSE_SEED"), __import__("os").environ.get("PATH", ""))
+            )
             assert all(seed == "42" and ".venv" in path for seed, path in seen.values()), seen
             client.close()
         finally:
@@ -83,6 +91,7 @@ def test_scaling_beyond_max_workers_is_capped_with_a_message(wb):
 def test_concurrent_new_cluster_calls_respect_max_clusters(wb):
     token = user_token(wb, "researcher")  # physics-lab: max_clusters 2
     try:
+
         def create(_):
             return requests.post(f"{api(wb)}/clusters/", headers=auth(token), json={"cluster_options": {}}, timeout=60)
 

@@ -25,8 +25,11 @@ def policy_data(user: str, group: str) -> dict:
     """The demo policy plus ``user``, the one member of ``group``: 10 CPU-hours and 1 GPU-hour a month."""
     data = yaml.safe_load(DEMO.read_text())
     data["auth"]["demo_users"][user] = {"groups": [group]}
-    data["groups"][group] = {"kind": "research", "profiles": ["cpu-small"],
-                             "budget": {"cpu_hours": 10, "gpu_hours": 1, "period": "month"}}
+    data["groups"][group] = {
+        "kind": "research",
+        "profiles": ["cpu-small"],
+        "budget": {"cpu_hours": 10, "gpu_hours": 1, "period": "month"},
+    }
     return data
 
 
@@ -61,6 +64,7 @@ def test_a_budget_past_80_percent_reaches_the_users_jupyterlab_server(wb):
         assert before.json()["problems"] == []  # both services answered the server's token
 
         users.spend(GROUP, USER, cpu=510)  # 8.5 of 10 CPU-hours
+
         def warned() -> dict | None:
             doc = requests.get(url, headers={"Authorization": f"token {token}"}, timeout=30).json()
             return doc if doc["notifications"] else None

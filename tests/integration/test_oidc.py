@@ -85,7 +85,11 @@ class Provider:
                     return self._send(302, {}, {"Location": target})
                 if url.path == "/userinfo":
                     auth = self.headers.get("Authorization", "")
-                    claims = provider.tokens.get(auth.removeprefix("Bearer ").strip()) if auth.startswith("Bearer ") else None
+                    claims = (
+                        provider.tokens.get(auth.removeprefix("Bearer ").strip())
+                        if auth.startswith("Bearer ")
+                        else None
+                    )
                     if claims is None:
                         return self._error(401, "invalid_token", "unknown access token")
                     return self._send(200, claims)
@@ -114,14 +118,22 @@ class Provider:
                 token = secrets.token_urlsafe(24)
                 provider.tokens[token] = claims
                 sub = str(claims.get("sub", claims.get("preferred_username", "anonymous")))
-                id_token = ".".join(
-                    base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
-                    for part in ({"alg": "none"}, {"iss": provider.issuer, "aud": CLIENT_ID, "sub": sub})
-                ) + "."
+                id_token = (
+                    ".".join(
+                        base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+                        for part in ({"alg": "none"}, {"iss": provider.issuer, "aud": CLIENT_ID, "sub": sub})
+                    )
+                    + "."
+                )
                 return self._send(
                     200,
-                    {"access_token": token, "token_type": "Bearer", "expires_in": 600, "id_token": id_token,
-                     "scope": "openid profile email groups"},
+                    {
+                        "access_token": token,
+                        "token_type": "Bearer",
+                        "expires_in": 600,
+                        "id_token": id_token,
+                        "scope": "openid profile email groups",
+                    },
                 )
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -191,7 +203,9 @@ def oidc_login(wb: Workbench, provider: Provider, claims: dict) -> tuple[request
     r = s.get(f"{wb.url}/hub/oauth_login", params={"next": "/hub/home"}, timeout=30)
     provider.claims = None
     hops = [h.url.split("?")[0] for h in r.history] + [r.url.split("?")[0]]
-    assert hops[:3] == [f"{wb.url}/hub/oauth_login", f"{provider.issuer}/authorize", f"{wb.url}/hub/oauth_callback"], hops
+    assert hops[:3] == [f"{wb.url}/hub/oauth_login", f"{provider.issuer}/authorize", f"{wb.url}/hub/oauth_callback"], (
+        hops
+    )
     return s, r
 
 
@@ -215,7 +229,8 @@ def test_login_page_offers_the_sso_button(wb):
 
 def test_entitled_user_logs_in_with_exactly_the_policy_groups(wb, provider):
     s, r = oidc_login(
-        wb, provider,
+        wb,
+        provider,
         {"sub": "2", "preferred_username": "alice", "groups": ["maths-staff", "physics-lab", "course-ml101"]},
     )
     assert r.status_code == 200 and r.url == f"{wb.url}/hub/home", (r.status_code, r.url)

@@ -167,16 +167,19 @@ def test_fake_gpus_with_unknown_type_is_refused(tmp_path):
 
     res = subprocess.run(
         [str(VENV_BIN / "workbench"), "up", "--fake-gpus", "b200:1", "--state-dir", str(tmp_path / "s"), "--port", "0"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert res.returncode == 2 and "unknown GPU types ['b200']" in res.stderr
 
 
-
 def test_group_shared_folder_and_datasets_at_the_kubernetes_paths(wb):
     if not wb.system_users:
-        pytest.skip("group folders need per-user Unix accounts: this workbench runs without them "
-                    "(not root, or the checkout is not reachable by other users; see its start-up warning)")
+        pytest.skip(
+            "group folders need per-user Unix accounts: this workbench runs without them "
+            "(not root, or the checkout is not reachable by other users; see its start-up warning)"
+        )
     import grp
     import os
     import stat
@@ -190,12 +193,18 @@ def test_group_shared_folder_and_datasets_at_the_kubernetes_paths(wb):
         gid = grp.getgrnam("wb-g-physics-lab").gr_gid
         assert st.st_gid == gid and stat.S_IMODE(st.st_mode) == 0o2770
         proc = server_process(wb, "researcher")
-        groups = next(line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-                      if line.startswith("Groups:"))
+        groups = next(
+            line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if line.startswith("Groups:")
+        )
         assert str(gid) in groups.split()[1:], "the server runs with the group's gid"
         # a member writes (as the server would), and files stay in the group (setgid folder)
-        probe = subprocess.run(["touch", str(shared / "from-researcher")], user="wb-researcher",
-                               extra_groups=[gid], capture_output=True, text=True)
+        probe = subprocess.run(
+            ["touch", str(shared / "from-researcher")],
+            user="wb-researcher",
+            extra_groups=[gid],
+            capture_output=True,
+            text=True,
+        )
         assert probe.returncode == 0, probe.stderr
         assert (shared / "from-researcher").stat().st_gid == gid
         # a non-member does not even see inside

@@ -14,20 +14,20 @@ import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
 import yaml
 
-from workbench.services.quota.ledger import Ledger, default_db_url
 from workbench.policy import load_policy
+from workbench.services.quota.ledger import Ledger, default_db_url
 
 from .harness import Workbench
 from .test_embedded import DEMO, state_dir
 
 pytestmark = pytest.mark.integration
-UTC = timezone.utc
+UTC = UTC
 CAPPED = [f"cap{i}" for i in range(1, 51)]  # 50 users spawning at once against a cap of 5
 GRACE = 15  # seconds
 
@@ -35,18 +35,36 @@ GRACE = 15  # seconds
 def policy_data() -> dict:
     data = yaml.safe_load(DEMO.read_text())
     users = data["auth"]["demo_users"]
-    users.update({"spender": {"groups": ["lab-spent"]}, "warned": {"groups": ["lab-grace"]},
-                  "warned2": {"groups": ["lab-grace"]}})
+    users.update(
+        {
+            "spender": {"groups": ["lab-spent"]},
+            "warned": {"groups": ["lab-grace"]},
+            "warned2": {"groups": ["lab-grace"]},
+        }
+    )
     users.update({u: {"groups": ["capped"]} for u in CAPPED})
-    dask = {"max_cores": 2, "max_memory": "4G", "max_workers": 2, "max_clusters": 1, "worker_max_cores": 1,
-            "worker_max_memory": "1G"}
+    dask = {
+        "max_cores": 2,
+        "max_memory": "4G",
+        "max_workers": 2,
+        "max_clusters": 1,
+        "worker_max_cores": 1,
+        "worker_max_memory": "1G",
+    }
     groups = data["groups"]
     groups["startup-acme"]["budget"] = {"gpu_hours": 1, "period": "month"}
-    groups["lab-spent"] = {"kind": "research", "profiles": ["cpu-small"], "dask": dask,
-                           "budget": {"cpu_hours": 10, "period": "month"}}
-    groups["lab-grace"] = {"kind": "research", "profiles": ["cpu-small"], "dask": dask,
-                           "budget": {"cpu_hours": 5, "period": "month", "grace": f"{GRACE}s",
-                                      "warn_at": [0.8, 0.95]}}
+    groups["lab-spent"] = {
+        "kind": "research",
+        "profiles": ["cpu-small"],
+        "dask": dask,
+        "budget": {"cpu_hours": 10, "period": "month"},
+    }
+    groups["lab-grace"] = {
+        "kind": "research",
+        "profiles": ["cpu-small"],
+        "dask": dask,
+        "budget": {"cpu_hours": 5, "period": "month", "grace": f"{GRACE}s", "warn_at": [0.8, 0.95]},
+    }
     groups["capped"] = {"kind": "research", "profiles": ["cpu-small"], "caps": {"running_servers": 5}}
     return data
 
@@ -84,24 +102,41 @@ class Users:
         return self.wb.token_api(self.token(user), "GET", f"/users/{user}").json().get("servers", {}).get("")
 
     def gateway(self, user: str, method: str, path: str, **kw) -> requests.Response:
-        return requests.request(method, f"{self.gw}{path}", headers={"Authorization": f"jupyterhub {self.token(user)}"},
-                                timeout=60, **kw)
+        return requests.request(
+            method, f"{self.gw}{path}", headers={"Authorization": f"jupyterhub {self.token(user)}"}, timeout=60, **kw
+        )
 
     def usage(self, user: str, path: str) -> dict:
         r = requests.get(f"{self.quota}{path}", headers={"Authorization": f"token {self.token(user)}"}, timeout=30)
         assert r.status_code == 200, r.text
         return r.json()
 
-    def spend(self, group: str, user: str, *, cpu: float = 0, gpu_count: int = 0, gpu_type: str | None = None,
-              seconds: float = 60) -> None:
+    def spend(
+        self,
+        group: str,
+        user: str,
+        *,
+        cpu: float = 0,
+        gpu_count: int = 0,
+        gpu_type: str | None = None,
+        seconds: float = 60,
+    ) -> None:
         """Record usage the group already had: one closed minute ending a few seconds ago."""
         stop = datetime.now(UTC) - timedelta(seconds=5)
         start = stop - timedelta(seconds=seconds)
         item = f"dask-worker:earlier/{uuid.uuid4().hex}"
         res = {"cpu": cpu, "gpu_count": gpu_count, **({"gpu_type": gpu_type} if gpu_type else {})}
         events = [
-            {"id": f"s-{item}", "type": "start", "item": item, "kind": "dask-worker", "user": user, "group": group,
-             "time": start.isoformat(), **res},
+            {
+                "id": f"s-{item}",
+                "type": "start",
+                "item": item,
+                "kind": "dask-worker",
+                "user": user,
+                "group": group,
+                "time": start.isoformat(),
+                **res,
+            },
             {"id": f"e-{item}", "type": "stop", "item": item, "time": stop.isoformat()},
         ]
         r = requests.post(f"{self.quota}/events", json={"events": events}, headers=self.writer, timeout=30)
@@ -143,7 +178,13 @@ def test_a_gpu_server_run_becomes_one_row_with_its_gpu_seconds(wb, users):
     assert len(rows) == 1, rows
     row = rows[0]
     assert (row.kind, row.user, row.profile, row.gpu_type, row.gpu_count, row.cpu) == (
-        "server", "researcher", "h100-x1", "h100", 1, 8.0)
+        "server",
+        "researcher",
+        "h100-x1",
+        "h100",
+        1,
+        8.0,
+    )
     assert t0 <= row.start < row.stop <= t1  # opened at admission, closed by the stop event
     doc = users.usage("researcher", "/usage/users/researcher")
     ran = (row.stop - row.start).total_seconds()
@@ -159,14 +200,18 @@ def test_a_cluster_accounts_its_scheduler_and_workers_and_closes_them_at_shutdow
     name = r.json()["name"]
     try:
         assert users.gateway("researcher", "GET", f"/clusters/{name}?wait").json()["status"] == "RUNNING"
-        assert users.gateway("researcher", "POST", f"/clusters/{name}/scale", json={"count": 2}).status_code in (200, 204)
+        assert users.gateway("researcher", "POST", f"/clusters/{name}/scale", json={"count": 2}).status_code in (
+            200,
+            204,
+        )
         led = ledger(wb)
 
         def open_items():
             return {row.item: row for row in led.open_rows(group="physics-lab") if name in row.item}
 
-        items = wait_for(lambda: (lambda o: o if len(o) == 3 else None)(open_items()), 90,
-                         "a scheduler and 2 workers in the ledger")
+        items = wait_for(
+            lambda: (lambda o: o if len(o) == 3 else None)(open_items()), 90, "a scheduler and 2 workers in the ledger"
+        )
         kinds = sorted(row.kind for row in items.values())
         assert kinds == ["dask-scheduler", "dask-worker", "dask-worker"]
         assert all(row.user == "researcher" and row.cpu == 1.0 for row in items.values())
@@ -285,17 +330,26 @@ def test_a_hub_killed_mid_run_loses_no_usage_and_counts_none_twice(wb):
     again = Workbench(wb.state_dir, config=wb.config, extra_args=wb.extra_args).start()
     try:
         users = Users(again)
-        wait_for(lambda: not [r for r in ledger(again).open_rows() if r.item == "server:researcher/"], 60,
-                 "the dead server's row to close after the restart")
-        rows = [r for r in ledger(again).rows(group="physics-lab") if r.item == "server:researcher/"
-                and r.start >= before.start]
+        wait_for(
+            lambda: not [r for r in ledger(again).open_rows() if r.item == "server:researcher/"],
+            60,
+            "the dead server's row to close after the restart",
+        )
+        rows = [
+            r
+            for r in ledger(again).rows(group="physics-lab")
+            if r.item == "server:researcher/" and r.start >= before.start
+        ]
         assert len(rows) == 1 and rows[0].id == before.id and rows[0].start == before.start  # no duplicate
         assert rows[0].stop >= killed_at  # no gap: counted at least until the hub died
         assert users.spawn("researcher", profile="cpu-large").status_code in (201, 202)  # and on it goes
         wait_ready(users, "researcher")
         again.stop_server(users.token("researcher"), "researcher")
-        rows = [r for r in ledger(again).rows(group="physics-lab") if r.item == "server:researcher/"
-                and r.start >= before.start]
+        rows = [
+            r
+            for r in ledger(again).rows(group="physics-lab")
+            if r.item == "server:researcher/" and r.start >= before.start
+        ]
         assert len(rows) == 2 and rows[1].start >= rows[0].stop  # the new run is a new row, after the old one
     finally:
         assert again.stop() == 0

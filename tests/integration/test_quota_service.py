@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -41,7 +41,7 @@ from workbench.services.quota.models import UsageEvent
 from .harness import Workbench
 
 pytestmark = pytest.mark.integration
-UTC = timezone.utc
+UTC = UTC
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -76,8 +76,9 @@ class Quota:
 
     def events(self, events, headers=None, **kw) -> requests.Response:
         body = {"events": [json.loads(e.model_dump_json(exclude_none=True)) for e in events]}
-        return requests.post(f"{self.api}/events", json=body, headers=self.gateway if headers is None else headers, timeout=30,
-                             **kw)
+        return requests.post(
+            f"{self.api}/events", json=body, headers=self.gateway if headers is None else headers, timeout=30, **kw
+        )
 
     def get(self, path: str, user: str | None = None, headers=None) -> requests.Response:
         headers = headers if headers is not None else (self.token(user) if user else {})
@@ -157,8 +158,12 @@ def test_events_become_rows_with_gpu_seconds_and_replays_change_nothing(quota):
     # only tokens with the write scope may send events; a bad body names the field
     assert quota.events(evs, headers=quota.token("researcher")).status_code == 403
     assert quota.events(evs, headers={}).status_code == 401
-    bad = requests.post(f"{quota.api}/events", headers=quota.gateway, timeout=10,
-                        json={"events": [{"id": "x", "type": "start", "item": "i", "kind": "laptop"}]})
+    bad = requests.post(
+        f"{quota.api}/events",
+        headers=quota.gateway,
+        timeout=10,
+        json={"events": [{"id": "x", "type": "start", "item": "i", "kind": "laptop"}]},
+    )
     assert bad.status_code == 400 and "events[0]" in bad.text
 
 
@@ -168,8 +173,16 @@ def test_fifty_concurrent_admissions_against_a_cap_of_five(quota):
     barrier = threading.Barrier(50)
 
     def admit(i):
-        body = {"user": f"member{i}", "group": "physics-lab", "item": f"dask-worker:adm-{run}/{i}",
-                "kind": "dask-worker", "cpu": 1, "memory": 10**9, "gpu_type": "h100", "gpu_count": 1}
+        body = {
+            "user": f"member{i}",
+            "group": "physics-lab",
+            "item": f"dask-worker:adm-{run}/{i}",
+            "kind": "dask-worker",
+            "cpu": 1,
+            "memory": 10**9,
+            "gpu_type": "h100",
+            "gpu_count": 1,
+        }
         barrier.wait()
         return requests.post(f"{quota.api}/admit", json=body, headers=quota.gateway, timeout=60)
 
@@ -305,21 +318,45 @@ def test_users_read_their_own_and_instructors_their_course(quota):
 
 
 def test_metrics_parse(quota):
-    quota.events([start(f"dask-worker:m-{uuid.uuid4().hex[:6]}/1", gpu_type="h100", gpu_count=1,
-                        time=datetime(2025, 1, 1, tzinfo=UTC)),])
+    quota.events(
+        [
+            start(
+                f"dask-worker:m-{uuid.uuid4().hex[:6]}/1",
+                gpu_type="h100",
+                gpu_count=1,
+                time=datetime(2025, 1, 1, tzinfo=UTC),
+            ),
+        ]
+    )
     r = requests.get(f"{quota.wb.url}/services/quota/metrics", headers=quota.token("admin"), timeout=30)
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
-    for name in ("workbench_quota_gpu_seconds", "workbench_quota_cpu_seconds", "workbench_quota_budget_limit_hours",
-                 "workbench_quota_budget_used_ratio", "workbench_quota_running_gpus", "workbench_quota_running_servers"):
+    for name in (
+        "workbench_quota_gpu_seconds",
+        "workbench_quota_cpu_seconds",
+        "workbench_quota_budget_limit_hours",
+        "workbench_quota_budget_used_ratio",
+        "workbench_quota_running_gpus",
+        "workbench_quota_running_servers",
+    ):
         assert name in families, sorted(families)
-    gpu = [s for s in families["workbench_quota_gpu_seconds"].samples
-           if s.labels == {"group": "physics-lab", "gpu_type": "h100", "kind": "dask-worker"}]
+    gpu = [
+        s
+        for s in families["workbench_quota_gpu_seconds"].samples
+        if s.labels == {"group": "physics-lab", "gpu_type": "h100", "kind": "dask-worker"}
+    ]
     assert gpu and gpu[0].value > 0
-    limits = {(s.labels["group"], s.labels["resource"]): s.value for s in families["workbench_quota_budget_limit_hours"].samples}
+    limits = {
+        (s.labels["group"], s.labels["resource"]): s.value
+        for s in families["workbench_quota_budget_limit_hours"].samples
+    }
     assert limits[("physics-lab", "gpu")] == 500 and limits[("startup-acme", "gpu")] == 100
-    assert requests.get(f"{quota.wb.url}/services/quota/metrics", headers=quota.token("researcher"),
-                        timeout=30).status_code == 403
+    assert (
+        requests.get(
+            f"{quota.wb.url}/services/quota/metrics", headers=quota.token("researcher"), timeout=30
+        ).status_code
+        == 403
+    )
 
 
 def test_servers_are_accounted_from_the_hub(quota):
@@ -345,9 +382,23 @@ def test_servers_are_accounted_from_the_hub(quota):
         # a server whose stop never reached the service (here: a start event with no stop, an hour ago)
         ghost = "server:startup/ghost"
         an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
-        assert quota.events([UsageEvent(id=f"ghost-{uuid.uuid4().hex}", type="start", item=ghost, kind="server",
-                                        user="startup", group="startup-acme", profile="cpu-small",
-                                        time=an_hour_ago)]).status_code == 200
+        assert (
+            quota.events(
+                [
+                    UsageEvent(
+                        id=f"ghost-{uuid.uuid4().hex}",
+                        type="start",
+                        item=ghost,
+                        kind="server",
+                        user="startup",
+                        group="startup-acme",
+                        profile="cpu-small",
+                        time=an_hour_ago,
+                    )
+                ]
+            ).status_code
+            == 200
+        )
         assert requests.post(f"{quota.api}/reconcile/hub", headers=admin, timeout=30).json()["closed"] == [ghost]
         [row] = [r for r in ledger.rows() if r.item == ghost]
         assert row.stop is not None
@@ -373,15 +424,18 @@ def test_ledger_admissions_are_atomic_across_pools(backend, tmp_path):
 
         def one(i):
             barrier.wait()
-            return ledgers[i % 2].admit(f"student{i}", "course-ml101",
-                                        admit_request(f"server:student{i}/", kind="server", profile="cpu-small"))
+            return ledgers[i % 2].admit(
+                f"student{i}", "course-ml101", admit_request(f"server:student{i}/", kind="server", profile="cpu-small")
+            )
 
         with ThreadPoolExecutor(50) as pool:
             decisions = list(pool.map(one, range(50)))
         assert sum(d.allowed for d in decisions) == 5
         assert len(ledgers[1].open_rows(group="course-ml101")) == 5
         # replayed events and a second reconcile change nothing on this database either
-        evs = [start(f"dask-worker:r/{i}", id=f"r{i}") for i in range(20)] + [stop(f"dask-worker:r/{i}", id=f"x{i}") for i in range(10)]
+        evs = [start(f"dask-worker:r/{i}", id=f"r{i}") for i in range(20)] + [
+            stop(f"dask-worker:r/{i}", id=f"x{i}") for i in range(10)
+        ]
         ledgers[0].record_many(evs)
         assert [r.status for r in ledgers[1].record_many(evs)] == ["duplicate"] * 30
         assert ledgers[0].counts()["rows"] == 25
@@ -389,12 +443,18 @@ def test_ledger_admissions_are_atomic_across_pools(backend, tmp_path):
         from workbench.services.quota.accounting import budget_statuses
 
         now = datetime.now(UTC)
-        ledgers[0].record_many([start("dask-worker:b/1", gpu_type="h100", gpu_count=3, time=now.replace(day=1, hour=0)),
-                                stop("dask-worker:b/1", time=now.replace(day=1, hour=0) + (now - now.replace(day=1, hour=0)) / 3),
-                                start("dask-worker:b/2", gpu_type="h100", gpu_count=1, cpu=2.5, time=now.replace(day=1, hour=0))])
+        ledgers[0].record_many(
+            [
+                start("dask-worker:b/1", gpu_type="h100", gpu_count=3, time=now.replace(day=1, hour=0)),
+                stop("dask-worker:b/1", time=now.replace(day=1, hour=0) + (now - now.replace(day=1, hour=0)) / 3),
+                start("dask-worker:b/2", gpu_type="h100", gpu_count=1, cpu=2.5, time=now.replace(day=1, hour=0)),
+            ]
+        )
         rows = ledgers[0].rows(group="physics-lab")
         budget = POLICY.groups["physics-lab"].budget
-        pure = budget_statuses(budget, "physics-lab", rows, now, "researcher", [r for r in rows if r.user == "researcher"])
+        pure = budget_statuses(
+            budget, "physics-lab", rows, now, "researcher", [r for r in rows if r.user == "researcher"]
+        )
         sql = ledgers[1].budgets("physics-lab", "researcher", now)
         assert [b.used_hours for b in sql] == pytest.approx([b.used_hours for b in pure], abs=1e-5)
     finally:

@@ -44,9 +44,13 @@ def token(w: Workbench, name: str) -> str:
 
 
 def post_roster(w: Workbench, tok: str, course: str, text: str, **params) -> requests.Response:
-    return requests.post(f"{w.url}/services/rosters/api/courses/{course}/students", data=text.encode(),
-                         params=params, headers={"Authorization": f"token {tok}", "Content-Type": "text/csv"},
-                         timeout=60)
+    return requests.post(
+        f"{w.url}/services/rosters/api/courses/{course}/students",
+        data=text.encode(),
+        params=params,
+        headers={"Authorization": f"token {tok}", "Content-Type": "text/csv"},
+        timeout=60,
+    )
 
 
 def groups_of(w: Workbench, admin: str, name: str) -> list[str]:
@@ -63,39 +67,53 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
     # a roster with new users and a demo account in no group: created (as non-admins) and added
     r = post_roster(wb, instructor, COURSE, "username,email,name\nrs-new1,new1@uni.example,New One\nLate,,\n")
     assert r.status_code == 200, r.text
-    assert r.json()["report"] == ["created 2 hub user(s): rs-new1, late",
-                                  f"added 2 student(s) to {COURSE}: rs-new1, late"]
+    assert r.json()["report"] == [
+        "created 2 hub user(s): rs-new1, late",
+        f"added 2 student(s) to {COURSE}: rs-new1, late",
+    ]
     new1 = wb.token_api(admin, "GET", "/users/rs-new1").json()
     assert new1["admin"] is False and new1["groups"] == [COURSE]
     assert roster_of() == ["rs-new1", "late"]
-    got = requests.get(f"{wb.url}/services/rosters/api/courses/{COURSE}/students",
-                       headers={"Authorization": f"token {instructor}"}, timeout=30).json()
+    got = requests.get(
+        f"{wb.url}/services/rosters/api/courses/{COURSE}/students",
+        headers={"Authorization": f"token {instructor}"},
+        timeout=30,
+    ).json()
     assert got["students"] == ["rs-new1", "late"] and {"instructor", "rs-new1", "late"} <= set(got["members"])
 
     # not another course, not for a student
     r = post_roster(wb, instructor, "course-stats202", "username\nrs-new2\n")
     assert r.status_code == 403
-    assert r.json()["message"] == ("instructor may not load the roster of course-stats202: only hub admins and "
-                                   "the course's instructors (groups.course-stats202.instructors in the policy) may")
+    assert r.json()["message"] == (
+        "instructor may not load the roster of course-stats202: only hub admins and "
+        "the course's instructors (groups.course-stats202.instructors in the policy) may"
+    )
     assert post_roster(wb, token(wb, "student1"), COURSE, "username\nrs-new2\n").status_code == 403
     # an admin may load any course's, here one that nobody has logged in to yet
     r = post_roster(wb, admin, "course-stats202", "username\nrs-stat1\n")
     assert r.status_code == 200, r.text
-    assert r.json()["report"][-2:] == ["created 1 hub user(s): rs-stat1",
-                                       "added 1 student(s) to course-stats202: rs-stat1"]
+    assert r.json()["report"][-2:] == [
+        "created 1 hub user(s): rs-stat1",
+        "added 1 student(s) to course-stats202: rs-stat1",
+    ]
 
     # a researcher's row is refused with its line, and nothing is applied
     r = post_roster(wb, instructor, COURSE, "username\nrs-new2\nresearcher\nrs-new1\n")
     assert r.status_code == 400, r.text
     assert r.json()["problems"] == [
-        ("line 3: 'researcher' is a member of physics-lab, which is not a course; a roster only takes students "
-        "(users in course groups only): ask a platform admin")]
+        (
+            "line 3: 'researcher' is a member of physics-lab, which is not a course; a roster only takes students "
+            "(users in course groups only): ask a platform admin"
+        )
+    ]
     assert wb.token_api(admin, "GET", "/users/rs-new2").status_code == 404
     assert "researcher" not in wb.token_api(admin, "GET", f"/groups/{COURSE}").json()["users"]
     assert roster_of() == ["rs-new1", "late"]
 
     # the instructor still cannot do it with the hub's API directly
-    assert wb.token_api(instructor, "POST", f"/groups/{COURSE}/users", json={"users": ["researcher"]}).status_code == 403
+    assert (
+        wb.token_api(instructor, "POST", f"/groups/{COURSE}/users", json={"users": ["researcher"]}).status_code == 403
+    )
 
     # a rostered demo account logs in again through the login form and keeps the course
     assert groups_of(wb, admin, "late") == [COURSE]
@@ -105,8 +123,20 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
     # the CLI replaces the roster: late is off it, out of the group at once, and not back at the next login
     roster = wb.policy_file.parent / "roster.csv"
     roster.write_text("username,email,name\nrs-new1,,\nstudent1,,\n")
-    rc = main(["course", "add-students", COURSE, str(roster), "--hub-url", wb.url, "--token", instructor,
-               "--config", str(wb.policy_file)])
+    rc = main(
+        [
+            "course",
+            "add-students",
+            COURSE,
+            str(roster),
+            "--hub-url",
+            wb.url,
+            "--token",
+            instructor,
+            "--config",
+            str(wb.policy_file),
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err
     assert out.out.splitlines() == [f"removed 1 student(s) no longer on the roster from {COURSE}: late"]
@@ -117,20 +147,59 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
 
     # a refused row through the CLI: each problem with its line, exit 2
     roster.write_text("username\nrs-new1\nadmin\n")
-    rc = main(["course", "add-students", COURSE, str(roster), "--hub-url", wb.url, "--token", instructor,
-               "--config", str(wb.policy_file)])
+    rc = main(
+        [
+            "course",
+            "add-students",
+            COURSE,
+            str(roster),
+            "--hub-url",
+            wb.url,
+            "--token",
+            instructor,
+            "--config",
+            str(wb.policy_file),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2, err
     assert f"{roster}: 1 problem(s); nothing was changed:" in err
     assert "line 3: 'admin' is a hub admin; admins are never put on a course roster" in err
 
     # one student off the roster (the DELETE endpoint, via the CLI), with an admin's token
-    rc = main(["course", "remove-student", COURSE, "rs-new1", "--hub-url", wb.url, "--token", admin,
-               "--config", str(wb.policy_file)])
+    rc = main(
+        [
+            "course",
+            "remove-student",
+            COURSE,
+            "rs-new1",
+            "--hub-url",
+            wb.url,
+            "--token",
+            admin,
+            "--config",
+            str(wb.policy_file),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert roster_of() == ["student1"] and groups_of(wb, admin, "rs-new1") == []
-    assert main(["course", "remove-student", COURSE, "rs-new1", "--hub-url", wb.url, "--token", admin,
-                 "--config", str(wb.policy_file)]) == 3
+    assert (
+        main(
+            [
+                "course",
+                "remove-student",
+                COURSE,
+                "rs-new1",
+                "--hub-url",
+                wb.url,
+                "--token",
+                admin,
+                "--config",
+                str(wb.policy_file),
+            ]
+        )
+        == 3
+    )
     assert "rs-new1 is not on the roster of course-ml101" in capsys.readouterr().err
 
     # student1 is in the course by the policy too: a login keeps it either way
@@ -149,8 +218,9 @@ def test_an_instructors_notebook_token_may_load_rosters_a_students_may_not(wb):
         wb.start_server(tok, name)
         try:
             server_token = server_process(wb, name).environ()["JUPYTERHUB_API_TOKEN"]
-            codes[name] = requests.get(students_url, headers={"Authorization": f"token {server_token}"},
-                                       timeout=30).status_code
+            codes[name] = requests.get(
+                students_url, headers={"Authorization": f"token {server_token}"}, timeout=30
+            ).status_code
         finally:
             wb.stop_server(tok, name)
     assert codes == {"instructor": 200, "student1": 403}, codes

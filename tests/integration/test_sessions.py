@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -169,9 +169,13 @@ def test_gpu_server_with_idle_gpus_is_culled_although_active(wb):
 
     def keep_active():  # what a browser with a busy kernel does: fresh activity all the time
         while not stop.is_set():
-            now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-            wb.token_api(token, "POST", "/users/gus/activity",
-                         json={"last_activity": now, "servers": {"": {"last_activity": now}}})
+            now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+            wb.token_api(
+                token,
+                "POST",
+                "/users/gus/activity",
+                json={"last_activity": now, "servers": {"": {"last_activity": now}}},
+            )
             stop.wait(1)
 
     t = threading.Thread(target=keep_active, daemon=True)

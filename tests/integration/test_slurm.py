@@ -45,7 +45,9 @@ def sinfo_answers() -> bool:
         res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15, env=slurm_env())
     except subprocess.TimeoutExpired:
         return False
-    return res.returncode == 0 and any(s.startswith(("idle", "mix", "alloc")) and "*" not in s for s in res.stdout.split())
+    return res.returncode == 0 and any(
+        s.startswith(("idle", "mix", "alloc")) and "*" not in s for s in res.stdout.split()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,12 @@ def test_researcher_cluster_runs_as_slurm_jobs_of_their_account_with_group_place
         assert names == ["dask-scheduler", "dask-worker", "dask-worker"], jobs
         for j in jobs.values():  # demo.yaml: physics-lab -> partition cpu, account physics-lab, walltime 4h
             assert (j["partition"], j["account"], j["time"], j["user"], j["state"]) == (
-                "cpu", "physics-lab", "4:00:00", UNIX_USER, "RUNNING"), j
+                "cpu",
+                "physics-lab",
+                "4:00:00",
+                UNIX_USER,
+                "RUNNING",
+            ), j
             assert j["gres"] == "N/A" and j["cpus"] == "1", j
             assert j["memory"] in ("1G", "1024M"), j
 

@@ -44,6 +44,11 @@ def tools() -> Path:
     if os.environ.get("HELM"):
         return Path(os.environ["HELM"]).parent
     proc = subprocess.run(
-        [str(ROOT / "scripts" / "get-helm.sh")], capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, check=False)
+        [str(ROOT / "scripts" / "get-helm.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     return Path(proc.stdout.strip().splitlines()[-1])

@@ -38,7 +38,12 @@ class Cluster:
 
     def k(self, *args: str, check: bool = True, timeout: float = 300) -> str:
         proc = subprocess.run(
-            [self.kubectl, "--namespace", self.namespace, *args], capture_output=True, text=True, timeout=timeout, check=False)
+            [self.kubectl, "--namespace", self.namespace, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if check and proc.returncode:
             raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}")
         return proc.stdout
@@ -47,7 +52,9 @@ class Cluster:
         local = free_port()
         proc = subprocess.Popen(
             [self.kubectl, "--namespace", self.namespace, "port-forward", target, f"{local}:{port}"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         assert "Forwarding from" in proc.stdout.readline()
         proc.local_port = local  # type: ignore[attr-defined]
@@ -56,10 +63,13 @@ class Cluster:
     def diagnostics(self) -> str:
         return "\n".join(
             self.k(*args, check=False)
-            for args in (["get", "all,pvc,daskclusters"], ["get", "events", "--sort-by=.lastTimestamp"],
-                         ["logs", f"deployment/{RELEASE}-hub", "--tail=80"],
-                         ["logs", f"deployment/{RELEASE}-gateway-api", "--tail=40"],
-                         ["logs", f"deployment/{RELEASE}-gateway-controller", "--tail=40"])
+            for args in (
+                ["get", "all,pvc,daskclusters"],
+                ["get", "events", "--sort-by=.lastTimestamp"],
+                ["logs", f"deployment/{RELEASE}-hub", "--tail=80"],
+                ["logs", f"deployment/{RELEASE}-gateway-api", "--tail=40"],
+                ["logs", f"deployment/{RELEASE}-gateway-controller", "--tail=40"],
+            )
         )
 
 
@@ -69,10 +79,21 @@ def deployed(tools):
     cluster = Cluster(tools, namespace)
     subprocess.run([cluster.kubectl, "create", "namespace", namespace], check=True, capture_output=True)
     args = [
-        cluster.helm, "install", RELEASE, str(CHART), "--namespace", namespace, "--wait", "--timeout", "15m",
-        "--set", f"images.registry={os.environ['WORKBENCH_K8S_REGISTRY']}",
-        "--set", f"images.tag={os.environ['WORKBENCH_K8S_TAG']}",
-        "--set", "storage.accessModes={ReadWriteOnce}",
+        cluster.helm,
+        "install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--wait",
+        "--timeout",
+        "15m",
+        "--set",
+        f"images.registry={os.environ['WORKBENCH_K8S_REGISTRY']}",
+        "--set",
+        f"images.tag={os.environ['WORKBENCH_K8S_TAG']}",
+        "--set",
+        "storage.accessModes={ReadWriteOnce}",
     ]
     if os.environ.get("WORKBENCH_K8S_VALUES"):
         args += ["--values", os.environ["WORKBENCH_K8S_VALUES"]]
@@ -81,8 +102,12 @@ def deployed(tools):
         assert proc.returncode == 0, proc.stderr + cluster.diagnostics()
         yield cluster
     finally:
-        subprocess.run([cluster.helm, "uninstall", RELEASE, "--namespace", namespace, "--wait"], capture_output=True, check=False)
-        subprocess.run([cluster.kubectl, "delete", "namespace", namespace, "--wait=false"], capture_output=True, check=False)
+        subprocess.run(
+            [cluster.helm, "uninstall", RELEASE, "--namespace", namespace, "--wait"], capture_output=True, check=False
+        )
+        subprocess.run(
+            [cluster.kubectl, "delete", "namespace", namespace, "--wait=false"], capture_output=True, check=False
+        )
 
 
 @pytest.mark.timeout(1800)
@@ -96,16 +121,23 @@ def test_spawn_and_gateway_cluster(deployed):
         session = requests.Session()
         session.get(f"{base}/hub/login").raise_for_status()
         xsrf = session.cookies.get("_xsrf")
-        r = session.post(f"{base}/hub/login", data={"username": "researcher", "password": password, "_xsrf": xsrf},
-                         allow_redirects=False)
+        r = session.post(
+            f"{base}/hub/login",
+            data={"username": "researcher", "password": password, "_xsrf": xsrf},
+            allow_redirects=False,
+        )
         assert r.status_code == 302, r.text[:500]
         r = session.post(f"{base}/hub/api/users/researcher/tokens", json={"note": "e2e"}, headers={"X-XSRFToken": xsrf})
         assert r.status_code in (200, 201), r.text
         api = {"Authorization": f"token {r.json()['token']}"}
 
         # a profile the researcher's group may not use is refused, the entitled one starts
-        assert requests.post(f"{base}/hub/api/users/researcher/server", headers=api,
-                             json={"profile": "no-such-profile"}).status_code == 403
+        assert (
+            requests.post(
+                f"{base}/hub/api/users/researcher/server", headers=api, json={"profile": "no-such-profile"}
+            ).status_code
+            == 403
+        )
         r = requests.post(f"{base}/hub/api/users/researcher/server", headers=api, json={"profile": "cpu-medium"})
         assert r.status_code in (201, 202), r.text
         deadline = time.monotonic() + 900
@@ -119,7 +151,9 @@ def test_spawn_and_gateway_cluster(deployed):
             raise AssertionError("the notebook server did not become ready\n" + cluster.diagnostics())
         assert requests.get(f"{base}/user/researcher/api/status", headers=api).status_code == 200
 
-        pod = json.loads(cluster.k("get", "pods", "-l", "hub.jupyter.org/username=researcher", "-o", "json"))["items"][0]
+        pod = json.loads(cluster.k("get", "pods", "-l", "hub.jupyter.org/username=researcher", "-o", "json"))["items"][
+            0
+        ]
         assert pod["spec"]["automountServiceAccountToken"] is False
         assert pod["spec"]["containers"][0]["securityContext"]["runAsUser"] == 1000
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 from tornado import web
 
 from workbench.auth.demo import ALLOW_FLAG, PASSWORD_ENV, DemoAuthenticator, DemoAuthExposed, check_demo_exposure
 from workbench.policy import load_policy
-from workbench.spawn.local import choose_profile
-
-from pathlib import Path
+from workbench.spawn.common import choose_profile
 
 DEMO = Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml"
 

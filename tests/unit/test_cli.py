@@ -49,15 +49,30 @@ def test_check_rows_show_profiles_and_dask(capsys):
 
 def test_summary_table_literal(tmp_path):
     f = tmp_path / "p.yaml"
-    f.write_text(yaml.safe_dump({
-        "auth": {"demo_users": {"u": {"groups": ["lab"]}}},
-        "images": {"base": {"image": "b"}},
-        "profiles": {"small": {"cpu": "500m", "memory": "512Mi"}},
-        "groups": {"lab": {"kind": "research", "profiles": ["small"],
-                           "dask": {"max_cores": 2, "max_memory": "4G", "max_workers": 3,
-                                    "worker_max_cores": 1, "worker_max_memory": "1G"}},
-                   "empty": {"kind": "course"}},
-    }, sort_keys=False))
+    f.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"demo_users": {"u": {"groups": ["lab"]}}},
+                "images": {"base": {"image": "b"}},
+                "profiles": {"small": {"cpu": "500m", "memory": "512Mi"}},
+                "groups": {
+                    "lab": {
+                        "kind": "research",
+                        "profiles": ["small"],
+                        "dask": {
+                            "max_cores": 2,
+                            "max_memory": "4G",
+                            "max_workers": 3,
+                            "worker_max_cores": 1,
+                            "worker_max_memory": "1G",
+                        },
+                    },
+                    "empty": {"kind": "course"},
+                },
+            },
+            sort_keys=False,
+        )
+    )
     assert summary_table(load_policy(f)) == (
         "group  kind      profiles  dask (max cores / memory / workers)\n"
         "-----  --------  --------  -----------------------------------\n"
@@ -133,8 +148,18 @@ def test_up_help(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: workbench up")
     assert "--allow-demo-auth-on-network" in out
-    for opt in ["--config", "--port", "--bind", "--state-dir", "--system-users", "--no-system-users", "--no-quota",
-                "--quota-every", "--fake-gpus", "--gateway-backend"]:
+    for opt in [
+        "--config",
+        "--port",
+        "--bind",
+        "--state-dir",
+        "--system-users",
+        "--no-system-users",
+        "--no-quota",
+        "--quota-every",
+        "--fake-gpus",
+        "--gateway-backend",
+    ]:
         assert opt in out
 
 

@@ -12,29 +12,18 @@ from urllib.parse import parse_qs, urlsplit
 import kubernetes_validate
 import pytest
 
+from workbench.cli.course import roster_answer, roster_url
 from workbench.cli.main import main
-from workbench.courses.material import (
-    NOTE_NAME,
-    Student,
-    course_link,
-    courses_of,
-    hub_base,
-    materials_path,
-    parse_roster,
-    parse_roster_rows,
-    pull_material,
-    pull_script,
-    roster_answer,
-    roster_url,
-    username_problem,
-)
+from workbench.courses.links import course_link, hub_base
+from workbench.courses.material import NOTE_NAME, courses_of, materials_path, pull_material, pull_script
+from workbench.courses.roster import Student, parse_roster, parse_roster_rows, username_problem
+from workbench.policy import Material, load_policy, parse_policy
 from workbench.spawn.kube import (
     course_volumes,
     material_init_container,
     profile_list_for,
     render_pod,
 )
-from workbench.policy import Material, load_policy, parse_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "hub_config" / "demo.yaml"
@@ -56,7 +45,7 @@ def test_good_roster_lowercases_and_keeps_optional_columns():
         "Username,Email,Name,student id\n"
         "alice,alice@uni.example,Alice Liddell,123\n"
         "\n"
-        "Bob.Smith,,\"Smith, Bob\",456\n"
+        'Bob.Smith,,"Smith, Bob",456\n'
         "carol@uni.example\n"
     )
     assert problems == []
@@ -82,8 +71,10 @@ def test_every_bad_row_is_reported_with_its_line():
     students, problems = parse_roster(text)
     assert problems == [
         "line 3: username is empty",
-        ("line 4: username 'Bob Smith' has a space; use the login name (e.g. 'bob.smith') and put the full name "
-        "in the 'name' column"),
+        (
+            "line 4: username 'Bob Smith' has a space; use the login name (e.g. 'bob.smith') and put the full name "
+            "in the 'name' column"
+        ),
         "line 5: email 'not-an-email' of 'carol' is not an email address",
         "line 6: username 'alice' is already on line 2",
         "line 7: username 'a/b' is not a valid JupyterHub user name (no '/', not only dots)",
@@ -97,8 +88,13 @@ def test_every_bad_row_is_reported_with_its_line():
     "text, problem",
     [
         ("", "the file is empty; it needs a header line with a 'username' column, then one student a line"),
-        ("email,name\na@b.example,A\n", ("line 1: no 'username' column in the header (email, name); the first line "
-         "must name the columns, e.g. username,email,name")),
+        (
+            "email,name\na@b.example,A\n",
+            (
+                "line 1: no 'username' column in the header (email, name); the first line "
+                "must name the columns, e.g. username,email,name"
+            ),
+        ),
         ("username\n", "no students: the file has a header but no rows"),
     ],
 )
@@ -116,13 +112,23 @@ def test_username_rules():
 
 def test_json_rows_are_checked_like_csv_lines():
     students, problems = parse_roster_rows(
-        {"students": ["Alice", {"username": "bob", "email": "bob@uni.example", "name": "Bob"},
-                      {"username": "Bob Smith"}, {"username": "alice"}, {"username": "c", "age": "3"}, 7]}
+        {
+            "students": [
+                "Alice",
+                {"username": "bob", "email": "bob@uni.example", "name": "Bob"},
+                {"username": "Bob Smith"},
+                {"username": "alice"},
+                {"username": "c", "age": "3"},
+                7,
+            ]
+        }
     )
     assert students == [Student(1, "alice"), Student(2, "bob", "bob@uni.example", "Bob")]
     assert problems[0].startswith("row 3: username 'Bob Smith' has a space")
-    assert problems[1:3] == ["row 4: username 'alice' is already on row 1",
-                             "row 5: unknown field(s) age; a row has username, email and name"]
+    assert problems[1:3] == [
+        "row 4: username 'alice' is already on row 1",
+        "row 5: unknown field(s) age; a row has username, email and name",
+    ]
     assert problems[3].startswith("row 6: expected a user name or an object")
     assert parse_roster_rows([]) == ([], ["no students: the list is empty"])
     assert parse_roster_rows({"x": 1})[1][0].startswith("the JSON body must be a list of students")
@@ -130,9 +136,11 @@ def test_json_rows_are_checked_like_csv_lines():
 
 def test_roster_url():
     assert roster_url("https://wb.example.edu/hub/", "course-ml101") == (
-        "https://wb.example.edu/services/rosters/api/courses/course-ml101/students")
+        "https://wb.example.edu/services/rosters/api/courses/course-ml101/students"
+    )
     assert roster_url("http://127.0.0.1:8000", "c", "a/b") == (
-        "http://127.0.0.1:8000/services/rosters/api/courses/c/students/a%2Fb")
+        "http://127.0.0.1:8000/services/rosters/api/courses/c/students/a%2Fb"
+    )
 
 
 def answer(status, doc=None, text=""):
@@ -146,14 +154,27 @@ def answer(status, doc=None, text=""):
 
 def test_roster_answers_become_exit_codes_and_lines():
     ok = answer(200, {"report": ["created 1 hub user(s): alice", "added 1 student(s) to c: alice"]})
-    assert roster_answer(ok, "r.csv", "http://hub") == (0, ["created 1 hub user(s): alice",
-                                                           "added 1 student(s) to c: alice"], [])
-    refused = answer(400, {"status": 400, "message": "1 problem(s)",
-                           "problems": ["line 3: 'researcher' is a member of physics-lab, which is not a course"]})
-    assert roster_answer(refused, "r.csv", "http://hub") == (2, [], [
-        "r.csv: 1 problem(s); nothing was changed:",
-        "  line 3: 'researcher' is a member of physics-lab, which is not a course",
-    ])
+    assert roster_answer(ok, "r.csv", "http://hub") == (
+        0,
+        ["created 1 hub user(s): alice", "added 1 student(s) to c: alice"],
+        [],
+    )
+    refused = answer(
+        400,
+        {
+            "status": 400,
+            "message": "1 problem(s)",
+            "problems": ["line 3: 'researcher' is a member of physics-lab, which is not a course"],
+        },
+    )
+    assert roster_answer(refused, "r.csv", "http://hub") == (
+        2,
+        [],
+        [
+            "r.csv: 1 problem(s); nothing was changed:",
+            "  line 3: 'researcher' is a member of physics-lab, which is not a course",
+        ],
+    )
     rc, out, err = roster_answer(answer(403, {"message": "bob may not load the roster of c"}), "r.csv", "http://hub")
     assert (rc, out, err) == (3, [], ["bob may not load the roster of c (403). Nothing was changed."])
     rc, _, err = roster_answer(answer(404, None, "<html>404</html>"), "r.csv", "http://hub")
@@ -170,8 +191,21 @@ def test_cli_add_students_posts_the_csv_to_the_roster_service(tmp_path, capsys, 
     monkeypatch.setattr("requests.request", fake_request)
     roster = tmp_path / "roster.csv"
     roster.write_text("username\nalice\n")
-    rc = main(["course", "add-students", "course-ml101", str(roster), "--config", str(DEMO),
-               "--hub-url", "http://hub.example:8000/hub", "--token", "tok", "--add-only"])
+    rc = main(
+        [
+            "course",
+            "add-students",
+            "course-ml101",
+            str(roster),
+            "--config",
+            str(DEMO),
+            "--hub-url",
+            "http://hub.example:8000/hub",
+            "--token",
+            "tok",
+            "--add-only",
+        ]
+    )
     assert rc == 0
     assert capsys.readouterr().out == "added 1 student(s) to course-ml101: alice\n"
     method, url, headers, params, data = calls[0]
@@ -187,8 +221,20 @@ def test_cli_remove_student_and_an_unreachable_hub(capsys, monkeypatch):
         raise requests.ConnectionError("refused")
 
     monkeypatch.setattr("requests.request", down)
-    rc = main(["course", "remove-student", "course-ml101", "Alice", "--config", str(DEMO),
-               "--hub-url", "http://127.0.0.1:1", "--token", "t"])
+    rc = main(
+        [
+            "course",
+            "remove-student",
+            "course-ml101",
+            "Alice",
+            "--config",
+            str(DEMO),
+            "--hub-url",
+            "http://127.0.0.1:1",
+            "--token",
+            "t",
+        ]
+    )
     assert rc == 3
     assert "cannot reach the hub at http://127.0.0.1:1" in capsys.readouterr().err
 
@@ -197,8 +243,20 @@ def test_cli_add_students_reports_bad_rows_and_contacts_no_hub(tmp_path, capsys)
     roster = tmp_path / "roster.csv"
     roster.write_text("username,email\nalice,alice@uni.example\nbob,\nBob Smith,\n")
     # the hub URL points nowhere: validation fails before any request
-    rc = main(["course", "add-students", "course-ml101", str(roster), "--config", str(DEMO),
-               "--hub-url", "http://127.0.0.1:1", "--token", "t"])
+    rc = main(
+        [
+            "course",
+            "add-students",
+            "course-ml101",
+            str(roster),
+            "--config",
+            str(DEMO),
+            "--hub-url",
+            "http://127.0.0.1:1",
+            "--token",
+            "t",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert f"{roster}: 1 problem(s); nothing was changed:" in err
@@ -258,8 +316,14 @@ def test_hub_base(url, base):
     [
         ("physics-lab", "x", "'physics-lab' is a research group, not a course; courses: course-ml101"),
         ("nope", "x", "'nope' is not a group of the policy; courses: course-ml101"),
-        ("course-ml101", "x", ("course 'course-ml101' has no material; add it to the policy, e.g. "
-         "groups.course-ml101.material: {git: https://git.example.edu/course-ml101.git, branch: main}")),
+        (
+            "course-ml101",
+            "x",
+            (
+                "course 'course-ml101' has no material; add it to the policy, e.g. "
+                "groups.course-ml101.material: {git: https://git.example.edu/course-ml101.git, branch: main}"
+            ),
+        ),
     ],
 )
 def test_cli_course_link_errors(capsys, course, path, message):
@@ -304,8 +368,9 @@ def test_materials_path_needs_the_course_placeholder():
 
 
 def git(*args, cwd):
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t.example", *args], cwd=cwd, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t.example", *args], cwd=cwd, check=True, capture_output=True
+    )
 
 
 @pytest.fixture
@@ -369,8 +434,10 @@ def test_a_students_own_folder_of_that_name_is_never_touched(tmp_path, upstream)
     home = tmp_path / "home"
     (home / "course-x").mkdir(parents=True)
     (home / "course-x" / "mine.txt").write_text("mine")
-    pulls = [("course-x", Material(git=upstream.url, branch="main")),
-             ("course-y", Material(git=upstream.url, branch="main"))]
+    pulls = [
+        ("course-x", Material(git=upstream.url, branch="main")),
+        ("course-y", Material(git=upstream.url, branch="main")),
+    ]
     assert run_pull(pulls, home) == 1  # course-y still pulled
     assert (home / "course-x" / "mine.txt").read_text() == "mine"
     assert "exists but is not a copy of the course material" in (home / "course-x" / NOTE_NAME).read_text()
@@ -378,8 +445,9 @@ def test_a_students_own_folder_of_that_name_is_never_touched(tmp_path, upstream)
 
 
 def test_pull_script_quotes_everything():
-    script = pull_script([("c", Material(git="https://x.example/a b.git", branch="it's"))], "/home/j o",
-                         report_failures=False)
+    script = pull_script(
+        [("c", Material(git="https://x.example/a b.git", branch="it's"))], "/home/j o", report_failures=False
+    )
     assert "pull c 'https://x.example/a b.git' 'it'\"'\"'s' '/home/j o/c'" in script
     assert script.endswith("exit 0\n")
 
@@ -402,10 +470,15 @@ def test_course_volumes_read_only_for_students_writable_for_instructors(centre):
         },
     }
     assert mounts == {
-        "materials-course-ml101": {"name": "materials-course-ml101",
-                                   "mountPath": "/srv/workbench/courses/course-ml101", "readOnly": True},
-        "materials-course-geo210": {"name": "materials-course-geo210",
-                                    "mountPath": "/srv/workbench/courses/course-geo210"},
+        "materials-course-ml101": {
+            "name": "materials-course-ml101",
+            "mountPath": "/srv/workbench/courses/course-ml101",
+            "readOnly": True,
+        },
+        "materials-course-geo210": {
+            "name": "materials-course-geo210",
+            "mountPath": "/srv/workbench/courses/course-geo210",
+        },
     }
     assert course_volumes(centre, ["climate-lab"], "ada") == ({}, {})
 
@@ -416,22 +489,33 @@ def test_material_init_container(centre):
     assert init == {
         "name": "course-material",
         "image": centre.images[centre.profiles["mig-1g"].image].image,
-        "env": [{"name": "HOME", "value": "/home/jovyan"}, {"name": "LANG", "value": "C.UTF-8"},
-                {"name": "GIT_TERMINAL_PROMPT", "value": "0"}],
+        "env": [
+            {"name": "HOME", "value": "/home/jovyan"},
+            {"name": "LANG", "value": "C.UTF-8"},
+            {"name": "GIT_TERMINAL_PROMPT", "value": "0"},
+        ],
         "workingDir": "/home/jovyan",
         "volumeMounts": [{"name": "home", "mountPath": "/home/jovyan"}],
-        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "runAsNonRoot": True,
-                            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
         "resources": {
             "requests": {"cpu": centre.profiles["mig-1g"].cpu, "memory": centre.profiles["mig-1g"].memory},
-            "limits": {"cpu": centre.profiles["mig-1g"].cpu,
-                       "memory": centre.profiles["mig-1g"].memory_limit or centre.profiles["mig-1g"].memory},
+            "limits": {
+                "cpu": centre.profiles["mig-1g"].cpu,
+                "memory": centre.profiles["mig-1g"].memory_limit or centre.profiles["mig-1g"].memory,
+            },
         },
     }
     assert command[:2] == ["sh", "-c"]
     # KubeSpawner formats init containers: braces doubled here come out single in the pod
     assert command[2].replace("{{", "{").replace("}}", "}") == pull_script(
-        [("course-ml101", centre.groups["course-ml101"].material)], "/home/jovyan", report_failures=False)
+        [("course-ml101", centre.groups["course-ml101"].material)], "/home/jovyan", report_failures=False
+    )
     assert material_init_container(centre, ["climate-lab"], "cpu-small", "ada") is None
 
 
@@ -451,8 +535,10 @@ def test_rendered_pod_pulls_the_material_before_the_notebook_and_mounts_the_fold
     assert init["image"] == pod["spec"]["containers"][0]["image"]
     script = init["command"][2]
     assert ': "${GITPULLER:=gitpuller}"' in script  # the braces survived KubeSpawner's formatting
-    assert "pull course-ml101 https://git.example.edu/teaching/ml101-material.git 2024-autumn " \
-           "/home/jovyan/course-ml101" in script
+    assert (
+        "pull course-ml101 https://git.example.edu/teaching/ml101-material.git 2024-autumn "
+        "/home/jovyan/course-ml101" in script
+    )
     assert "pull course-geo210 https://git.example.edu/teaching/geo210.git main /home/jovyan/course-geo210" in script
     assert script.endswith("exit 0\n")
     assert init["volumeMounts"] == [{"name": "home", "mountPath": "/home/jovyan"}]

@@ -632,7 +632,7 @@ def test_gateway_serves_under_the_guards_prefix_and_checks_its_scope(tmp_path, m
 
     from traitlets.config import Config
 
-    from workbench.gateway.local import configure_gateway
+    from workbench.gateway.config import configure_gateway
     from workbench.policy import load_policy
     from workbench.runtime import Runtime
 

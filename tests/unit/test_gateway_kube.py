@@ -120,7 +120,9 @@ def test_kube_overrides_gpu_worker():
 
 def test_kube_overrides_no_gpus_requested_means_a_cpu_worker():
     policy = policy_at(CENTRE)
-    out = kube_overrides(policy, "ada")("vision-lab", policy.groups["vision-lab"].dask, FrozenAttrDict({"worker_gpus": 0}))
+    out = kube_overrides(policy, "ada")(
+        "vision-lab", policy.groups["vision-lab"].dask, FrozenAttrDict({"worker_gpus": 0})
+    )
     assert out["worker_extra_pod_config"] == LOCKED_POD
     assert out["worker_extra_container_config"] == LOCKED_CONTAINER
 
@@ -384,7 +386,18 @@ def test_max_clusters_counts_clusters_in_flight_and_not_yet_watched():
 
 def test_main_render_cluster_prints_both_pods(capsys):
     rc = main_render_cluster(
-        ["--config", str(CENTRE), "--user", "ada", "--groups", "vision-lab", "-o", "worker_gpus=1", "-o", "worker_cores=2"]
+        [
+            "--config",
+            str(CENTRE),
+            "--user",
+            "ada",
+            "--groups",
+            "vision-lab",
+            "-o",
+            "worker_gpus=1",
+            "-o",
+            "worker_cores=2",
+        ]
     )
     assert rc == 0
     scheduler, worker = yaml.safe_load_all(capsys.readouterr().out)
@@ -394,11 +407,17 @@ def test_main_render_cluster_prints_both_pods(capsys):
 
 
 def test_main_render_cluster_one_component_and_errors(capsys, tmp_path):
-    assert main_render_cluster(["--config", str(DEMO), "--user", "u", "--groups", "physics-lab", "--component", "worker"]) == 0
+    assert (
+        main_render_cluster(["--config", str(DEMO), "--user", "u", "--groups", "physics-lab", "--component", "worker"])
+        == 0
+    )
     [worker] = yaml.safe_load_all(capsys.readouterr().out)
     assert worker["metadata"]["generateName"].startswith("dask-worker-")
 
-    assert main_render_cluster(["--config", str(DEMO), "--user", "u", "--groups", "physics-lab", "-o", "worker_gpus=1"]) == 3
+    assert (
+        main_render_cluster(["--config", str(DEMO), "--user", "u", "--groups", "physics-lab", "-o", "worker_gpus=1"])
+        == 3
+    )
     assert "worker_gpus" in capsys.readouterr().err
 
     bad = tmp_path / "bad.yaml"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench.gateway.local import GIB, cluster_config_for, cluster_options_for
-from workbench.policy import PolicyError, DaskPolicy, load_policy, parse_policy
-from workbench.spawn.local import dask_environment
+from workbench.gateway.options import GIB, cluster_config_for, cluster_options_for
+from workbench.policy import DaskPolicy, PolicyError, load_policy, parse_policy
+from workbench.spawn.common import dask_environment
 
 DEMO = Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml"
 
@@ -169,7 +169,9 @@ def test_larger_worker_cores_allowed_when_policy_allows():
         options.parse_options({"worker_cores": 5})
 
 
-@pytest.mark.parametrize("groups, named", [(["platform-admins"], "platform-admins"), ([], "none"), (["not-a-group"], "none")])
+@pytest.mark.parametrize(
+    "groups, named", [(["platform-admins"], "platform-admins"), ([], "none"), (["not-a-group"], "none")]
+)
 def test_group_without_dask_policy_is_refused_with_a_reason(demo, groups, named):
     options = cluster_options_for(demo, groups)
     assert options.get_specification() == []  # nothing to choose
@@ -202,8 +204,9 @@ def test_fractional_worker_core_limit_is_a_policy_error():
 
 
 def test_cluster_config_for_literal():
-    dask = DaskPolicy(max_cores=8, max_memory="32G", max_workers=6, worker_max_cores=2,
-                      worker_max_memory="4G", idle_timeout="15m")
+    dask = DaskPolicy(
+        max_cores=8, max_memory="32G", max_workers=6, worker_max_cores=2, worker_max_memory="4G", idle_timeout="15m"
+    )
     assert cluster_config_for(dask, 2, 3.5) == {
         "worker_cores": 2,
         "worker_memory": 3758096384,

@@ -11,17 +11,32 @@ from types import SimpleNamespace
 from dask_gateway_server.backends.db_base import JobStatus
 from dask_gateway_server.utils import FrozenAttrDict
 
-from workbench.gateway.local import CHARGE_KEY, WorkbenchUnsafeLocalBackend, scheduler_item, worker_item
+from workbench.gateway.local import WorkbenchUnsafeLocalBackend
+from workbench.gateway.quota import CHARGE_KEY, scheduler_item, worker_item
 
 DEMO = Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml"
 GIB = 2**30
 
 
 def cluster(name, status=JobStatus.RUNNING, workers=(), **config):
-    c = SimpleNamespace(name=name, username="researcher", status=status, target=JobStatus.RUNNING,
-                        start_time=1_780_000_000_000, workers={},
-                        config=FrozenAttrDict({CHARGE_KEY: "physics-lab", "worker_cores": 1, "worker_memory": GIB,
-                                               "scheduler_cores": 1, "scheduler_memory": GIB, **config}))
+    c = SimpleNamespace(
+        name=name,
+        username="researcher",
+        status=status,
+        target=JobStatus.RUNNING,
+        start_time=1_780_000_000_000,
+        workers={},
+        config=FrozenAttrDict(
+            {
+                CHARGE_KEY: "physics-lab",
+                "worker_cores": 1,
+                "worker_memory": GIB,
+                "scheduler_cores": 1,
+                "scheduler_memory": GIB,
+                **config,
+            }
+        ),
+    )
     for wname, wstatus in workers:
         c.workers[wname] = SimpleNamespace(name=wname, status=wstatus, start_time=1_780_000_001_000, cluster=c)
     return c
@@ -42,8 +57,9 @@ class FakeQuota:
 def backend(clusters):
     b = WorkbenchUnsafeLocalBackend(policy_path=str(DEMO), quota_api_url="http://q/api", quota_api_token="t")
     by_name = {c.name: c for c in clusters}
-    b.db = SimpleNamespace(active_clusters=lambda: [c for c in clusters if c.status < JobStatus.STOPPED],
-                           get_cluster=by_name.get)
+    b.db = SimpleNamespace(
+        active_clusters=lambda: [c for c in clusters if c.status < JobStatus.STOPPED], get_cluster=by_name.get
+    )
     b.stopped = []
 
     async def stop_cluster(name, failed=False):
@@ -54,14 +70,28 @@ def backend(clusters):
 
 
 def test_running_items_are_schedulers_and_started_workers_with_their_resources():
-    c = cluster("c1", workers=[("w-run", JobStatus.RUNNING), ("w-sub", JobStatus.SUBMITTED),
-                               ("w-new", JobStatus.CREATED), ("w-old", JobStatus.STOPPED)])
+    c = cluster(
+        "c1",
+        workers=[
+            ("w-run", JobStatus.RUNNING),
+            ("w-sub", JobStatus.SUBMITTED),
+            ("w-new", JobStatus.CREATED),
+            ("w-old", JobStatus.STOPPED),
+        ],
+    )
     gone = cluster("c2", status=JobStatus.STOPPED)
     items = backend([c, gone]).running_items()
     assert [i["item"] for i in items] == ["dask-scheduler:c1", "dask-worker:c1/w-run", "dask-worker:c1/w-sub"]
     sched, worker = items[0], items[1]
-    assert sched == {"item": "dask-scheduler:c1", "kind": "dask-scheduler", "user": "researcher",
-                     "group": "physics-lab", "cpu": 1.0, "memory": GIB, "started": "2026-05-28T20:26:40+00:00"}
+    assert sched == {
+        "item": "dask-scheduler:c1",
+        "kind": "dask-scheduler",
+        "user": "researcher",
+        "group": "physics-lab",
+        "cpu": 1.0,
+        "memory": GIB,
+        "started": "2026-05-28T20:26:40+00:00",
+    }
     assert worker["kind"] == "dask-worker" and worker["cpu"] == 1.0 and worker["gpu_count"] == 0
     assert "gpu_type" not in worker  # a CPU worker holds no GPU
 
@@ -88,5 +118,5 @@ def test_a_round_reconciles_then_stops_only_due_clusters_once(monkeypatch):
     monkeypatch.setattr(WorkbenchUnsafeLocalBackend, "quota", property(lambda self: fake))
     assert asyncio.run(b.quota_round()) == ["c1"]
     assert b.stopped == [("c1", True)]
-    (kinds, items), = fake.reconciled
+    ((kinds, items),) = fake.reconciled
     assert kinds == ["dask-scheduler", "dask-worker"] and len(items) == 4  # 2 schedulers + 2 workers

@@ -17,7 +17,7 @@ from dask_gateway_server.utils import FrozenAttrDict
 from traitlets.config import Config
 
 from workbench.gateway import slurm as gateway_slurm
-from workbench.gateway.local import cluster_options_for
+from workbench.gateway.options import cluster_options_for
 from workbench.gateway.slurm import (
     DEFAULT_SLURM_CONF,
     SLURM_UP_MARKER,
@@ -100,8 +100,14 @@ def test_overrides_through_the_cluster_options_make_a_valid_cluster_config(centr
 
 @pytest.mark.parametrize(
     "seconds, expected",
-    [(14400, "0-04:00:00"), (43200, "0-12:00:00"), (90, "0-00:02:00"), (60, "0-00:01:00"),
-     (2 * 86400 + 1, "2-00:01:00"), (36 * 3600, "1-12:00:00")],
+    [
+        (14400, "0-04:00:00"),
+        (43200, "0-12:00:00"),
+        (90, "0-00:02:00"),
+        (60, "0-00:01:00"),
+        (2 * 86400 + 1, "2-00:01:00"),
+        (36 * 3600, "1-12:00:00"),
+    ],
 )
 def test_slurm_time(seconds, expected):
     assert slurm_time(seconds) == expected
@@ -115,16 +121,28 @@ def test_slurm_time_must_be_positive():
 def test_placement_of_scheduler_and_workers():
     common = dict(partition="cpu", account="physics-lab", qos="normal", walltime=14400)
     assert placement_args(worker=False, **common) == [
-        "--job-name=dask-scheduler", "--partition=cpu", "--account=physics-lab", "--qos=normal", "--time=0-04:00:00",
+        "--job-name=dask-scheduler",
+        "--partition=cpu",
+        "--account=physics-lab",
+        "--qos=normal",
+        "--time=0-04:00:00",
     ]
     assert placement_args(worker=True, **common) == [
-        "--job-name=dask-worker", "--partition=cpu", "--account=physics-lab", "--qos=normal", "--time=0-04:00:00",
+        "--job-name=dask-worker",
+        "--partition=cpu",
+        "--account=physics-lab",
+        "--qos=normal",
+        "--time=0-04:00:00",
     ]
     gpu = dict(common, worker_gpus=2, gpu_type="h100", gpu_partition="gpu")
     # the scheduler of a GPU cluster: no GRES, the group's partition
     assert placement_args(worker=False, **gpu) == placement_args(worker=False, **common)
     assert placement_args(worker=True, **gpu) == [
-        "--job-name=dask-worker", "--partition=gpu", "--account=physics-lab", "--qos=normal", "--time=0-04:00:00",
+        "--job-name=dask-worker",
+        "--partition=gpu",
+        "--account=physics-lab",
+        "--qos=normal",
+        "--time=0-04:00:00",
         "--gres=gpu:h100:2",
     ]
     # no GPU partition configured: the group's partition
@@ -133,46 +151,76 @@ def test_placement_of_scheduler_and_workers():
 
 def test_placement_leaves_empty_values_to_slurm():
     assert placement_args(worker=True) == ["--job-name=dask-worker"]
-    assert placement_args(worker=True, worker_gpus=1, gpu_type="h100") == ["--job-name=dask-worker", "--gres=gpu:h100:1"]
+    assert placement_args(worker=True, worker_gpus=1, gpu_type="h100") == [
+        "--job-name=dask-worker",
+        "--gres=gpu:h100:1",
+    ]
     with pytest.raises(ValueError, match="GPU type"):
         placement_args(worker=True, worker_gpus=1)
 
 
 def make_backend(**traits) -> WorkbenchSlurmBackend:
-    backend = WorkbenchSlurmBackend(**{
-        "api_url": "http://127.0.0.1:9999/services/dask-gateway/api",
-        "submit_command": "/usr/bin/sbatch",
-        "cancel_command": "/usr/bin/scancel",
-        "status_command": "/usr/bin/squeue",
-        "slurm_conf": "/etc/slurm-site/slurm.conf",
-        **traits,
-    })
+    backend = WorkbenchSlurmBackend(
+        **{
+            "api_url": "http://127.0.0.1:9999/services/dask-gateway/api",
+            "submit_command": "/usr/bin/sbatch",
+            "cancel_command": "/usr/bin/scancel",
+            "status_command": "/usr/bin/squeue",
+            "slurm_conf": "/etc/slurm-site/slurm.conf",
+            **traits,
+        }
+    )
     # upstream looks the user up (ours also creates the account): not here
     backend.get_staging_directory = lambda cluster: f"/home/wb-{cluster.username}/.dask-gateway/{cluster.name}"
     return backend
 
 
 def make_cluster(**overrides) -> SimpleNamespace:
-    base = {"scheduler_cmd": ["/venv/bin/dask", "scheduler"], "worker_cmd": ["/venv/bin/dask", "worker"],
-            "worker_cores": 1, "worker_memory": 2**30, "scheduler_cores": 1, "scheduler_memory": 2**30,
-            "environment": {"PATH": "/venv/bin:/usr/bin:/bin"}}
+    base = {
+        "scheduler_cmd": ["/venv/bin/dask", "scheduler"],
+        "worker_cmd": ["/venv/bin/dask", "worker"],
+        "worker_cores": 1,
+        "worker_memory": 2**30,
+        "scheduler_cores": 1,
+        "scheduler_memory": 2**30,
+        "environment": {"PATH": "/venv/bin:/usr/bin:/bin"},
+    }
     config = WorkbenchSlurmClusterConfig(**{**base, **overrides})
     return SimpleNamespace(
-        name="c0ffee", username="ada", token="secret-token", scheduler_address="tls://10.0.0.5:8786",
+        name="c0ffee",
+        username="ada",
+        token="secret-token",
+        scheduler_address="tls://10.0.0.5:8786",
         config=FrozenAttrDict(config.to_dict()),
     )
 
 
 def test_sbatch_command_of_a_gpu_worker():
     backend = make_backend()
-    cluster = make_cluster(partition="cpu", account="vision-lab", qos="normal", walltime=43200,
-                           worker_gpus=1, gpu_type="a100", gpu_partition="gpu")
+    cluster = make_cluster(
+        partition="cpu",
+        account="vision-lab",
+        qos="normal",
+        walltime=43200,
+        worker_gpus=1,
+        gpu_type="a100",
+        gpu_partition="gpu",
+    )
     cmd, env, script = backend.get_submit_cmd_env_stdin(cluster, SimpleNamespace(name="w1"))
     staging = "/home/wb-ada/.dask-gateway/c0ffee"
     assert cmd == [
-        "/usr/bin/sbatch", "--job-name=dask-worker", "--partition=gpu", "--account=vision-lab", "--qos=normal",
-        "--time=0-12:00:00", "--gres=gpu:a100:1", "--parsable",
-        f"--chdir={staging}", f"--output={staging}/dask-worker-w1.log", "--cpus-per-task=1", "--mem=1024M",
+        "/usr/bin/sbatch",
+        "--job-name=dask-worker",
+        "--partition=gpu",
+        "--account=vision-lab",
+        "--qos=normal",
+        "--time=0-12:00:00",
+        "--gres=gpu:a100:1",
+        "--parsable",
+        f"--chdir={staging}",
+        f"--output={staging}/dask-worker-w1.log",
+        "--cpus-per-task=1",
+        "--mem=1024M",
         "--export=" + ",".join(sorted(k for k in env if k != "SLURM_CONF")),
     ]
     assert env["SLURM_CONF"] == "/etc/slurm-site/slurm.conf"  # sbatch's own environment
@@ -184,12 +232,17 @@ def test_sbatch_command_of_a_gpu_worker():
 
 def test_sbatch_command_of_the_scheduler():
     backend = make_backend(slurm_conf="")
-    cluster = make_cluster(partition="cpu", account="physics-lab", walltime=14400, worker_gpus=2, gpu_type="h100",
-                           gpu_partition="gpu")
+    cluster = make_cluster(
+        partition="cpu", account="physics-lab", walltime=14400, worker_gpus=2, gpu_type="h100", gpu_partition="gpu"
+    )
     cmd, env, script = backend.get_submit_cmd_env_stdin(cluster)
     assert cmd[:6] == [
-        "/usr/bin/sbatch", "--job-name=dask-scheduler", "--partition=cpu", "--account=physics-lab",
-        "--time=0-04:00:00", "--parsable",
+        "/usr/bin/sbatch",
+        "--job-name=dask-scheduler",
+        "--partition=cpu",
+        "--account=physics-lab",
+        "--time=0-04:00:00",
+        "--parsable",
     ]
     assert not [a for a in cmd if a.startswith(("--gres", "--qos"))]
     assert "SLURM_CONF" not in env  # the default cluster: Slurm's default path
@@ -213,7 +266,9 @@ def test_jobs_run_as_the_hub_users_unix_account(monkeypatch, tmp_path):
 
     made = []
     monkeypatch.setattr(SlurmBackend, "do_as_user", upstream)
-    monkeypatch.setattr(gateway_slurm, "ensure_system_user", lambda name: made.append(name) or SimpleNamespace(pw_name=name))
+    monkeypatch.setattr(
+        gateway_slurm, "ensure_system_user", lambda name: made.append(name) or SimpleNamespace(pw_name=name)
+    )
     backend = WorkbenchSlurmBackend(user_prefix="wb-")
 
     assert asyncio.run(backend.start_job("Jane.Doe@uni.example", ["sbatch"], {}, "#!/bin/sh")) == "17"
@@ -231,9 +286,19 @@ def test_jobs_run_as_the_hub_users_unix_account(monkeypatch, tmp_path):
 
 
 def runtime_for(tmp_path, **kw) -> Runtime:
-    return Runtime(**{"config": str(DEMO), "state_dir": str(tmp_path), "hub_config_dir": str(ROOT / "hub_config"),
-                      "venv_bin": "/opt/venv/bin", "proxy_command": "chp", "gateway_http_port": 8011,
-                      "system_users": True, "gateway_backend": "slurm", **kw})
+    return Runtime(
+        **{
+            "config": str(DEMO),
+            "state_dir": str(tmp_path),
+            "hub_config_dir": str(ROOT / "hub_config"),
+            "venv_bin": "/opt/venv/bin",
+            "proxy_command": "chp",
+            "gateway_http_port": 8011,
+            "system_users": True,
+            "gateway_backend": "slurm",
+            **kw,
+        }
+    )
 
 
 @pytest.fixture
@@ -258,7 +323,11 @@ def test_configure_for_the_cluster_of_slurm_up(tmp_path, demo, tools):
     b = c.WorkbenchSlurmBackend
     assert b.slurm_conf == str(conf)
     assert b.dask_gateway_jobqueue_launcher == "/opt/venv/bin/dask-gateway-jobqueue-launcher"
-    assert (b.submit_command, b.cancel_command, b.status_command) == ("/usr/bin/sbatch", "/usr/bin/scancel", "/usr/bin/squeue")
+    assert (b.submit_command, b.cancel_command, b.status_command) == (
+        "/usr/bin/sbatch",
+        "/usr/bin/scancel",
+        "/usr/bin/squeue",
+    )
     assert b.api_url == "http://127.0.0.1:8011/services/dask-gateway/api"
     assert b.user_prefix == "wb-"
     cfg = c.WorkbenchSlurmClusterConfig

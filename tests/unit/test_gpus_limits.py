@@ -7,7 +7,7 @@ import pytest
 from workbench.gpus import Device, GpuAllocator, NoFreeGpu, inventory, parse_fake_gpus, parse_nvidia_smi
 from workbench.limits import LocalLimits, cgroup_files, local_limits, own_cgroups
 from workbench.policy import parse_policy
-from workbench.spawn.local import describe_profile, options_form_html
+from workbench.spawn.common import describe_profile, options_form_html
 
 NVIDIA_SMI_L = """\
 GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa)

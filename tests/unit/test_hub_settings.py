@@ -140,8 +140,14 @@ def test_load_roles(settings):
         {
             "name": "workbench-sessions",
             "description": "Stop servers at their session limit and when idle (workbench.services.sessions.app)",
-            "scopes": ["list:users", "read:users:name", "read:users:groups", "read:servers", "admin:server_state",
-                       "delete:servers"],
+            "scopes": [
+                "list:users",
+                "read:users:name",
+                "read:users:groups",
+                "read:servers",
+                "admin:server_state",
+                "delete:servers",
+            ],
             "services": ["sessions"],
         },
         {
@@ -231,8 +237,11 @@ def test_spawner_sections(settings):
     assert settings["Spawner"] == {
         "cmd": ["/srv/wb/.venv/bin/jupyterhub-singleuser"],
         "default_url": "/lab",
-        "server_token_scopes": [*SERVER_TOKEN_SCOPES, "access:services!service=sessions",
-                                "access:services!service=rosters"],
+        "server_token_scopes": [
+            *SERVER_TOKEN_SCOPES,
+            "access:services!service=sessions",
+            "access:services!service=rosters",
+        ],
         "start_timeout": 120,
         "http_timeout": 90,
         "poll_interval": 10,
@@ -278,7 +287,10 @@ def test_no_culling_and_no_session_limits_run_no_sessions_service(demo):
 def test_session_limits_alone_keep_the_sessions_service(demo):
     data = yaml.safe_load(DEMO.read_text())
     data["culling"] = {"enabled": False}  # the demo startup group still has session.max_age
-    assert [svc["name"] for svc in services(parse_policy(data), make_runtime(), SECRETS)][-2:] == ["sessions", "rosters"]
+    assert [svc["name"] for svc in services(parse_policy(data), make_runtime(), SECRETS)][-2:] == [
+        "sessions",
+        "rosters",
+    ]
 
 
 def test_culling_interval_is_seconds():
@@ -332,8 +344,11 @@ def test_apply_settings_sets_traitlets_config(settings):
     c = Config()
     apply_settings(c, settings)
     assert c.JupyterHub.bind_url == "http://127.0.0.1:8000"
-    assert c.Spawner.server_token_scopes == [*SERVER_TOKEN_SCOPES, "access:services!service=sessions",
-                                             "access:services!service=rosters"]
+    assert c.Spawner.server_token_scopes == [
+        *SERVER_TOKEN_SCOPES,
+        "access:services!service=sessions",
+        "access:services!service=rosters",
+    ]
     assert c.DemoAuthenticator.admin_group_names == "platform-admins"
     assert [s["name"] for s in c.JupyterHub.services] == ["dask-gateway-server", "dask-gateway", "sessions", "rosters"]
 
@@ -361,7 +376,9 @@ def test_runtime_from_env(tmp_path, monkeypatch):
 
 def test_runtime_from_env_unset(monkeypatch):
     monkeypatch.delenv(RUNTIME_ENV, raising=False)
-    with pytest.raises(RuntimeError, match=r"^WORKBENCH_RUNTIME is not set: this configuration is started by `workbench up`"):
+    with pytest.raises(
+        RuntimeError, match=r"^WORKBENCH_RUNTIME is not set: this configuration is started by `workbench up`"
+    ):
         Runtime.from_env()
 
 

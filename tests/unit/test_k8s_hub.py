@@ -10,32 +10,34 @@ import pytest
 from traitlets.config import Config
 
 from workbench.auth.demo import DemoAuthExposed
-from workbench.embedded.hub import SERVER_TOKEN_SCOPES, roles
+from workbench.kubernetes.__main__ import main
+from workbench.kubernetes.gateway import (
+    NamespacedClient,
+    NamespacedKubeBackend,
+    NamespacedKubeController,
+    configure_k8s_gateway,
+    k8s_gateway_settings,
+)
+from workbench.kubernetes.guard import k8s_guard_settings, serve_k8s_guard
 from workbench.kubernetes.hub import (
     GATEWAY_ENV,
     GUARD_ENV,
     HUB_ENV,
     K8sConfigError,
-    NamespacedClient,
-    NamespacedKubeBackend,
-    NamespacedKubeController,
-    configure_k8s_gateway,
     configure_k8s_hub,
     culler_roles,
-    k8s_gateway_settings,
-    k8s_guard_settings,
     k8s_hub_settings,
-    main,
-    serve_k8s_guard,
     singleuser_labels,
 )
-from workbench.spawn.kube import kubespawner_settings
+from workbench.names import SERVER_TOKEN_SCOPES
 from workbench.policy import PolicyError, load_policy
 from workbench.services.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
 from workbench.services.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
 from workbench.services.quota.wiring import quota_roles
 from workbench.services.sessions.rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
 from workbench.services.sessions.rules import SERVICE_SCOPES as SESSIONS_SCOPES
+from workbench.settings import roles
+from workbench.spawn.kube import kubespawner_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "hub_config" / "demo.yaml"
@@ -100,13 +102,21 @@ def test_hub_settings_for_sso(centre):
             "name": "idle-culler",
             "api_token": "culler-token",
             "command": [
-                sys.executable, "-m", "jupyterhub_idle_culler", "--url=http://127.0.0.1:8081/hub/api",
-                "--timeout=7200", "--cull-every=600",
+                sys.executable,
+                "-m",
+                "jupyterhub_idle_culler",
+                "--url=http://127.0.0.1:8081/hub/api",
+                "--timeout=7200",
+                "--cull-every=600",
             ],
         },
         # the dashboard guard (workbench.gateway.dashguard), logging browsers in with no consent page
-        {"name": "dask-gateway", "url": "http://wb-gateway-guard.research:8000", "api_token": "gateway-token",
-         "oauth_no_confirm": True},
+        {
+            "name": "dask-gateway",
+            "url": "http://wb-gateway-guard.research:8000",
+            "api_token": "gateway-token",
+            "oauth_no_confirm": True,
+        },
     ]
     assert "custom_scopes" not in hub  # no quota service without WORKBENCH_QUOTA_URL
     assert "cookie_secret" not in hub  # from JPY_COOKIE_SECRET in the pod, never in the settings
@@ -133,7 +143,10 @@ def test_spawner_settings_extend_the_policys(centre):
     assert spawner["namespace"] == "research"
     assert spawner["component_label"] == "singleuser-server"
     assert spawner["extra_labels"] == {"app.kubernetes.io/instance": "wb"}
-    assert singleuser_labels("wb") == {"app.kubernetes.io/instance": "wb", "app.kubernetes.io/component": "singleuser-server"}
+    assert singleuser_labels("wb") == {
+        "app.kubernetes.io/instance": "wb",
+        "app.kubernetes.io/component": "singleuser-server",
+    }
     assert spawner["image_pull_secrets"] == []
     env = dict(spawner["environment"])
     max_workers = env.pop("WORKBENCH_DASK_MAX_WORKERS")
@@ -252,11 +265,13 @@ def test_the_sessions_service_replaces_the_idle_culler(centre):
 def test_the_sessions_service_has_its_roles_with_nothing_to_enforce(centre):
     """No culling and no session limit: workbench.embedded.hub.roles() gives the sessions service no role, but the chart
     runs it, so the hub gives it (and its users) the same roles: no refused checks or notifications."""
-    quiet = centre.model_copy(update={
-        "culling": centre.culling.model_copy(update={"enabled": False}),
-        "groups": {n: g.model_copy(update={"session": None}) for n, g in centre.groups.items()},
-        "profiles": {n: p.model_copy(update={"session": None}) for n, p in centre.profiles.items()},
-    })
+    quiet = centre.model_copy(
+        update={
+            "culling": centre.culling.model_copy(update={"enabled": False}),
+            "groups": {n: g.model_copy(update={"session": None}) for n, g in centre.groups.items()},
+            "profiles": {n: p.model_copy(update={"session": None}) for n, p in centre.profiles.items()},
+        }
+    )
     assert not [r for r in roles(quiet) if r["name"].startswith("workbench-sessions")]
     hub = k8s_hub_settings(quiet, {**HUB, **SESSIONS})["JupyterHub"]
     names = [r["name"] for r in hub["load_roles"]]
@@ -283,6 +298,7 @@ def test_without_the_sessions_service_the_idle_culler_is_back(centre):
 
 def test_notebooks_reach_the_services_where_the_chart_says(centre):
     """WORKBENCH_SERVICES_URL of notebook pods: the chart's (the hub's proxy), else the quota service's, else none."""
+
     def services_url(env):
         return k8s_hub_settings(centre, env)["WorkbenchKubeSpawner"]["environment"].get("WORKBENCH_SERVICES_URL")
 
@@ -295,7 +311,11 @@ def test_notebooks_reach_the_services_where_the_chart_says(centre):
 def test_guard_settings():
     g = k8s_guard_settings(GUARD)
     assert (g.hub_api_url, g.upstream, g.api_token, g.port) == (
-        "http://wb-hub:8081/hub/api", "http://wb-gateway-proxy.research:8000", "gateway-token", 8000)
+        "http://wb-hub:8081/hub/api",
+        "http://wb-gateway-proxy.research:8000",
+        "gateway-token",
+        8000,
+    )
     from workbench.gateway.dashguard import derive_cookie_secret
 
     assert g.cookie_secret == derive_cookie_secret("ab" * 32)
@@ -325,8 +345,11 @@ def test_the_guard_serves_until_stopped():
         try:
             for _ in range(100):
                 try:
-                    r = await client.fetch(f"http://127.0.0.1:{port}/services/dask-gateway/clusters/research.abc/status",
-                                           follow_redirects=False, raise_error=False)
+                    r = await client.fetch(
+                        f"http://127.0.0.1:{port}/services/dask-gateway/clusters/research.abc/status",
+                        follow_redirects=False,
+                        raise_error=False,
+                    )
                     break
                 except ConnectionRefusedError:
                     await asyncio.sleep(0.05)
@@ -343,7 +366,7 @@ def test_the_guard_serves_until_stopped():
 def test_gateway_settings(centre):
     s = k8s_gateway_settings(centre, GATEWAY)
     assert s["DaskGateway"] == {
-        "backend_class": "workbench.kubernetes.hub.NamespacedKubeBackend",
+        "backend_class": "workbench.kubernetes.gateway.NamespacedKubeBackend",
         "address": ":8000",
         "log_level": "INFO",
         "authenticator_class": "dask_gateway_server.auth.JupyterHubAuthenticator",
@@ -410,7 +433,11 @@ def test_namespaced_client_turns_cluster_wide_lists_into_namespaced_ones():
     assert api.calls == [
         ("list_namespaced_pod", ("research",), {"label_selector": "a=b", "resource_version": "7"}),
         ("list_namespaced_endpoints", ("research",), {"label_selector": "c=d"}),
-        ("list_namespaced_custom_object", ("gateway.dask.org", "v1alpha1", "research", "daskclusters"), {"label_selector": "e=f"}),
+        (
+            "list_namespaced_custom_object",
+            ("gateway.dask.org", "v1alpha1", "research", "daskclusters"),
+            {"label_selector": "e=f"},
+        ),
         ("create_namespaced_pod", ("research", {"kind": "Pod"}), {}),
     ]
     assert client.api_client == "the-api-client"
@@ -449,8 +476,12 @@ def test_dask_gateways_informer_lists_in_the_namespace():
     api.api_client = api
     controller.core_client = api
     informer = Informer(
-        parent=controller, name="pod", client=controller.core_client, method="list_pod_for_all_namespaces",
-        method_kwargs={"label_selector": "gateway.dask.org/instance=wb-gateway"}, on_update=lambda *a, **k: None,
+        parent=controller,
+        name="pod",
+        client=controller.core_client,
+        method="list_pod_for_all_namespaces",
+        method_kwargs={"label_selector": "gateway.dask.org/instance=wb-gateway"},
+        on_update=lambda *a, **k: None,
         on_delete=lambda *a, **k: None,
     )
 
@@ -463,7 +494,11 @@ def test_dask_gateways_informer_lists_in_the_namespace():
         await informer.stop()
 
     asyncio.run(go())
-    assert api.calls[0] == ("list_namespaced_pod", ("research",), {"label_selector": "gateway.dask.org/instance=wb-gateway"})
+    assert api.calls[0] == (
+        "list_namespaced_pod",
+        ("research",),
+        {"label_selector": "gateway.dask.org/instance=wb-gateway"},
+    )
     name, args, kwargs = api.calls[1]  # then the watch, in the namespace too
     assert (name, args, kwargs["watch"]) == ("list_namespaced_pod", ("research",), True)
 
@@ -489,16 +524,21 @@ def test_hub_loader_applies_the_settings(tmp_path):
 def test_gateway_loader_applies_the_settings(capsys):
     c = Config()
     configure_k8s_gateway(c, {**GATEWAY, "WORKBENCH_PLATFORM": str(CENTRE)})
-    assert c.DaskGateway.backend_class == "workbench.kubernetes.hub.NamespacedKubeBackend"
+    assert c.DaskGateway.backend_class == "workbench.kubernetes.gateway.NamespacedKubeBackend"
     with pytest.raises(SystemExit):
         configure_k8s_gateway(Config(), {"WORKBENCH_PLATFORM": str(CENTRE)})
     assert "WORKBENCH_NAMESPACE" in capsys.readouterr().err
 
 
 def test_hub_config_files_are_thin_loaders():
-    for name, call in (("jupyterhub_config_k8s.py", "configure_k8s_hub(c)"), ("dask_gateway_config_k8s.py", "configure_k8s_gateway(c)")):
-        code = [line for line in (REPO / "hub_config" / name).read_text().splitlines() if line and not line.startswith("#")]
-        assert code[0].startswith("from workbench.kubernetes.hub import") and code[1].startswith(call)
+    for name, call in (
+        ("jupyterhub_config_k8s.py", "configure_k8s_hub(c)"),
+        ("dask_gateway_config_k8s.py", "configure_k8s_gateway(c)"),
+    ):
+        code = [
+            line for line in (REPO / "hub_config" / name).read_text().splitlines() if line and not line.startswith("#")
+        ]
+        assert code[0].startswith("from workbench.kubernetes.") and code[1].startswith(call)
         assert len(code) == 2
 
 

@@ -19,6 +19,7 @@ import yaml
 from tornado import web
 
 from workbench.cli.main import main
+from workbench.policy import PolicyError, load_policy, parse_policy
 from workbench.spawn.kube import (
     WorkbenchKubeSpawner,
     _offline_kube_config,
@@ -30,7 +31,6 @@ from workbench.spawn.kube import (
     profile_list_for,
     render_pod,
 )
-from workbench.policy import PolicyError, load_policy, parse_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "hub_config" / "demo.yaml"
@@ -202,8 +202,11 @@ def test_profile_list_for_entitled_profiles_in_policy_order_first_default():
         },
         "volume_mounts": {
             "shared-course-ml101": {"name": "shared-course-ml101", "mountPath": "/srv/workbench/groups/course-ml101"},
-            "materials-course-ml101": {"name": "materials-course-ml101",
-                                       "mountPath": "/srv/workbench/courses/course-ml101", "readOnly": True},
+            "materials-course-ml101": {
+                "name": "materials-course-ml101",
+                "mountPath": "/srv/workbench/courses/course-ml101",
+                "readOnly": True,
+            },
         },
     }
     small, mig = kubespawner_profile(policy, "cpu-small"), kubespawner_profile(policy, "mig-1g")
@@ -405,7 +408,11 @@ def test_render_pod_mounts_every_group_and_defaults_to_the_first_profile():
 @pytest.mark.parametrize(
     "groups, profile, message",
     [
-        (["course-ml101"], "h100-x1", "Profile 'h100-x1' is not available to you; your groups may use: cpu-small, mig-1g"),
+        (
+            ["course-ml101"],
+            "h100-x1",
+            "Profile 'h100-x1' is not available to you; your groups may use: cpu-small, mig-1g",
+        ),
         (["course-ml101"], "no-such-profile", "your groups may use: cpu-small, mig-1g"),
         ([], "cpu-small", "You are not in any group that may start a server"),
         (["someone-elses-group"], None, "You are not in any group that may start a server"),
@@ -464,7 +471,17 @@ def test_render_pod_restores_the_kube_config_environment(monkeypatch):
 
 def test_cli_render_pod_prints_the_manifest(capsys):
     rc = main(
-        ["render-pod", "--config", str(CENTRE), "--user", "ada", "--groups", "vision-lab,climate-lab", "--profile", "h100-x4"]
+        [
+            "render-pod",
+            "--config",
+            str(CENTRE),
+            "--user",
+            "ada",
+            "--groups",
+            "vision-lab,climate-lab",
+            "--profile",
+            "h100-x4",
+        ]
     )
     out, err = capsys.readouterr()
     assert rc == 0, err

@@ -19,8 +19,8 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from workbench.kubernetes.hub import k8s_hub_settings
-from workbench.spawn.kube import WorkbenchKubeSpawner, _offline_kube_config, _RenderHub, _RenderUser
 from workbench.policy import load_policy
+from workbench.spawn.kube import WorkbenchKubeSpawner, _offline_kube_config, _RenderHub, _RenderUser
 
 DEMO = load_policy(Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml")
 
@@ -65,8 +65,12 @@ async def stop_with(gateway: FakeGateway, user: User, server_name: str = "") -> 
     server.add_sockets([sock])
     try:
         with _offline_kube_config():
-            spawner = WorkbenchKubeSpawner(policy=DEMO, user=user, hub=_RenderHub(),
-                                           gateway_api_url=f"http://127.0.0.1:{sock.getsockname()[1]}/api/v1")
+            spawner = WorkbenchKubeSpawner(
+                policy=DEMO,
+                user=user,
+                hub=_RenderHub(),
+                gateway_api_url=f"http://127.0.0.1:{sock.getsockname()[1]}/api/v1",
+            )
             if server_name:
                 spawner.orm_spawner = SimpleNamespace(name=server_name, server=None)
             await spawner.stop()
@@ -85,8 +89,11 @@ def no_kubernetes_api(monkeypatch):
 def test_stopping_the_default_server_stops_the_users_clusters_with_a_gateway_only_token():
     gw, user = FakeGateway({"c1": {}, "c2": {}}), User("ada", ["physics-lab"])
     asyncio.run(stop_with(gw, user))
-    assert gw.calls == [("GET", None, "jupyterhub token-of-ada"), ("DELETE", "c1", "jupyterhub token-of-ada"),
-                        ("DELETE", "c2", "jupyterhub token-of-ada")]
+    assert gw.calls == [
+        ("GET", None, "jupyterhub token-of-ada"),
+        ("DELETE", "c1", "jupyterhub token-of-ada"),
+        ("DELETE", "c2", "jupyterhub token-of-ada"),
+    ]
     assert user.tokens == [(["access:services!service=dask-gateway"], 120)]  # short-lived, the gateway only
 
 
@@ -102,8 +109,9 @@ def test_a_gateway_that_does_not_answer_never_blocks_the_stop():
 
     async def run():
         with _offline_kube_config():
-            spawner = WorkbenchKubeSpawner(policy=DEMO, user=user, hub=_RenderHub(),
-                                           gateway_api_url="http://127.0.0.1:1/api/v1")
+            spawner = WorkbenchKubeSpawner(
+                policy=DEMO, user=user, hub=_RenderHub(), gateway_api_url="http://127.0.0.1:1/api/v1"
+            )
             await spawner.stop()
 
     asyncio.run(run())  # logged, not raised

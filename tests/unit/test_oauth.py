@@ -11,7 +11,6 @@ import yaml
 from tornado import web
 from traitlets.config import Config
 
-from workbench.embedded.hub import apply_settings, hub_settings
 from workbench.auth.oauth import (
     NOT_ENTITLED,
     WorkbenchGenericOAuthenticator,
@@ -21,6 +20,7 @@ from workbench.auth.oauth import (
     parse_groups_claim,
     refusal_message,
 )
+from workbench.embedded.hub import apply_settings, hub_settings
 from workbench.policy import PolicyError, load_policy, parse_policy
 from workbench.runtime import SECRET_NAMES, Runtime
 
@@ -360,7 +360,10 @@ def test_admin_group_makes_admin(generic):
         ({"groups": []}, "sent groups: none (an empty list)"),
         ({"groups": ["history", "staff"]}, 'sent groups: "history", "staff"'),
         # OAuthenticator 17 turns this string into the groups p, h, y, s, ... (one per character)
-        ({"groups": "physics-lab"}, 'malformed \'groups\' claim (expected a list of group names, got a string: "physics-lab")'),
+        (
+            {"groups": "physics-lab"},
+            "malformed 'groups' claim (expected a list of group names, got a string: \"physics-lab\")",
+        ),
         # ... crashes with a 500 (sorting str and int) on this one
         ({"groups": ["physics-lab", 3]}, "got a list containing 3 (a number)"),
         # ... and lets this one in as physics-lab (the keys of the object)
@@ -378,14 +381,17 @@ def test_users_without_policy_group_get_a_clear_403(generic, claims, detail):
 def test_nested_groups_claim(monkeypatch):
     monkeypatch.setenv(SECRET_ENV, "s3cret-value")
     auth = dict(GENERIC_AUTH, groups_claim="realm_access.roles")
-    a = _authenticator_from_settings(auth_settings(policy_with(auth), runtime(), environ=ENV), WorkbenchGenericOAuthenticator)
+    a = _authenticator_from_settings(
+        auth_settings(policy_with(auth), runtime(), environ=ENV), WorkbenchGenericOAuthenticator
+    )
     model = _login(a, {"preferred_username": "c", "realm_access": {"roles": ["startup-acme", "offline_access"]}})
     assert model["groups"] == ["startup-acme"]
     assert "no 'realm_access.roles' claim" in _refused(a, {"preferred_username": "c", "groups": ["startup-acme"]})
 
 
-@pytest.mark.parametrize("user_info", [{"groups": ["physics-lab"]}, {"preferred_username": "", "groups": []},
-                                       {"preferred_username": 42}])
+@pytest.mark.parametrize(
+    "user_info", [{"groups": ["physics-lab"]}, {"preferred_username": "", "groups": []}, {"preferred_username": 42}]
+)
 def test_missing_username_claim_is_a_403_not_a_500(generic, user_info):
     message = _refused(generic, user_info)
     assert "did not send your user name (no usable 'preferred_username' claim)" in message
@@ -393,8 +399,9 @@ def test_missing_username_claim_is_a_403_not_a_500(generic, user_info):
 
 def test_github_groups_from_org_and_team_membership(monkeypatch):
     monkeypatch.setenv(SECRET_ENV, "s3cret-value")
-    g = _authenticator_from_settings(auth_settings(policy_with(GITHUB_AUTH), runtime(), environ=ENV),
-                                     WorkbenchGitHubOAuthenticator)
+    g = _authenticator_from_settings(
+        auth_settings(policy_with(GITHUB_AUTH), runtime(), environ=ENV), WorkbenchGitHubOAuthenticator
+    )
     memberships = {"founder": {"acme-inc"}, "ops": {"acme-inc", "our-centre:platform"}, "stranger": set()}
     asked = []
 
@@ -421,33 +428,61 @@ def test_valid_oauth_policies():
     assert policy_with(GENERIC_AUTH).auth.type == "generic-oauth"
     assert policy_with(GITHUB_AUTH).auth.github_teams["startup-acme"] == ["acme-inc"]
     # plain http is fine for a provider on this machine (tests, a local Keycloak)
-    local = dict(GENERIC_AUTH, authorize_url="http://127.0.0.1:9000/a", token_url="http://localhost:9000/t",
-                 userdata_url="http://[::1]:9000/u")
+    local = dict(
+        GENERIC_AUTH,
+        authorize_url="http://127.0.0.1:9000/a",
+        token_url="http://localhost:9000/t",
+        userdata_url="http://[::1]:9000/u",
+    )
     assert policy_with(local).auth.token_url == "http://localhost:9000/t"
 
 
 def test_generic_oauth_required_fields():
     assert problems_of({"type": "generic-oauth"}) == [
-        ("auth.client_id", "auth type 'generic-oauth' needs the client ID of the OAuth client registered with your identity provider"),
-        ("auth.client_secret_env", "auth type 'generic-oauth' needs the NAME of the hub's environment variable that holds the client secret (e.g. client_secret_env: WORKBENCH_OAUTH_CLIENT_SECRET); the secret itself never goes in this file"),
-        ("auth.authorize_url", "auth type 'generic-oauth' needs the provider's authorization endpoint, where users log in (e.g. https://sso.example.edu/oauth2/authorize; 'authorization_endpoint' in /.well-known/openid-configuration)"),
-        ("auth.token_url", "auth type 'generic-oauth' needs the provider's token endpoint, where the hub exchanges the login code for tokens (e.g. https://sso.example.edu/oauth2/token; 'token_endpoint' in /.well-known/openid-configuration)"),
-        ("auth.userdata_url", "auth type 'generic-oauth' needs the provider's userinfo endpoint, which returns the user's claims including groups (e.g. https://sso.example.edu/oauth2/userinfo; 'userinfo_endpoint' in /.well-known/openid-configuration)"),
+        (
+            "auth.client_id",
+            "auth type 'generic-oauth' needs the client ID of the OAuth client registered with your identity provider",
+        ),
+        (
+            "auth.client_secret_env",
+            "auth type 'generic-oauth' needs the NAME of the hub's environment variable that holds the client secret (e.g. client_secret_env: WORKBENCH_OAUTH_CLIENT_SECRET); the secret itself never goes in this file",
+        ),
+        (
+            "auth.authorize_url",
+            "auth type 'generic-oauth' needs the provider's authorization endpoint, where users log in (e.g. https://sso.example.edu/oauth2/authorize; 'authorization_endpoint' in /.well-known/openid-configuration)",
+        ),
+        (
+            "auth.token_url",
+            "auth type 'generic-oauth' needs the provider's token endpoint, where the hub exchanges the login code for tokens (e.g. https://sso.example.edu/oauth2/token; 'token_endpoint' in /.well-known/openid-configuration)",
+        ),
+        (
+            "auth.userdata_url",
+            "auth type 'generic-oauth' needs the provider's userinfo endpoint, which returns the user's claims including groups (e.g. https://sso.example.edu/oauth2/userinfo; 'userinfo_endpoint' in /.well-known/openid-configuration)",
+        ),
     ]
 
 
 def test_github_required_fields():
     assert problems_of({"type": "github"}) == [
         ("auth.client_id", "auth type 'github' needs the client ID of the GitHub OAuth app"),
-        ("auth.client_secret_env", "auth type 'github' needs the NAME of the hub's environment variable that holds the GitHub OAuth app's client secret (e.g. client_secret_env: WORKBENCH_GITHUB_CLIENT_SECRET); the secret itself never goes in this file"),
-        ("auth.github_teams", "auth type 'github' needs at least one policy group mapped to GitHub organisations or teams, e.g. github_teams: {startup-acme: [acme-inc, 'acme-inc:ml-team']}; nobody could log in otherwise"),
+        (
+            "auth.client_secret_env",
+            "auth type 'github' needs the NAME of the hub's environment variable that holds the GitHub OAuth app's client secret (e.g. client_secret_env: WORKBENCH_GITHUB_CLIENT_SECRET); the secret itself never goes in this file",
+        ),
+        (
+            "auth.github_teams",
+            "auth type 'github' needs at least one policy group mapped to GitHub organisations or teams, e.g. github_teams: {startup-acme: [acme-inc, 'acme-inc:ml-team']}; nobody could log in otherwise",
+        ),
     ]
 
 
 def test_secret_in_yaml_is_refused():
     assert problems_of(dict(GENERIC_AUTH, client_secret="hunter2")) == [
-        ("auth.client_secret", "secrets never go in the platform YAML: remove it, put the secret in an environment "
-                               "variable of the hub and name that variable in auth.client_secret_env"),
+        (
+            "auth.client_secret",
+            "secrets never go in the platform YAML: remove it, put the secret in an environment "
+            "variable of the hub and name that variable in auth.client_secret_env",
+        ),
     ]
 
 
@@ -460,16 +495,22 @@ def test_secret_in_yaml_is_not_echoed():
 @pytest.mark.parametrize("name", ["a8f7-93kd", "has space", "1STARTS_WITH_DIGIT"])
 def test_client_secret_env_must_be_a_variable_name(name):
     assert problems_of(dict(GENERIC_AUTH, client_secret_env=name)) == [
-        ("auth.client_secret_env", "must be the NAME of an environment variable (letters, digits and '_', not "
-                                   "starting with a digit), like WORKBENCH_OAUTH_CLIENT_SECRET, never the secret itself"),
+        (
+            "auth.client_secret_env",
+            "must be the NAME of an environment variable (letters, digits and '_', not "
+            "starting with a digit), like WORKBENCH_OAUTH_CLIENT_SECRET, never the secret itself",
+        ),
     ]
 
 
 @pytest.mark.parametrize(
     "url, why",
     [
-        ("http://sso.example.edu/token", "must use https:// (tokens and user data travel over it); plain http is only "
-                                         "accepted for a provider on this machine (localhost, 127.0.0.1, ::1), got 'http://sso.example.edu/token'"),
+        (
+            "http://sso.example.edu/token",
+            "must use https:// (tokens and user data travel over it); plain http is only "
+            "accepted for a provider on this machine (localhost, 127.0.0.1, ::1), got 'http://sso.example.edu/token'",
+        ),
         ("sso.example.edu/token", "must be an absolute https:// URL, got 'sso.example.edu/token'"),
         ("ftp://sso.example.edu/token", "must be an absolute https:// URL, got 'ftp://sso.example.edu/token'"),
     ],
@@ -479,7 +520,9 @@ def test_provider_urls(url, why):
 
 
 def test_fields_of_another_auth_type_are_refused():
-    assert problems_of(dict(GENERIC_AUTH, github_teams={"startup-acme": ["acme-inc"]}, github_url="https://x.example")) == [
+    assert problems_of(
+        dict(GENERIC_AUTH, github_teams={"startup-acme": ["acme-inc"]}, github_url="https://x.example")
+    ) == [
         ("auth.github_teams", "only used with auth type 'github', not 'generic-oauth'; remove it"),
         ("auth.github_url", "only used with auth type 'github', not 'generic-oauth'; remove it"),
     ]
@@ -518,19 +561,31 @@ def test_github_checks():
         github_teams={"startup-acme": ["acme inc"], "ghosts": ["acme-inc"], "physics-lab": []},
     )
     assert problems_of(auth) == [
-        ("auth.github_url", "must use https:// (tokens and user data travel over it); plain http is only accepted "
-                            "for a provider on this machine (localhost, 127.0.0.1, ::1), got 'http://github.acme.example'"),
+        (
+            "auth.github_url",
+            "must use https:// (tokens and user data travel over it); plain http is only accepted "
+            "for a provider on this machine (localhost, 127.0.0.1, ::1), got 'http://github.acme.example'",
+        ),
         ("auth.scope", "GitHub needs the 'read:org' scope to see organisation and team membership; add it"),
-        ("auth.github_teams.startup-acme[0]", "expected a GitHub organisation ('acme-inc') or organisation:team "
-                                              "('acme-inc:ml-team') as they appear in github.com URLs, got 'acme inc'"),
-        ("auth.github_teams.ghosts", "unknown group 'ghosts'; define it under 'groups' or use one of: "
-                                     "course-ml101, physics-lab, platform-admins, startup-acme"),
+        (
+            "auth.github_teams.startup-acme[0]",
+            "expected a GitHub organisation ('acme-inc') or organisation:team "
+            "('acme-inc:ml-team') as they appear in github.com URLs, got 'acme inc'",
+        ),
+        (
+            "auth.github_teams.ghosts",
+            "unknown group 'ghosts'; define it under 'groups' or use one of: "
+            "course-ml101, physics-lab, platform-admins, startup-acme",
+        ),
         ("auth.github_teams.physics-lab", "list at least one GitHub organisation or organisation:team"),
     ]
 
 
 def test_admin_groups_must_be_policy_groups_for_oauth_too():
     assert problems_of(dict(GENERIC_AUTH, admin_groups=["root"])) == [
-        ("auth.admin_groups[0]", "unknown group 'root'; define it under 'groups' or use one of: "
-                                 "course-ml101, physics-lab, platform-admins, startup-acme"),
+        (
+            "auth.admin_groups[0]",
+            "unknown group 'root'; define it under 'groups' or use one of: "
+            "course-ml101, physics-lab, platform-admins, startup-acme",
+        ),
     ]

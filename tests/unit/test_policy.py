@@ -54,15 +54,25 @@ def minimal() -> dict:
             "physics-lab": {
                 "kind": "research",
                 "profiles": ["large", "gpu1"],
-                "dask": {"max_cores": 8, "max_memory": "32G", "max_workers": 8, "worker_max_cores": 2,
-                         "worker_max_memory": "4G"},
+                "dask": {
+                    "max_cores": 8,
+                    "max_memory": "32G",
+                    "max_workers": 8,
+                    "worker_max_cores": 2,
+                    "worker_max_memory": "4G",
+                },
             },
             "course-x": {
                 "kind": "course",
                 "instructors": ["bob"],
                 "profiles": ["small"],
-                "dask": {"max_cores": 2, "max_memory": "4G", "max_workers": 2, "worker_max_cores": 1,
-                         "worker_max_memory": "1G"},
+                "dask": {
+                    "max_cores": 2,
+                    "max_memory": "4G",
+                    "max_workers": 2,
+                    "worker_max_cores": 1,
+                    "worker_max_memory": "1G",
+                },
             },
             "admins": {"kind": "admin", "profiles": ["small"]},
         },
@@ -315,12 +325,15 @@ def test_parse_quantity_rejects_bad_strings(text):
     assert str(info.value) == QUANTITY_HINT + repr(text)
 
 
-@pytest.mark.parametrize("value, message", [
-    (-1, "must not be negative, got -1"),
-    (True, "expected a memory size like 8G or 512Mi, got True"),
-    ([8], "expected a memory size like 8G or 512Mi, got [8]"),
-    (None, "expected a memory size like 8G or 512Mi, got None"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (-1, "must not be negative, got -1"),
+        (True, "expected a memory size like 8G or 512Mi, got True"),
+        ([8], "expected a memory size like 8G or 512Mi, got [8]"),
+        (None, "expected a memory size like 8G or 512Mi, got None"),
+    ],
+)
 def test_parse_quantity_rejects_bad_types(value, message):
     with pytest.raises(ValueError) as info:
         parse_quantity(value)
@@ -351,11 +364,14 @@ def test_optional_memory_limit_bad_quantity_names_field():
     assert only_problem(d) == ("profiles.small.memory_limit", QUANTITY_HINT + "'4 GiB'")
 
 
-@pytest.mark.parametrize("count, message", [
-    (-1, "Input should be greater than or equal to 1"),
-    (0, "Input should be greater than or equal to 1"),
-    (17, "Input should be less than or equal to 16"),
-])
+@pytest.mark.parametrize(
+    "count, message",
+    [
+        (-1, "Input should be greater than or equal to 1"),
+        (0, "Input should be greater than or equal to 1"),
+        (17, "Input should be less than or equal to 16"),
+    ],
+)
 def test_gpu_count_bounds(count, message):
     d = minimal()
     d["profiles"]["gpu1"]["gpu"]["count"] = count
@@ -392,10 +408,13 @@ def test_bad_duration_in_policy_names_field():
     ]
 
 
-@pytest.mark.parametrize("fn, text, expected", [
-    (parse_quantity, "2.01G", 2_010_000_000),
-    (parse_duration, "4.1h", 14_760),
-])
+@pytest.mark.parametrize(
+    "fn, text, expected",
+    [
+        (parse_quantity, "2.01G", 2_010_000_000),
+        (parse_duration, "4.1h", 14_760),
+    ],
+)
 def test_decimal_quantities_are_exact(fn, text, expected):
     assert fn(text) == expected
 
@@ -407,14 +426,17 @@ def test_cpu_values(cpu, expected):
     assert parse_policy(d).profiles["small"].cpu == expected
 
 
-@pytest.mark.parametrize("cpu, message", [
-    (0, "must be more than 0 cores, got 0"),
-    (-2, "must be more than 0 cores, got -2"),
-    ("0m", "must be more than 0 cores, got 0.0"),
-    ("two", "expected a number of cores like 2 or 0.5 or 500m, got 'two'"),
-    (True, "expected a number of cores like 2 or 0.5, got True"),
-    (None, "expected a number of cores like 2 or 0.5, got None"),
-])
+@pytest.mark.parametrize(
+    "cpu, message",
+    [
+        (0, "must be more than 0 cores, got 0"),
+        (-2, "must be more than 0 cores, got -2"),
+        ("0m", "must be more than 0 cores, got 0.0"),
+        ("two", "expected a number of cores like 2 or 0.5 or 500m, got 'two'"),
+        (True, "expected a number of cores like 2 or 0.5, got True"),
+        (None, "expected a number of cores like 2 or 0.5, got None"),
+    ],
+)
 def test_cpu_rejected(cpu, message):
     d = minimal()
     d["profiles"]["small"]["cpu"] = cpu
@@ -513,8 +535,7 @@ def test_top_level_problem_rendered_as_top_level():
     with pytest.raises(PolicyError) as info:
         parse_policy([1], source="p.yaml")
     assert str(info.value) == (
-        "p.yaml: invalid platform policy (1 problem)\n"
-        "  - <top level>: expected a mapping at the top level, got list"
+        "p.yaml: invalid platform policy (1 problem)\n  - <top level>: expected a mapping at the top level, got list"
     )
 
 
@@ -527,7 +548,9 @@ def test_yaml_syntax_error_names_line(tmp_path):
     [(path, msg)] = info.value.problems
     assert path == ""
     assert msg.startswith("not valid YAML at line 4, column ")
-    assert str(info.value).startswith(f"{f}: invalid platform policy (1 problem)\n  - <top level>: not valid YAML at line 4")
+    assert str(info.value).startswith(
+        f"{f}: invalid platform policy (1 problem)\n  - <top level>: not valid YAML at line 4"
+    )
 
 
 def test_yaml_unclosed_list(tmp_path):
@@ -582,12 +605,14 @@ def test_multiple_schema_problems_reported_together():
     with pytest.raises(PolicyError) as info:
         parse_policy(d, source="p.yaml")
     problems = info.value.problems
-    assert sorted(problems) == sorted([
-        ("nmae", UNKNOWN_KEY),
-        ("groups.physics-lab.dask.max_coress", UNKNOWN_KEY),
-        ("profiles.small.memory", QUANTITY_HINT + "'12 GB'"),
-        ("groups.admins.kind", "Input should be 'research', 'course', 'startup' or 'admin', got 'boss'"),
-    ])
+    assert sorted(problems) == sorted(
+        [
+            ("nmae", UNKNOWN_KEY),
+            ("groups.physics-lab.dask.max_coress", UNKNOWN_KEY),
+            ("profiles.small.memory", QUANTITY_HINT + "'12 GB'"),
+            ("groups.admins.kind", "Input should be 'research', 'course', 'startup' or 'admin', got 'boss'"),
+        ]
+    )
     text = str(info.value)
     assert text.startswith("p.yaml: invalid platform policy (4 problems)\n")
     assert text.count("\n  - ") == 4
@@ -659,8 +684,13 @@ def test_dask_policy_for_most_generous(demo):
 
 def test_dask_policy_tie_on_cores_broken_by_memory():
     d = minimal()
-    d["groups"]["course-x"]["dask"] = {"max_cores": 8, "max_memory": "64G", "max_workers": 1,
-                                        "worker_max_cores": 1, "worker_max_memory": "1G"}
+    d["groups"]["course-x"]["dask"] = {
+        "max_cores": 8,
+        "max_memory": "64G",
+        "max_workers": 1,
+        "worker_max_cores": 1,
+        "worker_max_memory": "1G",
+    }
     p = parse_policy(d)
     assert p.dask_policy_for(["physics-lab", "course-x"]).max_memory == 64 * 10**9
 

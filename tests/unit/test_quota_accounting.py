@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -22,7 +22,7 @@ from workbench.services.quota.accounting import (
     usage_in_period,
 )
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def t(*args) -> datetime:
@@ -30,8 +30,17 @@ def t(*args) -> datetime:
 
 
 def row(start, stop=None, cpu=8.0, gpus=1, gpu_type="h100", user="alice", group="physics-lab", kind="server"):
-    return Interval(item=f"server:{user}/", kind=kind, user=user, group=group, start=start, stop=stop, cpu=cpu,
-                    gpu_type=gpu_type if gpus else None, gpu_count=gpus)
+    return Interval(
+        item=f"server:{user}/",
+        kind=kind,
+        user=user,
+        group=group,
+        start=start,
+        stop=stop,
+        cpu=cpu,
+        gpu_type=gpu_type if gpus else None,
+        gpu_count=gpus,
+    )
 
 
 # -- periods -----------------------------------------------------------------------------------
@@ -149,27 +158,30 @@ def test_usage_by_gpu_type_and_cpu_only_rows():
 
 # -- budgets -----------------------------------------------------------------------------------
 
-POLICY = parse_policy({
-    "auth": {"type": "demo", "demo_users": {"alice": {"groups": ["physics-lab"]}}},
-    "gpu_types": {"h100": {}},
-    "images": {"base": {"image": "x"}},
-    "profiles": {"h100-x1": {"cpu": 8, "memory": "64G", "gpu": {"type": "h100"}}},
-    "groups": {
-        "physics-lab": {"kind": "research", "profiles": ["h100-x1"],
-                        "budget": {"gpu_hours": 500, "cpu_hours": 20000, "period": "month",
-                                   "per_user": {"gpu_hours": 100}}},
-        "course-ml101": {"kind": "course", "budget": {"cpu_hours": 1000, "period": "term"}},
-        "startup-acme": {"kind": "startup", "budget": {"gpu_hours": 100, "period": "total"}},
-    },
-})
+POLICY = parse_policy(
+    {
+        "auth": {"type": "demo", "demo_users": {"alice": {"groups": ["physics-lab"]}}},
+        "gpu_types": {"h100": {}},
+        "images": {"base": {"image": "x"}},
+        "profiles": {"h100-x1": {"cpu": 8, "memory": "64G", "gpu": {"type": "h100"}}},
+        "groups": {
+            "physics-lab": {
+                "kind": "research",
+                "profiles": ["h100-x1"],
+                "budget": {"gpu_hours": 500, "cpu_hours": 20000, "period": "month", "per_user": {"gpu_hours": 100}},
+            },
+            "course-ml101": {"kind": "course", "budget": {"cpu_hours": 1000, "period": "term"}},
+            "startup-acme": {"kind": "startup", "budget": {"gpu_hours": 100, "period": "total"}},
+        },
+    }
+)
 
 
 def test_refusal_message_group_month():
     status = BudgetStatus("gpu", "group", "physics-lab", None, 500.0, 500.0, month_period(2026, 11))
     assert status.exhausted and status.fraction == 1.0
     assert refusal_message(status) == (
-        "GPU budget of group physics-lab exhausted: 500.0 of 500 GPU-hours used this month; "
-        "resets 2026-12-01 00:00 UTC"
+        "GPU budget of group physics-lab exhausted: 500.0 of 500 GPU-hours used this month; resets 2026-12-01 00:00 UTC"
     )
 
 
@@ -219,8 +231,12 @@ def test_status_json_and_zero_limit():
     assert s.exhausted and s.fraction == 1.0  # a zero budget allows no GPU starts
     doc = s.to_json()
     assert doc["resets_at"] == "2026-12-01T00:00:00Z"
-    assert doc["period"] == {"kind": "month", "name": "2026-11", "start": "2026-11-01T00:00:00Z",
-                             "end": "2026-12-01T00:00:00Z"}
+    assert doc["period"] == {
+        "kind": "month",
+        "name": "2026-11",
+        "start": "2026-11-01T00:00:00Z",
+        "end": "2026-12-01T00:00:00Z",
+    }
 
 
 def test_cap_messages():

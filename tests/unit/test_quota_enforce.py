@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from workbench.services.quota.accounting import BudgetStatus, Interval, month_period
 from workbench.services.quota.enforce import draws_on, exhausted_since, notifications, stop_plan
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 NOV = month_period(2026, 11)
 
@@ -38,8 +38,11 @@ def test_the_moment_a_budget_ran_out_is_computed_from_the_overshoot_and_the_burn
 
 
 def test_stop_plan_gives_each_drawing_item_the_grace_after_exhaustion():
-    rows = [running("server:a/", gpus=1), running("dask-worker:c/1", cpu=1, kind="dask-worker"),
-            running("server:z/", group="other", gpus=1)]
+    rows = [
+        running("server:a/", gpus=1),
+        running("dask-worker:c/1", cpu=1, kind="dask-worker"),
+        running("server:z/", group="other", gpus=1),
+    ]
     plan = stop_plan([status(used=10.5, limit=10)], rows, grace_seconds=900, now=NOW)
     assert [p.item for p in plan] == ["server:a/"]  # the CPU worker and the other group's server keep running
     (p,) = plan

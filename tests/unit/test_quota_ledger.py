@@ -43,7 +43,13 @@ def test_start_stop_events_make_one_row_with_gpu_seconds(ledger):
     b = stop("dask-worker:c1/w1", time=t(2026, 11, 30, 21, 30))
     assert [r.status for r in ledger.record_many([a, b])] == ["recorded", "recorded"]
     [row] = ledger.rows()
-    assert (row.kind, row.user, row.group, row.gpu_type, row.gpu_count) == ("dask-worker", "researcher", "physics-lab", "h100", 2)
+    assert (row.kind, row.user, row.group, row.gpu_type, row.gpu_count) == (
+        "dask-worker",
+        "researcher",
+        "physics-lab",
+        "h100",
+        2,
+    )
     u = usage_in_period([row], month_period(2026, 11), ledger.clock())
     assert u.gpu_seconds == 2 * 5400 and u.cpu_seconds == 4 * 5400
 
@@ -92,18 +98,22 @@ def test_the_unique_constraints_hold_in_the_database(ledger):
     ledger.record(start("dask-worker:c/1", id="ev-1"))
     with ledger.engine.begin() as c:
         with pytest.raises(IntegrityError):  # a second open row for the same item
-            c.execute(text(
-                "INSERT INTO quota_usage (item, kind, username, group_name, cpu, memory, gpu_count, start, "
-                "start_event, opened_by) VALUES ('dask-worker:c/1', 'dask-worker', 'u', 'g', 1, 0, 0, "
-                "'2026-11-30 00:00:00', 'other', 'event')"
-            ))
+            c.execute(
+                text(
+                    "INSERT INTO quota_usage (item, kind, username, group_name, cpu, memory, gpu_count, start, "
+                    "start_event, opened_by) VALUES ('dask-worker:c/1', 'dask-worker', 'u', 'g', 1, 0, 0, "
+                    "'2026-11-30 00:00:00', 'other', 'event')"
+                )
+            )
     with ledger.engine.begin() as c:
         with pytest.raises(IntegrityError):  # the same start event twice
-            c.execute(text(
-                "INSERT INTO quota_usage (item, kind, username, group_name, cpu, memory, gpu_count, start, "
-                "start_event, opened_by) VALUES ('dask-worker:c/2', 'dask-worker', 'u', 'g', 1, 0, 0, "
-                "'2026-11-30 00:00:00', 'ev-1', 'event')"
-            ))
+            c.execute(
+                text(
+                    "INSERT INTO quota_usage (item, kind, username, group_name, cpu, memory, gpu_count, start, "
+                    "start_event, opened_by) VALUES ('dask-worker:c/2', 'dask-worker', 'u', 'g', 1, 0, 0, "
+                    "'2026-11-30 00:00:00', 'ev-1', 'event')"
+                )
+            )
 
 
 def test_restart_never_overlaps_the_previous_row(ledger):
@@ -133,9 +143,7 @@ def test_event_times_need_a_timezone():
 
 def test_reconcile_opens_from_the_items_start_and_closes_what_stopped(ledger, clock):
     ledger.record(start("server:gone/", kind="server", user="gone", time=t(2026, 11, 30, 8)))
-    result = ledger.reconcile(
-        [running("server:researcher/", started=t(2026, 11, 30, 9))], kinds=["server"]
-    )
+    result = ledger.reconcile([running("server:researcher/", started=t(2026, 11, 30, 9))], kinds=["server"])
     assert result.opened == ["server:researcher/"] and result.closed == ["server:gone/"]
     rows = {r.item: r for r in ledger.rows()}
     assert rows["server:researcher/"].start == t(2026, 11, 30, 9)  # no gap: counted from its own start
@@ -150,7 +158,9 @@ def test_reconcile_opens_from_the_items_start_and_closes_what_stopped(ledger, cl
 
 def test_reconcile_leaves_other_kinds_and_fresh_admissions_alone(ledger, clock):
     ledger.record(start("dask-worker:c/1"))
-    assert ledger.admit("student1", "course-ml101", admit_request("server:student1/", kind="server", profile="cpu-small")).allowed
+    assert ledger.admit(
+        "student1", "course-ml101", admit_request("server:student1/", kind="server", profile="cpu-small")
+    ).allowed
     clock.now = t(2026, 11, 30, 22, 0, 10)  # 10 s later, the hub's snapshot does not show it yet
     result = ledger.reconcile([], kinds=["server"], grace=30)
     assert result.closed == []
@@ -168,8 +178,13 @@ def test_crash_recovery_no_gap_no_double_count(ledger, clock):
     ledger.record(start("server:b/", kind="server", user="b", id="b1", time=t(2026, 11, 30, 10)))
     # down from 11:00 to 12:00: b stopped at 11:30 and c started at 11:15, both events lost
     clock.now = t(2026, 11, 30, 12)
-    ledger.reconcile([running("server:a/", user="a", started=t(2026, 11, 30, 10)),
-                      running("server:c/", user="c", started=t(2026, 11, 30, 11, 15))], kinds=["server"])
+    ledger.reconcile(
+        [
+            running("server:a/", user="a", started=t(2026, 11, 30, 10)),
+            running("server:c/", user="c", started=t(2026, 11, 30, 11, 15)),
+        ],
+        kinds=["server"],
+    )
     # the senders retry what they could not deliver: replays are no-ops, late stops close nothing twice
     assert ledger.record(start("server:a/", kind="server", user="a", id="a1")).status == "duplicate"
     assert ledger.record(stop("server:b/", id="b-stop", time=t(2026, 11, 30, 11, 30))).status == "not-open"
@@ -184,33 +199,48 @@ def test_crash_recovery_no_gap_no_double_count(ledger, clock):
 
 
 def test_admit_records_the_start_and_replays(ledger):
-    d = ledger.admit("researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="h100-x1", id="adm-1"))
+    d = ledger.admit(
+        "researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="h100-x1", id="adm-1")
+    )
     assert d.allowed and d.row and d.message == "admitted"
-    again = ledger.admit("researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="h100-x1", id="adm-1"))
+    again = ledger.admit(
+        "researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="h100-x1", id="adm-1")
+    )
     assert again.allowed and again.replayed and again.row == d.row
-    retry = ledger.admit("researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="h100-x1"))
+    retry = ledger.admit(
+        "researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="h100-x1")
+    )
     assert retry.allowed and retry.row == d.row  # a retried admission of a running item adds nothing
     # the hub's start event for the admitted server then finds it open
-    assert ledger.record(start("server:researcher/", kind="server", profile="h100-x1", cpu=None, memory=None)).status == "already-open"
+    assert (
+        ledger.record(start("server:researcher/", kind="server", profile="h100-x1", cpu=None, memory=None)).status
+        == "already-open"
+    )
     assert len(ledger.rows()) == 1
 
 
 def test_gpu_budget_refusal_and_rollover(ledger, clock):
     # 500 GPU-hours used in November by 5 workers of 1 GPU over 100 hours
     for i in range(5):
-        ledger.record(start(f"dask-worker:big/{i}", gpu_type="h100", gpu_count=1, cpu=0.5, user=f"u{i}",
-                            time=t(2026, 11, 20, 0)))
+        ledger.record(
+            start(f"dask-worker:big/{i}", gpu_type="h100", gpu_count=1, cpu=0.5, user=f"u{i}", time=t(2026, 11, 20, 0))
+        )
         ledger.record(stop(f"dask-worker:big/{i}", time=t(2026, 11, 24, 4)))
     clock.now = t(2026, 11, 30, 23, 59, 59)
     d = ledger.admit("researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="h100-x1"))
     assert not d.allowed and d.reason == "gpu-budget"
-    assert d.message == ("GPU budget of group physics-lab exhausted: 500.0 of 500 GPU-hours used this month; "
-                         "resets 2026-12-01 00:00 UTC")
-    cpu_only = ledger.admit("researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="cpu-large"))
+    assert d.message == (
+        "GPU budget of group physics-lab exhausted: 500.0 of 500 GPU-hours used this month; resets 2026-12-01 00:00 UTC"
+    )
+    cpu_only = ledger.admit(
+        "researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="cpu-large")
+    )
     assert cpu_only.allowed  # the CPU budget is not used up
     ledger.record(stop("server:researcher/"))
     clock.now = t(2026, 12, 1, 0, 0)  # a new month: the GPU budget is back
-    d = ledger.admit("researcher", "physics-lab", admit_request("server:researcher2/", kind="server", profile="h100-x1"))
+    d = ledger.admit(
+        "researcher", "physics-lab", admit_request("server:researcher2/", kind="server", profile="h100-x1")
+    )
     assert d.allowed, d.message
 
 
@@ -220,17 +250,25 @@ def test_per_user_budget(ledger, clock):
     d = ledger.admit("researcher", "physics-lab", admit_request("dask-worker:mine/2", gpu_type="h100", gpu_count=1))
     assert not d.allowed
     assert d.message.startswith("GPU budget of user researcher in group physics-lab exhausted: 300.0 of 300 GPU-hours")
-    assert ledger.admit("colleague", "physics-lab", admit_request("dask-worker:theirs/1", gpu_type="h100", gpu_count=1)).allowed
+    assert ledger.admit(
+        "colleague", "physics-lab", admit_request("dask-worker:theirs/1", gpu_type="h100", gpu_count=1)
+    ).allowed
 
 
 def test_caps(ledger):
-    ok = ledger.admit("researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="h100-x1"))
+    ok = ledger.admit(
+        "researcher", "physics-lab", admit_request("server:researcher/", kind="server", profile="h100-x1")
+    )
     assert ok.allowed
-    second = ledger.admit("researcher", "physics-lab", admit_request("server:researcher/other", kind="server", profile="cpu-large"))
+    second = ledger.admit(
+        "researcher", "physics-lab", admit_request("server:researcher/other", kind="server", profile="cpu-large")
+    )
     assert (second.allowed, second.reason) == (False, "running-servers")
     assert second.message.startswith("User researcher in group physics-lab already runs 1 of at most 1 servers")
     for i in range(4):
-        assert ledger.admit(f"u{i}", "physics-lab", admit_request(f"dask-worker:c/{i}", gpu_type="h100", gpu_count=1)).allowed
+        assert ledger.admit(
+            f"u{i}", "physics-lab", admit_request(f"dask-worker:c/{i}", gpu_type="h100", gpu_count=1)
+        ).allowed
     full = ledger.admit("u9", "physics-lab", admit_request("dask-worker:c/9", gpu_type="h100", gpu_count=1))
     assert (full.allowed, full.reason) == (False, "running-gpus")
     assert full.message.startswith("Group physics-lab already runs 5 of at most 5 GPUs")
@@ -246,8 +284,9 @@ def test_fifty_concurrent_admissions_against_a_cap_of_five(tmp_path, clock):
 
     def one(i):
         barrier.wait()
-        return ledgers[i % 2].admit(f"student{i}", "course-ml101",
-                                    admit_request(f"server:student{i}/", kind="server", profile="cpu-small"))
+        return ledgers[i % 2].admit(
+            f"student{i}", "course-ml101", admit_request(f"server:student{i}/", kind="server", profile="cpu-small")
+        )
 
     with ThreadPoolExecutor(50) as pool:
         decisions = list(pool.map(one, range(50)))
@@ -284,15 +323,25 @@ def test_database_sums_match_the_pure_accounting(ledger, clock):
     for i in range(60):
         begin = t(2026, 10, 25) + timedelta(seconds=rng.randrange(0, 40 * 86400), microseconds=rng.randrange(10**6))
         user = rng.choice(["researcher", "other"])
-        evs.append(start(f"dask-worker:r/{i}", user=user, gpu_type="h100", gpu_count=rng.randrange(0, 3),
-                         cpu=rng.choice([0.5, 1, 4]), time=begin))
+        evs.append(
+            start(
+                f"dask-worker:r/{i}",
+                user=user,
+                gpu_type="h100",
+                gpu_count=rng.randrange(0, 3),
+                cpu=rng.choice([0.5, 1, 4]),
+                time=begin,
+            )
+        )
         if rng.random() < 0.8:
             evs.append(stop(f"dask-worker:r/{i}", time=begin + timedelta(seconds=rng.randrange(1, 5 * 86400))))
     ledger.record_many(evs)
     for now in (t(2026, 11, 30, 22), t(2026, 12, 1), t(2026, 12, 3, 12)):
         budget = POLICY.groups["physics-lab"].budget
         rows = ledger.rows()
-        pure = budget_statuses(budget, "physics-lab", rows, now, "researcher", [r for r in rows if r.user == "researcher"])
+        pure = budget_statuses(
+            budget, "physics-lab", rows, now, "researcher", [r for r in rows if r.user == "researcher"]
+        )
         sql = ledger.budgets("physics-lab", "researcher", now)
         assert [(s.resource, s.scope) for s in sql] == [(s.resource, s.scope) for s in pure]
         for a, b in zip(sql, pure, strict=True):

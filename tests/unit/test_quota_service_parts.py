@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.quota_support import POLICY, Clock, running, start, stop, t
+from workbench.runtime import Runtime
 from workbench.services.quota.accounting import Interval, month_period
 from workbench.services.quota.app import QuotaService
 from workbench.services.quota.authz import (
@@ -30,7 +31,6 @@ from workbench.services.quota.openapi import openapi_document
 from workbench.services.quota.report import add_report_arguments, cmd_report, report_csv, report_json, report_rows
 from workbench.services.quota.views import charge_group, server_items
 from workbench.services.quota.wiring import add_quota_service, pass_db_url
-from workbench.runtime import Runtime
 
 # -- authorization -----------------------------------------------------------------------------
 
@@ -82,13 +82,25 @@ def test_viewer_from_hub_model():
 
 def test_server_items_from_hub_users():
     users = [
-        {"name": "researcher", "groups": ["physics-lab"], "servers": {
-            "": {"started": "2026-11-30T09:00:00.123456Z", "user_options": {"profile": "h100-x1"}, "stopped": False},
-        }},
-        {"name": "student1", "groups": ["course-ml101"], "servers": {
-            "": {"started": "2026-11-30T10:00:00Z", "user_options": {}},
-            "stopped-one": {"stopped": True},
-        }},
+        {
+            "name": "researcher",
+            "groups": ["physics-lab"],
+            "servers": {
+                "": {
+                    "started": "2026-11-30T09:00:00.123456Z",
+                    "user_options": {"profile": "h100-x1"},
+                    "stopped": False,
+                },
+            },
+        },
+        {
+            "name": "student1",
+            "groups": ["course-ml101"],
+            "servers": {
+                "": {"started": "2026-11-30T10:00:00Z", "user_options": {}},
+                "stopped-one": {"stopped": True},
+            },
+        },
         {"name": "stranger", "groups": [], "servers": {"": {"started": None, "user_options": {"profile": "bogus"}}}},
     ]
     items = {i.item: i for i in server_items(POLICY, users)}
@@ -156,15 +168,22 @@ def test_openapi_is_a_valid_json_schema_where_it_has_schemas():
 
 
 def make_runtime(**kw):
-    values = dict(config="/srv/wb/platform.yaml", state_dir="/srv/wb/state", hub_config_dir="/srv/wb/hub_config",
-                  venv_bin="/srv/wb/.venv/bin", proxy_command="/usr/bin/configurable-http-proxy")
+    values = dict(
+        config="/srv/wb/platform.yaml",
+        state_dir="/srv/wb/state",
+        hub_config_dir="/srv/wb/hub_config",
+        venv_bin="/srv/wb/.venv/bin",
+        proxy_command="/usr/bin/configurable-http-proxy",
+    )
     values.update(kw)
     return Runtime(**values)
 
 
 def base_settings():
-    return {"JupyterHub": {"services": [{"name": "dask-gateway"}], "load_roles": [{"name": "x"}]},
-            "Spawner": {"server_token_scopes": ["access:servers!server"]}}
+    return {
+        "JupyterHub": {"services": [{"name": "dask-gateway"}], "load_roles": [{"name": "x"}]},
+        "Spawner": {"server_token_scopes": ["access:servers!server"]},
+    }
 
 
 def test_quota_service_is_wired_only_with_a_port():
@@ -224,7 +243,9 @@ def test_hub_settings_wire_the_quota_service():
 
 
 def test_the_quota_service_checks_as_often_as_workbench_up_says():
-    s = add_quota_service(base_settings(), POLICY, make_runtime(quota_port=1, quota_every=2.5), {"quota_api_token": "q"})
+    s = add_quota_service(
+        base_settings(), POLICY, make_runtime(quota_port=1, quota_every=2.5), {"quota_api_token": "q"}
+    )
     assert s["JupyterHub"]["services"][-1]["command"][-1] == "--enforce-every=2.5"
 
 
@@ -233,8 +254,28 @@ def test_the_quota_service_checks_as_often_as_workbench_up_says():
 
 def sample_rows():
     return [
-        Interval("server:a/", "server", "a", "physics-lab", t(2026, 10, 31, 23), t(2026, 11, 1, 1), cpu=8, gpu_type="h100", gpu_count=1),
-        Interval("dask-worker:c/1", "dask-worker", "a", "physics-lab", t(2026, 11, 2), t(2026, 11, 2, 2), cpu=1, gpu_type="h100-mig-1g", gpu_count=1),
+        Interval(
+            "server:a/",
+            "server",
+            "a",
+            "physics-lab",
+            t(2026, 10, 31, 23),
+            t(2026, 11, 1, 1),
+            cpu=8,
+            gpu_type="h100",
+            gpu_count=1,
+        ),
+        Interval(
+            "dask-worker:c/1",
+            "dask-worker",
+            "a",
+            "physics-lab",
+            t(2026, 11, 2),
+            t(2026, 11, 2, 2),
+            cpu=1,
+            gpu_type="h100-mig-1g",
+            gpu_count=1,
+        ),
         Interval("server:s/", "server", "s", "course-ml101", t(2026, 11, 30, 23), None, cpu=1),
     ]
 

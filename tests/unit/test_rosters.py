@@ -12,7 +12,8 @@ import yaml
 from jupyterhub import orm
 
 from workbench.auth.demo import DemoAuthenticator
-from workbench.courses.material import Student, parse_roster
+from workbench.auth.groups import merge_roster_groups, rostered_courses, with_roster_groups
+from workbench.courses.roster import Student, parse_roster
 from workbench.policy import parse_policy
 from workbench.services.rosters.app import (
     ACCESS_SCOPE,
@@ -22,12 +23,9 @@ from workbench.services.rosters.app import (
     RosterProblems,
     RosterService,
     check_caller,
-    merge_roster_groups,
     plan_roster,
     refusals,
-    rostered_courses,
     service_scopes,
-    with_roster_groups,
 )
 
 DEMO = Path(__file__).resolve().parents[2] / "hub_config" / "demo.yaml"
@@ -54,8 +52,11 @@ def caller(name="instructor", admin=False, scopes=(ACCESS_SCOPE,), kind="user"):
 def test_instructors_load_their_own_course_only():
     check_caller(P, caller("instructor"), "course-ml101")
     check_caller(P, caller("teacher2"), "course-stats202")
-    with pytest.raises(Refused, match=r"instructor may not load the roster of course-stats202: only hub admins "
-                                      r"and the course's instructors \(groups.course-stats202.instructors"):
+    with pytest.raises(
+        Refused,
+        match=r"instructor may not load the roster of course-stats202: only hub admins "
+        r"and the course's instructors \(groups.course-stats202.instructors",
+    ):
         check_caller(P, caller("instructor"), "course-stats202")
 
 
@@ -74,8 +75,7 @@ def test_a_token_without_access_to_the_service_is_refused_even_for_an_admin():
 
 
 def test_the_service_token_may_create_users_and_change_course_groups_only():
-    assert service_scopes(P) == ["admin:users", "groups!group=course-ml101",
-                                 "groups!group=course-stats202"]
+    assert service_scopes(P) == ["admin:users", "groups!group=course-ml101", "groups!group=course-stats202"]
 
 
 # -- safety rules ---------------------------------------------------------------------------------
@@ -94,44 +94,70 @@ def test_rows_that_a_roster_never_takes():
         "new1": None,
     }
     assert refusals(P, students, users) == [
-        ("line 3: 'researcher' is a member of physics-lab, which is not a course; a roster only takes students "
-        "(users in course groups only): ask a platform admin"),
-        ("line 4: 'instructor' teaches course-ml101; instructors are never put on a roster (they come from "
-        "groups.<course>.instructors in the policy)"),
+        (
+            "line 3: 'researcher' is a member of physics-lab, which is not a course; a roster only takes students "
+            "(users in course groups only): ask a platform admin"
+        ),
+        (
+            "line 4: 'instructor' teaches course-ml101; instructors are never put on a roster (they come from "
+            "groups.<course>.instructors in the policy)"
+        ),
         "line 5: 'admin' is a hub admin; admins are never put on a course roster",
         "line 6: 'boss' is a hub admin; admins are never put on a course roster",
         "line 7: 'op' holds the hub role(s) workbench-ops; a roster only takes plain users",
-        ("line 9: 'teacher2' teaches course-stats202; instructors are never put on a roster (they come from "
-        "groups.<course>.instructors in the policy)"),
+        (
+            "line 9: 'teacher2' teaches course-stats202; instructors are never put on a roster (they come from "
+            "groups.<course>.instructors in the policy)"
+        ),
     ]
     assert refusals(P, [Student(2, "x")], {"x": {"groups": ["unknown-group"]}}, where="row") == [
-        ("row 2: 'x' is a member of unknown-group, which is not a course; a roster only takes students "
-        "(users in course groups only): ask a platform admin")]
+        (
+            "row 2: 'x' is a member of unknown-group, which is not a course; a roster only takes students "
+            "(users in course groups only): ask a platform admin"
+        )
+    ]
 
 
 # -- the change -----------------------------------------------------------------------------------
 
 
 def group(users, roster=None):
-    return {"name": "course-ml101", "users": list(users),
-            "properties": {"colour": "blue", **({ROSTER_PROPERTY: roster} if roster is not None else {})}}
+    return {
+        "name": "course-ml101",
+        "users": list(users),
+        "properties": {"colour": "blue", **({ROSTER_PROPERTY: roster} if roster is not None else {})},
+    }
 
 
 def test_a_first_roster_creates_users_and_adds_the_new_members():
-    change = plan_roster("course-ml101", ["alice", "bob", "student1"], {"alice": None, "bob": {}, "student1": {}},
-                         group(["instructor", "student1"]))
-    assert change == RosterChange("course-ml101", ("alice", "bob", "student1"), create=("alice",),
-                                  add=("alice", "bob"), already=("student1",), roster_changed=True)
-    assert change.report() == ["created 1 hub user(s): alice",
-                               "added 2 student(s) to course-ml101: alice, bob (1 already members)"]
+    change = plan_roster(
+        "course-ml101",
+        ["alice", "bob", "student1"],
+        {"alice": None, "bob": {}, "student1": {}},
+        group(["instructor", "student1"]),
+    )
+    assert change == RosterChange(
+        "course-ml101",
+        ("alice", "bob", "student1"),
+        create=("alice",),
+        add=("alice", "bob"),
+        already=("student1",),
+        roster_changed=True,
+    )
+    assert change.report() == [
+        "created 1 hub user(s): alice",
+        "added 2 student(s) to course-ml101: alice, bob (1 already members)",
+    ]
 
 
 def test_a_new_roster_replaces_the_old_one_but_never_touches_other_members():
     g = group(["instructor", "student1", "alice", "bob"], roster=["alice", "bob"])
     change = plan_roster("course-ml101", ["bob", "carol"], {"bob": {}, "carol": {}}, g)
     assert change.roster == ("bob", "carol") and change.add == ("carol",) and change.remove == ("alice",)
-    assert change.report() == ["added 1 student(s) to course-ml101: carol (1 already members)",
-                               "removed 1 student(s) no longer on the roster from course-ml101: alice"]
+    assert change.report() == [
+        "added 1 student(s) to course-ml101: carol (1 already members)",
+        "removed 1 student(s) no longer on the roster from course-ml101: alice",
+    ]
     added = plan_roster("course-ml101", ["carol"], {"carol": {}}, g, replace=False)
     assert added.roster == ("alice", "bob", "carol") and added.remove == ()
 
@@ -154,7 +180,7 @@ class FakeHub:
     async def __call__(self, method, path, body=None):
         self.calls.append((method, path, body))
         if method == "GET" and path.startswith("/users/"):
-            model = self.users.get(path[len("/users/"):])
+            model = self.users.get(path[len("/users/") :])
             return (200, model) if model is not None else (404, None)
         if method == "GET" and path == "/groups/course-ml101":
             return (200, self.group) if self.group else (404, None)
@@ -193,11 +219,18 @@ def test_a_refused_row_changes_nothing():
 
 
 def test_roster_groups_are_added_to_the_providers_groups():
-    groups = [("course-ml101", {ROSTER_PROPERTY: ["late", "alice"]}), ("course-stats202", {}),
-              ("physics-lab", None), ("odd", {ROSTER_PROPERTY: "late"})]
+    groups = [
+        ("course-ml101", {ROSTER_PROPERTY: ["late", "alice"]}),
+        ("course-stats202", {}),
+        ("physics-lab", None),
+        ("odd", {ROSTER_PROPERTY: "late"}),
+    ]
     assert rostered_courses(groups, "late") == ["course-ml101"]
     assert with_roster_groups(["startup-acme", "course-ml101"], ["course-ml101", "x"]) == [
-        "startup-acme", "course-ml101", "x"]
+        "startup-acme",
+        "course-ml101",
+        "x",
+    ]
     assert with_roster_groups([], ["course-ml101", "x"], allowed={"course-ml101"}) == ["course-ml101"]
 
 
@@ -220,8 +253,7 @@ def test_merge_reads_the_hubs_database(db):
 
 
 def test_a_rostered_demo_account_keeps_its_course_at_login(db):
-    auth = DemoAuthenticator(accounts={"late": {"groups": []}, "student1": {"groups": ["course-ml101"]}},
-                             password="pw")
+    auth = DemoAuthenticator(accounts={"late": {"groups": []}, "student1": {"groups": ["course-ml101"]}}, password="pw")
     login = lambda name, handler: asyncio.run(auth.authenticate(handler, {"username": name, "password": "pw"}))
     assert login("late", SimpleNamespace(db=db))["groups"] == ["course-ml101"]
     assert login("student1", SimpleNamespace(db=db))["groups"] == ["course-ml101"]
@@ -236,8 +268,9 @@ def test_a_rostered_oauth_user_logs_in_without_a_course_group_from_the_provider(
     from workbench.auth.oauth import WorkbenchGenericOAuthenticator
 
     monkeypatch.setenv("WB_TEST_SECRET", "s")
-    auth = WorkbenchGenericOAuthenticator(client_secret_env="WB_TEST_SECRET", manage_groups=True,
-                                          allowed_groups={"course-ml101", "physics-lab"})
+    auth = WorkbenchGenericOAuthenticator(
+        client_secret_env="WB_TEST_SECRET", manage_groups=True, allowed_groups={"course-ml101", "physics-lab"}
+    )
 
     async def provider_says(self, handler, data=None, **kw):
         return {"name": "late", "admin": False, "auth_state": {}, "groups": []}

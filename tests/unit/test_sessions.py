@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from workbench.gpu_utilisation import FileUtilisation, GpuUtilisation, choose_source
 from workbench.embedded.hub import roles, services
+from workbench.gpu_utilisation import FileUtilisation, GpuUtilisation, choose_source
 from workbench.policy import Culling, PolicyError, parse_policy
 from workbench.runtime import SECRET_NAMES, Runtime
+from workbench.services.sessions.app import SessionsService
 from workbench.services.sessions.rules import (
     Limits,
     Server,
@@ -27,9 +28,8 @@ from workbench.services.sessions.rules import (
     servers_of,
     update_gpu_idle,
 )
-from workbench.services.sessions.app import SessionsService
 
-T0 = datetime(2026, 5, 4, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 5, 4, 10, 0, tzinfo=UTC)
 
 
 def at(seconds: float) -> datetime:
@@ -62,8 +62,16 @@ P = policy()
 
 
 def server(user="ada", name="", profile="cpu", groups=("lab",), started=0, active=0, gpus=(), pending=None):
-    return Server(user=user, name=name, profile=profile, groups=tuple(groups), started=at(started),
-                  last_activity=at(active), gpu_devices=tuple(gpus), pending=pending)
+    return Server(
+        user=user,
+        name=name,
+        profile=profile,
+        groups=tuple(groups),
+        started=at(started),
+        last_activity=at(active),
+        gpu_devices=tuple(gpus),
+        pending=pending,
+    )
 
 
 # -- limits ------------------------------------------------------------------------------------
@@ -80,13 +88,23 @@ def test_limits_of_a_gpu_profile():
 def test_profile_and_group_max_age_the_shorter_applies():
     assert server_limits(P, ["lab"], "short").max_age == 7200  # profile only
     assert server_limits(P, ["acme"], "cpu").max_age == 8 * 3600  # group only
-    p = policy(profiles={"cpu": {"session": {"max_age": "1h"}}}, groups={
-        "lab": {"kind": "research"}, "acme": {"kind": "startup", "profiles": ["cpu"], "session": {"max_age": "8h"}}},
-        gpu_types={})
+    p = policy(
+        profiles={"cpu": {"session": {"max_age": "1h"}}},
+        groups={
+            "lab": {"kind": "research"},
+            "acme": {"kind": "startup", "profiles": ["cpu"], "session": {"max_age": "8h"}},
+        },
+        gpu_types={},
+    )
     assert server_limits(p, ["acme"], "cpu").max_age == 3600  # profile shorter than group
-    p = policy(profiles={"cpu": {"session": {"max_age": "9h"}}}, groups={
-        "lab": {"kind": "research"}, "acme": {"kind": "startup", "profiles": ["cpu"], "session": {"max_age": "8h"}}},
-        gpu_types={})
+    p = policy(
+        profiles={"cpu": {"session": {"max_age": "9h"}}},
+        groups={
+            "lab": {"kind": "research"},
+            "acme": {"kind": "startup", "profiles": ["cpu"], "session": {"max_age": "8h"}},
+        },
+        gpu_types={},
+    )
     assert server_limits(p, ["acme"], "cpu").max_age == 8 * 3600  # group shorter than profile
 
 
@@ -100,8 +118,12 @@ def test_culling_disabled_keeps_session_limits_only():
     p = policy(culling={"enabled": False})
     assert server_limits(p, ["acme"], "gpu") == Limits(max_age=8 * 3600)
     assert needs_service(p)  # acme's session limit still needs the service
-    p = policy(culling={"enabled": False}, profiles={"cpu": {}}, gpu_types={},
-               groups={"lab": {"kind": "research", "profiles": ["cpu"]}})
+    p = policy(
+        culling={"enabled": False},
+        profiles={"cpu": {}},
+        gpu_types={},
+        groups={"lab": {"kind": "research", "profiles": ["cpu"]}},
+    )
     assert not needs_service(p)
 
 
@@ -127,8 +149,14 @@ USERS = [
         "name": "bob",
         "groups": ["acme"],
         "servers": {
-            "": {"name": "", "started": "2026-05-04T09:00:00Z", "last_activity": None, "pending": "spawn",
-                 "ready": False, "user_options": {}},
+            "": {
+                "name": "",
+                "started": "2026-05-04T09:00:00Z",
+                "last_activity": None,
+                "pending": "spawn",
+                "ready": False,
+                "user_options": {},
+            },
         },
     },
     {"name": "eve", "groups": ["lab"], "servers": {}},
@@ -145,10 +173,26 @@ def test_servers_of_hub_models():
 def test_servers_of_kubespawner_models():
     """On Kubernetes (KubeSpawner) the spawner state holds the pod, not the profile or GPU devices: the profile
     comes from user_options, and without devices there is no GPU-idle culling (nor any sampling)."""
-    users = [{"name": "ada", "groups": ["lab"], "servers": {"": {
-        "name": "", "started": "2026-05-04T10:00:00Z", "last_activity": "2026-05-04T10:20:00Z", "pending": None,
-        "user_options": {"profile": "gpu"},
-        "state": {"pod_name": "jupyter-ada", "namespace": "research", "dns_name": "jupyter-ada.research.svc"}}}}]
+    users = [
+        {
+            "name": "ada",
+            "groups": ["lab"],
+            "servers": {
+                "": {
+                    "name": "",
+                    "started": "2026-05-04T10:00:00Z",
+                    "last_activity": "2026-05-04T10:20:00Z",
+                    "pending": None,
+                    "user_options": {"profile": "gpu"},
+                    "state": {
+                        "pod_name": "jupyter-ada",
+                        "namespace": "research",
+                        "dns_name": "jupyter-ada.research.svc",
+                    },
+                }
+            },
+        }
+    ]
     [s] = servers_of(P, users)
     assert s == Server("ada", "", "gpu", ("lab",), at(0), at(1200), (), None)
     limits = server_limits(P, s.groups, s.profile)
@@ -243,7 +287,12 @@ def test_session_limit_warnings_then_stop():
         "Save your work; your Dask clusters stop with it."
     )
     assert w.notification(at(end - 900)) == {
-        "level": "warning", "source": "sessions", "message": w.message, "at": "2026-05-04T17:45:00Z", "server": ""}
+        "level": "warning",
+        "source": "sessions",
+        "message": w.message,
+        "at": "2026-05-04T17:45:00Z",
+        "server": "",
+    }
     assert decide(P, [s], at(end - 600), warned={(s.key, 900)}) == []  # given once
     [w5] = decide(P, [s], at(end - 300), warned={(s.key, 900)})
     assert (w5.level, w5.lead) == ("critical", 300)
@@ -260,9 +309,12 @@ def test_warnings_due_together_give_one():
 
 
 def test_a_short_session_is_warned_at_once_and_stopped_on_time():
-    p = policy(profiles={"cpu": {"session": {"max_age": "20s"}}}, gpu_types={},
-               groups={"lab": {"kind": "research", "profiles": ["cpu"]}},
-               culling={"warn_before": ["10s"]})
+    p = policy(
+        profiles={"cpu": {"session": {"max_age": "20s"}}},
+        gpu_types={},
+        groups={"lab": {"kind": "research", "profiles": ["cpu"]}},
+        culling={"warn_before": ["10s"]},
+    )
     s = server(active=10**6)
     assert decide(p, [s], at(9)) == []
     assert [a.kind for a in decide(p, [s], at(10))] == ["warn"]
@@ -295,7 +347,14 @@ def test_next_due():
 
 def test_human():
     assert [human(x) for x in (20, 60, 90, 900, 5400, 8 * 3600, 86400 + 3600)] == [
-        "20s", "1m", "1m 30s", "15m", "1h 30m", "8h", "1d 1h"]
+        "20s",
+        "1m",
+        "1m 30s",
+        "15m",
+        "1h 30m",
+        "8h",
+        "1d 1h",
+    ]
 
 
 # -- the service's memory (no hub: a fake client) ----------------------------------------------
@@ -314,10 +373,25 @@ class FakeHub:
 
 
 def test_service_warns_once_stops_once_and_keeps_notifications_per_user():
-    p = policy(profiles={"cpu": {"session": {"max_age": "20s"}}}, gpu_types={},
-               groups={"lab": {"kind": "research", "profiles": ["cpu"]}}, culling={"warn_before": ["10s"]})
-    users = [{"name": "ada", "groups": ["lab"], "servers": {"": {
-        "started": "2026-05-04T10:00:00Z", "last_activity": "2026-05-04T10:00:00Z", "state": {"profile": "cpu"}}}}]
+    p = policy(
+        profiles={"cpu": {"session": {"max_age": "20s"}}},
+        gpu_types={},
+        groups={"lab": {"kind": "research", "profiles": ["cpu"]}},
+        culling={"warn_before": ["10s"]},
+    )
+    users = [
+        {
+            "name": "ada",
+            "groups": ["lab"],
+            "servers": {
+                "": {
+                    "started": "2026-05-04T10:00:00Z",
+                    "last_activity": "2026-05-04T10:00:00Z",
+                    "state": {"profile": "cpu"},
+                }
+            },
+        }
+    ]
     now = [at(12)]
     hub = FakeHub(users)
     svc = SessionsService(p, hub, clock=lambda: now[0])
@@ -330,7 +404,9 @@ def test_service_warns_once_stops_once_and_keeps_notifications_per_user():
     assert hub.stopped == [("ada", "")]
     notes = svc.notifications("ada")
     assert [(n["level"], n["source"], n["server"], n["at"]) for n in notes] == [
-        ("critical", "sessions", "", "2026-05-04T10:00:12Z"), ("info", "sessions", "", "2026-05-04T10:00:20Z")]
+        ("critical", "sessions", "", "2026-05-04T10:00:12Z"),
+        ("info", "sessions", "", "2026-05-04T10:00:20Z"),
+    ]
     assert svc.notifications("bob") == []
     now[0] = at(20 + 86401)
     assert svc.notifications("ada") == []  # expired
@@ -339,9 +415,19 @@ def test_service_warns_once_stops_once_and_keeps_notifications_per_user():
 def test_service_samples_gpus_of_its_servers(tmp_path):
     util = tmp_path / "u.json"
     util.write_text(json.dumps({"G0": 0, "G9": 0}))
-    users = [{"name": "ada", "groups": ["lab"], "servers": {"": {
-        "started": "2026-05-04T10:00:00Z", "last_activity": "2026-05-04T12:00:00Z",
-        "state": {"profile": "gpu", "gpu_devices": ["G0"]}}}}]
+    users = [
+        {
+            "name": "ada",
+            "groups": ["lab"],
+            "servers": {
+                "": {
+                    "started": "2026-05-04T10:00:00Z",
+                    "last_activity": "2026-05-04T12:00:00Z",
+                    "state": {"profile": "gpu", "gpu_devices": ["G0"]},
+                }
+            },
+        }
+    ]
     now = [at(3600)]
     svc = SessionsService(P, FakeHub(users), FileUtilisation(util), clock=lambda: now[0])
     assert asyncio.run(svc.check()) == []
@@ -373,8 +459,9 @@ def test_choose_source(tmp_path):
 
 # -- wiring into the hub -----------------------------------------------------------------------
 
-RUNTIME = Runtime(config="/p.yaml", state_dir="/s", hub_config_dir="/h", venv_bin="/v/bin", proxy_command="chp",
-                  sessions_port=18015)
+RUNTIME = Runtime(
+    config="/p.yaml", state_dir="/s", hub_config_dir="/h", venv_bin="/v/bin", proxy_command="chp", sessions_port=18015
+)
 SECRETS = {"gateway_api_token": "g", "sessions_api_token": "sessions-token"}
 
 
@@ -403,8 +490,14 @@ def test_sessions_roles_have_exactly_the_scopes_needed():
     assert by_name["workbench-sessions"] == {
         "name": "workbench-sessions",
         "description": "Stop servers at their session limit and when idle (workbench.services.sessions.app)",
-        "scopes": ["list:users", "read:users:name", "read:users:groups", "read:servers", "admin:server_state",
-                   "delete:servers"],
+        "scopes": [
+            "list:users",
+            "read:users:name",
+            "read:users:groups",
+            "read:servers",
+            "admin:server_state",
+            "delete:servers",
+        ],
         "services": ["sessions"],
     }
     assert by_name["workbench-sessions-users"]["scopes"] == ["access:services!service=sessions"]
@@ -413,8 +506,12 @@ def test_sessions_roles_have_exactly_the_scopes_needed():
 
 
 def test_no_sessions_service_without_anything_to_enforce():
-    p = policy(culling={"enabled": False}, profiles={"cpu": {}}, gpu_types={},
-               groups={"lab": {"kind": "research", "profiles": ["cpu"]}})
+    p = policy(
+        culling={"enabled": False},
+        profiles={"cpu": {}},
+        gpu_types={},
+        groups={"lab": {"kind": "research", "profiles": ["cpu"]}},
+    )
     assert [s["name"] for s in services(p, RUNTIME, SECRETS)] == ["dask-gateway-server", "dask-gateway"]
     assert not {"workbench-sessions", "workbench-sessions-users"} & {r["name"] for r in roles(p)}
 
@@ -429,8 +526,12 @@ def problems(**over) -> list[tuple[str, str]]:
 
 
 def test_durations_in_seconds_are_accepted():
-    p = policy(profiles={"cpu": {"session": {"max_age": "20s"}, "idle_timeout": "45s"}}, gpu_types={},
-               groups={"lab": {"kind": "research", "profiles": ["cpu"]}}, culling={"every": "2s", "warn_before": ["10s"]})
+    p = policy(
+        profiles={"cpu": {"session": {"max_age": "20s"}, "idle_timeout": "45s"}},
+        gpu_types={},
+        groups={"lab": {"kind": "research", "profiles": ["cpu"]}},
+        culling={"every": "2s", "warn_before": ["10s"]},
+    )
     assert (p.profiles["cpu"].session.max_age, p.profiles["cpu"].idle_timeout) == (20, 45)
     assert (p.culling.every, p.culling.warn_before) == (2, [10])
     assert policy().culling.warn_before == [900, 300]
@@ -438,39 +539,55 @@ def test_durations_in_seconds_are_accepted():
 
 
 def test_gpu_idle_timeout_needs_a_gpu_profile():
-    assert problems(profiles={"cpu": {"gpu_idle_timeout": "10m"}}, gpu_types={},
-                    groups={"lab": {"kind": "research", "profiles": ["cpu"]}}) == [
-        ("profiles.cpu.gpu_idle_timeout",
-         "only profiles with a 'gpu' have GPUs to watch; remove it or use idle_timeout")]
+    assert problems(
+        profiles={"cpu": {"gpu_idle_timeout": "10m"}},
+        gpu_types={},
+        groups={"lab": {"kind": "research", "profiles": ["cpu"]}},
+    ) == [
+        (
+            "profiles.cpu.gpu_idle_timeout",
+            "only profiles with a 'gpu' have GPUs to watch; remove it or use idle_timeout",
+        )
+    ]
 
 
 def test_zero_limits_are_refused_with_the_fix():
-    got = problems(profiles={"cpu": {"session": {"max_age": 0}, "idle_timeout": "0s"},
-                             "gpu": {"gpu": {"type": "h100"}, "gpu_idle_timeout": 0}},
-                   groups={"lab": {"kind": "research", "profiles": ["cpu", "gpu"]}},
-                   culling={"every": 0, "timeout": 0, "warn_before": ["5m", "0s", "300"]})
+    got = problems(
+        profiles={
+            "cpu": {"session": {"max_age": 0}, "idle_timeout": "0s"},
+            "gpu": {"gpu": {"type": "h100"}, "gpu_idle_timeout": 0},
+        },
+        groups={"lab": {"kind": "research", "profiles": ["cpu", "gpu"]}},
+        culling={"every": 0, "timeout": 0, "warn_before": ["5m", "0s", "300"]},
+    )
     assert got == [
         ("profiles.cpu.session.max_age", "must be more than 0 (like 8h); remove 'session' for no limit"),
         ("profiles.cpu.idle_timeout", "must be more than 0 (like 30m); remove it to use culling.timeout"),
-        ("profiles.gpu.gpu_idle_timeout",
-         "must be more than 0 (like 20m); remove it to never stop servers for idle GPUs"),
+        (
+            "profiles.gpu.gpu_idle_timeout",
+            "must be more than 0 (like 20m); remove it to never stop servers for idle GPUs",
+        ),
         ("culling.every", "must be more than 0 (like 5m): how often servers are checked"),
         ("culling.timeout", "must be more than 0 (like 1h); use 'enabled: false' to never stop idle servers"),
-        ("culling.warn_before[1]",
-         "must be more than 0 (like 15m): how long before a session limit users are warned"),
+        ("culling.warn_before[1]", "must be more than 0 (like 15m): how long before a session limit users are warned"),
         ("culling.warn_before[2]", "300s is listed twice; list each warning once"),
     ]
 
 
 def test_bad_durations_name_the_field():
-    got = problems(profiles={"cpu": {"idle_timeout": "soon", "session": {"max_age": "8 hours"}}}, gpu_types={},
-                   groups={"lab": {"kind": "research", "profiles": ["cpu"]}}, culling={"warn_before": ["x"]})
+    got = problems(
+        profiles={"cpu": {"idle_timeout": "soon", "session": {"max_age": "8 hours"}}},
+        gpu_types={},
+        groups={"lab": {"kind": "research", "profiles": ["cpu"]}},
+        culling={"warn_before": ["x"]},
+    )
     paths = [path for path, _ in got]
     assert paths == ["culling.warn_before[0]", "profiles.cpu.session.max_age", "profiles.cpu.idle_timeout"]
     assert all("expected a duration like 90, 30s, 15m, 8h or 2d" in msg for _, msg in got)
 
 
 def test_unknown_profile_key_is_still_refused():
-    got = problems(profiles={"cpu": {"idle_timout": "5m"}}, gpu_types={},
-                   groups={"lab": {"kind": "research", "profiles": ["cpu"]}})
+    got = problems(
+        profiles={"cpu": {"idle_timout": "5m"}}, gpu_types={}, groups={"lab": {"kind": "research", "profiles": ["cpu"]}}
+    )
     assert got == [("profiles.cpu.idle_timout", "unknown key; remove it or check its spelling")]

@@ -136,7 +136,9 @@ def test_course_notebook_runs(tmp_path):
     assert "Well done: mean 0, standard deviation 1" in _stream_text(nb)
 
 
-@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi; the no-GPU text is not expected")
+@pytest.mark.skipif(
+    shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi; the no-GPU text is not expected"
+)
 def test_gpu_check_notebook_says_no_gpu(tmp_path):
     install_starters(tmp_path, ["startup"])
     nb = nbformat.read(str(tmp_path / "gpu-check.ipynb"), as_version=4)

@@ -55,8 +55,24 @@ def test_names_needing_sanitising_get_hash_suffix(hub, unix):
 
 def test_distinct_inputs_distinct_outputs():
     names = [
-        "alice", "Alice", "ALICE", "a.lice", "a-lice", "a_lice", "a lice", "jane.doe", "jane-doe",
-        "jane@doe", "x" * 40, "x" * 41, "x" * 29 + "a", "x" * 29 + "b", "", "user", "é", "e",
+        "alice",
+        "Alice",
+        "ALICE",
+        "a.lice",
+        "a-lice",
+        "a_lice",
+        "a lice",
+        "jane.doe",
+        "jane-doe",
+        "jane@doe",
+        "x" * 40,
+        "x" * 41,
+        "x" * 29 + "a",
+        "x" * 29 + "b",
+        "",
+        "user",
+        "é",
+        "e",
     ]
     out = [system_username(n) for n in names]
     assert len(set(out)) == len(names), dict(zip(names, out))

@@ -14,7 +14,7 @@ import os
 from jupyterhub.auth import Authenticator
 from traitlets import Dict, Unicode, default
 
-from workbench.services.rosters.app import merge_roster_groups
+from workbench.auth.groups import merge_roster_groups
 from workbench.runtime import is_loopback
 
 PASSWORD_ENV = "WORKBENCH_DEMO_PASSWORD"

@@ -39,8 +39,8 @@ from tornado import web
 from traitlets import Dict, List, Unicode, default
 
 from workbench.auth.demo import DemoAuthenticator
+from workbench.auth.groups import merge_roster_groups
 from workbench.policy import Policy, PolicyError
-from workbench.services.rosters.app import merge_roster_groups
 from workbench.runtime import Runtime
 
 try:
@@ -100,6 +100,7 @@ def _cls(klass: type) -> str:
 # ---------------------------------------------------------------------------
 # Reading the groups claim (pure)
 # ---------------------------------------------------------------------------
+
 
 def lookup_claim(data: Any, path: str) -> tuple[bool, Any]:
     """``(found, value)`` of the claim at ``path`` in ``data`` (pure).
@@ -255,7 +256,9 @@ class PolicyGroupsAuthenticator(Authenticator):
         Before ``check_allowed``, so a rostered student whose provider sends no course group logs in.
         """
         if isinstance(auth_model, dict) and self.manage_groups and "groups" in auth_model:
-            auth_model["groups"] = merge_roster_groups(db, auth_model["name"], auth_model["groups"], self.allowed_groups)
+            auth_model["groups"] = merge_roster_groups(
+                db, auth_model["name"], auth_model["groups"], self.allowed_groups
+            )
         return auth_model
 
     async def authenticate(self, handler, data=None, **kwargs):

@@ -72,7 +72,9 @@ def cmd_render_pod(args) -> int:
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in ("kubespawner", "kubernetes_asyncio"):
             raise
-        print(f"render-pod needs KubeSpawner ({e}); install it with: pip install 'workbench[kubernetes]'", file=sys.stderr)
+        print(
+            f"render-pod needs KubeSpawner ({e}); install it with: pip install 'workbench[kubernetes]'", file=sys.stderr
+        )
         return 2
     policy = load_policy_or_report(args.config)
     if policy is None:
@@ -111,8 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", default=str(DEFAULT_CONFIG), help="platform YAML to run (default: %(default)s)")
     up.add_argument("--port", type=int, default=8000, help="public port of the hub's proxy (default: %(default)s)")
     up.add_argument("--bind", default="127.0.0.1", help="address the proxy listens on (default: %(default)s)")
-    up.add_argument("--state-dir", default=".workbench", help="folder for databases, secrets, logs (default: %(default)s)")
-    up.add_argument("--hub-config-dir", default=None, help="folder with jupyterhub_config.py (default: the one shipped in the package, workbench/hub_config)")
+    up.add_argument(
+        "--state-dir", default=".workbench", help="folder for databases, secrets, logs (default: %(default)s)"
+    )
+    up.add_argument(
+        "--hub-config-dir",
+        default=None,
+        help="folder with jupyterhub_config.py (default: the one shipped in the package, workbench/hub_config)",
+    )
     up.add_argument(
         "--allow-demo-auth-on-network",
         action="store_true",
@@ -222,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_arguments(report)
     report.set_defaults(func=cmd_report)
 
-    from workbench.courses.material import add_course_arguments
+    from workbench.cli.course import add_course_arguments
 
     course = sub.add_parser(
         "course",
@@ -237,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def gateway_options_report(policy: Policy, user: str, groups: list[str]) -> str:
     """What ``user`` in ``groups`` may ask of Dask Gateway, and why (pure)."""
-    from workbench.gateway.local import SCHEDULER_CORES, cluster_options_for
+    from workbench.gateway.options import SCHEDULER_CORES, cluster_options_for
 
     lines = [f"user {user}, groups: {', '.join(groups) or '(none)'}"]
     group = policy.dask_group_for(groups)
@@ -248,23 +256,30 @@ def gateway_options_report(policy: Policy, user: str, groups: list[str]) -> str:
     others = [g for g in policy.groups_of(groups) if g != group and policy.groups[g].dask]
     why = f" (most generous of: {', '.join([group, *others])})" if others else ""
     lines.append(f"limits from group {group}{why}:")
-    lines.append(f"  per cluster: up to {dask.max_workers} workers, {dask.max_cores:g} cores, "
-                 f"{_gib(dask.max_memory)} memory for workers (+ the scheduler: {SCHEDULER_CORES} core, 1 GiB)")
+    lines.append(
+        f"  per cluster: up to {dask.max_workers} workers, {dask.max_cores:g} cores, "
+        f"{_gib(dask.max_memory)} memory for workers (+ the scheduler: {SCHEDULER_CORES} core, 1 GiB)"
+    )
     lines.append(f"  per user:    up to {dask.max_clusters} active cluster(s)")
     lines.append(f"  idle clusters are stopped after {dask.idle_timeout} s; all stop with the user's notebook server")
     if dask.slurm.partition or dask.slurm.account or dask.slurm.qos:
         s = dask.slurm
-        lines.append(f"  on Slurm:    partition={s.partition or '-'} account={s.account or '-'} qos={s.qos or '-'} "
-                     f"walltime={s.walltime} s")
+        lines.append(
+            f"  on Slurm:    partition={s.partition or '-'} account={s.account or '-'} qos={s.qos or '-'} "
+            f"walltime={s.walltime} s"
+        )
     lines.append("per-worker options (gateway.cluster_options()):")
     for f in cluster_options_for(policy, groups).get_specification():
         spec = f["spec"]
         if spec.get("type") == "mapping":  # environment: the user's own variables, checked by name
-            lines.append(f"  {f['field']:<14} {{NAME: value, ...}} not PATH, HOME, DASK_GATEWAY_*, ...; "
-                         f"{f.get('label', '')}")
+            lines.append(
+                f"  {f['field']:<14} {{NAME: value, ...}} not PATH, HOME, DASK_GATEWAY_*, ...; {f.get('label', '')}"
+            )
             continue
-        lines.append(f"  {f['field']:<14} default {f.get('default')!s:<6} min {spec.get('min')!s:<6} "
-                     f"max {spec.get('max')!s:<6} {f.get('label', '')}")
+        lines.append(
+            f"  {f['field']:<14} default {f.get('default')!s:<6} min {spec.get('min')!s:<6} "
+            f"max {spec.get('max')!s:<6} {f.get('label', '')}"
+        )
     return "\n".join(lines)
 
 

@@ -20,19 +20,13 @@
 from __future__ import annotations
 
 import asyncio
-import csv
-import functools
 import grp
-import io
 import os
-import re
 import shlex
 import subprocess
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlencode, urlsplit
 
 from workbench.policy import Material, Policy
 
@@ -42,9 +36,6 @@ NOTE_NAME = "MATERIAL-NOT-UPDATED.txt"
 PULL_TIMEOUT = 300
 #: prefix of the Unix group of a course's instructors (embedded mode)
 INSTRUCTOR_GROUP_PREFIX = "wb-i-"
-DEFAULT_HUB_URL = "http://127.0.0.1:8000"
-#: the hub service that loads rosters (:mod:`workbench.services.rosters.app`)
-ROSTER_SERVICE = "rosters"
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +178,9 @@ async def _prepare_courses(spawner) -> None:
             try:
                 ensure_materials_folder(policy, course, run_as, teaches(policy, course, spawner.user.name))
             except (OSError, RuntimeError, ValueError) as e:
-                log.warning("Course %s: could not prepare the materials folder for %s: %s", course, spawner.user.name, e)
+                log.warning(
+                    "Course %s: could not prepare the materials folder for %s: %s", course, spawner.user.name, e
+                )
     pulls = material_pulls(policy, courses)
     if pulls:
         await pull_material(pulls, spawner.home, run_as, log)
@@ -233,9 +226,15 @@ async def pull_material(pulls: list[tuple[str, Material]], home: str, run_as: st
     script = pull_script(pulls, home, report_failures=True)
     try:
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", script,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-            env=env, cwd=home, preexec_fn=set_user_setuid(run_as) if run_as else None,
+            "/bin/sh",
+            "-c",
+            script,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=env,
+            cwd=home,
+            preexec_fn=set_user_setuid(run_as) if run_as else None,
         )
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), PULL_TIMEOUT * len(pulls) + 30)
@@ -249,8 +248,12 @@ async def pull_material(pulls: list[tuple[str, Material]], home: str, run_as: st
         return len(pulls)
     text = out.decode(errors="replace").strip()
     if proc.returncode:
-        log.warning("Course material for %s: %d course(s) not updated (the server starts anyway):\n%s",
-                    run_as or home, proc.returncode, text)
+        log.warning(
+            "Course material for %s: %d course(s) not updated (the server starts anyway):\n%s",
+            run_as or home,
+            proc.returncode,
+            text,
+        )
     else:
         log.info("Course material for %s:\n%s", run_as or home, text)
     return proc.returncode
@@ -261,356 +264,11 @@ async def pull_material(pulls: list[tuple[str, Material]], home: str, run_as: st
 # ---------------------------------------------------------------------------
 
 
-def hub_base(url: str) -> str:
-    """The hub's public base URL from what a user may paste (``.../``, ``.../hub``, ``.../hub/api``) (pure)."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"--hub-url must be the hub's address like https://workbench.example.edu, got {url!r}")
-    path = parts.path.rstrip("/")
-    for suffix in ("/hub/api", "/hub"):
-        path = path.removesuffix(suffix)
-    return f"{parts.scheme}://{parts.netloc}{path}"
-
-
-class CourseError(ValueError):
-    """A course command that cannot be done; the message says why and what to do."""
-
-
-def course_material(policy: Policy, course: str) -> Material:
-    """The course's git material, or :class:`CourseError` naming the problem (pure)."""
-    group = policy.groups.get(course)
-    courses = [n for n, g in policy.groups.items() if g.kind == "course"]
-    if group is None or group.kind != "course":
-        what = "is not a group of the policy" if group is None else f"is a {group.kind} group, not a course"
-        raise CourseError(f"{course!r} {what}; courses: {', '.join(courses) or '(none)'}")
-    if group.material is None:
-        raise CourseError(
-            f"course {course!r} has no material; add it to the policy, e.g. "
-            f"groups.{course}.material: {{git: https://git.example.edu/{course}.git, branch: main}}"
-        )
-    return group.material
-
-
-def course_link(policy: Policy, course: str, path: str, hub_url: str = DEFAULT_HUB_URL) -> str:
-    """An nbgitpuller link that pulls the course's material into ``~/<course>`` and opens ``path`` in it (pure).
-
-    ``/hub/user-redirect/`` sends each student to their own server (started if needed), whose
-    nbgitpuller extension merges the material into the same folder as the pull at start
-    (``targetpath``) and then opens ``lab/tree/<course>/<path>``.
-    """
-    material = course_material(policy, course)
-    rel = path.strip().lstrip("/")
-    if not rel or any(part in ("..", ".") for part in rel.split("/")):
-        raise CourseError(f"PATH must be a file or folder of the material relative to its top, like week1/intro.ipynb, got {path!r}")
-    query = urlencode(
-        {
-            "repo": material.git,
-            "branch": material.branch,
-            "targetpath": course,
-            "urlpath": f"lab/tree/{quote(course)}/{quote(rel)}",
-        }
-    )
-    return f"{hub_base(hub_url)}/hub/user-redirect/git-pull?{query}"
-
-
 # ---------------------------------------------------------------------------
 # Rosters
 # ---------------------------------------------------------------------------
-
-ROSTER_COLUMNS = ("username", "email", "name")
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-
-
-@dataclass(frozen=True)
-class Student:
-    line: int
-    username: str
-    email: str = ""
-    name: str = ""
-
-
-@functools.cache
-def _hub_authenticator():
-    from jupyterhub.auth import Authenticator
-
-    return Authenticator()
-
-
-def username_problem(raw: str) -> str | None:
-    """Why ``raw`` cannot be a hub user name (None: it can), after JupyterHub's own rules (pure).
-
-    JupyterHub refuses empty names, ``/``, names of dots only and surrounding spaces
-    (``Authenticator.validate_username``) and lowercases names; login names have no spaces
-    either, so a space anywhere is refused (a display name belongs in the ``name`` column).
-    """
-    if not raw.strip():
-        return "username is empty"
-    if any(c.isspace() for c in raw):
-        return f"username {raw!r} has a space; use the login name (e.g. {re.sub(r'[^a-z0-9]+', '.', raw.lower()).strip('.')!r}) and put the full name in the 'name' column"
-    if any(not c.isprintable() for c in raw):
-        return f"username {raw!r} has a control character"
-    if not _hub_authenticator().validate_username(raw.lower()):
-        return f"username {raw!r} is not a valid JupyterHub user name (no '/', not only dots)"
-    return None
-
-
-def _check_student(where: str, n: int, raw: str, email: str, name: str, seen: dict[str, int]) -> Student | str:
-    """One roster row as a :class:`Student`, or its problem as ``<where> N: ...`` (pure; ``seen`` is updated)."""
-    if why := username_problem(raw):
-        return f"{where} {n}: {why}"
-    username = raw.lower()
-    if username in seen:
-        return f"{where} {n}: username {username!r} is already on {where} {seen[username]}"
-    seen[username] = n
-    if email and not _EMAIL_RE.match(email):
-        return f"{where} {n}: email {email!r} of {username!r} is not an email address"
-    return Student(n, username, email, name)
-
-
-def _collect(checked: list[Student | str]) -> tuple[list[Student], list[str]]:
-    students = [c for c in checked if isinstance(c, Student)]
-    problems = [c for c in checked if isinstance(c, str)]
-    if not students and not problems:
-        problems.append("no students: the file has a header but no rows")
-    return students, problems
-
-
-def parse_roster(text: str) -> tuple[list[Student], list[str]]:
-    """Students of a roster CSV, and its problems as ``line N: ...`` (pure).
-
-    The header must have a ``username`` column; ``email`` and ``name`` are optional, other
-    columns are ignored. User names are lowercased as JupyterHub does. Every row is checked (empty
-    or invalid user name, malformed email, too many fields, duplicates); blank lines are skipped.
-    """
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    rows = [(reader.line_num, row) for row in reader]
-    rows = [(n, row) for n, row in rows if any(cell.strip() for cell in row)]
-    if not rows:
-        return [], ["the file is empty; it needs a header line with a 'username' column, then one student a line"]
-    header_line, header = rows[0]
-    header = [h.strip().lower() for h in header]
-    if "username" not in header:
-        return [], [(f"line {header_line}: no 'username' column in the header ({', '.join(header)}); "
-                    f"the first line must name the columns, e.g. username,email,name")]
-    col = {name: header.index(name) for name in ROSTER_COLUMNS if name in header}
-    checked: list[Student | str] = []
-    seen: dict[str, int] = {}
-    for n, row in rows[1:]:
-        if len(row) > len(header):
-            checked.append(f"line {n}: {len(row)} fields but the header has {len(header)} (a comma inside a name needs quotes)")
-            continue
-        cell = {name: (row[i] if i < len(row) else "").strip() for name, i in col.items()}
-        raw = row[col["username"]] if col["username"] < len(row) else ""
-        checked.append(_check_student("line", n, raw, cell.get("email", ""), cell.get("name", ""), seen))
-    return _collect(checked)
-
-
-def parse_roster_rows(rows) -> tuple[list[Student], list[str]]:
-    """Students of a roster given as JSON rows, and its problems as ``row N: ...`` (pure).
-
-    ``rows`` is a list (or ``{"students": [...]}``) of user names or of objects with ``username``
-    and optional ``email`` and ``name``; rows are numbered from 1 and checked like CSV lines.
-    """
-    if isinstance(rows, dict) and set(rows) == {"students"}:
-        rows = rows["students"]
-    if not isinstance(rows, list):
-        return [], [("the JSON body must be a list of students (user names or {username, email, name} objects), "
-                     "or {\"students\": [...]}")]
-    if not rows:
-        return [], ["no students: the list is empty"]
-    checked: list[Student | str] = []
-    seen: dict[str, int] = {}
-    for n, row in enumerate(rows, 1):
-        if isinstance(row, str):
-            row = {"username": row}
-        if not isinstance(row, dict) or not all(isinstance(v, str) for v in row.values()):
-            checked.append(f"row {n}: expected a user name or an object of strings with a 'username', got {row!r}"[:200])
-            continue
-        extra = sorted(set(row) - set(ROSTER_COLUMNS))
-        if extra:
-            checked.append(f"row {n}: unknown field(s) {', '.join(extra)}; a row has username, email and name")
-            continue
-        checked.append(_check_student("row", n, row.get("username", ""), row.get("email", "").strip(),
-                                      row.get("name", "").strip(), seen))
-    return _collect(checked)
-
-
-def roster_url(hub_url: str, course: str, student: str | None = None) -> str:
-    """The roster service's endpoint of ``course`` (:mod:`workbench.services.rosters.app`) at ``hub_url`` (pure)."""
-    url = f"{hub_base(hub_url)}/services/{ROSTER_SERVICE}/api/courses/{quote(course, safe='')}/students"
-    return url if student is None else f"{url}/{quote(student, safe='')}"
-
-
-def roster_request(method: str, hub_url: str, token: str, course: str, student: str | None = None,
-                   text: str | None = None, mode: str | None = None, timeout: float = 120):
-    """One request to the roster service with ``token`` (``requests``): a CSV ``text`` to POST, or none."""
-    import requests
-
-    headers = {"Authorization": f"token {token}"}
-    if text is not None:
-        headers["Content-Type"] = "text/csv; charset=utf-8"
-    return requests.request(method, roster_url(hub_url, course, student), headers=headers,
-                            params={"mode": mode} if mode else None,
-                            data=None if text is None else text.encode("utf-8"), timeout=timeout)
-
-
-def roster_answer(resp, label: str, hub_url: str) -> tuple[int, list[str], list[str]]:
-    """``(exit code, stdout lines, stderr lines)`` for the roster service's answer ``resp`` (pure).
-
-    0 and the service's report when it applied the change; 2 and each problem with its line when a
-    row was refused (a bad row, or a safety rule of the service) and nothing was changed; 3 otherwise.
-    """
-    try:
-        doc = resp.json()
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict):
-        if resp.status_code == 404:
-            return 3, [], [(f"the hub at {hub_url} has no roster service (/services/{ROSTER_SERVICE}/): is it a "
-                            f"workbench hub with a course in its policy? Nothing was changed.")]
-        return 3, [], [f"unexpected answer from the roster service ({resp.status_code}): {resp.text.strip()[:200]}"]
-    if resp.status_code == 200:
-        return 0, list(doc.get("report") or []), []
-    if resp.status_code == 400 and doc.get("problems"):
-        problems = list(doc["problems"])
-        return 2, [], [f"{label}: {len(problems)} problem(s); nothing was changed:", *(f"  {p}" for p in problems)]
-    # a 502 (the hub refused the service midway) says itself what was done
-    done = "" if resp.status_code == 502 else " Nothing was changed."
-    return 3, [], [f"{doc.get('message') or resp.reason} ({resp.status_code}).{done}"]
-
 
 
 # ---------------------------------------------------------------------------
 # The `workbench course` sub-commands
 # ---------------------------------------------------------------------------
-
-
-def add_course_arguments(parser) -> None:
-    """``workbench course link``, ``add-students`` and ``remove-student`` (argparse)."""
-    from workbench.embedded.up import DEFAULT_CONFIG
-
-    sub = parser.add_subparsers(dest="course_command", metavar="ACTION", required=True)
-    link = sub.add_parser(
-        "link",
-        help="print a link that gives a student the course material and opens a file of it",
-        description="Print an nbgitpuller link: opened by a logged-in student, it starts their server if needed, "
-        "merges the course's git material into ~/COURSE (keeping their edits) and opens PATH there. Exit code 2 "
-        "when the course is unknown or has no material.",
-    )
-    link.add_argument("course", metavar="COURSE", help="the course group")
-    link.add_argument("path", metavar="PATH", help="file or folder of the material to open, e.g. week1/intro.ipynb")
-    link.add_argument("--hub-url", default=DEFAULT_HUB_URL, help="the hub's public address (default: %(default)s)")
-    link.add_argument("--config", default=str(DEFAULT_CONFIG), help="platform YAML (default: %(default)s)")
-    link.set_defaults(func=cmd_course_link)
-
-    add = sub.add_parser(
-        "add-students",
-        help="load a roster CSV into a course (through the hub's roster service)",
-        description="Load a roster (CSV with a header: a 'username' column, optional 'email' and 'name') into the "
-        "course's hub group through the hub's roster service (workbench.services.rosters.app), with an admin's or one of the "
-        "course's instructors' token. Every row is checked first, here and by the service; if any is wrong (or is "
-        "a hub admin, an instructor, or a member of a non-course group), each problem is printed with its line and "
-        "nothing is changed (exit code 2). Missing users are created (never as admins) and all are added to the "
-        "group. The file is the course's whole roster: students an earlier roster added who are not in it leave "
-        "the course (--add-only keeps them). Exit code 3 when the hub or the service refuses.",
-    )
-    add.add_argument("course", metavar="COURSE", help="the course group")
-    add.add_argument("file", metavar="FILE.csv", help="roster CSV")
-    add.add_argument("--add-only", action="store_true",
-                     help="only add: keep the students of earlier rosters that are not in this file")
-    _roster_service_arguments(add, DEFAULT_CONFIG)
-    add.set_defaults(func=cmd_course_add_students)
-
-    remove = sub.add_parser(
-        "remove-student",
-        help="take a student off a course's roster (through the hub's roster service)",
-        description="Remove USER from the course's roster and hub group (workbench.services.rosters.app), with an admin's or "
-        "one of the course's instructors' token. Exit code 3 when the hub or the service refuses (e.g. USER is "
-        "not on the roster: members from the identity provider are not the roster's to remove).",
-    )
-    remove.add_argument("course", metavar="COURSE", help="the course group")
-    remove.add_argument("user", metavar="USER", help="the student's hub user name")
-    _roster_service_arguments(remove, DEFAULT_CONFIG)
-    remove.set_defaults(func=cmd_course_remove_student)
-
-
-def _roster_service_arguments(parser, default_config) -> None:
-    parser.add_argument("--hub-url", default=DEFAULT_HUB_URL, help="the hub's address (default: %(default)s)")
-    parser.add_argument("--token", default=None, help="hub API token (default: $JUPYTERHUB_API_TOKEN)")
-    parser.add_argument("--config", default=str(default_config), help="platform YAML (default: %(default)s)")
-
-
-def cmd_course_link(args) -> int:
-    from workbench.cli.util import load_policy_or_report
-
-    policy = load_policy_or_report(args.config)
-    if policy is None:
-        return 2
-    try:
-        print(course_link(policy, args.course, args.path, args.hub_url))
-    except ValueError as e:
-        print(f"workbench course link: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _course_and_token(args, command: str) -> str | None:
-    """The token for a roster command after checking the course against the policy; None: refused (printed)."""
-    from workbench.cli.util import load_policy_or_report
-
-    policy = load_policy_or_report(args.config)
-    if policy is None:
-        return None
-    if not is_course(policy, args.course):
-        courses = [n for n, g in policy.groups.items() if g.kind == "course"]
-        print(f"workbench course {command}: {args.course!r} is not a course of {args.config}; "
-              f"courses: {', '.join(courses) or '(none)'}", file=sys.stderr)
-        return None
-    token = args.token or os.environ.get("JUPYTERHUB_API_TOKEN", "")
-    if not token:
-        print(f"workbench course {command}: no hub token; pass --token or set $JUPYTERHUB_API_TOKEN", file=sys.stderr)
-        return None
-    return token
-
-
-def _ask_service(command: str, label: str, args, method: str, **kw) -> int:
-    import requests
-
-    try:
-        resp = roster_request(method, args.hub_url, kw.pop("token"), args.course, **kw)
-    except requests.RequestException as e:
-        print(f"workbench course {command}: cannot reach the hub at {args.hub_url}: {e}. Nothing was changed.",
-              file=sys.stderr)
-        return 3
-    rc, out, err = roster_answer(resp, label, args.hub_url)
-    for line in out:
-        print(line)
-    for i, line in enumerate(err):
-        print(line if rc == 2 or i else f"workbench course {command}: {line}", file=sys.stderr)
-    return rc
-
-
-def cmd_course_add_students(args) -> int:
-    token = _course_and_token(args, "add-students")
-    if token is None:
-        return 2
-    try:
-        text = Path(args.file).read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"workbench course add-students: cannot read {args.file}: {e}", file=sys.stderr)
-        return 2
-    _, problems = parse_roster(text)
-    if problems:  # checked here first, so a bad file never reaches the hub
-        print(f"{args.file}: {len(problems)} problem(s); nothing was changed:", file=sys.stderr)
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
-        return 2
-    return _ask_service("add-students", args.file, args, "POST", token=token, text=text,
-                        mode="add" if args.add_only else "replace")
-
-
-def cmd_course_remove_student(args) -> int:
-    token = _course_and_token(args, "remove-student")
-    if token is None:
-        return 2
-    return _ask_service("remove-student", args.user, args, "DELETE", token=token, student=args.user.strip().lower())

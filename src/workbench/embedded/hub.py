@@ -13,115 +13,26 @@ from pathlib import Path
 
 from workbench.auth.demo import DemoAuthExposed, check_demo_exposure
 from workbench.auth.oauth import auth_settings
+from workbench.names import (
+    GATEWAY_SERVER_SERVICE,
+    GATEWAY_SERVICE,
+    ROSTERS_ACCESS_SCOPE,
+    ROSTERS_SERVICE,
+    SERVER_TOKEN_SCOPES,
+    SESSIONS_ACCESS_SCOPE,
+    SESSIONS_SERVICE,
+)
 from workbench.policy import Policy, PolicyError, load_policy
-from workbench.services.rosters.app import ACCESS_SCOPE as ROSTERS_ACCESS_SCOPE
-from workbench.services.rosters.app import SERVICE_NAME as ROSTERS_SERVICE
-from workbench.services.rosters.app import needs_service as needs_rosters_service
-from workbench.services.rosters.app import service_scopes as rosters_service_scopes
-from workbench.runtime import GATEWAY_SERVICE, Runtime, free_port, load_or_create_secrets
-from workbench.services.sessions.rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
-from workbench.services.sessions.rules import SERVICE_NAME as SESSIONS_SERVICE
-from workbench.services.sessions.rules import SERVICE_SCOPES as SESSIONS_SCOPES
-from workbench.services.sessions.rules import needs_service as needs_sessions_service
-from workbench.spawn.local import WorkbenchLocalSpawner
+from workbench.runtime import Runtime, free_port, load_or_create_secrets
 from workbench.services.quota.wiring import add_quota_service, pass_db_url
-
-GATEWAY_ACCESS_SCOPE = f"access:services!service={GATEWAY_SERVICE}"
-#: the hub-managed service running dask-gateway-server (no URL: the `dask-gateway` guard fronts it)
-GATEWAY_SERVER_SERVICE = "dask-gateway-server"
-
-#: scopes of $JUPYTERHUB_API_TOKEN in single-user servers: the defaults of the `server`
-#: role, plus the gateway (so `Gateway()` works) and the user's own groups (for options).
-SERVER_TOKEN_SCOPES = [
-    "users:activity!user",
-    "access:servers!server",
-    "read:users:groups!user",
-    GATEWAY_ACCESS_SCOPE,
-]
-
-
-#: what jupyterhub-idle-culler needs (Kubernetes still runs it; the embedded mode runs workbench.services.sessions.app)
-CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
+from workbench.services.rosters.rules import needs_service as needs_rosters_service
+from workbench.services.sessions.rules import needs_service as needs_sessions_service
+from workbench.settings import apply_settings, roles
+from workbench.spawn.local import WorkbenchLocalSpawner
 
 
 def _cls(klass: type) -> str:
     return f"{klass.__module__}.{klass.__name__}"
-
-
-#: what an instructor may do, each scope filtered to their course's group
-INSTRUCTOR_SCOPES = [
-    "list:users",
-    "read:users",
-    "read:users:activity",
-    "servers",
-    "access:servers",
-    "read:groups",
-    "list:groups",
-]
-
-
-def course_roles(policy: Policy) -> list[dict]:
-    """One role per course with instructors: their powers, filtered with ``!group=<course>`` (pure).
-
-    They may also call the roster service (:mod:`workbench.services.rosters.app`), which loads their course's
-    roster with its own token: instructors never get scopes to change groups or create users.
-    """
-    return [
-        {
-            "name": f"instructor-{name}",
-            "description": f"Instructors of {name}: list, start, stop and open their students' servers, load rosters",
-            "scopes": [*(f"{scope}!group={name}" for scope in INSTRUCTOR_SCOPES), ROSTERS_ACCESS_SCOPE],
-            "users": list(group.instructors),
-        }
-        for name, group in policy.groups.items()
-        if group.kind == "course" and group.instructors
-    ]
-
-
-def roles(policy: Policy) -> list[dict]:
-    """Roles generated from the policy (pure)."""
-    dask_groups = [name for name, g in policy.groups.items() if g.dask is not None]
-    return [
-        {
-            "name": "workbench-dask-users",
-            "description": "May use the Dask Gateway (groups with a dask policy)",
-            "scopes": [GATEWAY_ACCESS_SCOPE],
-            "groups": dask_groups,
-        },
-        # the sessions service (workbench.services.sessions.app): session limits and idle culling
-        *(
-            [
-                {
-                    "name": "workbench-sessions",
-                    "description": "Stop servers at their session limit and when idle (workbench.services.sessions.app)",
-                    "scopes": list(SESSIONS_SCOPES),
-                    "services": [SESSIONS_SERVICE],
-                },
-                {
-                    "name": "workbench-sessions-users",
-                    "description": "May read their own notifications (session limits, stopped servers)",
-                    "scopes": [SESSIONS_ACCESS_SCOPE],
-                    "groups": list(policy.groups),
-                },
-            ]
-            if needs_sessions_service(policy)
-            else []
-        ),
-        # the roster service (workbench.services.rosters.app): create students, change the course groups only
-        *(
-            [
-                {
-                    "name": "workbench-rosters",
-                    "description": "Load course rosters for instructors and admins (workbench.services.rosters.app)",
-                    "scopes": rosters_service_scopes(policy),
-                    "services": [ROSTERS_SERVICE],
-                }
-            ]
-            if needs_rosters_service(policy)
-            else []
-        ),
-        *course_roles(policy),
-    ]
 
 
 def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[dict]:
@@ -180,10 +91,19 @@ def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[
         }
 
     if needs_sessions_service(policy):
-        out.append(python_service(SESSIONS_SERVICE, runtime.sessions_port, "sessions_api_token",
-                                  "workbench.services.sessions", f"--interval={policy.culling.every}"))
+        out.append(
+            python_service(
+                SESSIONS_SERVICE,
+                runtime.sessions_port,
+                "sessions_api_token",
+                "workbench.services.sessions",
+                f"--interval={policy.culling.every}",
+            )
+        )
     if needs_rosters_service(policy):
-        out.append(python_service(ROSTERS_SERVICE, runtime.rosters_port, "rosters_api_token", "workbench.services.rosters"))
+        out.append(
+            python_service(ROSTERS_SERVICE, runtime.rosters_port, "rosters_api_token", "workbench.services.rosters")
+        )
     return out
 
 
@@ -244,12 +164,6 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
     }
     # the quota service, its roles and scopes (workbench.services.quota.wiring; only when runtime.quota_port is set)
     return add_quota_service(settings, policy, runtime, secrets)
-
-
-def apply_settings(c, settings: dict[str, dict]) -> None:
-    for section, values in settings.items():
-        for key, value in values.items():
-            setattr(c[section], key, value)
 
 
 def configure_hub(c, runtime: Runtime | None = None, policy: Policy | None = None) -> None:

@@ -83,17 +83,24 @@ def local_gpus(policy: Policy, fake: str = "") -> dict[str, list[str]]:
 def slurm_problem(system_users: bool) -> str | None:
     """Why the Slurm backend cannot run here (None: it can)."""
     if not system_users:
-        return ("--gateway-backend slurm submits jobs as each user's own Unix account: run as root, from a checkout "
-                "other users can reach (see the warning above)")
+        return (
+            "--gateway-backend slurm submits jobs as each user's own Unix account: run as root, from a checkout "
+            "other users can reach (see the warning above)"
+        )
     if not shutil.which("sbatch"):
         return "--gateway-backend slurm: sbatch not found; run `make slurm` (one-node Slurm) or install Slurm's client"
     if not shutil.which("sudo"):
-        return "--gateway-backend slurm needs sudo (the backend submits as each user with sudo -u); apt-get install sudo"
+        return (
+            "--gateway-backend slurm needs sudo (the backend submits as each user with sudo -u); apt-get install sudo"
+        )
     return None
 
 
 def find_proxy(venv_bin: Path) -> str | None:
-    for candidate in (venv_bin / "configurable-http-proxy", venv_bin.parent / "node_modules/.bin/configurable-http-proxy"):
+    for candidate in (
+        venv_bin / "configurable-http-proxy",
+        venv_bin.parent / "node_modules/.bin/configurable-http-proxy",
+    ):
         if candidate.exists():
             return str(candidate)
     return shutil.which("configurable-http-proxy")
@@ -102,7 +109,10 @@ def find_proxy(venv_bin: Path) -> str | None:
 def decide_system_users(opts: UpOptions, venv_bin: Path) -> tuple[bool, str]:
     """Whether to run servers as per-user system accounts, and a warning if not."""
     if opts.system_users is False:
-        return False, "--no-system-users: every server runs as the current user; users are NOT isolated from each other."
+        return (
+            False,
+            "--no-system-users: every server runs as the current user; users are NOT isolated from each other.",
+        )
     if os.geteuid() != 0:
         if opts.system_users:
             raise SystemExit(fail("--system-users needs root (it creates one Unix account per user)"))
@@ -215,11 +225,17 @@ class Supervisor:
             return fail(str(e))
         unknown = sorted(set(gpus) - set(policy.gpu_types))
         if unknown:
-            return fail(f"--fake-gpus names unknown GPU types {unknown}; the policy defines: {sorted(policy.gpu_types)}")
+            return fail(
+                f"--fake-gpus names unknown GPU types {unknown}; the policy defines: {sorted(policy.gpu_types)}"
+            )
         found = {t: len(ids) for t, ids in gpus.items() if ids}
         say(
             "GPUs: "
-            + (", ".join(f"{n}\u00d7 {t}" for t, n in found.items()) if found else "none found (GPU profiles will say so)")
+            + (
+                ", ".join(f"{n}\u00d7 {t}" for t, n in found.items())
+                if found
+                else "none found (GPU profiles will say so)"
+            )
             + (" [PRETEND devices from --fake-gpus]" if opts.fake_gpus else "")
         )
 
@@ -362,7 +378,8 @@ class Supervisor:
         lines += [
             f"  Dask Gateway:  {runtime.gateway_public_url}  (Gateway() works with no arguments in a notebook)",
             f"  Usage, budgets: {runtime.public_url}/services/quota/api/openapi.json  (`workbench report` for tables)"
-            if runtime.quota_port else "  Usage, budgets: not recorded (--no-quota)",
+            if runtime.quota_port
+            else "  Usage, budgets: not recorded (--no-quota)",
             f"  State folder:  {runtime.state_dir}",
             f"  Hub log:       {log_path}",
             "",

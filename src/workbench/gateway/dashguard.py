@@ -51,7 +51,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.log import access_log, enable_pretty_logging
 from tornado.websocket import WebSocketClosedError, WebSocketHandler, websocket_connect
 
-from workbench.runtime import GATEWAY_SERVICE, Runtime, load_or_create_secrets
+from workbench.names import GATEWAY_SERVICE
+from workbench.runtime import Runtime, load_or_create_secrets
 
 log = logging.getLogger("workbench.gateway.dashguard")
 
@@ -244,7 +245,9 @@ class DecisionCache:
 
 def derive_cookie_secret(hub_cookie_secret_hex: str) -> bytes:
     """This service's cookie secret, derived from the hub's (stable across restarts, not the hub's own)."""
-    return hmac.new(bytes.fromhex(hub_cookie_secret_hex), b"workbench.gateway.dashguard cookies", hashlib.sha256).digest()
+    return hmac.new(
+        bytes.fromhex(hub_cookie_secret_hex), b"workbench.gateway.dashguard cookies", hashlib.sha256
+    ).digest()
 
 
 # ---------------------------------------------------------------------------
@@ -565,9 +568,7 @@ class CallbackHandler(HubOAuthCallbackHandler):
 def _log_request(handler: web.RequestHandler) -> None:
     status = handler.get_status()
     level = logging.DEBUG if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    access_log.log(
-        level, "%d %s %.1fms", status, handler._request_summary(), 1000.0 * handler.request.request_time()
-    )
+    access_log.log(level, "%d %s %.1fms", status, handler._request_summary(), 1000.0 * handler.request.request_time())
 
 
 def make_hub_auth(hub_api_url: str, api_token: str, service: str = GATEWAY_SERVICE) -> HubOAuth:

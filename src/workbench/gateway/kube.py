@@ -21,7 +21,7 @@ recording stand-in for the Kubernetes API, and returns the pods the controller w
 How a Kubernetes gateway config uses this module::
 
     from workbench.gateway.kube import kube_gateway_settings
-    from workbench.embedded.hub import apply_settings
+    from workbench.settings import apply_settings
     from workbench.policy import load_policy
 
     policy = load_policy("/etc/workbench/platform.yaml")
@@ -52,7 +52,7 @@ from dask_gateway_server.models import ClusterStatus
 from traitlets import Integer, Type
 
 from workbench.cli.util import load_policy_or_report, split_groups
-from workbench.gateway.local import cluster_options_for
+from workbench.gateway.options import cluster_options_for
 from workbench.policy import DaskPolicy, Policy
 
 __all__ = [

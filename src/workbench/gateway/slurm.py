@@ -27,7 +27,7 @@ from pathlib import Path
 from dask_gateway_server.backends.jobqueue.slurm import SlurmBackend, SlurmClusterConfig
 from traitlets import Integer, Type, Unicode
 
-from workbench.gateway.local import ClusterCapMixin
+from workbench.gateway.quota import ClusterCapMixin
 from workbench.policy import DaskPolicy, Policy
 from workbench.runtime import Runtime
 from workbench.sysusers import ensure_system_user, others_can_execute, system_username
@@ -165,9 +165,9 @@ class WorkbenchSlurmClusterConfig(SlurmClusterConfig):
         help="Time limit of every job of the cluster in seconds (sbatch --time, rounded up to minutes); "
         "0: the partition's limit. From the group's dask.slurm.walltime.",
     ).tag(config=True)
-    worker_gpus = Integer(
-        0, help="GPUs per worker job (sbatch --gres=gpu:<gpu_type>:<n>); 0: CPU workers."
-    ).tag(config=True)
+    worker_gpus = Integer(0, help="GPUs per worker job (sbatch --gres=gpu:<gpu_type>:<n>); 0: CPU workers.").tag(
+        config=True
+    )
     gpu_type = Unicode(
         "", help="Slurm GRES type of the GPUs of GPU workers: the group's dask.gpu_type (e.g. h100)."
     ).tag(config=True)

@@ -6,10 +6,10 @@ thin loader in ``hub_config/`` that calls one function of this module:
 =====================  ==========================================================================
 hub                    ``jupyterhub -f hub_config/jupyterhub_config_k8s.py`` → :func:`configure_k8s_hub`
 gateway API server     ``dask-gateway-server -f hub_config/dask_gateway_config_k8s.py`` →
-                       :func:`configure_k8s_gateway`
-gateway controller     ``python -m workbench.kubernetes.hub kube-controller -f hub_config/dask_gateway_config_k8s.py``
+                       :func:`workbench.kubernetes.gateway.configure_k8s_gateway`
+gateway controller     ``python -m workbench.kubernetes kube-controller -f hub_config/dask_gateway_config_k8s.py``
                        (:class:`NamespacedKubeController`, same loader)
-dashboard guard        ``python -m workbench.kubernetes.hub dashguard`` → :func:`serve_k8s_guard`
+dashboard guard        ``python -m workbench.kubernetes dashguard`` → :func:`workbench.kubernetes.guard.serve_k8s_guard`
                        (:mod:`workbench.gateway.dashguard` in front of the gateway's Traefik proxy)
 =====================  ==========================================================================
 
@@ -41,31 +41,30 @@ namespace), so the chart grants namespaced Roles only.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from dask_gateway_server.backends.kubernetes.controller import KubeController
-from traitlets import Unicode
-
 from workbench.auth.demo import DemoAuthExposed
-from workbench.gateway.kube import WorkbenchKubeBackend, kube_gateway_settings
-from workbench.embedded.hub import CULLER_SCOPES, SERVER_TOKEN_SCOPES, apply_settings, roles
-from workbench.spawn.kube import kube_hub_settings
 from workbench.auth.oauth import auth_settings
+from workbench.names import (
+    CULLER_SCOPES,
+    CULLER_SERVICE,
+    GATEWAY_SERVICE,
+    QUOTA_ACCESS_SCOPE,
+    QUOTA_CUSTOM_SCOPES,
+    QUOTA_SERVICE,
+    SERVER_TOKEN_SCOPES,
+    SESSIONS_ACCESS_SCOPE,
+    SESSIONS_SERVICE,
+)
 from workbench.policy import Policy, PolicyError, load_policy
-from workbench.services.quota.authz import ACCESS_SCOPE as QUOTA_ACCESS_SCOPE
-from workbench.services.quota.authz import CUSTOM_SCOPES as QUOTA_CUSTOM_SCOPES
-from workbench.services.quota.authz import SERVICE_NAME as QUOTA_SERVICE
 from workbench.services.quota.wiring import quota_roles
-from workbench.runtime import CULLER_SERVICE, GATEWAY_SERVICE
-from workbench.services.sessions.rules import ACCESS_SCOPE as SESSIONS_ACCESS_SCOPE
-from workbench.services.sessions.rules import SERVICE_NAME as SESSIONS_SERVICE
 from workbench.services.sessions.rules import needs_service as needs_sessions_service
+from workbench.settings import apply_settings, roles
+from workbench.spawn.kube import kube_hub_settings
 
 __all__ = [
     "DEFAULT_PLATFORM",
@@ -73,21 +72,13 @@ __all__ = [
     "GATEWAY_PREFIX",
     "GUARD_ENV",
     "GUARD_PORT",
-    "GuardSettings",
     "HUB_ENV",
     "HUB_PORT",
     "SINGLEUSER_COMPONENT",
     "K8sConfigError",
-    "NamespacedClient",
-    "NamespacedKubeBackend",
-    "NamespacedKubeController",
-    "configure_k8s_gateway",
     "configure_k8s_hub",
     "dashboard_middleware_name",
-    "k8s_gateway_settings",
-    "k8s_guard_settings",
     "k8s_hub_settings",
-    "serve_k8s_guard",
     "singleuser_labels",
 ]
 
@@ -114,14 +105,14 @@ HUB_ENV: dict[str, str] = {
     "WORKBENCH_GATEWAY_PROXY_ADDRESS": "* gateway://<host>:<port> of the gateway's TCP entrypoint (schedulers)",
     "WORKBENCH_GATEWAY_API_TOKEN": "* API token of the hub service dask-gateway (from the chart's Secret)",
     "WORKBENCH_CULLER_API_TOKEN": "API token of the idle culler (required when culling is enabled and "
-                                  "WORKBENCH_SESSIONS_URL is not set)",
+    "WORKBENCH_SESSIONS_URL is not set)",
     "WORKBENCH_QUOTA_URL": "the quota service (http://<release>-quota:8013): the hub service quota; unset: none",
     "WORKBENCH_QUOTA_API_TOKEN": "API token of the hub service quota (required with WORKBENCH_QUOTA_URL)",
     "WORKBENCH_SESSIONS_URL": "the sessions service (http://<release>-sessions:8014): the hub service sessions, "
-                              "in place of the idle culler; unset: the idle culler (when culling is enabled)",
+    "in place of the idle culler; unset: the idle culler (when culling is enabled)",
     "WORKBENCH_SESSIONS_API_TOKEN": "API token of the hub service sessions (required with WORKBENCH_SESSIONS_URL)",
     "WORKBENCH_SERVICES_URL": "where notebook pods reach the hub services for their notifications (the proxy's "
-                              "in-cluster Service + /services/); unset: <WORKBENCH_QUOTA_URL>/services/",
+    "in-cluster Service + /services/); unset: <WORKBENCH_QUOTA_URL>/services/",
     "WORKBENCH_ALLOW_DEMO_AUTH": "'true' to accept auth.type demo (the chart sets it only when not exposed)",
     "WORKBENCH_IMAGE_PULL_SECRETS": "comma-separated Secret names for pulling notebook images",
 }
@@ -199,7 +190,9 @@ def _quota_url(env: Mapping[str, str]) -> str:
     """The quota service's URL, when the chart runs it (``WORKBENCH_QUOTA_URL``), else ''."""
     url = (env.get("WORKBENCH_QUOTA_URL") or "").strip()
     if url and not env.get("WORKBENCH_QUOTA_API_TOKEN"):
-        raise K8sConfigError("hub: WORKBENCH_QUOTA_URL is set but WORKBENCH_QUOTA_API_TOKEN (the quota service's token) is not")
+        raise K8sConfigError(
+            "hub: WORKBENCH_QUOTA_URL is set but WORKBENCH_QUOTA_API_TOKEN (the quota service's token) is not"
+        )
     return url
 
 
@@ -208,7 +201,8 @@ def _sessions_url(env: Mapping[str, str]) -> str:
     url = (env.get("WORKBENCH_SESSIONS_URL") or "").strip()
     if url and not env.get("WORKBENCH_SESSIONS_API_TOKEN"):
         raise K8sConfigError(
-            "hub: WORKBENCH_SESSIONS_URL is set but WORKBENCH_SESSIONS_API_TOKEN (the sessions service's token) is not")
+            "hub: WORKBENCH_SESSIONS_URL is set but WORKBENCH_SESSIONS_API_TOKEN (the sessions service's token) is not"
+        )
     return url
 
 
@@ -253,7 +247,9 @@ def _services(policy: Policy, env: Mapping[str, str]) -> list[dict[str, Any]]:
     if quota_url:
         services.append({"name": QUOTA_SERVICE, "url": quota_url, "api_token": env["WORKBENCH_QUOTA_API_TOKEN"]})
     if sessions_url:
-        services.append({"name": SESSIONS_SERVICE, "url": sessions_url, "api_token": env["WORKBENCH_SESSIONS_API_TOKEN"]})
+        services.append(
+            {"name": SESSIONS_SERVICE, "url": sessions_url, "api_token": env["WORKBENCH_SESSIONS_API_TOKEN"]}
+        )
     return services
 
 
@@ -274,8 +270,14 @@ def culler_roles(policy: Policy) -> list[dict[str, Any]]:
     drops it when the culler does not run."""
     if not policy.culling.enabled:
         return []
-    return [{"name": CULLER_SERVICE, "description": "Stop idle single-user servers", "scopes": list(CULLER_SCOPES),
-             "services": [CULLER_SERVICE]}]
+    return [
+        {
+            "name": CULLER_SERVICE,
+            "description": "Stop idle single-user servers",
+            "scopes": list(CULLER_SCOPES),
+            "services": [CULLER_SERVICE],
+        }
+    ]
 
 
 def _sessions_roles(policy: Policy) -> list[dict[str, Any]]:
@@ -353,7 +355,9 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
             "component_label": SINGLEUSER_COMPONENT,
             "extra_labels": {"app.kubernetes.io/instance": env["WORKBENCH_RELEASE"]},
             "image_pull_policy": "IfNotPresent",
-            "image_pull_secrets": [s.strip() for s in env.get("WORKBENCH_IMAGE_PULL_SECRETS", "").split(",") if s.strip()],
+            "image_pull_secrets": [
+                s.strip() for s in env.get("WORKBENCH_IMAGE_PULL_SECRETS", "").split(",") if s.strip()
+            ],
             "environment": {
                 "DASK_GATEWAY__ADDRESS": gateway_address,
                 # dashboards: through the public proxy, where the browser already has the hub's cookie
@@ -375,8 +379,15 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
         "hub_connect_url": env["WORKBENCH_HUB_CONNECT_URL"],
         "db_url": env["WORKBENCH_DB_URL"],
         "services": services,
-        "load_roles": _roles_of_services([*roles(policy), *culler_roles(policy), *(quota_roles(policy) if quota else []),
-                                          *(_sessions_roles(policy) if sessions else [])], services),
+        "load_roles": _roles_of_services(
+            [
+                *roles(policy),
+                *culler_roles(policy),
+                *(quota_roles(policy) if quota else []),
+                *(_sessions_roles(policy) if sessions else []),
+            ],
+            services,
+        ),
         "cleanup_servers": False,
         **auth["JupyterHub"],
     }
@@ -391,8 +402,11 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
         "Spawner": {
             "cmd": ["jupyterhub-singleuser"],
             "default_url": "/lab",
-            "server_token_scopes": [*SERVER_TOKEN_SCOPES, *([QUOTA_ACCESS_SCOPE] if quota else []),
-                                    *([SESSIONS_ACCESS_SCOPE] if sessions else [])],
+            "server_token_scopes": [
+                *SERVER_TOKEN_SCOPES,
+                *([QUOTA_ACCESS_SCOPE] if quota else []),
+                *([SESSIONS_ACCESS_SCOPE] if sessions else []),
+            ],
             "start_timeout": 600,  # first pull of a multi-GB GPU image on a fresh node
             "http_timeout": 120,
         },
@@ -400,198 +414,9 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
     }
 
 
-def k8s_gateway_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Settings of the gateway API server *and* its controller on Kubernetes (pure).
-
-    :func:`workbench.gateway.kube.kube_gateway_settings` (per-group cluster options, locked-down pods)
-    with :class:`NamespacedKubeBackend`, JupyterHub authentication (callers need
-    ``access:services!service=dask-gateway``), and the controller's Traefik routes under
-    :data:`GATEWAY_PREFIX`. Both watch only ``WORKBENCH_NAMESPACE``.
-    """
-    _require(env, GATEWAY_ENV, "dask-gateway")
-    namespace = env["WORKBENCH_NAMESPACE"]
-    instance = env["WORKBENCH_GATEWAY_INSTANCE"]
-    api_url = env["WORKBENCH_GATEWAY_API_URL"]
-    settings = kube_gateway_settings(policy, namespace)
-    settings["DaskGateway"] = {
-        **settings["DaskGateway"],
-        "backend_class": f"{NamespacedKubeBackend.__module__}.{NamespacedKubeBackend.__name__}",
-        "address": ":8000",
-        "log_level": "INFO",
-        "authenticator_class": "dask_gateway_server.auth.JupyterHubAuthenticator",
-    }
-    settings["JupyterHubAuthenticator"] = {
-        "jupyterhub_api_url": env["WORKBENCH_HUB_API_URL"],
-        "jupyterhub_service_name": GATEWAY_SERVICE,
-        "use_service_access_scopes": True,
-    }
-    settings["KubeBackend"] = {"gateway_instance": instance, "api_url": api_url}
-    settings["NamespacedKubeBackend"] = {"watch_namespace": namespace}
-    settings["KubeController"] = {
-        "address": ":8000",
-        "gateway_instance": instance,
-        "api_url": api_url,
-        "proxy_prefix": GATEWAY_PREFIX,
-        "proxy_web_entrypoint": "web",
-        "proxy_tcp_entrypoint": "tcp",
-        "proxy_web_middlewares": [{"name": dashboard_middleware_name(instance), "namespace": namespace}],
-    }
-    settings["NamespacedKubeController"] = {"watch_namespace": namespace}
-    return settings
-
-
-@dataclass(frozen=True)
-class GuardSettings:
-    """What the dashboard guard pod needs (:func:`k8s_guard_settings`)."""
-
-    hub_api_url: str
-    upstream: str
-    api_token: str = field(repr=False)
-    cookie_secret: bytes = field(repr=False)
-    port: int = GUARD_PORT
-
-
-def k8s_guard_settings(env: Mapping[str, str]) -> GuardSettings:
-    """Settings of the dashboard guard pod (pure): :mod:`workbench.gateway.dashguard` on Kubernetes.
-
-    As in the embedded mode, the hub service ``dask-gateway`` is the guard: it forwards everything
-    under :data:`GATEWAY_PREFIX` to the gateway's Traefik proxy (``WORKBENCH_GATEWAY_PROXY_URL``) and
-    a cluster's dashboard to its owner only (it asks the gateway, with the caller's token, for the
-    cluster). It logs browsers in with the hub's OAuth as the service ``dask-gateway`` (its token:
-    ``WORKBENCH_GATEWAY_API_TOKEN``); its cookie key is derived from ``WORKBENCH_GUARD_COOKIE_SECRET``,
-    a secret of its own (the guard never holds the hub's cookie secret).
-    """
-    from workbench.gateway.dashguard import derive_cookie_secret
-
-    _require(env, GUARD_ENV, "dashboard guard")
-    try:
-        cookie_secret = derive_cookie_secret(env["WORKBENCH_GUARD_COOKIE_SECRET"])
-    except ValueError:
-        raise K8sConfigError("dashboard guard: WORKBENCH_GUARD_COOKIE_SECRET must be hex (openssl rand -hex 32)") from None
-    return GuardSettings(
-        hub_api_url=env["WORKBENCH_HUB_API_URL"],
-        upstream=env["WORKBENCH_GATEWAY_PROXY_URL"].rstrip("/"),
-        api_token=env["WORKBENCH_GATEWAY_API_TOKEN"],
-        cookie_secret=cookie_secret,
-        port=int(env.get("WORKBENCH_GUARD_PORT") or GUARD_PORT),
-    )
-
-
-async def serve_k8s_guard(settings: GuardSettings, stop: asyncio.Event) -> None:
-    """Run the guard on ``settings.port`` (all addresses) until ``stop`` is set."""
-    from workbench.gateway.dashguard import Guard, make_app, make_hub_auth
-
-    guard = Guard(settings.upstream, make_hub_auth(settings.hub_api_url, settings.api_token))
-    # behind the hub's proxy (the NetworkPolicy admits only it, the hub and notebook pods): trust its
-    # X-Forwarded-Proto, so that the login cookie is Secure behind TLS
-    server = make_app(guard, settings.cookie_secret).listen(settings.port, xheaders=True)
-    log.info("guarding %s on :%d -> dask-gateway at %s", GATEWAY_PREFIX, settings.port, guard.upstream)
-    try:
-        await stop.wait()
-    finally:
-        server.stop()
-        guard.client.close()
-
-
-def _guard_main() -> int:
-    import os
-    import signal
-
-    from tornado.log import enable_pretty_logging
-
-    enable_pretty_logging()
-    logging.getLogger().setLevel(logging.INFO)
-    try:
-        settings = k8s_guard_settings(os.environ)
-    except K8sConfigError as e:
-        print(f"workbench: {e}", file=sys.stderr)
-        return 2
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await serve_k8s_guard(settings, stop)
-
-    asyncio.run(run())
-    return 0
-
-
 # ---------------------------------------------------------------------------
 # Watching one namespace
 # ---------------------------------------------------------------------------
-
-#: cluster-wide list calls of dask-gateway's informers -> their namespaced counterparts
-_NAMESPACED = {
-    "list_pod_for_all_namespaces": "list_namespaced_pod",
-    "list_endpoints_for_all_namespaces": "list_namespaced_endpoints",
-}
-
-
-class NamespacedClient:
-    """A Kubernetes API client whose cluster-wide list (and watch) calls stay in one namespace.
-
-    Wraps ``CoreV1Api`` / ``CustomObjectsApi`` (or dask-gateway's rate-limited wrapper of them):
-    ``list_pod_for_all_namespaces`` becomes ``list_namespaced_pod(namespace)``,
-    ``list_endpoints_for_all_namespaces`` becomes ``list_namespaced_endpoints(namespace)`` and
-    ``list_cluster_custom_object(group, version, plural)`` becomes
-    ``list_namespaced_custom_object(group, version, namespace, plural)``; the keyword arguments
-    (label selector, ``watch``, ``resource_version``) pass through. Everything else is the wrapped
-    client's.
-    """
-
-    def __init__(self, client: Any, namespace: str):
-        self._client = client
-        self._namespace = namespace
-
-    @property
-    def api_client(self):
-        return self._client.api_client
-
-    def list_cluster_custom_object(self, group, version, plural, **kwargs):
-        return self._client.list_namespaced_custom_object(group, version, self._namespace, plural, **kwargs)
-
-    def __getattr__(self, name: str):
-        if name in _NAMESPACED:
-            return functools.partial(getattr(self._client, _NAMESPACED[name]), self._namespace)
-        return getattr(self._client, name)
-
-
-def _namespaced_client(attr: str) -> property:
-    """A property that wraps the client assigned to ``attr`` in a :class:`NamespacedClient`."""
-    slot = f"_workbench_{attr}"
-
-    def get(self):
-        try:
-            return self.__dict__[slot]
-        except KeyError:
-            raise AttributeError(attr) from None
-
-    def set_(self, client):
-        self.__dict__[slot] = NamespacedClient(client, self.watch_namespace) if self.watch_namespace else client
-
-    return property(get, set_, doc=f"``{attr}``, watching only ``watch_namespace`` when it is set")
-
-
-_WATCH_NAMESPACE_HELP = """Watch dask-gateway's objects (DaskClusters, pods, endpoints) in this namespace only,
-so that namespaced Roles suffice. Empty: all namespaces (upstream's behaviour, needs ClusterRoles). Clusters
-must be created in this namespace (KubeClusterConfig.namespace)."""
-
-
-class NamespacedKubeBackend(WorkbenchKubeBackend):
-    """:class:`workbench.gateway.kube.WorkbenchKubeBackend` watching one namespace (``watch_namespace``)."""
-
-    watch_namespace = Unicode("", help=_WATCH_NAMESPACE_HELP).tag(config=True)
-    core_client = _namespaced_client("core_client")
-    custom_client = _namespaced_client("custom_client")
-
-
-class NamespacedKubeController(KubeController):
-    """dask-gateway's ``KubeController`` watching one namespace (``watch_namespace``)."""
-
-    watch_namespace = Unicode("", help=_WATCH_NAMESPACE_HELP).tag(config=True)
-    core_client = _namespaced_client("core_client")
-    custom_client = _namespaced_client("custom_client")
 
 
 # ---------------------------------------------------------------------------
@@ -617,37 +442,3 @@ def configure_k8s_hub(c, environ: Mapping[str, str] | None = None) -> None:
         print(f"workbench: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     apply_settings(c, settings)
-
-
-def configure_k8s_gateway(c, environ: Mapping[str, str] | None = None) -> None:
-    """Configure the gateway API server or controller pod: apply :func:`k8s_gateway_settings`."""
-    import os
-
-    environ = os.environ if environ is None else environ
-    try:
-        settings = k8s_gateway_settings(_load(environ), environ)
-    except (PolicyError, K8sConfigError) as e:
-        print(f"workbench: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    apply_settings(c, settings)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m workbench.kubernetes.hub kube-controller [options]``: the namespaced gateway controller;
-    ``python -m workbench.kubernetes.hub dashguard``: the dashboard guard (configured by :data:`GUARD_ENV`)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv == ["dashguard"]:
-        return _guard_main()
-    if not argv or argv[0] != "kube-controller":
-        print(
-            "usage: python -m workbench.kubernetes.hub kube-controller -f hub_config/dask_gateway_config_k8s.py\n"
-            "       python -m workbench.kubernetes.hub dashguard",
-            file=sys.stderr,
-        )
-        return 2
-    NamespacedKubeController.launch_instance(argv[1:])
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - the controller pod's entry point
-    raise SystemExit(main())

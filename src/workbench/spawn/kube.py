@@ -7,7 +7,7 @@ placeholder kube config so that a real KubeSpawner can be built offline.
 
 How a Kubernetes hub config uses this module (see :func:`kube_hub_settings`)::
 
-    from workbench.embedded.hub import apply_settings
+    from workbench.settings import apply_settings
     from workbench.spawn.kube import kube_hub_settings
     from workbench.policy import load_policy
 
@@ -44,7 +44,7 @@ from traitlets import Instance, Unicode, default
 
 from workbench.courses.material import courses_of, material_pulls, materials_path, pull_env, pull_script, teaches
 from workbench.policy import Policy, cached_policy
-from workbench.spawn.local import StopsDaskClustersMixin, choose_profile, describe_profile
+from workbench.spawn.common import StopsDaskClustersMixin, choose_profile, describe_profile
 
 __all__ = [
     "COURSE_CLAIM",
@@ -188,7 +188,11 @@ def material_init_container(
         "name": "course-material",
         "image": policy.images[prof.image].image,
         # KubeSpawner expands {placeholders} in init containers: keep the script's braces literal
-        "command": ["sh", "-c", pull_script(pulls, HOME_MOUNT, report_failures=False).replace("{", "{{").replace("}", "}}")],
+        "command": [
+            "sh",
+            "-c",
+            pull_script(pulls, HOME_MOUNT, report_failures=False).replace("{", "{{").replace("}", "}}"),
+        ],
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "workingDir": HOME_MOUNT,
         "volumeMounts": [{"name": "home", "mountPath": HOME_MOUNT}],
@@ -206,9 +210,7 @@ def material_init_container(
     }
 
 
-def profile_list_for(
-    policy: Policy, user_groups: Iterable[str], username: str | None = None
-) -> list[dict[str, Any]]:
+def profile_list_for(policy: Policy, user_groups: Iterable[str], username: str | None = None) -> list[dict[str, Any]]:
     """The ``profile_list`` of a member of ``user_groups``: entitled profiles only, in policy order (pure).
 
     The first entry is the default. Every entry's override also mounts the shared folders of the

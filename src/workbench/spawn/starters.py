@@ -74,7 +74,7 @@ _COURSE = [
     new_code_cell(
         "import numpy as np\n\n"
         "def standardise(x):\n"
-        "    \"\"\"Return (x - mean) / std, computed without a Python loop.\"\"\"\n"
+        '    """Return (x - mean) / std, computed without a Python loop."""\n'
         "    x = np.asarray(x, dtype=float)\n"
         "    return (x - x.mean()) / x.std()  # <- your code here"
     ),
@@ -150,7 +150,9 @@ def starter_notebooks(kinds: list[str]) -> dict[str, nbformat.NotebookNode]:
     return out
 
 
-def install_starters(home: str | os.PathLike, kinds: list[str], uid: int | None = None, gid: int | None = None) -> list[str]:
+def install_starters(
+    home: str | os.PathLike, kinds: list[str], uid: int | None = None, gid: int | None = None
+) -> list[str]:
     """Write missing starter notebooks into ``home``; never overwrite. Returns the files written."""
     written = []
     for fname, nb in starter_notebooks(kinds).items():

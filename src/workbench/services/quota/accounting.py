@@ -15,10 +15,10 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
 
-UTC = timezone.utc
+UTC = UTC
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 KINDS = ("server", "dask-scheduler", "dask-worker")
 PeriodKind = Literal["month", "term", "total"]
@@ -131,8 +131,9 @@ _MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
-def parse_period(text: str, now: datetime, default: PeriodKind = "month",
-                 term_starts: Iterable[str] = ("02-01", "09-01")) -> Period:
+def parse_period(
+    text: str, now: datetime, default: PeriodKind = "month", term_starts: Iterable[str] = ("02-01", "09-01")
+) -> Period:
     """A period named on a command line or in a query string.
 
     ``2026-11`` (a calendar month), ``2026-11-01..2026-11-15`` (days, the end day included),
@@ -344,8 +345,15 @@ def refusal_message(status: BudgetStatus) -> str:
     )
 
 
-def cap_message(what: Literal["servers", "gpus"], scope: Literal["group", "user"], group: str, user: str | None,
-                running: int, cap: int, requested: int) -> str:
+def cap_message(
+    what: Literal["servers", "gpus"],
+    scope: Literal["group", "user"],
+    group: str,
+    user: str | None,
+    running: int,
+    cap: int,
+    requested: int,
+) -> str:
     """The message of a start refused by a concurrency cap."""
     owner = f"Group {group}" if scope == "group" else f"User {user} in group {group}"
     noun = "servers" if what == "servers" else "GPUs"
@@ -356,8 +364,14 @@ def cap_message(what: Literal["servers", "gpus"], scope: Literal["group", "user"
     )
 
 
-def budget_statuses(budget, group: str, group_rows: Iterable[IntervalLike], now: datetime,
-                    user: str | None = None, user_rows: Iterable[IntervalLike] | None = None) -> list[BudgetStatus]:
+def budget_statuses(
+    budget,
+    group: str,
+    group_rows: Iterable[IntervalLike],
+    now: datetime,
+    user: str | None = None,
+    user_rows: Iterable[IntervalLike] | None = None,
+) -> list[BudgetStatus]:
     """Statuses of a group's budgets (and of ``user``'s per-user budgets in it) for the period containing ``now``.
 
     ``budget`` is a :class:`workbench.policy.Budget` (or None: no budgets); ``group_rows`` are
@@ -369,13 +383,21 @@ def budget_statuses(budget, group: str, group_rows: Iterable[IntervalLike], now:
     period = budget_period(budget.period, now, budget.term_starts)
     used = usage_in_period(group_rows, period, now)
     mine = usage_in_period(user_rows or [], period, now)
-    return budget_statuses_for(budget, group, period, used.gpu_hours, used.cpu_hours, user, mine.gpu_hours,
-                               mine.cpu_hours)
+    return budget_statuses_for(
+        budget, group, period, used.gpu_hours, used.cpu_hours, user, mine.gpu_hours, mine.cpu_hours
+    )
 
 
-def budget_statuses_for(budget, group: str, period: Period, gpu_hours: float, cpu_hours: float,
-                        user: str | None = None, user_gpu_hours: float = 0.0,
-                        user_cpu_hours: float = 0.0) -> list[BudgetStatus]:
+def budget_statuses_for(
+    budget,
+    group: str,
+    period: Period,
+    gpu_hours: float,
+    cpu_hours: float,
+    user: str | None = None,
+    user_gpu_hours: float = 0.0,
+    user_cpu_hours: float = 0.0,
+) -> list[BudgetStatus]:
     """Statuses of ``budget`` given what was used in ``period`` (the database may sum it)."""
     if budget is None:
         return []
@@ -384,8 +406,10 @@ def budget_statuses_for(budget, group: str, period: Period, gpu_hours: float, cp
         if limit is not None:
             out.append(BudgetStatus(res, "group", group, None, value, float(limit), period))
     if user is not None and budget.per_user is not None:
-        for res, limit, value in (("gpu", budget.per_user.gpu_hours, user_gpu_hours),
-                                  ("cpu", budget.per_user.cpu_hours, user_cpu_hours)):
+        for res, limit, value in (
+            ("gpu", budget.per_user.gpu_hours, user_gpu_hours),
+            ("cpu", budget.per_user.cpu_hours, user_cpu_hours),
+        ):
             if limit is not None:
                 out.append(BudgetStatus(res, "user", group, user, value, float(limit), period))
     return out

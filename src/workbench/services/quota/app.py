@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +28,16 @@ from jupyterhub.services.auth import HubAuth
 from pydantic import ValidationError
 from tornado import httpclient, web
 
-from workbench.services.base import add_common_args, every, serve_until_signal, service_setup
 from workbench.policy import Policy
+from workbench.services.base import (
+    HubClient,
+    JsonHandler,
+    add_common_args,
+    every,
+    log_request,
+    serve_until_signal,
+    service_setup,
+)
 from workbench.services.quota.accounting import as_utc, iso, parse_period
 from workbench.services.quota.authz import (
     ACCESS_SCOPE,
@@ -51,68 +58,20 @@ from workbench.services.quota.views import group_usage_doc, overview_doc, server
 log = logging.getLogger("workbench.services.quota")
 
 
-class HubClient:
-    """The hub's REST API with this service's own token (user groups, active servers)."""
-
-    def __init__(self, api_url: str, token: str):
-        self.api_url = api_url.rstrip("/")
-        self.token = token
-        self.http = httpclient.AsyncHTTPClient()
-        self._groups: dict[str, tuple[float, list[str] | None]] = {}
-
-    async def get(self, path: str, accept: str = "application/json"):
-        r = await self.http.fetch(
-            f"{self.api_url}{path}",
-            headers={"Authorization": f"token {self.token}", "Accept": accept},
-            request_timeout=30,
-        )
-        return json.loads(r.body)
-
-    async def request(self, method: str, path: str) -> int:
-        r = await self.http.fetch(
-            f"{self.api_url}{path}", method=method, headers={"Authorization": f"token {self.token}"},
-            request_timeout=60, allow_nonstandard_methods=True,
-        )
-        return r.code
-
-    async def user_groups(self, name: str, max_age: float = 30.0) -> list[str] | None:
-        """The hub groups of ``name`` (None: no such user), cached for ``max_age`` seconds."""
-        loop = asyncio.get_running_loop()
-        cached = self._groups.get(name)
-        if cached and loop.time() - cached[0] < max_age:
-            return cached[1]
-        try:
-            model = await self.get(f"/users/{name}")
-            groups = list(model.get("groups") or [])
-        except httpclient.HTTPClientError as e:
-            if e.code != 404:
-                raise
-            groups = None
-        self._groups[name] = (loop.time(), groups)
-        return groups
-
-    async def active_users(self) -> list[dict]:
-        """Every user with an active (ready or pending) server, following the hub's pagination."""
-        users, offset = [], 0
-        while True:
-            page = await self.get(
-                f"/users?state=active&offset={offset}&limit=200",
-                accept="application/jupyterhub-pagination+json",
-            )
-            items = page["items"] if isinstance(page, dict) else page
-            users.extend(items)
-            nxt = page.get("_pagination", {}).get("next") if isinstance(page, dict) else None
-            if not nxt or not items:
-                return users
-            offset = nxt["offset"]
-
-
 class QuotaService:
     """State shared by the handlers: the ledger, the policy, HubAuth, the hub client, metrics."""
 
-    def __init__(self, ledger: Ledger, policy: Policy, hub_auth: HubAuth | None, hub: HubClient | None,
-                 prefix: str = f"/services/{SERVICE_NAME}/", threads: int = 8, public_metrics: bool = False,
-                 reconcile_grace: float = 30.0):
+    def __init__(
+        self,
+        ledger: Ledger,
+        policy: Policy,
+        hub_auth: HubAuth | None,
+        hub: HubClient | None,
+        prefix: str = f"/services/{SERVICE_NAME}/",
+        threads: int = 8,
+        public_metrics: bool = False,
+        reconcile_grace: float = 30.0,
+    ):
         self.ledger = ledger
         self.policy = policy
         self.hub_auth = hub_auth
@@ -185,53 +144,13 @@ class QuotaService:
             (rf"{p}api/usage/groups/([^/]+)", GroupUsageHandler),
             (rf"{p}metrics", MetricsHandler),
         ]
-        return web.Application(handlers, service=self, log_function=_log_request,
-                               default_handler_class=NotFoundHandler)
+        return web.Application(handlers, service=self, log_function=log_request, default_handler_class=NotFoundHandler)
 
 
-def _log_request(handler: web.RequestHandler) -> None:
-    status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    if handler.request.path.endswith(("/health", "/metrics")) and status < 400:
-        level = logging.DEBUG
-    log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path,
-            1000 * handler.request.request_time())
-
-
-class BaseHandler(web.RequestHandler):
+class BaseHandler(JsonHandler):
     @property
     def svc(self) -> QuotaService:
         return self.settings["service"]
-
-    def set_default_headers(self):
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-
-    def check_xsrf_cookie(self):  # token-authenticated API only, no cookies
-        return
-
-    def write_json(self, doc, status: int = 200) -> None:
-        self.set_status(status)
-        self.finish(json.dumps(doc))
-
-    def write_error(self, status_code, **kwargs):
-        message = self._reason
-        problems = None
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
-            problems = getattr(exc, "problems", None)
-        doc = {"status": status_code, "message": message}
-        if problems:
-            doc["problems"] = problems
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(doc))
-
-    def body_json(self):
-        try:
-            return json.loads(self.request.body or b"null")
-        except json.JSONDecodeError as e:
-            raise web.HTTPError(400, f"the body is not valid JSON: {e}") from None
 
     def parse(self, model, data):
         try:
@@ -244,20 +163,8 @@ class BaseHandler(web.RequestHandler):
 
     async def viewer(self) -> Viewer:
         """The token's owner as the hub knows it (401 without a token, 403 with an invalid one)."""
-        hub_auth = self.svc.hub_auth
-        token = hub_auth.get_token(self, in_cookie=False)
-        if not token:
-            raise web.HTTPError(401, "authenticate with a JupyterHub token: 'Authorization: token <token>'")
-        try:
-            model = await hub_auth.user_for_token(token, sync=False)
-        except web.HTTPError as e:  # the hub did not answer
-            raise web.HTTPError(502, f"cannot check the token with the hub: {e.log_message}") from None
-        if not model:
-            raise web.HTTPError(403, "invalid or expired token")
-        groups = model.get("groups")
-        if groups is None and model.get("kind", "user") == "user" and self.svc.hub is not None:
-            groups = await self.svc.hub.user_groups(model["name"]) or []
-        return Viewer.from_model(model, groups)
+        model = await self.token_model(self.svc.hub_auth, self.svc.hub)
+        return Viewer.from_model(model, model.get("groups") or [])
 
     async def reader(self) -> Viewer:
         v = await self.viewer()
@@ -268,8 +175,11 @@ class BaseHandler(web.RequestHandler):
     async def writer(self, also_admin: bool = False) -> Viewer:
         v = await self.viewer()
         if not (v.writes or (also_admin and v.admin)):
-            raise web.HTTPError(403, f"{v.name} may not write to the quota ledger (needs a service token "
-                                     "with the scope custom:workbench-quota:write)")
+            raise web.HTTPError(
+                403,
+                f"{v.name} may not write to the quota ledger (needs a service token "
+                "with the scope custom:workbench-quota:write)",
+            )
         return v
 
     def period(self, default: str = "month"):
@@ -330,8 +240,9 @@ class ReconcileHandler(BaseHandler):
         body = self.parse(ReconcileBody, self.body_json())
         at = as_utc(body.time) if body.time else self.svc.now()
         try:
-            result = await self.svc.db(self.svc.ledger.reconcile, body.items, at, kinds=body.kinds,
-                                       grace=self.svc.reconcile_grace)
+            result = await self.svc.db(
+                self.svc.ledger.reconcile, body.items, at, kinds=body.kinds, grace=self.svc.reconcile_grace
+            )
         except ValueError as e:
             raise web.HTTPError(400, str(e)) from None
         self.write_json(result.to_json())
@@ -357,10 +268,12 @@ class EnforcementHandler(BaseHandler):
         kinds = set(self.get_arguments("kind"))
         now = self.svc.now()
         plan = await self.svc.db(self.svc.ledger.stop_plan, now)
-        self.write_json({
-            "as_of": iso(now),
-            "stop": [p.to_json(now) for p in plan if not kinds or p.kind in kinds],
-        })
+        self.write_json(
+            {
+                "as_of": iso(now),
+                "stop": [p.to_json(now) for p in plan if not kinds or p.kind in kinds],
+            }
+        )
 
 
 class NotificationsHandler(BaseHandler):
@@ -458,15 +371,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="The Workbench quota service (a JupyterHub service): usage ledger, budgets, caps, metrics.",
     )
     add_common_args(p)
-    p.add_argument("--db-url", help=f"ledger database URL (default: ${DB_URL_ENV}, else quota.sqlite in the state folder)")
+    p.add_argument(
+        "--db-url", help=f"ledger database URL (default: ${DB_URL_ENV}, else quota.sqlite in the state folder)"
+    )
     p.add_argument("--state-dir", help="state folder for the default SQLite ledger (default: from $WORKBENCH_RUNTIME)")
-    p.add_argument("--reconcile-every", type=float, default=60.0,
-                   help="seconds between reconciles with the hub's active servers; 0: never (default: %(default)s)")
-    p.add_argument("--reconcile-grace", type=float, default=30.0,
-                   help="rows younger than this many seconds are never closed by a reconcile (default: %(default)s)")
-    p.add_argument("--enforce-every", type=float, default=30.0,
-                   help="seconds between checks for servers to stop because a budget is spent (after the "
-                        "policy's budget.grace); 0: never stop running servers (default: %(default)s)")
+    p.add_argument(
+        "--reconcile-every",
+        type=float,
+        default=60.0,
+        help="seconds between reconciles with the hub's active servers; 0: never (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reconcile-grace",
+        type=float,
+        default=30.0,
+        help="rows younger than this many seconds are never closed by a reconcile (default: %(default)s)",
+    )
+    p.add_argument(
+        "--enforce-every",
+        type=float,
+        default=30.0,
+        help="seconds between checks for servers to stop because a budget is spent (after the "
+        "policy's budget.grace); 0: never stop running servers (default: %(default)s)",
+    )
     p.add_argument("--threads", type=int, default=8, help="database threads (default: %(default)s)")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without authentication")
     return p
@@ -483,11 +410,17 @@ def main(argv: list[str] | None = None) -> int:
     services: list[QuotaService] = []
 
     def build():
-        hub_auth = HubAuth(api_url=setup.api_url, api_token=setup.token, cache_max_age=60,
-                           access_scopes={ACCESS_SCOPE})
-        svc = QuotaService(ledger, setup.policy, hub_auth, HubClient(setup.api_url, setup.token), setup.prefix,
-                           threads=args.threads, public_metrics=args.public_metrics,
-                           reconcile_grace=args.reconcile_grace)
+        hub_auth = HubAuth(api_url=setup.api_url, api_token=setup.token, cache_max_age=60, access_scopes={ACCESS_SCOPE})
+        svc = QuotaService(
+            ledger,
+            setup.policy,
+            hub_auth,
+            HubClient(setup.api_url, setup.token),
+            setup.prefix,
+            threads=args.threads,
+            public_metrics=args.public_metrics,
+            reconcile_grace=args.reconcile_grace,
+        )
         services.append(svc)
 
         async def background():
@@ -495,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.reconcile_every > 0 and setup.token:  # servers are accounted even with no events at all
                 rounds.append(every(args.reconcile_every, svc.reconcile_hub, "reconcile with the hub"))
             if args.enforce_every > 0 and setup.token:
-                rounds.append(every(args.enforce_every, svc.enforce, "enforcing spent budgets", first=args.enforce_every))
+                rounds.append(
+                    every(args.enforce_every, svc.enforce, "enforcing spent budgets", first=args.enforce_every)
+                )
             await asyncio.gather(*rounds)
 
         return svc.make_app(), background
@@ -507,5 +442,3 @@ def main(argv: list[str] | None = None) -> int:
             svc.pool.shutdown(wait=True)
         ledger.close()
     return 0
-
-

@@ -13,22 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workbench.names import QUOTA_ACCESS_SCOPE as ACCESS_SCOPE  # noqa: F401 - the service's names
+from workbench.names import QUOTA_CUSTOM_SCOPES as CUSTOM_SCOPES  # noqa: F401
+from workbench.names import QUOTA_METRICS_SCOPE as METRICS_SCOPE  # noqa: F401
+from workbench.names import QUOTA_READ_ALL_SCOPE as READ_ALL_SCOPE
+from workbench.names import QUOTA_SERVICE as SERVICE_NAME  # noqa: F401
+from workbench.names import QUOTA_WRITE_SCOPE as WRITE_SCOPE
 from workbench.policy import Policy
-
-SERVICE_NAME = "quota"
-WRITE_SCOPE = "custom:workbench-quota:write"
-READ_ALL_SCOPE = "custom:workbench-quota:read"
-METRICS_SCOPE = "read:metrics"
-ACCESS_SCOPE = f"access:services!service={SERVICE_NAME}"
-
-CUSTOM_SCOPES = {
-    WRITE_SCOPE: {
-        "description": "Record usage events, admissions and reconciles in the quota service's ledger",
-    },
-    READ_ALL_SCOPE: {
-        "description": "Read every user's and group's usage from the quota service",
-    },
-}
 
 
 class Forbidden(Exception):

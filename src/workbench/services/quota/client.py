@@ -21,7 +21,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from tornado.httpclient import AsyncHTTPClient
 
 log = logging.getLogger("workbench.services.quota.client")
 
@@ -63,11 +63,17 @@ class QuotaClient:
             raise QuotaUnavailable(f"the quota service answered {r.code} to {method} {path}: {detail}")
         return r.code, json.loads(r.body or b"{}")
 
-    async def admit(self, *, item: str, kind: str, user: str, group: str, request_id: str | None = None,
-                    **resources) -> Admission:
-        body = {"item": item, "kind": kind, "user": user, "group": group,
-                "id": request_id or f"admit:{item}:{uuid.uuid4().hex}",
-                **{k: v for k, v in resources.items() if v is not None}}
+    async def admit(
+        self, *, item: str, kind: str, user: str, group: str, request_id: str | None = None, **resources
+    ) -> Admission:
+        body = {
+            "item": item,
+            "kind": kind,
+            "user": user,
+            "group": group,
+            "id": request_id or f"admit:{item}:{uuid.uuid4().hex}",
+            **{k: v for k, v in resources.items() if v is not None},
+        }
         code, doc = await self._call("POST", "/admit", body, ok=(200, 403))
         if code == 403 and "allowed" not in doc:  # the token itself was refused
             raise QuotaUnavailable(f"the quota service refused this sender: {doc.get('message')}")

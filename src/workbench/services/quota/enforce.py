@@ -95,8 +95,9 @@ def exhausted_since(status: BudgetStatus, running: list[Interval], now: datetime
     return now - timedelta(hours=over / burn)
 
 
-def stop_plan(statuses: Iterable[BudgetStatus], open_rows: Iterable[Interval], grace_seconds: float,
-              now: datetime) -> list[StopItem]:
+def stop_plan(
+    statuses: Iterable[BudgetStatus], open_rows: Iterable[Interval], grace_seconds: float, now: datetime
+) -> list[StopItem]:
     """Running items drawing on spent budgets, each with its stop deadline (the earliest if several)."""
     rows = list(open_rows)
     plan: dict[str, StopItem] = {}
@@ -119,8 +120,9 @@ def stop_plan(statuses: Iterable[BudgetStatus], open_rows: Iterable[Interval], g
     return sorted(plan.values(), key=lambda s: (s.deadline, s.item))
 
 
-def notifications(statuses: Iterable[BudgetStatus], warn_at: list[float], plan: Iterable[StopItem],
-                  now: datetime) -> list[Notification]:
+def notifications(
+    statuses: Iterable[BudgetStatus], warn_at: list[float], plan: Iterable[StopItem], now: datetime
+) -> list[Notification]:
     """What to tell a user about ``statuses`` (their groups' and their own budgets), most severe first."""
     deadlines: dict[tuple[str, str], datetime] = {}
     for s in plan:
@@ -132,19 +134,26 @@ def notifications(statuses: Iterable[BudgetStatus], warn_at: list[float], plan: 
         reset = f"resets {format_utc(st.resets_at)}" if st.resets_at else "it does not reset"
         deadline = deadlines.get((st.group, st.resource))
         if st.exhausted:
-            stops = (f"; your running servers and Dask clusters that use it stop at {format_utc(deadline)}"
-                     if deadline else "; new servers and clusters that need it are refused")
+            stops = (
+                f"; your running servers and Dask clusters that use it stop at {format_utc(deadline)}"
+                if deadline
+                else "; new servers and clusters that need it are refused"
+            )
             out.append(Notification("critical", st.message() + stops, st.group, st.resource, st.fraction, deadline))
             continue
         passed = [x for x in warn_at if st.fraction >= x]
         if not passed:
             continue
         level = "critical" if len(warn_at) > 1 and passed[-1] == warn_at[-1] else "warning"
-        out.append(Notification(
-            level,
-            f"{res} budget of {st.owner}: {st.used_hours:.1f} of {st.limit_hours:g} {res}-hours used "
-            f"{st.period.phrase} ({st.fraction:.0%}); {reset}. When it is spent, running work that uses it stops.",
-            st.group, st.resource, st.fraction,
-        ))
+        out.append(
+            Notification(
+                level,
+                f"{res} budget of {st.owner}: {st.used_hours:.1f} of {st.limit_hours:g} {res}-hours used "
+                f"{st.period.phrase} ({st.fraction:.0%}); {reset}. When it is spent, running work that uses it stops.",
+                st.group,
+                st.resource,
+                st.fraction,
+            )
+        )
     order = {"critical": 0, "warning": 1, "info": 2}
     return sorted(out, key=lambda n: (order[n.level], -n.fraction))

@@ -58,6 +58,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from workbench.names import QUOTA_DB_URL_ENV
 from workbench.policy import Policy
 from workbench.services.quota.accounting import (
     KINDS,
@@ -76,7 +77,7 @@ from workbench.services.quota.models import AdmitRequest, Resources, RunningItem
 
 log = logging.getLogger("workbench.services.quota")
 
-DB_URL_ENV = "WORKBENCH_QUOTA_DB_URL"
+DB_URL_ENV = QUOTA_DB_URL_ENV
 
 __all__ = [
     "DB_URL_ENV",
@@ -337,8 +338,14 @@ class Ledger:
     current time (aware UTC) and is injected by tests.
     """
 
-    def __init__(self, url: str, policy: Policy | None = None, clock: Callable[[], datetime] | None = None,
-                 pool_size: int = 8, create: bool = True):
+    def __init__(
+        self,
+        url: str,
+        policy: Policy | None = None,
+        clock: Callable[[], datetime] | None = None,
+        pool_size: int = 8,
+        create: bool = True,
+    ):
         self.url = normalize_db_url(url)
         self.engine = _make_engine(self.url, pool_size)
         self.dialect = self.engine.dialect.name
@@ -429,9 +436,18 @@ class Ledger:
             else:
                 start = max(at, self._last_stop(s, ev.item) or at)  # never overlap the item's previous row
                 row = UsageRow(
-                    item=ev.item, kind=ev.kind, user=ev.user, group=ev.group, profile=res.profile, cpu=res.cpu,
-                    memory=res.memory, gpu_type=res.gpu_type, gpu_count=res.gpu_count, start=start,
-                    start_event=ev.id, opened_by="event",
+                    item=ev.item,
+                    kind=ev.kind,
+                    user=ev.user,
+                    group=ev.group,
+                    profile=res.profile,
+                    cpu=res.cpu,
+                    memory=res.memory,
+                    gpu_type=res.gpu_type,
+                    gpu_count=res.gpu_count,
+                    start=start,
+                    start_event=ev.id,
+                    opened_by="event",
                 )
                 s.add(row)
                 s.flush()
@@ -461,8 +477,13 @@ class Ledger:
 
     # -- reconcile -----------------------------------------------------------------
 
-    def reconcile(self, running_items: Iterable[RunningItem], now: datetime | None = None,
-                  kinds: Iterable[str] = KINDS, grace: float = 30.0) -> ReconcileResult:
+    def reconcile(
+        self,
+        running_items: Iterable[RunningItem],
+        now: datetime | None = None,
+        kinds: Iterable[str] = KINDS,
+        grace: float = 30.0,
+    ) -> ReconcileResult:
         """Make the open rows of ``kinds`` match ``running_items``, the complete list of what runs at ``now``.
 
         Open rows whose item is not running are closed at ``now`` (unless opened by an admission or an
@@ -504,11 +525,22 @@ class Ledger:
                 ev = f"reconcile-start:{name}:{iso(start)}"
                 if s.scalar(select(UsageRow.id).where(UsageRow.start_event == ev)) is not None:
                     continue
-                s.add(UsageRow(
-                    item=name, kind=it.kind, user=it.user, group=it.group, profile=res.profile, cpu=res.cpu,
-                    memory=res.memory, gpu_type=res.gpu_type, gpu_count=res.gpu_count, start=start,
-                    start_event=ev, opened_by="reconcile",
-                ))
+                s.add(
+                    UsageRow(
+                        item=name,
+                        kind=it.kind,
+                        user=it.user,
+                        group=it.group,
+                        profile=res.profile,
+                        cpu=res.cpu,
+                        memory=res.memory,
+                        gpu_type=res.gpu_type,
+                        gpu_count=res.gpu_count,
+                        start=start,
+                        start_event=ev,
+                        opened_by="reconcile",
+                    )
+                )
                 opened.append(name)
             s.flush()
             return ReconcileResult(opened=opened, closed=closed, running=len(items))
@@ -531,8 +563,9 @@ class Ledger:
         now = self._now(now)
         if self.policy is None or group not in self.policy.groups:
             known = ", ".join(self.policy.groups) if self.policy else "(no policy loaded)"
-            return Decision(False, "unknown-group", f"unknown group {group!r}; the policy defines: {known}",
-                            item=request.item)
+            return Decision(
+                False, "unknown-group", f"unknown group {group!r}; the policy defines: {known}", item=request.item
+            )
         pgroup = self.policy.groups[group]
         res = resolve_resources(self.policy, request)
         event_id = request.id or f"admit:{uuid.uuid4().hex}"
@@ -544,26 +577,51 @@ class Ledger:
                 return Decision(True, None, "admitted before (replayed admission)", prior.row_id, request.item, True)
             existing = self._open_row(s, request.item)
             if existing is not None:
-                return Decision(True, None, f"{request.item} is already running (row {existing.id})", existing.id,
-                                request.item, True)
+                return Decision(
+                    True,
+                    None,
+                    f"{request.item} is already running (row {existing.id})",
+                    existing.id,
+                    request.item,
+                    True,
+                )
             statuses = self._budget_statuses(s, pgroup.budget, group, user, now)
             for st in statuses:
                 needed = (res.gpu_count > 0 or request.needs_gpu_budget) if st.resource == "gpu" else res.cpu > 0
                 if needed and st.exhausted:
-                    return Decision(False, f"{st.resource}-budget", st.message(), item=request.item,
-                                    budgets=tuple(statuses))
+                    return Decision(
+                        False, f"{st.resource}-budget", st.message(), item=request.item, budgets=tuple(statuses)
+                    )
             refusal = self._cap_refusal(s, pgroup.caps, group, user, request.kind, res)
             if refusal is not None:
                 return Decision(False, refusal[0], refusal[1], item=request.item, budgets=tuple(statuses))
             row = UsageRow(
-                item=request.item, kind=request.kind, user=user, group=group, profile=res.profile, cpu=res.cpu,
-                memory=res.memory, gpu_type=res.gpu_type, gpu_count=res.gpu_count,
-                start=max(now, self._last_stop(s, request.item) or now), start_event=event_id, opened_by="admit",
+                item=request.item,
+                kind=request.kind,
+                user=user,
+                group=group,
+                profile=res.profile,
+                cpu=res.cpu,
+                memory=res.memory,
+                gpu_type=res.gpu_type,
+                gpu_count=res.gpu_count,
+                start=max(now, self._last_stop(s, request.item) or now),
+                start_event=event_id,
+                opened_by="admit",
             )
             s.add(row)
             s.flush()
-            s.add(EventRow(id=event_id, type="admit", item=request.item, time=now, received=now,
-                           outcome="admitted", row_id=row.id))
+            s.add(
+                EventRow(
+                    id=event_id,
+                    type="admit",
+                    item=request.item,
+                    time=now,
+                    received=now,
+                    outcome="admitted",
+                    row_id=row.id,
+                )
+            )
             s.flush()
             return Decision(True, None, "admitted", row.id, request.item, False, tuple(statuses))
 
@@ -584,21 +642,24 @@ class Ledger:
             if caps.running_servers is not None and servers + 1 > caps.running_servers:
                 return "running-servers", cap_message("servers", "group", group, None, servers, caps.running_servers, 1)
             if caps.user_running_servers is not None and my_servers + 1 > caps.user_running_servers:
-                return "running-servers", cap_message("servers", "user", group, user, my_servers,
-                                                      caps.user_running_servers, 1)
+                return "running-servers", cap_message(
+                    "servers", "user", group, user, my_servers, caps.user_running_servers, 1
+                )
         if res.gpu_count:
             if caps.running_gpus is not None and gpus + res.gpu_count > caps.running_gpus:
                 return "running-gpus", cap_message("gpus", "group", group, None, gpus, caps.running_gpus, res.gpu_count)
             if caps.user_running_gpus is not None and my_gpus + res.gpu_count > caps.user_running_gpus:
-                return "running-gpus", cap_message("gpus", "user", group, user, my_gpus, caps.user_running_gpus,
-                                                   res.gpu_count)
+                return "running-gpus", cap_message(
+                    "gpus", "user", group, user, my_gpus, caps.user_running_gpus, res.gpu_count
+                )
         return None
 
     # -- queries -------------------------------------------------------------------
 
     @staticmethod
-    def _overlapping(s: Session, period: Period, now: datetime, group: str | None = None,
-                     user: str | None = None) -> list[Interval]:
+    def _overlapping(
+        s: Session, period: Period, now: datetime, group: str | None = None, user: str | None = None
+    ) -> list[Interval]:
         q = select(UsageRow).where(
             or_(UsageRow.stop.is_(None), UsageRow.stop > period.start),
             UsageRow.start <= now,
@@ -611,8 +672,13 @@ class Ledger:
             q = q.where(UsageRow.user == user)
         return [r.interval() for r in s.scalars(q.order_by(UsageRow.id))]
 
-    def rows(self, period: Period | None = None, now: datetime | None = None, group: str | None = None,
-             user: str | None = None) -> list[Interval]:
+    def rows(
+        self,
+        period: Period | None = None,
+        now: datetime | None = None,
+        group: str | None = None,
+        user: str | None = None,
+    ) -> list[Interval]:
         """Rows overlapping ``period`` (all rows when None), oldest first."""
         now = self._now(now)
         if period is None:
@@ -674,8 +740,9 @@ class Ledger:
             return func.round((func.julianday(hi) - func.julianday(lo)) * 86400.0, 3)
         return func.extract("epoch", hi - lo)
 
-    def _usage_sums(self, s: Session, period: Period, now: datetime, group: str,
-                    user: str | None) -> tuple[float, float, float, float]:
+    def _usage_sums(
+        self, s: Session, period: Period, now: datetime, group: str, user: str | None
+    ) -> tuple[float, float, float, float]:
         """(GPU-seconds, CPU-seconds) of ``group``, then of ``user`` in it, inside ``period`` up to ``now``.
 
         Summed by the database (the same clipping as :func:`accounting.usage_in_period`), so an
@@ -708,9 +775,13 @@ class Ledger:
         else:
             seconds = func.extract("epoch", UsageRow.stop - UsageRow.start)
         q = (
-            select(UsageRow.group, UsageRow.kind, UsageRow.gpu_type,
-                   func.coalesce(func.sum(seconds * UsageRow.gpu_count), 0.0),
-                   func.coalesce(func.sum(seconds * UsageRow.cpu), 0.0))
+            select(
+                UsageRow.group,
+                UsageRow.kind,
+                UsageRow.gpu_type,
+                func.coalesce(func.sum(seconds * UsageRow.gpu_count), 0.0),
+                func.coalesce(func.sum(seconds * UsageRow.cpu), 0.0),
+            )
             .where(UsageRow.stop.is_not(None))
             .group_by(UsageRow.group, UsageRow.kind, UsageRow.gpu_type)
         )

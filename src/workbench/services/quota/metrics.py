@@ -29,11 +29,13 @@ class LedgerCollector:
         policy = ledger.policy
         now: datetime = ledger.clock()
         gpu_total = CounterMetricFamily(
-            f"{PREFIX}_gpu_seconds", "GPU-seconds used since the ledger began (running items up to now)",
+            f"{PREFIX}_gpu_seconds",
+            "GPU-seconds used since the ledger began (running items up to now)",
             labels=["group", "gpu_type", "kind"],
         )
         cpu_total = CounterMetricFamily(
-            f"{PREFIX}_cpu_seconds", "CPU core-seconds used since the ledger began (running items up to now)",
+            f"{PREFIX}_cpu_seconds",
+            "CPU core-seconds used since the ledger began (running items up to now)",
             labels=["group", "kind"],
         )
         gpu: dict[tuple, float] = {}
@@ -74,14 +76,18 @@ class LedgerCollector:
 
         if policy is None:
             return
-        limit = GaugeMetricFamily(f"{PREFIX}_budget_limit_hours", "budget of the current period",
-                                  labels=["group", "resource", "period"])
-        used = GaugeMetricFamily(f"{PREFIX}_budget_used_hours", "budget used in the current period",
-                                 labels=["group", "resource", "period"])
-        ratio = GaugeMetricFamily(f"{PREFIX}_budget_used_ratio", "used / limit in the current period",
-                                  labels=["group", "resource"])
-        by_type = GaugeMetricFamily(f"{PREFIX}_period_gpu_hours", "GPU-hours in the group's current budget period",
-                                    labels=["group", "gpu_type"])
+        limit = GaugeMetricFamily(
+            f"{PREFIX}_budget_limit_hours", "budget of the current period", labels=["group", "resource", "period"]
+        )
+        used = GaugeMetricFamily(
+            f"{PREFIX}_budget_used_hours", "budget used in the current period", labels=["group", "resource", "period"]
+        )
+        ratio = GaugeMetricFamily(
+            f"{PREFIX}_budget_used_ratio", "used / limit in the current period", labels=["group", "resource"]
+        )
+        by_type = GaugeMetricFamily(
+            f"{PREFIX}_period_gpu_hours", "GPU-hours in the group's current budget period", labels=["group", "gpu_type"]
+        )
         caps = GaugeMetricFamily(f"{PREFIX}_cap", "concurrency caps", labels=["group", "cap"])
         for name, g in policy.groups.items():
             if g.caps is not None:
@@ -95,7 +101,10 @@ class LedgerCollector:
             usage = usage_in_period(rows, period, now)
             for t, s in sorted(usage.gpu_seconds_by_type.items()):
                 by_type.add_metric([name, t], s / 3600)
-            for res, lim, val in (("gpu", g.budget.gpu_hours, usage.gpu_hours), ("cpu", g.budget.cpu_hours, usage.cpu_hours)):
+            for res, lim, val in (
+                ("gpu", g.budget.gpu_hours, usage.gpu_hours),
+                ("cpu", g.budget.cpu_hours, usage.cpu_hours),
+            ):
                 if lim is None:
                     continue
                 limit.add_metric([name, res, g.budget.period], lim)
@@ -114,12 +123,16 @@ class QuotaMetrics:
     def __init__(self, ledger: Ledger):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(LedgerCollector(ledger))
-        self.admissions = Counter(f"{PREFIX}_admissions", "admission decisions of this process",
-                                  ["result", "reason"], registry=self.registry)
-        self.events = Counter(f"{PREFIX}_events", "events received by this process", ["status"],
-                              registry=self.registry)
-        self.stops = Counter(f"{PREFIX}_budget_stops", "servers stopped by this process because a budget was spent",
-                             ["kind", "reason"], registry=self.registry)
+        self.admissions = Counter(
+            f"{PREFIX}_admissions", "admission decisions of this process", ["result", "reason"], registry=self.registry
+        )
+        self.events = Counter(f"{PREFIX}_events", "events received by this process", ["status"], registry=self.registry)
+        self.stops = Counter(
+            f"{PREFIX}_budget_stops",
+            "servers stopped by this process because a budget was spent",
+            ["kind", "reason"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -65,11 +65,15 @@ class UsageEvent(Resources):
 
     id: str = Field(min_length=1, max_length=255)
     type: Literal["start", "stop"]
-    item: str = Field(min_length=1, max_length=255, description="what runs: server:<user>/<name>, dask-worker:<cluster>/<worker>, ...")
+    item: str = Field(
+        min_length=1, max_length=255, description="what runs: server:<user>/<name>, dask-worker:<cluster>/<worker>, ..."
+    )
     time: datetime | None = None
     kind: Kind | None = Field(default=None, description="required for start")
     user: str | None = Field(default=None, min_length=1, max_length=255, description="required for start")
-    group: str | None = Field(default=None, min_length=1, max_length=255, description="the group charged; required for start")
+    group: str | None = Field(
+        default=None, min_length=1, max_length=255, description="the group charged; required for start"
+    )
 
     @model_validator(mode="after")
     def _start_fields(self):
@@ -95,8 +99,12 @@ class AdmitRequest(Resources):
 
     item: str = Field(min_length=1, max_length=255)
     kind: Kind = "server"
-    id: str | None = Field(default=None, min_length=1, max_length=255,
-                           description="idempotency key: an admission replayed with the same id returns the first answer")
+    id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="idempotency key: an admission replayed with the same id returns the first answer",
+    )
     needs_gpu_budget: bool = Field(
         default=False,
         description="refuse when the GPU budget is spent even if this item holds no GPU itself (the scheduler of a "

@@ -203,30 +203,56 @@ def _enforcement_schemas() -> dict:
     t = {"type": ["string", "null"], "format": "date-time"}
     stop = {
         "type": "object",
-        "properties": {"item": s, "kind": s, "user": s, "group": s, "reason": s, "deadline": t,
-                       "due": {"type": "boolean"}, "message": s},
+        "properties": {
+            "item": s,
+            "kind": s,
+            "user": s,
+            "group": s,
+            "reason": s,
+            "deadline": t,
+            "due": {"type": "boolean"},
+            "message": s,
+        },
         "required": ["item", "kind", "user", "group", "reason", "deadline", "due", "message"],
     }
     note = {
         "type": "object",
-        "properties": {"level": {"type": "string", "enum": ["info", "warning", "critical"]}, "source": s,
-                       "message": s, "at": t, "group": s, "resource": {"type": "string", "enum": ["gpu", "cpu"]},
-                       "fraction": {"type": "number"}, "stops_at": t},
+        "properties": {
+            "level": {"type": "string", "enum": ["info", "warning", "critical"]},
+            "source": s,
+            "message": s,
+            "at": t,
+            "group": s,
+            "resource": {"type": "string", "enum": ["gpu", "cpu"]},
+            "fraction": {"type": "number"},
+            "stops_at": t,
+        },
         "required": ["level", "source", "message", "at"],
     }
     return {
         "StopItem": stop,
-        "Enforcement": {"type": "object", "properties": {"as_of": t, "stop": {"type": "array", "items": _ref("StopItem")}},
-                        "required": ["as_of", "stop"]},
+        "Enforcement": {
+            "type": "object",
+            "properties": {"as_of": t, "stop": {"type": "array", "items": _ref("StopItem")}},
+            "required": ["as_of", "stop"],
+        },
         "Notification": note,
-        "Notifications": {"type": "object", "properties": {"user": s, "as_of": t, "notifications": {
-            "type": "array", "items": _ref("Notification")}}, "required": ["user", "as_of", "notifications"]},
+        "Notifications": {
+            "type": "object",
+            "properties": {"user": s, "as_of": t, "notifications": {"type": "array", "items": _ref("Notification")}},
+            "required": ["user", "as_of", "notifications"],
+        },
     }
 
 
 def openapi_document(prefix: str = "/services/quota/") -> dict:
     _, defs = models_json_schema(
-        [(UsageEvent, "validation"), (EventBatch, "validation"), (AdmitBody, "validation"), (ReconcileBody, "validation")],
+        [
+            (UsageEvent, "validation"),
+            (EventBatch, "validation"),
+            (AdmitBody, "validation"),
+            (ReconcileBody, "validation"),
+        ],
         ref_template=REF,
     )
     schemas = {**defs.get("$defs", {}), **_usage_schemas(), **_enforcement_schemas()}
@@ -258,7 +284,11 @@ def openapi_document(prefix: str = "/services/quota/") -> dict:
                     "required": True,
                     "content": {"application/json": {"schema": {"oneOf": [_ref("EventBatch"), _ref("UsageEvent")]}}},
                 },
-                "responses": {"200": _json(_ref("EventResults"), "one result per event, in order"), "400": _ERROR, **_AUTH},
+                "responses": {
+                    "200": _json(_ref("EventResults"), "one result per event, in order"),
+                    "400": _ERROR,
+                    **_AUTH,
+                },
             }
         },
         "/api/admit": {
@@ -302,9 +332,15 @@ def openapi_document(prefix: str = "/services/quota/") -> dict:
                 "after the budget ran out); the gateway stops its Dask clusters' items, the service the servers",
                 "operationId": "enforcement",
                 "security": write + [{"hubToken": [READ_ALL_SCOPE]}],
-                "parameters": [{"name": "kind", "in": "query", "required": False,
-                                "description": "only items of this kind (repeatable)",
-                                "schema": {"type": "string", "enum": list(KINDS)}}],
+                "parameters": [
+                    {
+                        "name": "kind",
+                        "in": "query",
+                        "required": False,
+                        "description": "only items of this kind (repeatable)",
+                        "schema": {"type": "string", "enum": list(KINDS)},
+                    }
+                ],
                 "responses": {"200": _json(_ref("Enforcement"), "the plan"), **_AUTH},
             }
         },
@@ -360,7 +396,10 @@ def openapi_document(prefix: str = "/services/quota/") -> dict:
                 "operationId": "metrics",
                 "security": [{"hubToken": [METRICS_SCOPE]}],
                 "responses": {
-                    "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
                     **_AUTH,
                 },
             }

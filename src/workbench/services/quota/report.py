@@ -19,7 +19,16 @@ from datetime import datetime
 from pathlib import Path
 
 from workbench.policy import Policy, PolicyError, load_policy
-from workbench.services.quota.accounting import UTC, Interval, Period, as_utc, iso, parse_period, usage_by, usage_in_period
+from workbench.services.quota.accounting import (
+    UTC,
+    Interval,
+    Period,
+    as_utc,
+    iso,
+    parse_period,
+    usage_by,
+    usage_in_period,
+)
 
 __all__ = ["report_rows", "report_csv", "report_json", "report_png", "add_report_arguments", "cmd_report"]
 
@@ -33,17 +42,19 @@ def report_rows(rows: Iterable[Interval], period: Period, now: datetime) -> list
     for (group, user, kind, gpu_type), u in sorted(by.items()):
         if not u.gpu_seconds and not u.cpu_seconds:
             continue
-        out.append({
-            "period": period.name,
-            "period_start": iso(period.start),
-            "period_end": iso(period.end),
-            "group": group,
-            "user": user,
-            "kind": kind,
-            "gpu_type": gpu_type,
-            "gpu_hours": round(u.gpu_hours, 6),
-            "cpu_hours": round(u.cpu_hours, 6),
-        })
+        out.append(
+            {
+                "period": period.name,
+                "period_start": iso(period.start),
+                "period_end": iso(period.end),
+                "group": group,
+                "user": user,
+                "kind": kind,
+                "gpu_type": gpu_type,
+                "gpu_hours": round(u.gpu_hours, 6),
+                "cpu_hours": round(u.cpu_hours, 6),
+            }
+        )
     return out
 
 
@@ -82,13 +93,20 @@ def report_json(rows: Iterable[Interval], period: Period, now: datetime, policy:
             pg = policy.groups.get(g)
             entry["budget"] = (
                 {"gpu_hours": pg.budget.gpu_hours, "cpu_hours": pg.budget.cpu_hours, "period": pg.budget.period}
-                if pg is not None and pg.budget is not None else None
+                if pg is not None and pg.budget is not None
+                else None
             )
     return json.dumps(doc, indent=2) + "\n"
 
 
-def report_png(rows: Iterable[Interval], period: Period, now: datetime, path: str | os.PathLike,
-               policy: Policy | None = None, title: str = "Workbench usage") -> Path:
+def report_png(
+    rows: Iterable[Interval],
+    period: Period,
+    now: datetime,
+    path: str | os.PathLike,
+    policy: Policy | None = None,
+    title: str = "Workbench usage",
+) -> Path:
     """A chart of GPU-hours by group stacked by GPU type, and CPU-hours by group (matplotlib, Agg)."""
     import matplotlib
 
@@ -115,13 +133,25 @@ def report_png(rows: Iterable[Interval], period: Period, now: datetime, path: st
         labelled = False
         for i, g in enumerate(groups):
             pg = policy.groups.get(g)
-            if pg is not None and pg.budget is not None and pg.budget.period == "month" and pg.budget.gpu_hours is not None:
-                ax_gpu.hlines(pg.budget.gpu_hours, i - 0.35, i + 0.35, colors="crimson", linestyles="dashed",
-                              label=None if labelled else "monthly GPU budget")
+            if (
+                pg is not None
+                and pg.budget is not None
+                and pg.budget.period == "month"
+                and pg.budget.gpu_hours is not None
+            ):
+                ax_gpu.hlines(
+                    pg.budget.gpu_hours,
+                    i - 0.35,
+                    i + 0.35,
+                    colors="crimson",
+                    linestyles="dashed",
+                    label=None if labelled else "monthly GPU budget",
+                )
                 labelled = True
     ax_gpu.set_ylabel("GPU-hours")
-    ax_gpu.set_title(f"{title}: {period.name} ({period.start:%Y-%m-%d} to "
-                     f"{f'{period.end:%Y-%m-%d}' if period.end else 'now'}, UTC)")
+    ax_gpu.set_title(
+        f"{title}: {period.name} ({period.start:%Y-%m-%d} to {f'{period.end:%Y-%m-%d}' if period.end else 'now'}, UTC)"
+    )
     if gpu_types or ax_gpu.collections:
         ax_gpu.margins(y=0.25)  # room for the legend above the bars
         ax_gpu.legend(loc="upper right", fontsize="small")
@@ -145,17 +175,32 @@ def report_png(rows: Iterable[Interval], period: Period, now: datetime, path: st
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--period", default="current",
-                        help="a month (2026-11), days (2026-11-01..2026-11-15), or current, month, term, total "
-                             "(default: %(default)s, the current month)")
+    parser.add_argument(
+        "--period",
+        default="current",
+        help="a month (2026-11), days (2026-11-01..2026-11-15), or current, month, term, total "
+        "(default: %(default)s, the current month)",
+    )
     parser.add_argument("--format", choices=["csv", "json", "png"], default="csv", help="default: %(default)s")
-    parser.add_argument("--output", "-o", default=None,
-                        help="file to write (default: stdout for csv and json, workbench-usage-<period>.png for png)")
-    parser.add_argument("--db-url", default=None,
-                        help="ledger database URL (default: $WORKBENCH_QUOTA_DB_URL, else quota.sqlite in --state-dir)")
-    parser.add_argument("--state-dir", default=".workbench", help="state folder of `workbench up` (default: %(default)s)")
-    parser.add_argument("--config", default=None,
-                        help="platform YAML for budgets and group order (default: the one the state folder ran)")
+    parser.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="file to write (default: stdout for csv and json, workbench-usage-<period>.png for png)",
+    )
+    parser.add_argument(
+        "--db-url",
+        default=None,
+        help="ledger database URL (default: $WORKBENCH_QUOTA_DB_URL, else quota.sqlite in --state-dir)",
+    )
+    parser.add_argument(
+        "--state-dir", default=".workbench", help="state folder of `workbench up` (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="platform YAML for budgets and group order (default: the one the state folder ran)",
+    )
     parser.add_argument("--group", default=None, help="only this group")
     return parser
 
@@ -201,8 +246,11 @@ def cmd_report(args, now: datetime | None = None, out=None) -> int:
     url = _db_url(args)
     u = make_url(url)
     if u.get_backend_name() == "sqlite" and not (u.database and Path(u.database).exists()):
-        print(f"workbench report: no ledger at {u.database}; run `workbench up` (its quota service keeps it) "
-              "or pass --db-url / --state-dir", file=sys.stderr)
+        print(
+            f"workbench report: no ledger at {u.database}; run `workbench up` (its quota service keeps it) "
+            "or pass --db-url / --state-dir",
+            file=sys.stderr,
+        )
         return 2
     ledger = Ledger(url, policy, create=False)
     try:
@@ -210,8 +258,9 @@ def cmd_report(args, now: datetime | None = None, out=None) -> int:
     finally:
         ledger.close()
     if args.format == "png":
-        path = report_png(rows, period, now, args.output or f"workbench-usage-{period.name.replace(' ', '-')}.png",
-                          policy)
+        path = report_png(
+            rows, period, now, args.output or f"workbench-usage-{period.name.replace(' ', '-')}.png", policy
+        )
         print(f"wrote {path}", file=sys.stderr)
         return 0
     text = report_csv(rows, period, now) if args.format == "csv" else report_json(rows, period, now, policy)

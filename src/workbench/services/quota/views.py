@@ -39,8 +39,14 @@ def _by(rows, period, now, key) -> dict:
     return {k: u.to_json() for k, u in usage_by(rows, period, now, key).items()}
 
 
-def user_usage_doc(user: str, rows: list[Interval], period: Period, now: datetime,
-                   budgets: list[BudgetStatus], limited_to: set[str] | None = None) -> dict:
+def user_usage_doc(
+    user: str,
+    rows: list[Interval],
+    period: Period,
+    now: datetime,
+    budgets: list[BudgetStatus],
+    limited_to: set[str] | None = None,
+) -> dict:
     """A user's usage in ``period``; ``limited_to``: only these groups' rows (an instructor's view)."""
     if limited_to is not None:
         rows = [r for r in rows if r.group in limited_to]
@@ -58,8 +64,15 @@ def user_usage_doc(user: str, rows: list[Interval], period: Period, now: datetim
     }
 
 
-def group_usage_doc(policy: Policy, group: str, rows: list[Interval], period: Period, now: datetime,
-                    budgets: list[BudgetStatus], members_visible: bool) -> dict:
+def group_usage_doc(
+    policy: Policy,
+    group: str,
+    rows: list[Interval],
+    period: Period,
+    now: datetime,
+    budgets: list[BudgetStatus],
+    members_visible: bool,
+) -> dict:
     pg = policy.groups.get(group)
     caps = pg.caps.model_dump() if pg is not None and pg.caps is not None else None
     return {
@@ -76,8 +89,9 @@ def group_usage_doc(policy: Policy, group: str, rows: list[Interval], period: Pe
     }
 
 
-def overview_doc(policy: Policy, rows: list[Interval], period: Period, now: datetime,
-                 budgets: dict[str, list[BudgetStatus]]) -> dict:
+def overview_doc(
+    policy: Policy, rows: list[Interval], period: Period, now: datetime, budgets: dict[str, list[BudgetStatus]]
+) -> dict:
     names = list(policy.groups) + sorted({r.group for r in rows} - set(policy.groups))
     return {
         "period": period.to_json(),
@@ -133,17 +147,19 @@ def server_items(policy: Policy, users: Iterable[dict]) -> list[RunningItem]:
             if profile is not None and profile not in policy.profiles:
                 profile = None
             group = charge_group(policy, groups, profile) or UNASSIGNED
-            out.append(RunningItem(
-                item=server_item_id(u["name"], name),
-                kind="server",
-                user=u["name"],
-                group=group,
-                profile=profile,
-                cpu=None if profile else 0.0,
-                memory=None if profile else 0,
-                gpu_count=None if profile else 0,
-                started=_parse_time(server.get("started")),
-            ))
+            out.append(
+                RunningItem(
+                    item=server_item_id(u["name"], name),
+                    kind="server",
+                    user=u["name"],
+                    group=group,
+                    profile=profile,
+                    cpu=None if profile else 0.0,
+                    memory=None if profile else 0,
+                    gpu_count=None if profile else 0,
+                    started=_parse_time(server.get("started")),
+                )
+            )
     return out
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from workbench.names import GATEWAY_SERVICE
+from workbench.names import QUOTA_DB_URL_ENV as DB_URL_ENV
 from workbench.policy import Policy
-from workbench.runtime import GATEWAY_SERVICE, RUNTIME_ENV, Runtime
+from workbench.runtime import RUNTIME_ENV, Runtime
 from workbench.services.quota.authz import ACCESS_SCOPE, CUSTOM_SCOPES, SERVICE_NAME, WRITE_SCOPE
-from workbench.services.quota.ledger import DB_URL_ENV
 
 #: what the quota service's own token may do
 SERVICE_SCOPES = ["list:users", "read:users:name", "read:users:groups", "read:servers", "delete:servers", WRITE_SCOPE]
@@ -34,8 +35,12 @@ def quota_service(runtime: Runtime, secrets: Mapping[str, str]) -> dict:
         "name": SERVICE_NAME,
         "url": f"http://127.0.0.1:{runtime.quota_port}",
         "api_token": secrets["quota_api_token"],
-        "command": [str(Path(runtime.venv_bin, "python")), "-m", "workbench.services.quota",
-                    f"--enforce-every={runtime.quota_every:g}"],
+        "command": [
+            str(Path(runtime.venv_bin, "python")),
+            "-m",
+            "workbench.services.quota",
+            f"--enforce-every={runtime.quota_every:g}",
+        ],
         "cwd": runtime.state_dir,
         "environment": {RUNTIME_ENV: str(Path(runtime.state_dir, "runtime.json"))},
     }

@@ -52,17 +52,18 @@ from urllib.parse import quote
 
 from tornado import web
 
-from workbench.courses.material import ROSTER_SERVICE, Student, is_course, parse_roster, parse_roster_rows
+from workbench.auth.groups import roster_of
+from workbench.courses.material import is_course
+from workbench.courses.roster import Student, parse_roster, parse_roster_rows
+from workbench.names import ROSTER_PROPERTY, ROSTERS_SERVICE
+from workbench.names import ROSTERS_ACCESS_SCOPE as ACCESS_SCOPE
 from workbench.policy import Policy
-from workbench.services.quota.app import BaseHandler as _QuotaBaseHandler
+from workbench.services.base import HubClient, JsonHandler
+from workbench.services.rosters.rules import course_names, needs_service, service_scopes  # noqa: F401
 
 log = logging.getLogger("workbench.services.rosters.app")
 
-SERVICE_NAME = ROSTER_SERVICE
-#: what a token needs to call the service (instructors get it by their course role; admins have access:services)
-ACCESS_SCOPE = f"access:services!service={SERVICE_NAME}"
-#: the key of a course group's ``properties`` that holds its roster (a list of user names)
-ROSTER_PROPERTY = "workbench_roster"
+SERVICE_NAME = ROSTERS_SERVICE
 
 
 class Refused(Exception):
@@ -72,20 +73,6 @@ class Refused(Exception):
 # ---------------------------------------------------------------------------
 # Policy: which courses, who may load them, what the service's token may do (pure)
 # ---------------------------------------------------------------------------
-
-
-def course_names(policy: Policy) -> list[str]:
-    return [name for name, group in policy.groups.items() if group.kind == "course"]
-
-
-def needs_service(policy: Policy) -> bool:
-    """The service runs when the policy has a course."""
-    return bool(course_names(policy))
-
-
-def service_scopes(policy: Policy) -> list[str]:
-    """Scopes of the service's own token: create users, change the course groups only (pure)."""
-    return ["admin:users", *(f"groups!group={c}" for c in course_names(policy))]
 
 
 def check_caller(policy: Policy, caller: Mapping[str, Any], course: str) -> None:
@@ -115,8 +102,9 @@ def check_caller(policy: Policy, caller: Mapping[str, Any], course: str) -> None
 # ---------------------------------------------------------------------------
 
 
-def refusals(policy: Policy, students: Iterable[Student], users: Mapping[str, Mapping | None],
-             where: str = "line") -> list[str]:
+def refusals(
+    policy: Policy, students: Iterable[Student], users: Mapping[str, Mapping | None], where: str = "line"
+) -> list[str]:
     """Why rows may not be put on a roster, as ``<where> N: ...`` (pure; empty: all may).
 
     ``users`` maps each student's name to their hub model (``admin``, ``groups``, ``roles``), or
@@ -137,21 +125,18 @@ def refusals(policy: Policy, students: Iterable[Student], users: Mapping[str, Ma
         if model.get("admin") or (demo and demo.admin) or admin_groups.intersection(groups):
             problems.append(f"{head} is a hub admin; admins are never put on a course roster")
         elif taught:
-            problems.append(f"{head} teaches {', '.join(taught)}; instructors are never put on a roster "
-                            f"(they come from groups.<course>.instructors in the policy)")
+            problems.append(
+                f"{head} teaches {', '.join(taught)}; instructors are never put on a roster "
+                f"(they come from groups.<course>.instructors in the policy)"
+            )
         elif others:
-            problems.append(f"{head} is a member of {', '.join(others)}, which is not a course; a roster only takes "
-                            f"students (users in course groups only): ask a platform admin")
+            problems.append(
+                f"{head} is a member of {', '.join(others)}, which is not a course; a roster only takes "
+                f"students (users in course groups only): ask a platform admin"
+            )
         elif roles:
             problems.append(f"{head} holds the hub role(s) {', '.join(roles)}; a roster only takes plain users")
     return problems
-
-
-def roster_of(group: Mapping | None) -> list[str]:
-    """The roster kept in a hub group model's (or ORM group's) properties (pure)."""
-    props = (group or {}).get("properties") or {}
-    names = props.get(ROSTER_PROPERTY) if isinstance(props, Mapping) else None
-    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 @dataclass(frozen=True)
@@ -175,25 +160,38 @@ class RosterChange:
         if self.create:
             lines.append(f"created {len(self.create)} hub user(s): {', '.join(self.create)}")
         if self.add:
-            lines.append(f"added {len(self.add)} student(s) to {c}: {', '.join(self.add)}"
-                         + (f" ({len(self.already)} already members)" if self.already else ""))
+            lines.append(
+                f"added {len(self.add)} student(s) to {c}: {', '.join(self.add)}"
+                + (f" ({len(self.already)} already members)" if self.already else "")
+            )
         if self.remove:
-            lines.append(f"removed {len(self.remove)} student(s) no longer on the roster from {c}: "
-                         f"{', '.join(self.remove)}")
+            lines.append(
+                f"removed {len(self.remove)} student(s) no longer on the roster from {c}: {', '.join(self.remove)}"
+            )
         if not lines:
             n = len(self.already)
-            lines.append(f"all {n} students are already in {c}; "
-                         + ("the roster now lists them" if self.roster_changed else "nothing to do"))
+            lines.append(
+                f"all {n} students are already in {c}; "
+                + ("the roster now lists them" if self.roster_changed else "nothing to do")
+            )
         return lines
 
     def to_json(self) -> dict:
-        return {"course": self.course, "students": list(self.roster), "created_group": self.create_group,
-                "created": list(self.create), "added": list(self.add), "removed": list(self.remove),
-                "already": list(self.already), "report": self.report()}
+        return {
+            "course": self.course,
+            "students": list(self.roster),
+            "created_group": self.create_group,
+            "created": list(self.create),
+            "added": list(self.add),
+            "removed": list(self.remove),
+            "already": list(self.already),
+            "report": self.report(),
+        }
 
 
-def plan_roster(course: str, names: list[str], users: Mapping[str, Mapping | None], group: Mapping | None,
-                replace: bool = True) -> RosterChange:
+def plan_roster(
+    course: str, names: list[str], users: Mapping[str, Mapping | None], group: Mapping | None, replace: bool = True
+) -> RosterChange:
     """The change that makes ``names`` the roster of ``course`` (``replace``) or adds them to it (pure).
 
     ``group`` is the hub group's model (None: no such group yet); ``users`` maps names to hub
@@ -221,37 +219,6 @@ def plan_roster(course: str, names: list[str], users: Mapping[str, Mapping | Non
 # ---------------------------------------------------------------------------
 
 
-def rostered_courses(groups: Iterable[tuple[str, Mapping | None]], username: str) -> list[str]:
-    """Names of the groups (``(name, properties)``) whose roster lists ``username`` (pure)."""
-    return [name for name, props in groups if username in roster_of({"properties": props})]
-
-
-def with_roster_groups(groups: Iterable[str], rostered: Iterable[str], allowed: Iterable[str] | None = None) -> list[str]:
-    """The groups from the identity provider / policy plus the rostered ones (in ``allowed``, if given) (pure)."""
-    keep = None if allowed is None else set(allowed)
-    return list(dict.fromkeys([*groups, *(g for g in rostered if keep is None or g in keep)]))
-
-
-def merge_roster_groups(db, username: str, groups: Iterable[str], allowed: Iterable[str] | None = None) -> list[str]:
-    """``groups`` plus the groups whose roster lists ``username``, read from the hub's ORM session ``db``.
-
-    Called by the authenticators after they computed a user's groups at login (``manage_groups``
-    would otherwise take a rostered student out of the course). A failure to read the rosters is
-    logged and leaves ``groups`` as they are: it must not stop anyone from logging in.
-    """
-    groups = list(groups)
-    if db is None:
-        return groups
-    try:
-        from jupyterhub import orm
-
-        found = [(g.name, g.properties) for g in db.query(orm.Group).all()]
-    except Exception:  # logged; the login goes on with the provider's groups
-        log.exception("could not read the course rosters for %s", username)
-        return groups
-    return with_roster_groups(groups, rostered_courses(found, username), allowed)
-
-
 # ---------------------------------------------------------------------------
 # The service
 # ---------------------------------------------------------------------------
@@ -267,7 +234,7 @@ class RosterService:
     def __init__(self, policy: Policy, hub_auth, hub, prefix: str = f"/services/{SERVICE_NAME}/"):
         self.policy = policy
         self.hub_auth = hub_auth
-        self.hub = hub  # workbench.services.quota.app.HubClient
+        self.hub = hub  # workbench.services.base.HubClient
         self.prefix = "/" + prefix.strip("/") + "/"
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -278,9 +245,13 @@ class RosterService:
         """One hub API call with the service's token: ``(status, JSON body or None)``."""
         hub = self.hub
         r = await hub.http.fetch(
-            f"{hub.api_url}{path}", method=method, raise_error=False, request_timeout=60,
+            f"{hub.api_url}{path}",
+            method=method,
+            raise_error=False,
+            request_timeout=60,
             headers={"Authorization": f"token {hub.token}", "Content-Type": "application/json"},
-            body=None if body is None else json.dumps(body), allow_nonstandard_methods=True,
+            body=None if body is None else json.dumps(body),
+            allow_nonstandard_methods=True,
         )
         if r.code == 599:
             raise HubError(f"the hub did not answer {method} {path}: {r.error}")
@@ -341,15 +312,25 @@ class RosterService:
                 await self.must("PUT", f"{g}/properties", props, f"record the roster of {course}", done)
                 done.append(f"recorded the roster of {course}")
             if change.create:
-                await self.must("POST", "/users", {"usernames": list(change.create), "admin": False},
-                                f"create the users {', '.join(change.create)}", done)
+                await self.must(
+                    "POST",
+                    "/users",
+                    {"usernames": list(change.create), "admin": False},
+                    f"create the users {', '.join(change.create)}",
+                    done,
+                )
                 done.append(f"created {', '.join(change.create)}")
             if change.add:
                 await self.must("POST", f"{g}/users", {"users": list(change.add)}, f"add students to {course}", done)
                 done.append(f"added {', '.join(change.add)}")
             if change.remove:
-                await self.must("DELETE", f"{g}/users", {"users": list(change.remove)},
-                                f"remove {', '.join(change.remove)} from {course}", done)
+                await self.must(
+                    "DELETE",
+                    f"{g}/users",
+                    {"users": list(change.remove)},
+                    f"remove {', '.join(change.remove)} from {course}",
+                    done,
+                )
             log.info("roster of %s: %s", course, "; ".join(change.report()))
             return change
 
@@ -366,8 +347,13 @@ class RosterService:
             props = {**(group.get("properties") or {}), ROSTER_PROPERTY: [n for n in roster if n != name]}
             await self.must("PUT", f"{g}/properties", props, f"record the roster of {course}", [])
             if name in (group.get("users") or []):
-                await self.must("DELETE", f"{g}/users", {"users": [name]}, f"remove {name} from {course}",
-                                [f"took {name} off the roster"])
+                await self.must(
+                    "DELETE",
+                    f"{g}/users",
+                    {"users": [name]},
+                    f"remove {name} from {course}",
+                    [f"took {name} off the roster"],
+                )
             log.info("roster of %s: removed %s", course, name)
             return [f"removed {name} from the roster of {course} and from its hub group"]
 
@@ -395,29 +381,35 @@ class RosterMissing(Exception):
 
 
 def _error(status: int, message: str, problems: list[str] | None = None) -> web.HTTPError:
-    e = web.HTTPError(status, "%s", message)  # the quota handler's write_error formats log_message % args
+    e = web.HTTPError(status, "%s", message)  # JsonHandler.write_error formats log_message % args
     if problems:
         e.problems = problems
     return e
 
 
-class BaseHandler(_QuotaBaseHandler):
+class BaseHandler(JsonHandler):
     @property
     def svc(self) -> RosterService:
         return self.settings["service"]
 
     async def caller(self, course: str) -> dict:
         """The token's owner if they may change ``course``'s roster (401, 403 and 404 otherwise)."""
-        v = await self.viewer()
-        model = {"name": v.name, "kind": v.kind, "admin": v.admin, "scopes": sorted(v.scopes)}
+        m = await self.token_model(self.svc.hub_auth)
+        model = {
+            "name": m["name"],
+            "kind": m.get("kind", "user"),
+            "admin": bool(m.get("admin")),
+            "scopes": sorted(m.get("scopes") or []),
+        }
         policy = self.svc.policy
         if not is_course(policy, course):
             try:
                 check_caller(policy, model, course)  # a stranger learns nothing about the policy
             except Refused as e:
                 raise _error(403, str(e)) from None
-            raise _error(404, f"{course!r} is not a course of the policy; courses: "
-                              f"{', '.join(course_names(policy)) or '(none)'}")
+            raise _error(
+                404, f"{course!r} is not a course of the policy; courses: {', '.join(course_names(policy)) or '(none)'}"
+            )
         try:
             check_caller(policy, model, course)
         except Refused as e:
@@ -492,17 +484,18 @@ class StudentHandler(BaseHandler):
 def build_parser() -> argparse.ArgumentParser:
     from workbench.services.base import add_common_args
 
-    return add_common_args(argparse.ArgumentParser(
-        prog="python -m workbench.services.rosters.app",
-        description="The Workbench roster service (a JupyterHub service): course rosters loaded by instructors.",
-    ))
+    return add_common_args(
+        argparse.ArgumentParser(
+            prog="python -m workbench.services.rosters.app",
+            description="The Workbench roster service (a JupyterHub service): course rosters loaded by instructors.",
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     from jupyterhub.services.auth import HubAuth
 
     from workbench.services.base import serve_until_signal, service_setup
-    from workbench.services.quota.app import HubClient  # the hub's API with this service's token
 
     args = build_parser().parse_args(argv)
     setup = service_setup(SERVICE_NAME, args, default_port=8015)
@@ -511,9 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("rosters of courses: %s", ", ".join(course_names(setup.policy)))
 
     def build():
-        hub_auth = HubAuth(api_url=setup.api_url, api_token=setup.token, cache_max_age=60,
-                           access_scopes={ACCESS_SCOPE})
-        return RosterService(setup.policy, hub_auth, HubClient(setup.api_url, setup.token), setup.prefix).make_app(), None
+        hub_auth = HubAuth(api_url=setup.api_url, api_token=setup.token, cache_max_age=60, access_scopes={ACCESS_SCOPE})
+        return RosterService(
+            setup.policy, hub_auth, HubClient(setup.api_url, setup.token), setup.prefix
+        ).make_app(), None
 
     serve_until_signal(setup, build)
     return 0

@@ -26,24 +26,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 from jupyterhub.services.auth import HubAuth
 from tornado import httpclient, web
 
 from workbench.gpu_utilisation import GpuUtilisation, choose_source
-from workbench.services.base import add_common_args, serve_until_signal, service_setup
+from workbench.names import SESSIONS_ACCESS_SCOPE as ACCESS_SCOPE
+from workbench.names import SESSIONS_SERVICE as SERVICE_NAME
 from workbench.policy import Policy
-from workbench.services.quota.app import HubClient as QuotaHubClient
+from workbench.services.base import HubClient as BaseHubClient
+from workbench.services.base import JsonHandler, add_common_args, serve_until_signal, service_setup
 from workbench.services.sessions.rules import (
-    ACCESS_SCOPE,
     DEFAULT_GPU_IDLE_THRESHOLD,
-    SERVICE_NAME,
     Action,
     Server,
     decide,
@@ -56,10 +55,10 @@ log = logging.getLogger("workbench.services.sessions.app")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
-class HubClient(QuotaHubClient):
+class HubClient(BaseHubClient):
     """The hub's REST API with this service's own token (``active_users`` as the quota service lists them)."""
 
     async def stop_server(self, user: str, server: str) -> None:
@@ -75,9 +74,16 @@ class HubClient(QuotaHubClient):
 class SessionsService:
     """What the service remembers between checks: warnings given, GPU idle stretches, notifications."""
 
-    def __init__(self, policy: Policy, hub: HubClient, gpu: GpuUtilisation | None = None,
-                 threshold: float = DEFAULT_GPU_IDLE_THRESHOLD, clock: Callable[[], datetime] = utcnow,
-                 keep: float = 86400.0, max_per_user: int = 50):
+    def __init__(
+        self,
+        policy: Policy,
+        hub: HubClient,
+        gpu: GpuUtilisation | None = None,
+        threshold: float = DEFAULT_GPU_IDLE_THRESHOLD,
+        clock: Callable[[], datetime] = utcnow,
+        keep: float = 86400.0,
+        max_per_user: int = 50,
+    ):
         self.policy = policy
         self.hub = hub
         self.gpu = gpu
@@ -101,7 +107,9 @@ class SessionsService:
     def notifications(self, user: str) -> list[dict]:
         """The user's notifications of the last ``keep`` seconds, oldest first."""
         cutoff = self.clock() - self.keep
-        fresh = [n for n in self.notes.get(user, []) if datetime.fromisoformat(n["at"].replace("Z", "+00:00")) >= cutoff]
+        fresh = [
+            n for n in self.notes.get(user, []) if datetime.fromisoformat(n["at"].replace("Z", "+00:00")) >= cutoff
+        ]
         self.notes[user] = fresh
         return list(fresh)
 
@@ -165,22 +173,18 @@ class SessionsService:
     def make_app(self, hub_auth: HubAuth, prefix: str) -> web.Application:
         p = "/" + prefix.strip("/") + "/"
         settings = {"svc": self, "hub_auth": hub_auth}
-        return web.Application([
-            (rf"{p}api/health", HealthHandler, settings),
-            (rf"{p}(?:api/notifications)?", NotificationsHandler, settings),
-        ])
+        return web.Application(
+            [
+                (rf"{p}api/health", HealthHandler, settings),
+                (rf"{p}(?:api/notifications)?", NotificationsHandler, settings),
+            ]
+        )
 
 
-class BaseHandler(web.RequestHandler):
+class BaseHandler(JsonHandler):
     def initialize(self, svc: SessionsService, hub_auth: HubAuth):
         self.svc = svc
         self.hub_auth = hub_auth
-
-    def write_error(self, status_code: int, **kwargs) -> None:
-        exc = kwargs.get("exc_info", (None, None))[1]
-        message = getattr(exc, "log_message", None) or self._reason
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"status": status_code, "message": message}))
 
 
 class HealthHandler(BaseHandler):
@@ -190,23 +194,13 @@ class HealthHandler(BaseHandler):
 
 class NotificationsHandler(BaseHandler):
     async def get(self):
-        token = self.hub_auth.get_token(self, in_cookie=False)
-        if not token:
-            raise web.HTTPError(401, "authenticate with a JupyterHub token: 'Authorization: token <token>'")
-        try:
-            model = await self.hub_auth.user_for_token(token, sync=False)
-        except web.HTTPError as e:
-            raise web.HTTPError(502, f"cannot check the token with the hub: {e.log_message}") from None
-        if not model:
-            raise web.HTTPError(403, "invalid or expired token")
+        model = await self.token_model(self.hub_auth)
         if model.get("kind", "user") != "user":
             raise web.HTTPError(403, "notifications are per user: use a token of the user")
         scopes = set(model.get("scopes") or ())
         if not scopes & {ACCESS_SCOPE, "access:services"}:
             raise web.HTTPError(403, f"this token lacks the scope {ACCESS_SCOPE}")
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps({"notifications": self.svc.notifications(model["name"])}))
+        self.write_json({"notifications": self.svc.notifications(model["name"])})
 
 
 # ---------------------------------------------------------------------------
@@ -215,16 +209,24 @@ class NotificationsHandler(BaseHandler):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m workbench.services.sessions.app", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m workbench.services.sessions", description=__doc__.split("\n\n")[0])
     add_common_args(p)
-    p.add_argument("--interval", type=float, default=None,
-                   help="seconds between checks (default: the policy's culling.every)")
-    p.add_argument("--gpu-idle-threshold", type=float, default=DEFAULT_GPU_IDLE_THRESHOLD,
-                   help="a GPU below this utilisation (percent) is idle (default: %(default)s)")
-    p.add_argument("--gpu-utilisation-file", default=os.environ.get("WORKBENCH_GPU_UTILISATION_FILE"),
-                   help="read GPU utilisation from this JSON file {device: percent} instead of NVML "
-                        "(default: $WORKBENCH_GPU_UTILISATION_FILE; with --fake-gpus: "
-                        "<state>/fake-gpu-utilisation.json)")
+    p.add_argument(
+        "--interval", type=float, default=None, help="seconds between checks (default: the policy's culling.every)"
+    )
+    p.add_argument(
+        "--gpu-idle-threshold",
+        type=float,
+        default=DEFAULT_GPU_IDLE_THRESHOLD,
+        help="a GPU below this utilisation (percent) is idle (default: %(default)s)",
+    )
+    p.add_argument(
+        "--gpu-utilisation-file",
+        default=os.environ.get("WORKBENCH_GPU_UTILISATION_FILE"),
+        help="read GPU utilisation from this JSON file {device: percent} instead of NVML "
+        "(default: $WORKBENCH_GPU_UTILISATION_FILE; with --fake-gpus: "
+        "<state>/fake-gpu-utilisation.json)",
+    )
     p.add_argument("--keep", type=float, default=86400.0, help="seconds notifications are kept (default: %(default)s)")
     return p
 
@@ -237,16 +239,20 @@ def main(argv: list[str] | None = None) -> int:
     policy, runtime = setup.policy, setup.runtime
     interval = args.interval if args.interval is not None else float(policy.culling.every)
     gpu = choose_source(runtime.gpus if runtime else {}, setup.state_dir, args.gpu_utilisation_file)
-    log.info("sessions: checks every %gs, idle culling %s, GPU utilisation from %s", interval,
-             "on" if policy.culling.enabled else "off", type(gpu).__name__ if gpu else "nowhere (no GPUs)")
+    log.info(
+        "sessions: checks every %gs, idle culling %s, GPU utilisation from %s",
+        interval,
+        "on" if policy.culling.enabled else "off",
+        type(gpu).__name__ if gpu else "nowhere (no GPUs)",
+    )
     if getattr(gpu, "path", None):
         log.info("GPU utilisation file: %s", gpu.path)
 
     def build():
-        hub_auth = HubAuth(api_url=setup.api_url, api_token=setup.token, cache_max_age=60,
-                           access_scopes={ACCESS_SCOPE})
-        svc = SessionsService(policy, HubClient(setup.api_url, setup.token), gpu, threshold=args.gpu_idle_threshold,
-                              keep=args.keep)
+        hub_auth = HubAuth(api_url=setup.api_url, api_token=setup.token, cache_max_age=60, access_scopes={ACCESS_SCOPE})
+        svc = SessionsService(
+            policy, HubClient(setup.api_url, setup.token), gpu, threshold=args.gpu_idle_threshold, keep=args.keep
+        )
         return svc.make_app(hub_auth, setup.prefix), lambda: svc.run(interval)
 
     try:

@@ -25,22 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from workbench.names import SESSIONS_ACCESS_SCOPE as ACCESS_SCOPE  # noqa: F401 - the service's names
+from workbench.names import SESSIONS_SCOPES as SERVICE_SCOPES  # noqa: F401
 from workbench.policy import Policy
 
-#: the hub service's name (``/services/sessions``), and what its token may do
-SERVICE_NAME = "sessions"
-SERVICE_SCOPES = [
-    "list:users",
-    "read:users:name",
-    "read:users:groups",  # the user's groups decide the group session limit
-    "read:servers",  # servers with started, last_activity, user_options
-    "admin:server_state",  # the spawner state: the profile actually started and its gpu_devices
-    "delete:servers",
-]
-ACCESS_SCOPE = f"access:services!service={SERVICE_NAME}"
 #: a GPU whose utilisation is below this many percent counts as idle
 DEFAULT_GPU_IDLE_THRESHOLD = 5.0
 SOURCE = "sessions"
@@ -53,11 +44,11 @@ def parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
     t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def human(seconds: float) -> str:
@@ -262,34 +253,62 @@ def decide(
         if lim.max_age is not None:
             ends = s.started + timedelta(seconds=lim.max_age)
             if now >= ends:
-                stop = Action("stop", s.user, s.name, s.key, "max_age", "info",
-                              f"{_where(s)} ({s.profile}) was stopped: it reached its session limit of "
-                              f"{human(lim.max_age)}. Your files are kept; start a new server to go on.")
+                stop = Action(
+                    "stop",
+                    s.user,
+                    s.name,
+                    s.key,
+                    "max_age",
+                    "info",
+                    f"{_where(s)} ({s.profile}) was stopped: it reached its session limit of "
+                    f"{human(lim.max_age)}. Your files are kept; start a new server to go on.",
+                )
             else:
                 due = [lead for lead in leads if now >= ends - timedelta(seconds=lead) and (s.key, lead) not in warned]
                 if due:
                     lead = min(due)
                     left = (ends - now).total_seconds()
                     actions.append(
-                        Action("warn", s.user, s.name, s.key, "max_age",
-                               "critical" if lead == last_lead else "warning",
-                               f"{_where(s)} ({s.profile}) will be stopped in {human(left)}, at {iso(ends)}: "
-                               f"its session limit is {human(lim.max_age)}. Save your work; your Dask "
-                               f"clusters stop with it.",
-                               lead=lead, covers=tuple(sorted(due)))
+                        Action(
+                            "warn",
+                            s.user,
+                            s.name,
+                            s.key,
+                            "max_age",
+                            "critical" if lead == last_lead else "warning",
+                            f"{_where(s)} ({s.profile}) will be stopped in {human(left)}, at {iso(ends)}: "
+                            f"its session limit is {human(lim.max_age)}. Save your work; your Dask "
+                            f"clusters stop with it.",
+                            lead=lead,
+                            covers=tuple(sorted(due)),
+                        )
                     )
         if stop is None and lim.idle_timeout is not None:
             idle = (now - s.last_activity).total_seconds()
             if idle >= lim.idle_timeout:
-                stop = Action("stop", s.user, s.name, s.key, "idle", "info",
-                              f"{_where(s)} ({s.profile}) was stopped after {human(idle)} without activity "
-                              f"(the limit for {s.profile} is {human(lim.idle_timeout)}).")
+                stop = Action(
+                    "stop",
+                    s.user,
+                    s.name,
+                    s.key,
+                    "idle",
+                    "info",
+                    f"{_where(s)} ({s.profile}) was stopped after {human(idle)} without activity "
+                    f"(the limit for {s.profile} is {human(lim.idle_timeout)}).",
+                )
         if stop is None and lim.gpu_idle_timeout is not None and s.key in gpu_idle_since:
             idle = (now - gpu_idle_since[s.key]).total_seconds()
             if idle >= lim.gpu_idle_timeout:
-                stop = Action("stop", s.user, s.name, s.key, "gpu_idle", "info",
-                              f"{_where(s)} ({s.profile}) was stopped: its GPUs were idle for {human(idle)} "
-                              f"(the limit for {s.profile} is {human(lim.gpu_idle_timeout)}), so others may use them.")
+                stop = Action(
+                    "stop",
+                    s.user,
+                    s.name,
+                    s.key,
+                    "gpu_idle",
+                    "info",
+                    f"{_where(s)} ({s.profile}) was stopped: its GPUs were idle for {human(idle)} "
+                    f"(the limit for {s.profile} is {human(lim.gpu_idle_timeout)}), so others may use them.",
+                )
         if stop is not None:
             actions = [a for a in actions if a.key != s.key]  # no warning about a server being stopped
             actions.append(stop)
@@ -313,8 +332,9 @@ def next_due(
         if lim.max_age is not None:
             ends = s.started + timedelta(seconds=lim.max_age)
             moments.append(ends)
-            moments += [ends - timedelta(seconds=lead) for lead in policy.culling.warn_before
-                        if (s.key, lead) not in warned]
+            moments += [
+                ends - timedelta(seconds=lead) for lead in policy.culling.warn_before if (s.key, lead) not in warned
+            ]
         if lim.idle_timeout is not None:
             moments.append(s.last_activity + timedelta(seconds=lim.idle_timeout))
         if lim.gpu_idle_timeout is not None and s.key in gpu_idle_since:

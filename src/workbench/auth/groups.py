@@ -1,0 +1,52 @@
+"""Groups at login: the identity provider's (or the demo's) groups plus the courses whose roster lists the user.
+
+Pure helpers and one read of the hub's own database; no service code (see :mod:`workbench.services.rosters`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+from workbench.names import ROSTER_PROPERTY
+
+log = logging.getLogger(__name__)
+
+
+def roster_of(group: Mapping | None) -> list[str]:
+    """The roster kept in a hub group model's (or ORM group's) properties (pure)."""
+    props = (group or {}).get("properties") or {}
+    names = props.get(ROSTER_PROPERTY) if isinstance(props, Mapping) else None
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def rostered_courses(groups: Iterable[tuple[str, Mapping | None]], username: str) -> list[str]:
+    """Names of the groups (``(name, properties)``) whose roster lists ``username`` (pure)."""
+    return [name for name, props in groups if username in roster_of({"properties": props})]
+
+
+def with_roster_groups(
+    groups: Iterable[str], rostered: Iterable[str], allowed: Iterable[str] | None = None
+) -> list[str]:
+    """The groups from the identity provider / policy plus the rostered ones (in ``allowed``, if given) (pure)."""
+    keep = None if allowed is None else set(allowed)
+    return list(dict.fromkeys([*groups, *(g for g in rostered if keep is None or g in keep)]))
+
+
+def merge_roster_groups(db, username: str, groups: Iterable[str], allowed: Iterable[str] | None = None) -> list[str]:
+    """``groups`` plus the groups whose roster lists ``username``, read from the hub's ORM session ``db``.
+
+    Called by the authenticators after they computed a user's groups at login (``manage_groups``
+    would otherwise take a rostered student out of the course). A failure to read the rosters is
+    logged and leaves ``groups`` as they are: it must not stop anyone from logging in.
+    """
+    groups = list(groups)
+    if db is None:
+        return groups
+    try:
+        from jupyterhub import orm
+
+        found = [(g.name, g.properties) for g in db.query(orm.Group).all()]
+    except Exception:  # logged; the login goes on with the provider's groups
+        log.exception("could not read the course rosters for %s", username)
+        return groups
+    return with_roster_groups(groups, rostered_courses(found, username), allowed)

@@ -1,0 +1,71 @@
+"""The embedded gateway's configuration (``hub_config/dask_gateway_config.py``): the local or Slurm backend, with
+JupyterHub authentication, cluster options per group and the quota service, from the runtime and the policy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from workbench.gateway.local import WorkbenchLocalBackend, WorkbenchUnsafeLocalBackend
+from workbench.gateway.options import cluster_options_for
+from workbench.names import GATEWAY_SERVICE
+from workbench.policy import Policy, cached_policy
+from workbench.runtime import Runtime, load_or_create_secrets
+from workbench.sysusers import others_can_execute
+
+
+def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None = None) -> None:
+    """Apply the gateway configuration for ``runtime`` to the traitlets config ``c``."""
+    runtime = runtime or Runtime.from_env()
+    policy = policy or cached_policy(runtime.config)  # the same object the backend's policy_path gives
+    secrets = load_or_create_secrets(runtime.state_dir)
+    venv = Path(runtime.venv_bin)
+
+    c.DaskGateway.address = f"127.0.0.1:{runtime.gateway_port}"
+    c.Proxy.address = f"127.0.0.1:{runtime.gateway_http_port}"
+    c.Proxy.tcp_address = f"127.0.0.1:{runtime.gateway_tcp_port}"
+    # the hub service users reach (the guard in front), not this process's own service name
+    c.Proxy.prefix = f"/services/{GATEWAY_SERVICE}"
+    c.DaskGateway.log_level = "INFO"
+
+    c.DaskGateway.authenticator_class = "dask_gateway_server.auth.JupyterHubAuthenticator"
+    c.JupyterHubAuthenticator.jupyterhub_api_url = f"http://127.0.0.1:{runtime.hub_port}/hub/api"
+    c.JupyterHubAuthenticator.jupyterhub_service_name = GATEWAY_SERVICE
+    c.JupyterHubAuthenticator.use_service_access_scopes = True
+
+    backend = WorkbenchLocalBackend if runtime.system_users else WorkbenchUnsafeLocalBackend
+    c.DaskGateway.backend_class = f"{backend.__module__}.{backend.__name__}"
+    c.WorkbenchLocalBackend.user_prefix = runtime.user_prefix
+    c.DBBackendBase.db_url = f"sqlite:///{runtime.path('dask-gateway.sqlite')}"
+    c.DBBackendBase.db_encrypt_keys = [secrets["gateway_db_key"]]
+    c.DBBackendBase.stop_clusters_on_shutdown = True
+    clusters = runtime.path("clusters")
+    clusters.mkdir(mode=0o711, exist_ok=True)
+    os.chmod(clusters, 0o711)
+    if others_can_execute(clusters)[0]:
+        c.LocalBackend.clusters_directory = str(clusters)
+    # else: per-cluster temporary folders under /tmp, which the users' processes can reach
+
+    c.ClusterConfig.scheduler_cmd = [str(venv / "dask"), "scheduler"]
+    c.ClusterConfig.worker_cmd = [str(venv / "dask"), "worker"]
+    c.ClusterConfig.environment = {"PATH": f"{venv}:/usr/local/bin:/usr/bin:/bin"}
+
+    c.ClusterCapMixin.policy_path = runtime.config
+    if runtime.quota_port:  # clusters are admitted by, and accounted with, the quota service
+        c.ClusterCapMixin.quota_api_url = f"http://127.0.0.1:{runtime.quota_port}/services/quota/api"
+        c.ClusterCapMixin.quota_api_token = secrets["gateway_api_token"]  # the `dask-gateway` service: quota writer
+        c.ClusterCapMixin.quota_every = runtime.quota_every
+
+    backend_overrides = None
+    if runtime.gateway_backend == "slurm":
+        from workbench.gateway.slurm import configure_slurm, slurm_overrides
+
+        configure_slurm(c, policy, runtime)
+        backend_overrides = slurm_overrides
+
+    base_env = dict(c.ClusterConfig.environment)
+
+    def options(user):
+        return cluster_options_for(policy, list(user.groups), backend_overrides, base_environment=base_env)
+
+    c.Backend.cluster_options = options

@@ -1,0 +1,132 @@
+"""What every spawner needs, written once: the profile a user may start, the spawn form, the Dask environment of a
+server, and a user's Dask clusters stopping with their server.
+
+The engines (:mod:`workbench.spawn.local`, :mod:`workbench.spawn.kube`) are thin layers over these.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+from tornado import web
+from traitlets import HasTraits, Unicode
+
+from workbench.names import GATEWAY_ACCESS_SCOPE
+from workbench.policy import Policy, Profile
+
+
+def choose_profile(policy: Policy, user_groups: list[str], requested: str | None) -> str:
+    """The profile to start for a user, or raise ``web.HTTPError(403)`` (pure)."""
+    allowed = policy.profiles_for(user_groups)
+    if not allowed:
+        raise web.HTTPError(
+            403,
+            "You are not in any group that may start a server (your groups: %s). "
+            "Ask the platform team to add you to a group." % (", ".join(user_groups) or "none"),
+        )
+    if not requested:
+        return allowed[0]
+    if requested not in allowed:
+        raise web.HTTPError(
+            403,
+            f"Profile {requested!r} is not available to you; your groups may use: {', '.join(allowed)}",
+        )
+    return requested
+
+
+def dask_environment(policy: Policy, user_groups: list[str], gateway_url: str, proxy_address: str) -> dict[str, str]:
+    """Environment that makes ``dask_gateway.Gateway()`` work with no arguments (pure)."""
+    env = {
+        "DASK_GATEWAY__ADDRESS": gateway_url,
+        "DASK_GATEWAY__PUBLIC_ADDRESS": gateway_url,
+        "DASK_GATEWAY__PROXY_ADDRESS": proxy_address,
+        "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
+    }
+    dask = policy.dask_policy_for(user_groups)
+    if dask is not None:
+        env["WORKBENCH_DASK_MAX_WORKERS"] = str(dask.max_workers)
+    return env
+
+
+def describe_profile(policy: Policy, name: str) -> str:
+    """One line saying what a profile gives: GPU, cores, memory, image (pure)."""
+    p: Profile = policy.profiles[name]
+    parts = []
+    if p.gpu:
+        gtype = policy.gpu_types[p.gpu.type]
+        parts.append(f"{p.gpu.count}× {gtype.display_name or p.gpu.type}")
+    parts.append(f"{p.cpu:g} CPU")
+    parts.append(f"{(p.memory_limit or p.memory) / 1e9:g} GB")
+    image = policy.images[p.image]
+    parts.append(f"image: {image.display_name or image.image}")
+    return " · ".join(parts)
+
+
+def options_form_html(policy: Policy, user_groups: list[str]) -> str:
+    """The spawn form: the user's entitled profiles, grouped by group and described (pure)."""
+    seen: set[str] = set()
+    sections = []
+    first = True
+    for gname in policy.groups_of(user_groups):
+        group = policy.groups[gname]
+        items = []
+        for pname in policy.profiles_for([gname]):
+            if pname in seen:
+                continue
+            seen.add(pname)
+            prof = policy.profiles[pname]
+            checked = " checked" if first else ""
+            first = False
+            items.append(
+                f'<label class="wb-profile" style="display:block;margin:0.4em 0">'
+                f'<input type="radio" name="profile" value="{html.escape(pname)}"{checked}> '
+                f"<strong>{html.escape(prof.display_name or pname)}</strong> "
+                f'<span class="text-muted">({html.escape(pname)})</span><br>'
+                f"<small>{html.escape(describe_profile(policy, pname))}"
+                f"{' — ' + html.escape(prof.description) if prof.description else ''}</small></label>"
+            )
+        if items:
+            title = html.escape(group.display_name or gname)
+            sections.append(f'<fieldset class="wb-group"><legend>{title}</legend>{"".join(items)}</fieldset>')
+    return "\n".join(sections)
+
+
+class StopsDaskClustersMixin(HasTraits):
+    """A user's Dask clusters end with their default notebook server (dask-gateway#255, #393).
+
+    Used by the local spawner and by :class:`workbench.spawn.kube.WorkbenchKubeSpawner`: after the server
+    stops, the user's clusters are listed and stopped through the gateway's API, with a short-lived
+    token of the user that carries only the gateway access scope. A gateway that does not answer
+    is logged, never blocks the stop.
+    """
+
+    gateway_api_url = Unicode(
+        "",
+        help="The gateway's API (e.g. http://127.0.0.1:PORT/services/dask-gateway/api/v1); when set, a user's "
+        "clusters are stopped when their server stops.",
+    ).tag(config=True)
+
+    def _owns_dask_clusters(self) -> bool:
+        groups = [g.name for g in self.user.groups]
+        return bool(self.gateway_api_url) and not self.name and self.policy.dask_group_for(groups) is not None
+
+    async def _stop_dask_clusters(self) -> None:
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        token = self.user.new_api_token(
+            scopes=[GATEWAY_ACCESS_SCOPE], expires_in=120, note="workbench: stop Dask clusters with the server"
+        )
+        headers = {"Authorization": f"jupyterhub {token}"}
+        client = AsyncHTTPClient()
+        try:
+            resp = await client.fetch(f"{self.gateway_api_url}/clusters/", headers=headers, request_timeout=20)
+            clusters = list(json.loads(resp.body))  # {name: model}
+            for name in clusters:
+                await client.fetch(
+                    f"{self.gateway_api_url}/clusters/{name}", method="DELETE", headers=headers, request_timeout=20
+                )
+            if clusters:
+                self.log.info("Stopped %d Dask cluster(s) of %s with their server", len(clusters), self.user.name)
+        except (HTTPClientError, OSError) as e:
+            self.log.warning("Could not stop the Dask clusters of %s: %s", self.user.name, e)
