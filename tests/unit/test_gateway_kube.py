@@ -21,6 +21,7 @@ from dask_gateway_server.utils import FrozenAttrDict
 from kubespawner.slugs import is_valid_label, safe_slug
 from traitlets.config import Config
 
+from workbench.cli.render import main_render_cluster
 from workbench.gateway.kube import (
     GROUP_LABEL,
     USERNAME_LABEL,
@@ -31,7 +32,6 @@ from workbench.gateway.kube import (
     kube_cluster_options,
     kube_gateway_settings,
     kube_overrides,
-    main_render_cluster,
     render_cluster_pods,
 )
 from workbench.policy import load_policy, parse_policy

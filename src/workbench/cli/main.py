@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from workbench import __version__
+from workbench.cli.render import add_render_cluster_arguments, cmd_render_pod
 from workbench.cli.util import load_policy_or_report, split_groups
 from workbench.policy import Policy
 
@@ -61,32 +62,6 @@ def cmd_up(args) -> int:
     if args.hub_config_dir:
         opts.hub_config_dir = args.hub_config_dir
     return up(opts)
-
-
-def cmd_render_pod(args) -> int:
-    import yaml
-    from tornado import web
-
-    try:
-        from workbench.spawn.kube import render_pod
-    except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] not in ("kubespawner", "kubernetes_asyncio"):
-            raise
-        print(
-            f"render-pod needs KubeSpawner ({e}); install it with: pip install 'workbench[kubernetes]'", file=sys.stderr
-        )
-        return 2
-    policy = load_policy_or_report(args.config)
-    if policy is None:
-        return 2
-    groups = split_groups(args.groups)
-    try:
-        pod = render_pod(policy, args.user, groups, args.profile)
-    except web.HTTPError as e:
-        print(f"refused ({e.status_code}): {e.log_message}", file=sys.stderr)
-        return 3
-    print(yaml.safe_dump(pod, sort_keys=False), end="")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,10 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "would create for USER's cluster with the given options, as YAML. Exit code 2 when the policy is "
         "invalid, 3 when the options are refused (the message names the option).",
     )
-    from workbench.gateway.kube import add_render_cluster_arguments, cmd_render_cluster
-
     add_render_cluster_arguments(rc)
-    rc.set_defaults(func=cmd_render_cluster)
 
     go = sub.add_parser(
         "gateway-options",

@@ -35,12 +35,10 @@ replaced whole. So :func:`kube_overrides` always returns the complete ``*_extra_
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import copy
 import json
 import logging
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from types import SimpleNamespace
@@ -51,7 +49,6 @@ from dask_gateway_server.backends.kubernetes.backend import KubeBackend, KubeClu
 from dask_gateway_server.models import ClusterStatus
 from traitlets import Integer, Type
 
-from workbench.cli.util import load_policy_or_report, split_groups
 from workbench.gateway.options import cluster_options_for
 from workbench.policy import DaskPolicy, Policy
 
@@ -61,13 +58,10 @@ __all__ = [
     "USERNAME_LABEL",
     "WorkbenchKubeBackend",
     "WorkbenchKubeClusterConfig",
-    "add_render_cluster_arguments",
     "cluster_image",
-    "cmd_render_cluster",
     "kube_cluster_options",
     "kube_gateway_settings",
     "kube_overrides",
-    "main_render_cluster",
     "render_cluster_pods",
     "render_cluster_pods_async",
     "security_contexts",
@@ -445,72 +439,3 @@ def render_cluster_pods(
 # ---------------------------------------------------------------------------
 # Command line: workbench render-cluster
 # ---------------------------------------------------------------------------
-
-
-def _option(text: str) -> tuple[str, Any]:
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. worker_cores=2), got {text!r}")
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip(), parsed
-
-
-def add_render_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the arguments of ``workbench render-cluster`` to ``parser`` (a sub-command's parser)."""
-    parser.add_argument("--config", required=True, help="platform YAML")
-    parser.add_argument("--user", required=True, help="gateway (hub) user name")
-    parser.add_argument("--groups", default="", help="the user's groups, comma-separated (G1,G2)")
-    parser.add_argument(
-        "--option",
-        "-o",
-        dest="options",
-        action="append",
-        type=_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a cluster option as the user would set it (repeatable): worker_cores=2, worker_memory=4, worker_gpus=1",
-    )
-    parser.add_argument("--namespace", default="workbench", help="namespace of the clusters (default: %(default)s)")
-    parser.add_argument(
-        "--component",
-        choices=["scheduler", "worker", "all"],
-        default="all",
-        help="which pod to print (default: %(default)s, as two YAML documents)",
-    )
-    parser.set_defaults(func=cmd_render_cluster)
-    return parser
-
-
-def cmd_render_cluster(args: argparse.Namespace) -> int:
-    """Print the pods of a user's Dask cluster as YAML. Exit 2: bad policy; 3: options refused."""
-    import yaml
-
-    policy = load_policy_or_report(args.config)
-    if policy is None:
-        return 2
-    groups = split_groups(args.groups)
-    try:
-        pods = render_cluster_pods(policy, args.user, groups, dict(args.options), namespace=args.namespace)
-    except ClusterOptionsError as e:
-        print(f"refused: {e}", file=sys.stderr)
-        return 3
-    wanted = ["scheduler", "worker"] if args.component == "all" else [args.component]
-    print(yaml.safe_dump_all([pods[c] for c in wanted], sort_keys=False), end="")
-    return 0
-
-
-def main_render_cluster(argv: list[str] | None = None) -> int:
-    """``workbench render-cluster``: the scheduler and worker pods of a user's Dask cluster, offline."""
-    parser = argparse.ArgumentParser(
-        prog="workbench render-cluster",
-        description="Print the scheduler and worker pods dask-gateway's Kubernetes controller would create "
-        "for a user's Dask cluster with the given options (no cluster needed).",
-    )
-    add_render_cluster_arguments(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
