@@ -20,14 +20,15 @@ help:
 	@echo "make unit    run the fast unit tests only"
 	@echo "make bench   run the benchmarks (prints medians and ratios)"
 	@echo "make check   validate hub_config/demo.yaml"
+	@echo "make lock    refresh requirements-lock.txt (the versions make install uses) within pyproject.toml's ranges"
 	@echo "make lab-extension  rebuild the JupyterLab notifications extension into $(LAB_EXTENSION_OUT) (commit it)"
 
-$(STAMP): pyproject.toml scripts/system-deps.sh
+$(STAMP): pyproject.toml requirements-lock.txt scripts/system-deps.sh
 	@scripts/system-deps.sh
 	@test -x $(VENV)/bin/python || $(SYSTEM_PYTHON) -m venv $(VENV)
 	@echo "[workbench] installing Python packages into $(VENV) …"
 	@$(VENV)/bin/python -m pip install -qq --upgrade pip
-	@$(VENV)/bin/python -m pip install -qq -e '.[test]'
+	@$(VENV)/bin/python -m pip install -qq -c requirements-lock.txt -e '.[test]'
 	@# an editable install skips pyproject's data-files: link the JupyterLab notifications in (see README)
 	@mkdir -p $(VENV)/etc/jupyter/jupyter_server_config.d $(VENV)/share/jupyter/labextensions
 	@ln -sfn $(CURDIR)/jupyter-config/jupyter_server_config.d/workbench.json $(VENV)/etc/jupyter/jupyter_server_config.d/workbench.json
@@ -69,6 +70,15 @@ bench: install
 
 check: install
 	$(VENV)/bin/workbench check hub_config/demo.yaml
+
+# The lock of the Python packages make install uses (pip constraints): refresh it, then run make test and commit
+.PHONY: lock
+lock:
+	@test -x $(VENV)/bin/python || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -qq --upgrade -e '.[test]'
+	@{ head -2 requirements-lock.txt; $(VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^workbench'; } > requirements-lock.txt.new
+	@mv requirements-lock.txt.new requirements-lock.txt
+	@echo "[workbench] requirements-lock.txt refreshed: run make test, then commit it"
 
 clean:
 	rm -rf $(VENV) .workbench .pytest_cache
