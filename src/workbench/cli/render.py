@@ -13,15 +13,20 @@ from typing import Any
 from workbench.cli.util import load_policy_or_report, split_groups
 
 
-def _missing_kubernetes(command: str, e: ModuleNotFoundError) -> int | None:
-    """Exit status 2 with a clear line when the ``kubernetes`` extra is missing; None for any other missing module."""
-    if (e.name or "").split(".")[0] not in ("kubespawner", "kubernetes_asyncio", "kubernetes"):
+def _kubernetes_module(command: str, module: str):
+    """Import ``module`` (which needs the ``kubernetes`` extra), or say on stderr which extra is missing (None)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("kubespawner", "kubernetes_asyncio", "kubernetes"):
+            raise
+        print(
+            f"{command} needs the Kubernetes packages ({e}); install them with: pip install 'workbench[kubernetes]'",
+            file=sys.stderr,
+        )
         return None
-    print(
-        f"{command} needs the Kubernetes packages ({e}); install them with: pip install 'workbench[kubernetes]'",
-        file=sys.stderr,
-    )
-    return 2
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -67,20 +72,16 @@ def cmd_render_cluster(args: argparse.Namespace) -> int:
     """Print the pods of a user's Dask cluster as YAML. Exit 2: bad policy; 3: options refused."""
     import yaml
 
-    try:
-        from workbench.gateway.kube import ClusterOptionsError, render_cluster_pods
-    except ModuleNotFoundError as e:
-        code = _missing_kubernetes("render-cluster", e)
-        if code is None:
-            raise
-        return code
+    kube = _kubernetes_module("render-cluster", "workbench.gateway.kube")
+    if kube is None:
+        return 2
     policy = load_policy_or_report(args.config)
     if policy is None:
         return 2
     groups = split_groups(args.groups)
     try:
-        pods = render_cluster_pods(policy, args.user, groups, dict(args.options), namespace=args.namespace)
-    except ClusterOptionsError as e:
+        pods = kube.render_cluster_pods(policy, args.user, groups, dict(args.options), namespace=args.namespace)
+    except kube.ClusterOptionsError as e:
         print(f"refused: {e}", file=sys.stderr)
         return 3
     wanted = ["scheduler", "worker"] if args.component == "all" else [args.component]
@@ -104,19 +105,15 @@ def cmd_render_pod(args) -> int:
     import yaml
     from tornado import web
 
-    try:
-        from workbench.spawn.kube import render_pod
-    except ModuleNotFoundError as e:
-        code = _missing_kubernetes("render-pod", e)
-        if code is None:
-            raise
-        return code
+    kube = _kubernetes_module("render-pod", "workbench.spawn.kube")
+    if kube is None:
+        return 2
     policy = load_policy_or_report(args.config)
     if policy is None:
         return 2
     groups = split_groups(args.groups)
     try:
-        pod = render_pod(policy, args.user, groups, args.profile)
+        pod = kube.render_pod(policy, args.user, groups, args.profile)
     except web.HTTPError as e:
         print(f"refused ({e.status_code}): {e.log_message}", file=sys.stderr)
         return 3
