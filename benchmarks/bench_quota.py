@@ -234,6 +234,7 @@ def bench_ledger(url: str, policy, args) -> dict:
             "throughput_per_s": round(args.concurrency / wall, 1),
             "db_threads": args.db_threads or args.concurrency,
         }
+        results["admission_batched"] = batched_admissions(ledger, args, run)
         seq = []
         for i in range(args.concurrency):  # the same work, one at a time: no queueing
             t0 = time.perf_counter()
@@ -250,6 +251,63 @@ def bench_ledger(url: str, policy, args) -> dict:
         return results
     finally:
         ledger.close()
+
+
+def batched_admissions(ledger: Ledger, args, run: str, rounds: int = 5) -> dict:
+    """The service's path (admission.Admitter): ``concurrency`` admit() coroutines issued at once on one event
+    loop, decided in memory, answered when their batch is committed. ``rounds`` bursts (after a warm-up one);
+    p50/p99 over all of them."""
+    import asyncio
+
+    from workbench.services.quota.admission import Admitter
+
+    admitter = Admitter(ledger)
+
+    async def burst(tag: str) -> list[float]:
+        lat = [0.0] * args.concurrency
+
+        async def one(i):
+            d = await admitter.admit(
+                f"u{i}",
+                f"bench-{i % args.groups}",
+                AdmitRequest(
+                    item=f"dask-worker:{tag}-{run}/{i}",
+                    kind="dask-worker",
+                    cpu=1,
+                    memory=10**9,
+                    gpu_type="h100",
+                    gpu_count=1,
+                ),
+            )
+            lat[i] = (time.perf_counter() - t0) * 1000
+            assert d.allowed, d.message
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(args.concurrency)))
+        return lat
+
+    async def main() -> tuple[list[float], list[float], int]:
+        await burst("bwarm")
+        b0 = admitter.batches
+        walls, lat = [], []
+        for r in range(rounds):
+            w0 = time.perf_counter()
+            lat += await burst(f"b{r}")
+            walls.append(time.perf_counter() - w0)
+        return lat, walls, admitter.batches - b0
+
+    try:
+        lat, walls, batches = asyncio.run(main())
+    finally:
+        admitter.close()
+    return {
+        **summary(lat),
+        "concurrency": args.concurrency,
+        "rounds": rounds,
+        "wall_s": round(statistics.median(walls), 4),
+        "throughput_per_s": round(args.concurrency / statistics.median(walls), 1),
+        "transactions_per_burst": round(batches / rounds, 1),
+    }
 
 
 def bench_http(db_url: str | None, policy_data: dict, args) -> dict:

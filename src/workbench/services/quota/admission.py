@@ -321,44 +321,55 @@ def _commit_batch(ledger: Ledger, batch: list[_Pending]) -> list[tuple[str, int 
             else:
                 todo.append(i)
         if todo:
+            usage, events = UsageRow.__table__, EventRow.__table__
             values = []
-            for i in todo:
+            for i in todo:  # Core inserts (column names), one multi-row statement each: no ORM per row
                 p, r = batch[i], batch[i].res
                 start = max(p.now, last.get(p.request.item, p.now))
                 out[i] = ("admitted", None, start)
                 values.append(
-                    dict(
-                        item=p.request.item,
-                        kind=p.request.kind,
-                        user=p.user,
-                        group=p.group,
-                        profile=r.profile,
-                        cpu=r.cpu,
-                        memory=r.memory,
-                        gpu_type=r.gpu_type,
-                        gpu_count=r.gpu_count,
-                        start=start,
-                        start_event=p.event_id,
-                        opened_by="admit",
-                    )
+                    {
+                        "item": p.request.item,
+                        "kind": p.request.kind,
+                        "username": p.user,
+                        "group_name": p.group,
+                        "profile": r.profile,
+                        "cpu": r.cpu,
+                        "memory": r.memory,
+                        "gpu_type": r.gpu_type,
+                        "gpu_count": r.gpu_count,
+                        "start": start,
+                        "stop": None,
+                        "seen": None,
+                        "start_event": p.event_id,
+                        "stop_event": None,
+                        "opened_by": "admit",
+                        "closed_by": None,
+                    }
                 )
-            row_ids = s.scalars(insert(UsageRow).returning(UsageRow.id, sort_by_parameter_order=True), values).all()
-            events = []
-            for i, row_id in zip(todo, row_ids, strict=True):
+            # items are unique in a batch (the state holds one open row per item): ids map back by item
+            ids = dict(
+                (item, row_id)
+                for row_id, item in s.execute(insert(usage).returning(usage.c.id, usage.c.item), values).all()
+            )
+            rows = []
+            for i in todo:
                 p = batch[i]
+                row_id = ids[p.request.item]
                 out[i] = ("admitted", row_id, out[i][2])
-                events.append(
-                    dict(
-                        id=p.event_id,
-                        type="admit",
-                        item=p.request.item,
-                        time=p.now,
-                        received=p.now,
-                        outcome="admitted",
-                        row_id=row_id,
-                    )
+                rows.append(
+                    {
+                        "id": p.event_id,
+                        "type": "admit",
+                        "item": p.request.item,
+                        "time": p.now,
+                        "received": p.now,
+                        "outcome": "admitted",
+                        "row_id": row_id,
+                        "detail": None,
+                    }
                 )
-            s.execute(insert(EventRow), events)
+            s.execute(insert(events), rows)
         return out
 
     return ledger._write(tx)
