@@ -399,3 +399,16 @@ def test_database_sums_match_the_pure_accounting(ledger, clock):
         assert [(s.resource, s.scope) for s in sql] == [(s.resource, s.scope) for s in pure]
         for a, b in zip(sql, pure, strict=True):
             assert a.used_hours == pytest.approx(b.used_hours, abs=1e-6), (a, b)
+
+
+def test_a_last_heartbeat_at_exit_closes_rows_at_the_shutdown(ledger, clock):
+    """The quota service marks the servers its last hub reconcile saw as alive when it exits (the hub stops its
+    services before the servers, whose stop events then find no service): after the restart they close then."""
+    clock.now = t(2026, 11, 30, 9)
+    ledger.reconcile([running("server:researcher/", started=t(2026, 11, 30, 8))], kinds=["server"])
+    clock.now = t(2026, 11, 30, 9, 0, 40)  # the service is told to exit, 40 s after its last reconcile
+    assert ledger.mark_seen(["server:researcher/", "server:gone/"]) == 1
+    clock.now = t(2026, 11, 30, 12)  # back after three hours down; the server was stopped with the hub
+    assert ledger.reconcile([], kinds=["server"]).closed == ["server:researcher/"]
+    [row] = ledger.rows()
+    assert (row.start, row.stop) == (t(2026, 11, 30, 8), t(2026, 11, 30, 9, 0, 40))

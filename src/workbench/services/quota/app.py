@@ -87,6 +87,7 @@ class QuotaService:
         self._reconcile_lock = asyncio.Lock()
         self._stopping: dict[str, datetime] = {}
         self.admitter = Admitter(ledger)
+        self.servers_alive: list[str] = []  # server items of the last reconcile with the hub
 
     def now(self) -> datetime:
         return self.ledger.clock()
@@ -100,7 +101,17 @@ class QuotaService:
             snapshot = self.now()
             users = await self.hub.active_users()
             items = server_items(self.policy, users)
-            return await self.admitter.reconcile(items, snapshot, kinds=("server",), grace=self.reconcile_grace)
+            result = await self.admitter.reconcile(items, snapshot, kinds=("server",), grace=self.reconcile_grace)
+            self.servers_alive = [it.item for it in items]
+            return result
+
+    async def last_heartbeat(self, timeout: float = 5.0) -> None:
+        """At exit: the servers the last reconcile saw are still running now (the hub stops its services before
+        the servers), so rows a lost stop event leaves open close at this time after a restart, not earlier."""
+        if self.servers_alive:
+            now = self.now()
+            job = self.admitter._call(lambda: self.ledger.mark_seen(self.servers_alive, now))
+            await asyncio.wait_for(asyncio.shield(job), timeout)
 
     async def enforce(self) -> list[StopItem]:
         """Stop the notebook servers whose spent budget's grace is over (through the hub's API).
@@ -435,7 +446,14 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.append(
                     every(args.enforce_every, svc.enforce, "enforcing spent budgets", first=args.enforce_every)
                 )
-            await asyncio.gather(*rounds)
+            try:
+                await asyncio.gather(*rounds)
+            except asyncio.CancelledError:  # stopping: one last heartbeat (bounded), then exit
+                try:
+                    await svc.last_heartbeat()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("last heartbeat failed: %s", e)
+                raise
 
         return svc.make_app(), background
 

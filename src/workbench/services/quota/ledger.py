@@ -595,6 +595,21 @@ class Ledger:
             log.info("reconcile %s: opened %s, closed %s", sorted(kinds), result.opened, result.closed)
         return result
 
+    def mark_seen(self, items: Iterable[str], now: datetime | None = None) -> int:
+        """Heartbeat: the open rows of ``items`` were known alive at ``now``; returns how many rows."""
+        now, items, n = self._now(now), sorted(set(items)), 0
+
+        def tx(s: Session) -> int:
+            count = 0
+            for k in range(0, len(items), 500):
+                stmt = update(UsageRow).where(UsageRow.stop.is_(None), UsageRow.item.in_(items[k : k + 500]))
+                count += s.execute(stmt.values(seen=now).execution_options(synchronize_session=False)).rowcount
+            return count
+
+        if items:
+            n = self._write(tx)
+        return n
+
     # -- admission -----------------------------------------------------------------
 
     def admit(self, user: str, group: str, request: AdmitRequest, now: datetime | None = None) -> Decision:
