@@ -3,7 +3,7 @@
 
 Two metrics, each on both databases:
 
-  admission   latency of admit() with C concurrent callers (default 200), all issued at the same
+  admission   (old path) latency of Ledger.admit() with C concurrent callers (default 200), all issued at the same
               moment and run by --db-threads threads (default 8, as in the service; 0: one thread
               per caller), timed from that moment to each answer: budgets of the group (its rows of the current month are
               read and summed) and caps (its running rows) are checked and the start is recorded, in
@@ -11,6 +11,8 @@ Two metrics, each on both databases:
               group's lock row). The group's caps are high enough for every call to be allowed.
               The ledger starts with --history closed rows in the current month (default 2000),
               spread over --groups groups, so the budget check reads a realistic month.
+  batched     (the service's path) C concurrent Admitter.admit() coroutines on one event loop: decided in
+              memory, answered when their group commit is done; 5 bursts after a warm-up one
   ingest      events recorded per second: single-event transactions from one thread, from 8
               threads, and batches of 100 events per transaction (start + stop pairs).
 
@@ -234,6 +236,7 @@ def bench_ledger(url: str, policy, args) -> dict:
             "throughput_per_s": round(args.concurrency / wall, 1),
             "db_threads": args.db_threads or args.concurrency,
         }
+        results["admission_batched"] = batched_admissions(ledger, args, run)
         seq = []
         for i in range(args.concurrency):  # the same work, one at a time: no queueing
             t0 = time.perf_counter()
@@ -250,6 +253,63 @@ def bench_ledger(url: str, policy, args) -> dict:
         return results
     finally:
         ledger.close()
+
+
+def batched_admissions(ledger: Ledger, args, run: str, rounds: int = 5) -> dict:
+    """The service's path (admission.Admitter): ``concurrency`` admit() coroutines issued at once on one event
+    loop, decided in memory, answered when their batch is committed. ``rounds`` bursts (after a warm-up one);
+    p50/p99 over all of them."""
+    import asyncio
+
+    from workbench.services.quota.admission import Admitter
+
+    admitter = Admitter(ledger)
+
+    async def burst(tag: str) -> list[float]:
+        lat = [0.0] * args.concurrency
+
+        async def one(i):
+            d = await admitter.admit(
+                f"u{i}",
+                f"bench-{i % args.groups}",
+                AdmitRequest(
+                    item=f"dask-worker:{tag}-{run}/{i}",
+                    kind="dask-worker",
+                    cpu=1,
+                    memory=10**9,
+                    gpu_type="h100",
+                    gpu_count=1,
+                ),
+            )
+            lat[i] = (time.perf_counter() - t0) * 1000
+            assert d.allowed, d.message
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(args.concurrency)))
+        return lat
+
+    async def main() -> tuple[list[float], list[float], int]:
+        await burst("bwarm")
+        b0 = admitter.batches
+        walls, lat = [], []
+        for r in range(rounds):
+            w0 = time.perf_counter()
+            lat += await burst(f"b{r}")
+            walls.append(time.perf_counter() - w0)
+        return lat, walls, admitter.batches - b0
+
+    try:
+        lat, walls, batches = asyncio.run(main())
+    finally:
+        admitter.close()
+    return {
+        **summary(lat),
+        "concurrency": args.concurrency,
+        "rounds": rounds,
+        "wall_s": round(statistics.median(walls), 4),
+        "throughput_per_s": round(args.concurrency / statistics.median(walls), 1),
+        "transactions_per_burst": round(batches / rounds, 1),
+    }
 
 
 def bench_http(db_url: str | None, policy_data: dict, args) -> dict:
@@ -326,6 +386,38 @@ def bench_http(db_url: str | None, policy_data: dict, args) -> dict:
     return results
 
 
+def plot(report: dict, path: str) -> None:
+    """A PNG: p50 and p99 of 200 concurrent admissions, old path vs new, per database (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, r in report["results"].items() if "admission_batched" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width, x = 0.2, range(len(keys))
+    bars = [
+        ("old p50", "admission", "p50_ms", "#d9a0a0"),
+        ("old p99", "admission", "p99_ms", "#b03030"),
+        ("new p50", "admission_batched", "p50_ms", "#a0c0e0"),
+        ("new p99", "admission_batched", "p99_ms", "#2060a0"),
+    ]
+    for j, (label, part, stat, color) in enumerate(bars):
+        values = [report["results"][k][part][stat] for k in keys]
+        pos = [i + (j - 1.5) * width for i in x]
+        ax.bar(pos, values, width, label=label, color=color)
+        for px, v in zip(pos, values, strict=True):
+            ax.annotate(f"{v:g}", (px, v), ha="center", va="bottom", fontsize=7)
+    ax.axhline(5, color="gray", linestyle="--", linewidth=1, label="target p99 5 ms")
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), [k.split("/")[-1] for k in keys])
+    ax.set_ylabel("ms from the burst to each answer (log)")
+    ax.set_title(f"{report['args']['concurrency']} concurrent admissions: one transaction each vs group commit")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
@@ -344,6 +436,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", choices=["ledger", "http", "both"], default="ledger")
     ap.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     ap.add_argument("--json", help="write all results to this file")
+    ap.add_argument("--plot", help="write a PNG of the admission latencies (old vs new path) to this file")
     args = ap.parse_args(argv)
 
     policy_data = bench_policy_data(args.groups)
@@ -382,6 +475,20 @@ def main(argv=None) -> int:
                 f"{i['single_8_threads_per_s']}/s single x8 threads, {i['batch_100_per_s']}/s in batches of 100",
                 flush=True,
             )
+    print()
+    print(
+        "200 concurrent admissions: one transaction each (Ledger.admit) vs decided in memory + group commit (Admitter)"
+    )
+    print(f"{'db':<20} {'old p50 ms':>10} {'old p99 ms':>10} {'new p50 ms':>10} {'new p99 ms':>10} {'tx/burst':>9}")
+    for key, res in report["results"].items():
+        if "admission_batched" in res:
+            a, b = res["admission"], res["admission_batched"]
+            print(
+                f"{key:<20} {a['p50_ms']:>10} {a['p99_ms']:>10} {b['p50_ms']:>10} {b['p99_ms']:>10} "
+                f"{b['transactions_per_burst']:>9}"
+            )
+    if args.plot:
+        plot(report, args.plot)
     print()
     print(
         f"{'layer/db':<20} {'adm p50 ms':>10} {'adm p99 ms':>10} {'adm/s':>8} {'alone p50':>10} {'alone p99':>10} "

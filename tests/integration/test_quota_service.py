@@ -167,10 +167,12 @@ def test_events_become_rows_with_gpu_seconds_and_replays_change_nothing(quota):
     assert bad.status_code == 400 and "events[0]" in bad.text
 
 
-def test_fifty_concurrent_admissions_against_a_cap_of_five(quota):
-    """physics-lab may hold 5 GPUs at once: 50 simultaneous 1-GPU Dask workers get exactly 5."""
+def test_200_concurrent_admissions_against_a_cap_of_five(quota):
+    """physics-lab may hold 5 GPUs at once: 200 simultaneous 1-GPU Dask workers get exactly 5 (decided in the
+    service's memory, committed in groups)."""
     run = uuid.uuid4().hex[:8]
-    barrier = threading.Barrier(50)
+    n = 200
+    barrier = threading.Barrier(n)
 
     def admit(i):
         body = {
@@ -186,11 +188,11 @@ def test_fifty_concurrent_admissions_against_a_cap_of_five(quota):
         barrier.wait()
         return requests.post(f"{quota.api}/admit", json=body, headers=quota.gateway, timeout=60)
 
-    with ThreadPoolExecutor(50) as pool:
-        answers = list(pool.map(admit, range(50)))
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(admit, range(n)))
     allowed = [a for a in answers if a.status_code == 200]
     refused = [a for a in answers if a.status_code == 403]
-    assert len(allowed) == 5 and len(refused) == 45, [a.status_code for a in answers]
+    assert len(allowed) == 5 and len(refused) == n - 5, [a.status_code for a in answers]
     assert {a.json()["reason"] for a in refused} == {"running-gpus"}
     assert refused[0].json()["message"].startswith("Group physics-lab already runs 5 of at most 5 GPUs")
     ledger = quota.ledger()
@@ -284,6 +286,89 @@ def test_kill_9_mid_run_loses_nothing_and_counts_nothing_twice(quota):
     finally:
         ledger.close()
     quota.events([stop(r.item) for r in still])
+
+
+def test_kill_9_mid_admission_burst_keeps_every_answered_admission_and_the_cap(quota):
+    """Admissions are answered once their batch is committed: after a kill -9 of the service in the middle of a
+    burst, every admission that got a 200 has its row, and the GPU cap (5) still holds after the restart."""
+    run = uuid.uuid4().hex[:8]
+    first = quota.process()
+    answered: list[tuple[str, int]] = []  # (item, row) of each 200
+    lock = threading.Lock()
+    stop_flag = threading.Event()
+    session = requests.Session()
+
+    def sender(k: int):
+        i = 0
+        while not stop_flag.is_set():
+            gpu = i % 10 == 0  # every tenth asks for a GPU: 5 fit, across the crash
+            item = f"dask-worker:burst-{run}/{k}-{i}"
+            body = {"user": f"member{k}", "group": "physics-lab", "item": item, "kind": "dask-worker", "cpu": 1}
+            if gpu:
+                body |= {"gpu_type": "h100", "gpu_count": 1}
+            try:
+                r = session.post(f"{quota.api}/admit", json=body, headers=quota.gateway, timeout=30)
+            except requests.RequestException:
+                time.sleep(0.05)
+                continue
+            if r.status_code == 200:
+                with lock:
+                    answered.append((item, r.json()["row"]))
+            i += 1
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(16)]
+    for th in threads:
+        th.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(answered) < 100:  # mid-burst: answers are flowing
+            assert time.monotonic() < deadline, "no admissions answered"
+            time.sleep(0.01)
+        os.kill(first.pid, signal.SIGKILL)
+        psutil.wait_procs([first], timeout=10)
+        deadline = time.monotonic() + 60  # the hub restarts its managed service
+        while True:
+            assert time.monotonic() < deadline, "the quota service did not come back"
+            try:
+                if quota.get("/health").status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        with lock:
+            after_restart = len(answered)
+        while len(answered) < after_restart + 50:  # and flowing again after the restart
+            time.sleep(0.01)
+    finally:
+        stop_flag.set()
+        for th in threads:
+            th.join(60)
+    assert quota.process().pid != first.pid
+    ledger = quota.ledger()
+    try:
+        rows = {r.id: r for r in ledger.rows() if r.item.startswith(f"dask-worker:burst-{run}/")}
+        for item, row in answered:
+            assert row in rows and rows[row].item == item, f"{item} was admitted (row {row}) but is not in the ledger"
+        assert len({item for item, _ in answered}) == len(answered)
+        gpu_rows = [r for r in rows.values() if r.gpu_count and r.stop is None]
+        assert len(gpu_rows) == 5, "exactly the cap, across the crash"
+        more = requests.post(
+            f"{quota.api}/admit",
+            json={
+                "user": "member0",
+                "group": "physics-lab",
+                "item": f"dask-worker:burst-{run}/after",
+                "kind": "dask-worker",
+                "gpu_type": "h100",
+                "gpu_count": 1,
+            },
+            headers=quota.gateway,
+            timeout=30,
+        )
+        assert more.status_code == 403 and more.json()["reason"] == "running-gpus"  # loaded from the ledger
+    finally:
+        ledger.close()
+    assert quota.events([stop(r.item) for r in rows.values() if r.stop is None]).status_code == 200
 
 
 def test_users_read_their_own_and_instructors_their_course(quota):

@@ -120,3 +120,33 @@ def test_a_round_reconciles_then_stops_only_due_clusters_once(monkeypatch):
     assert b.stopped == [("c1", True)]
     ((kinds, items),) = fake.reconciled
     assert kinds == ["dask-scheduler", "dask-worker"] and len(items) == 4  # 2 schedulers + 2 workers
+
+
+def test_stop_events_in_flight_survive_a_cancel_and_are_flushed_before_exit(monkeypatch):
+    """Issue 16: a cluster stopped just before the gateway is told to exit. Its stop event is sent in a task of its
+    own: cancelling the reconciler that sent it (the shutdown) does not cancel the event, and the backend's clean-up
+    waits for it before the gateway exits. The quota service is a stand-in that answers when the test lets it."""
+    b = backend([])
+    delivered, gate = [], None
+
+    class SlowQuota:
+        async def stop_many(self, items, tries=3, delay=1.0):
+            await gate.wait()
+            delivered.extend(items)
+            return True
+
+    monkeypatch.setattr(WorkbenchUnsafeLocalBackend, "quota", property(lambda self: SlowQuota()))
+
+    async def run():
+        nonlocal gate
+        gate = asyncio.Event()
+        sender = asyncio.ensure_future(b._send_stops([scheduler_item("c1"), worker_item("c1", "w")]))
+        await asyncio.sleep(0)
+        sender.cancel()  # the shutdown cancels what was running
+        await asyncio.gather(sender, return_exceptions=True)
+        assert delivered == []
+        asyncio.get_running_loop().call_later(0.05, gate.set)  # the service answers a moment later
+        assert await b.flush_quota_stops(timeout=30) == 1
+        return list(delivered)
+
+    assert asyncio.run(run()) == ["dask-scheduler:c1", "dask-worker:c1/w"]

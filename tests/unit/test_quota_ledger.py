@@ -148,7 +148,7 @@ def test_reconcile_opens_from_the_items_start_and_closes_what_stopped(ledger, cl
     rows = {r.item: r for r in ledger.rows()}
     assert rows["server:researcher/"].start == t(2026, 11, 30, 9)  # no gap: counted from its own start
     assert rows["server:researcher/"].cpu == 4.0  # from the cpu-large profile
-    assert rows["server:gone/"].stop == clock.now
+    assert rows["server:gone/"].stop == t(2026, 11, 30, 8)  # never seen alive by a reconcile: its start
     before = snapshot(ledger)
     clock.now = t(2026, 11, 30, 22, 5)
     again = ledger.reconcile([running("server:researcher/", started=t(2026, 11, 30, 9))], kinds=["server"])
@@ -176,6 +176,11 @@ def test_crash_recovery_no_gap_no_double_count(ledger, clock):
     clock.now = t(2026, 11, 30, 10)
     ledger.record(start("server:a/", kind="server", user="a", id="a1", time=t(2026, 11, 30, 10)))
     ledger.record(start("server:b/", kind="server", user="b", id="b1", time=t(2026, 11, 30, 10)))
+    clock.now = t(2026, 11, 30, 11)  # the last reconcile round before the service went down sees a and b alive
+    ledger.reconcile(
+        [running("server:a/", user="a", started=t(2026, 11, 30, 10)), running("server:b/", user="b")],
+        kinds=["server"],
+    )
     # down from 11:00 to 12:00: b stopped at 11:30 and c started at 11:15, both events lost
     clock.now = t(2026, 11, 30, 12)
     ledger.reconcile(
@@ -191,7 +196,8 @@ def test_crash_recovery_no_gap_no_double_count(ledger, clock):
     rows = {r.item: r for r in ledger.rows()}
     assert len(rows) == 3 and len(ledger.rows()) == 3
     assert rows["server:a/"].stop is None and rows["server:a/"].start == t(2026, 11, 30, 10)
-    assert rows["server:b/"].stop == t(2026, 11, 30, 12)  # conservative: charged until the service saw it gone
+    # closed when last known alive (the 11:00 round), not when the service came back: no downtime charged
+    assert rows["server:b/"].stop == t(2026, 11, 30, 11)
     assert rows["server:c/"].start == t(2026, 11, 30, 11, 15)
 
 
@@ -309,7 +315,54 @@ def test_rows_opened_by_reconcile_close_without_grace(ledger, clock):
     clock.now = t(2026, 11, 30, 22, 0, 5)  # stopped 15 s after it started: the next snapshot no longer lists it
     assert ledger.reconcile([], kinds=["server"], grace=30).closed == ["server:researcher/"]
     [row] = ledger.rows()
-    assert (row.start, row.stop) == (t(2026, 11, 30, 21, 59, 50), t(2026, 11, 30, 22, 0, 5))
+    # closed when the reconcile that opened it last saw it alive (22:00), not at this reconcile (22:00:05)
+    assert (row.start, row.stop) == (t(2026, 11, 30, 21, 59, 50), t(2026, 11, 30, 22, 0))
+
+
+def test_rows_dead_after_a_downtime_close_when_last_seen_alive(ledger, clock):
+    """Issue 16: a cluster stopped just before the platform went down (its stop event lost) is charged until the
+    last reconcile round that saw it running, not for the hours the platform was down."""
+    clock.now = t(2026, 11, 30, 9)
+    assert ledger.admit("researcher", "physics-lab", admit_request("dask-scheduler:c1", kind="dask-scheduler")).allowed
+    ledger.record(start("dask-worker:c1/w", id="w-start"))
+    for minute in (0, 1, 2):  # the gateway's reconcile rounds while both run
+        clock.now = t(2026, 11, 30, 10, minute)
+        items = [
+            running("dask-scheduler:c1", kind="dask-scheduler", cpu=1),
+            running("dask-worker:c1/w", kind="dask-worker", cpu=1),
+        ]
+        assert ledger.reconcile(items, kinds=["dask-scheduler", "dask-worker"]).closed == []
+    assert {r.item for r in ledger.open_rows()} == {"dask-scheduler:c1", "dask-worker:c1/w"}
+    # stopped at 10:02:30, the stop event lost in the shutdown; the platform comes back at 18:00
+    clock.now = t(2026, 11, 30, 18)
+    result = ledger.reconcile([], kinds=["dask-scheduler", "dask-worker"])
+    assert sorted(result.closed) == ["dask-scheduler:c1", "dask-worker:c1/w"]
+    assert {r.item: r.stop for r in ledger.rows()} == {
+        "dask-scheduler:c1": t(2026, 11, 30, 10, 2),
+        "dask-worker:c1/w": t(2026, 11, 30, 10, 2),
+    }
+    # a kind not reconciled keeps its heartbeat: servers are seen by the hub's reconcile only
+    ledger.record(start("server:researcher/", kind="server", id="s1", time=t(2026, 11, 30, 18)))
+    clock.now = t(2026, 11, 30, 18, 5)
+    ledger.reconcile([], kinds=["dask-scheduler", "dask-worker"])
+    assert [r.item for r in ledger.open_rows()] == ["server:researcher/"]
+
+
+def test_ledgers_made_before_the_seen_column_get_it(tmp_path):
+    """An existing quota.sqlite without ``seen`` gains the column at start (no row rewritten)."""
+    url = default_db_url(tmp_path)
+    led = Ledger(url, POLICY)
+    led.record(start("dask-worker:old/1", id="old"))
+    with led.engine.begin() as c:
+        c.exec_driver_sql("ALTER TABLE quota_usage DROP COLUMN seen")
+    led.close()
+    again = Ledger(url, POLICY)
+    try:
+        again.reconcile([running("dask-worker:old/1", kind="dask-worker", cpu=1)], kinds=["dask-worker"])
+        with again.engine.connect() as c:
+            assert c.exec_driver_sql("SELECT count(*) FROM quota_usage WHERE seen IS NOT NULL").scalar() == 1
+    finally:
+        again.close()
 
 
 def test_database_sums_match_the_pure_accounting(ledger, clock):
@@ -346,3 +399,16 @@ def test_database_sums_match_the_pure_accounting(ledger, clock):
         assert [(s.resource, s.scope) for s in sql] == [(s.resource, s.scope) for s in pure]
         for a, b in zip(sql, pure, strict=True):
             assert a.used_hours == pytest.approx(b.used_hours, abs=1e-6), (a, b)
+
+
+def test_a_last_heartbeat_at_exit_closes_rows_at_the_shutdown(ledger, clock):
+    """The quota service marks the servers its last hub reconcile saw as alive when it exits (the hub stops its
+    services before the servers, whose stop events then find no service): after the restart they close then."""
+    clock.now = t(2026, 11, 30, 9)
+    ledger.reconcile([running("server:researcher/", started=t(2026, 11, 30, 8))], kinds=["server"])
+    clock.now = t(2026, 11, 30, 9, 0, 40)  # the service is told to exit, 40 s after its last reconcile
+    assert ledger.mark_seen(["server:researcher/", "server:gone/"]) == 1
+    clock.now = t(2026, 11, 30, 12)  # back after three hours down; the server was stopped with the hub
+    assert ledger.reconcile([], kinds=["server"]).closed == ["server:researcher/"]
+    [row] = ledger.rows()
+    assert (row.start, row.stop) == (t(2026, 11, 30, 8), t(2026, 11, 30, 9, 0, 40))

@@ -147,7 +147,7 @@ class ClusterCapMixin(LoggingConfigurable):
             await super().do_stop_worker(worker)
         finally:
             if self.quota is not None:
-                await self.quota.stop(worker_item(worker.cluster.name, worker.name), tries=2, delay=0.5)
+                await self._send_stops([worker_item(worker.cluster.name, worker.name)])
 
     async def do_stop_cluster(self, cluster):
         try:
@@ -155,12 +155,35 @@ class ClusterCapMixin(LoggingConfigurable):
         finally:
             if self.quota is not None:  # its workers too: a bulk shutdown does not stop them one by one
                 items = [scheduler_item(cluster.name)] + [worker_item(cluster.name, w) for w in cluster.workers]
-                await self.quota.stop_many(items, tries=2, delay=0.5)
+                await self._send_stops(items)
+
+    async def _send_stops(self, items: list[str]) -> None:
+        """Send stop events in a task of their own that a shutdown waits for (:meth:`do_cleanup`): a stop in flight
+        when the gateway is told to exit still reaches the ledger instead of dying with the event loop."""
+        pending = self.__dict__.setdefault("_quota_stops", set())
+        task = asyncio.ensure_future(self.quota.stop_many(items, tries=2, delay=0.5))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        await asyncio.shield(task)
+
+    async def flush_quota_stops(self, timeout: float = 15.0) -> int:
+        """Wait (at most ``timeout`` s) for the stop events still in flight; returns how many there were."""
+        pending = [t for t in self.__dict__.get("_quota_stops", ()) if not t.done()]
+        if pending:
+            self.log.info("Sending %d stop event(s) to the quota service before exiting", len(pending))
+            await asyncio.wait(pending, timeout=timeout)
+        return len(pending)
 
     async def do_setup(self):
         await super().do_setup()
         if self.quota is not None:
             self.task_pool.spawn(self._quota_loop())
+
+    async def do_cleanup(self):
+        # dask-gateway's cleanup has stopped the clusters and drained its reconcilers: their stop events go now,
+        # while the quota service still runs (the hub stops its services in order, the quota service last)
+        await self.flush_quota_stops()
+        await super().do_cleanup()
 
     def running_items(self) -> list[dict]:
         """Schedulers and (submitted or running) workers of the active clusters, as the ledger's running items."""

@@ -7,8 +7,10 @@ comes from ``--config`` or the embedded workbench's ``$WORKBENCH_RUNTIME``; the 
 from ``--db-url``, ``$WORKBENCH_QUOTA_DB_URL``, else ``quota.sqlite`` in the state folder.
 
 Every request is authenticated with :class:`jupyterhub.services.auth.HubAuth` (a hub token in
-the ``Authorization`` header) and authorized by :mod:`workbench.services.quota.authz`. Database work
-runs in a thread pool, so the event loop keeps answering while a transaction waits for its lock.
+the ``Authorization`` header) and authorized by :mod:`workbench.services.quota.authz`. Admissions are
+decided in memory and committed in groups by :class:`workbench.services.quota.admission.Admitter`, which
+also writes events and reconciles (in order, on its own thread): this process must be the ledger's only
+writer. Reads run in a thread pool, so the event loop keeps answering while a query runs.
 Every ``--reconcile-every`` seconds (and at start) the service reconciles notebook servers
 with the hub's list of active servers, so servers are accounted even with no events at all.
 """
@@ -39,6 +41,7 @@ from workbench.services.base import (
     service_setup,
 )
 from workbench.services.quota.accounting import as_utc, iso, parse_period
+from workbench.services.quota.admission import Admitter, LedgerUnavailable
 from workbench.services.quota.authz import (
     ACCESS_SCOPE,
     SERVICE_NAME,
@@ -83,6 +86,8 @@ class QuotaService:
         self.reconcile_grace = reconcile_grace
         self._reconcile_lock = asyncio.Lock()
         self._stopping: dict[str, datetime] = {}
+        self.admitter = Admitter(ledger)
+        self.servers_alive: list[str] = []  # server items of the last reconcile with the hub
 
     def now(self) -> datetime:
         return self.ledger.clock()
@@ -96,7 +101,17 @@ class QuotaService:
             snapshot = self.now()
             users = await self.hub.active_users()
             items = server_items(self.policy, users)
-            return await self.db(self.ledger.reconcile, items, snapshot, kinds=("server",), grace=self.reconcile_grace)
+            result = await self.admitter.reconcile(items, snapshot, kinds=("server",), grace=self.reconcile_grace)
+            self.servers_alive = [it.item for it in items]
+            return result
+
+    async def last_heartbeat(self, timeout: float = 5.0) -> None:
+        """At exit: the servers the last reconcile saw are still running now (the hub stops its services before
+        the servers), so rows a lost stop event leaves open close at this time after a restart, not earlier."""
+        if self.servers_alive:
+            now = self.now()
+            job = self.admitter._call(lambda: self.ledger.mark_seen(self.servers_alive, now))
+            await asyncio.wait_for(asyncio.shield(job), timeout)
 
     async def enforce(self) -> list[StopItem]:
         """Stop the notebook servers whose spent budget's grace is over (through the hub's API).
@@ -213,7 +228,7 @@ class EventsHandler(BaseHandler):
             data = {"events": [data]}
         batch = self.parse(EventBatch, data)
         try:
-            results = await self.svc.db(self.svc.ledger.record_many, batch.events)
+            results = await self.svc.admitter.record_many(batch.events)
         except ValueError as e:
             raise web.HTTPError(400, str(e)) from None
         for r in results:
@@ -227,9 +242,11 @@ class AdmitHandler(BaseHandler):
         body = self.parse(AdmitBody, self.body_json())
         request = body.model_copy()
         try:
-            decision = await self.svc.db(self.svc.ledger.admit, body.user, body.group, request)
+            decision = await self.svc.admitter.admit(body.user, body.group, request)
         except ValueError as e:
             raise web.HTTPError(400, str(e)) from None
+        except LedgerUnavailable as e:
+            raise web.HTTPError(503, str(e)) from None
         self.svc.metrics.admissions.labels("allowed" if decision.allowed else "refused", decision.reason or "").inc()
         self.write_json(decision.to_json(), 200 if decision.allowed else 403)
 
@@ -240,9 +257,7 @@ class ReconcileHandler(BaseHandler):
         body = self.parse(ReconcileBody, self.body_json())
         at = as_utc(body.time) if body.time else self.svc.now()
         try:
-            result = await self.svc.db(
-                self.svc.ledger.reconcile, body.items, at, kinds=body.kinds, grace=self.svc.reconcile_grace
-            )
+            result = await self.svc.admitter.reconcile(body.items, at, kinds=body.kinds, grace=self.svc.reconcile_grace)
         except ValueError as e:
             raise web.HTTPError(400, str(e)) from None
         self.write_json(result.to_json())
@@ -431,7 +446,14 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.append(
                     every(args.enforce_every, svc.enforce, "enforcing spent budgets", first=args.enforce_every)
                 )
-            await asyncio.gather(*rounds)
+            try:
+                await asyncio.gather(*rounds)
+            except asyncio.CancelledError:  # stopping: one last heartbeat (bounded), then exit
+                try:
+                    await svc.last_heartbeat()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("last heartbeat failed: %s", e)
+                raise
 
         return svc.make_app(), background
 
@@ -439,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_until_signal(setup, build)
     finally:
         for svc in services:
+            svc.admitter.close()
             svc.pool.shutdown(wait=True)
         ledger.close()
     return 0

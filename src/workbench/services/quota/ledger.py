@@ -17,7 +17,8 @@ Tables (created if missing):
     write transaction starts with ``BEGIN IMMEDIATE`` (a single writer), which does the same.
 
 ``reconcile(running_items, now)`` repairs what events cannot: after a crash of the hub, the
-gateway or this service, rows of items that stopped meanwhile are closed at ``now`` and items
+gateway or this service, rows of items that stopped meanwhile are closed at the last time a reconcile
+saw them alive (their ``seen`` column, else their start), never charging a downtime, and items
 running without an open row get one from their own start time, never overlapping the item's
 previous rows. So usage is never lost, and never counted twice.
 """
@@ -48,10 +49,12 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     literal,
     or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -132,6 +135,7 @@ class UsageRow(Base):
     gpu_count: Mapped[int] = mapped_column(Integer)
     start: Mapped[datetime] = mapped_column(UTCDateTime)
     stop: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    seen: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last known alive (reconcile), while open
     start_event: Mapped[str] = mapped_column(String(255), unique=True)
     stop_event: Mapped[str | None] = mapped_column(String(255), unique=True)
     opened_by: Mapped[str] = mapped_column(String(16))  # admit | event | reconcile
@@ -360,6 +364,11 @@ class Ledger:
 
     def create_schema(self) -> None:
         Base.metadata.create_all(self.engine)
+        # ledgers made before the ``seen`` column (last known alive) get it: nullable, no rewrite
+        if "seen" not in {c["name"] for c in inspect(self.engine).get_columns("quota_usage")}:
+            kind = DateTime().compile(dialect=self.engine.dialect)
+            with self.engine.begin() as c:
+                c.exec_driver_sql(f"ALTER TABLE quota_usage ADD COLUMN seen {kind}")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -418,14 +427,28 @@ class Ledger:
         """Apply one start or stop event; an id seen before changes nothing."""
         return self.record_many([ev], now)[0]
 
-    def record_many(self, events: Iterable[UsageEvent], now: datetime | None = None) -> list[EventResult]:
-        """Apply events in order, in one transaction (all or nothing); duplicates are no-ops."""
+    def record_many(
+        self, events: Iterable[UsageEvent], now: datetime | None = None, changes: list | None = None
+    ) -> list[EventResult]:
+        """Apply events in order, in one transaction (all or nothing); duplicates are no-ops.
+
+        ``changes``: a list that receives ``("open" | "close", Interval)`` for each row opened or
+        closed, in order (the service's admission state follows the ledger with them).
+        """
         events = list(events)
         now = self._now(now)
         resolved = [resolve_resources(self.policy, e) if e.type == "start" else None for e in events]
-        return self._write(lambda s: [self._apply(s, e, r, now) for e, r in zip(events, resolved, strict=True)])
 
-    def _apply(self, s: Session, ev: UsageEvent, res: _Res | None, now: datetime) -> EventResult:
+        def tx(s: Session) -> list[EventResult]:
+            out: list = [] if changes is not None else None
+            results = [self._apply(s, e, r, now, out) for e, r in zip(events, resolved, strict=True)]
+            if changes is not None:
+                changes[:] = out  # only the attempt that committed
+            return results
+
+        return self._write(tx)
+
+    def _apply(self, s: Session, ev: UsageEvent, res: _Res | None, now: datetime, changes=None) -> EventResult:
         if s.get(EventRow, ev.id) is not None:
             return EventResult(ev.id, "duplicate", s.get(EventRow, ev.id).row_id)
         at = ev.at or now
@@ -452,6 +475,8 @@ class Ledger:
                 s.add(row)
                 s.flush()
                 status, row_id = "recorded", row.id
+                if changes is not None:
+                    changes.append(("open", row.interval()))
         else:
             if open_row is None:
                 status, row_id = "not-open", None
@@ -460,6 +485,8 @@ class Ledger:
                 open_row.stop_event = ev.id
                 open_row.closed_by = "event"
                 status, row_id = "recorded", open_row.id
+                if changes is not None:
+                    changes.append(("close", open_row.interval()))
         s.add(EventRow(id=ev.id, type=ev.type, item=ev.item, time=at, received=now, outcome=status, row_id=row_id))
         s.flush()
         return EventResult(ev.id, status, row_id)
@@ -483,13 +510,17 @@ class Ledger:
         now: datetime | None = None,
         kinds: Iterable[str] = KINDS,
         grace: float = 30.0,
+        changes: list | None = None,
     ) -> ReconcileResult:
         """Make the open rows of ``kinds`` match ``running_items``, the complete list of what runs at ``now``.
 
-        Open rows whose item is not running are closed at ``now`` (unless opened by an admission or an
-        event less than ``grace`` seconds before ``now``: it may be newer than the sender's snapshot). Running items
-        without an open row get one, starting when the item started (if known, else ``now``) but
-        never before the item's last row stopped. Reconciling twice changes nothing the second time.
+        Open rows of running items are marked seen alive at ``now`` (``seen``). Open rows whose item is not
+        running are closed at the last time the item was known alive: its last ``seen``, else its start
+        (unless opened by an admission or an event less than ``grace`` seconds before ``now``: it may be
+        newer than the sender's snapshot). So an item that died while the platform was down is not
+        charged for the downtime. Running items without an open row get one, starting when the item
+        started (if known, else ``now``) but never before the item's last row stopped. Reconciling twice
+        changes nothing the second time. ``changes`` receives ``("open" | "close", Interval)`` per row.
         """
         now = self._now(now)
         kinds = set(kinds)
@@ -507,14 +538,24 @@ class Ledger:
             open_rows = s.scalars(select(UsageRow).where(UsageRow.stop.is_(None), UsageRow.kind.in_(kinds))).all()
             open_items = {r.item for r in open_rows}
             cutoff = now - timedelta(seconds=grace)
+            out: list = []
             for row in open_rows:
                 # a row opened by an earlier reconcile was in an earlier snapshot: gone now means stopped;
                 # others may be admissions or events newer than this snapshot, unless older than the grace
                 if row.item not in items and (row.opened_by == "reconcile" or row.start <= cutoff):
-                    row.stop = max(now, row.start)
+                    row.stop = max(min(row.seen or row.start, now), row.start)  # last known alive
                     row.stop_event = f"reconcile-stop:{row.id}"
                     row.closed_by = "reconcile"
                     closed.append(row.item)
+                    out.append(("close", row.interval()))
+            alive = sorted(open_items & set(items))
+            for k in range(0, len(alive), 500):  # heartbeat: what a later reconcile closes stops here at the latest
+                s.execute(
+                    update(UsageRow)
+                    .where(UsageRow.stop.is_(None), UsageRow.item.in_(alive[k : k + 500]))
+                    .values(seen=now)
+                    .execution_options(synchronize_session=False)
+                )
             for name, (it, res) in items.items():
                 if name in open_items:
                     continue
@@ -537,18 +578,37 @@ class Ledger:
                         gpu_type=res.gpu_type,
                         gpu_count=res.gpu_count,
                         start=start,
+                        seen=now,
                         start_event=ev,
                         opened_by="reconcile",
                     )
                 )
                 opened.append(name)
             s.flush()
+            if changes is not None:
+                new_rows = s.scalars(select(UsageRow).where(UsageRow.stop.is_(None), UsageRow.item.in_(opened))).all()
+                changes[:] = out + [("open", r.interval()) for r in new_rows]
             return ReconcileResult(opened=opened, closed=closed, running=len(items))
 
         result = self._write(tx)
         if result.opened or result.closed:
             log.info("reconcile %s: opened %s, closed %s", sorted(kinds), result.opened, result.closed)
         return result
+
+    def mark_seen(self, items: Iterable[str], now: datetime | None = None) -> int:
+        """Heartbeat: the open rows of ``items`` were known alive at ``now``; returns how many rows."""
+        now, items, n = self._now(now), sorted(set(items)), 0
+
+        def tx(s: Session) -> int:
+            count = 0
+            for k in range(0, len(items), 500):
+                stmt = update(UsageRow).where(UsageRow.stop.is_(None), UsageRow.item.in_(items[k : k + 500]))
+                count += s.execute(stmt.values(seen=now).execution_options(synchronize_session=False)).rowcount
+            return count
+
+        if items:
+            n = self._write(tx)
+        return n
 
     # -- admission -----------------------------------------------------------------
 
