@@ -200,7 +200,7 @@ def test_pods_are_locked_down(objects):
             assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], comp
         assert not spec.get("hostNetwork") and not spec.get("hostPID"), comp
     assert comps == {"hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy", "gateway-guard", "quota",
-                     "sessions"}
+                     "sessions", "rosters"}
 
 
 def test_service_account_tokens_only_where_the_api_is_used(objects):
@@ -364,11 +364,18 @@ def _policies(objects) -> dict[str, dict]:
     return {component(n): n["spec"] for n in find(objects, "NetworkPolicy")}
 
 
-def _peer_components(peers: list[dict], objects) -> set[str]:
+#: where the chart's default DNS rule (networkPolicy.egressAllowRules, port 53 only) may send queries
+DNS_PEERS = {"{'matchLabels': {'kubernetes.io/metadata.name': 'kube-system'}}", "10.0.0.0/8", "172.16.0.0/12",
+             "192.168.0.0/16", "169.254.169.254/32", "169.254.20.10/32"}
+
+
+def _peer_components(peers: list[dict], objects, dns: bool = False) -> set[str]:
+    if dns:  # a port-53-only rule: its peers are DNS servers
+        return {"dns:" + str(p.get("namespaceSelector") or p.get("ipBlock", {}).get("cidr") or p) for p in peers}
     labels = {
         comp: {"app.kubernetes.io/name": "workbench", "app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": comp}
         for comp in ("hub", "proxy", "gateway-api", "gateway-controller", "gateway-proxy", "gateway-guard", "quota",
-                     "sessions")
+                     "sessions", "rosters")
     }
     labels["singleuser"] = singleuser_labels(RELEASE)
     out = set()
@@ -391,8 +398,10 @@ def _ports(rule: dict) -> set[int]:
     return {p["port"] for p in rule.get("ports", [])}
 
 
-def _reaches(rule: dict, ip) -> bool:
-    """Whether an egress rule lets traffic to ``ip`` (not a pod) through."""
+def _reaches(rule: dict, ip, port: int = 443) -> bool:
+    """Whether an egress rule lets traffic to ``ip`` (not a pod) on ``port`` through."""
+    if rule.get("ports") and port not in _ports(rule):
+        return False
     if "to" not in rule or not rule["to"]:
         return True
     for peer in rule["to"]:
@@ -408,7 +417,7 @@ def test_every_component_has_a_network_policy(objects):
     policies = _policies(objects)
     assert set(policies) == {
         "hub", "proxy", "singleuser", "gateway-api", "gateway-controller", "gateway-proxy", "dask-scheduler", "dask-worker",
-        "gateway-guard", "quota", "sessions",
+        "gateway-guard", "quota", "sessions", "rosters",
     }
 
 
@@ -419,7 +428,7 @@ def test_notebook_pods_reach_only_the_hub_the_gateway_and_dns(objects):
     assert _peer_components(ingress["from"], objects) == {"proxy", "hub"} and _ports(ingress) == {8888}
     reached = {}
     for rule in spec["egress"]:
-        for comp in _peer_components(rule["to"], objects):
+        for comp in _peer_components(rule["to"], objects, dns=_ports(rule) == {53}):
             reached[comp] = _ports(rule)
     assert reached.pop("hub") == {8081}
     assert reached.pop("gateway-guard") == {8000}  # the gateway API, and dashboards of their own clusters
@@ -462,7 +471,7 @@ def test_schedulers_are_reached_through_the_gateway_proxy_only(objects):
     assert api_sources == {"gateway-proxy", "dask-scheduler"}
     assert "ingress" not in policies["gateway-controller"] and policies["gateway-controller"]["policyTypes"] == ["Ingress"]
     hub_sources = set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
-    assert hub_sources == {"proxy", "singleuser", "gateway-api", "gateway-guard", "quota", "sessions"}
+    assert hub_sources == {"proxy", "singleuser", "gateway-api", "gateway-guard", "quota", "sessions", "rosters"}
     gw_proxy = {}
     for rule in policies["gateway-proxy"]["ingress"]:
         for comp in _peer_components(rule["from"], objects):
@@ -503,13 +512,14 @@ def test_secrets_are_kept_across_upgrades(helm, default_objects):
     first = secret_data(default_objects)
     # no culler-api-token: the sessions service culls (sessions.enabled false brings the culler's back)
     assert set(first) == {"cookie-secret", "proxy-token", "crypt-key", "gateway-api-token", "sessions-api-token",
-                          "quota-api-token", "guard-cookie-secret", "demo-password"}
+                          "quota-api-token", "rosters-api-token", "guard-cookie-secret", "demo-password"}
     for key, value in first.items():
         if key != "demo-password":
             assert re.fullmatch(r"[0-9a-f]{64}", value), key
     names = {"cookie-secret": "cookieSecret", "proxy-token": "proxyToken", "crypt-key": "cryptKey",
              "gateway-api-token": "gatewayApiToken", "sessions-api-token": "sessionsApiToken", "quota-api-token": "quotaApiToken",
-             "guard-cookie-secret": "guardCookieSecret", "demo-password": "demoPassword"}
+             "guard-cookie-secret": "guardCookieSecret", "demo-password": "demoPassword",
+             "rosters-api-token": "rostersApiToken"}
     args = [a for key, value in first.items() for a in ("--set", f"secrets.{names[key]}={value}")]
     second = secret_data(helm_template(helm, *args))
     assert second == first
@@ -542,7 +552,9 @@ def test_sso_secrets_come_from_the_operators_secret(production_objects, default_
     assert demo["WORKBENCH_DB_URL"] == "sqlite:////srv/jupyterhub/jupyterhub.sqlite"
     claims = {c["metadata"]["name"] for c in find(default_objects, "PersistentVolumeClaim")}
     assert claims == {f"{RELEASE}-hub-db", f"{RELEASE}-quota-db", "workbench-datasets", "workbench-group-research-lab",
-                      "workbench-group-course-demo", "workbench-group-platform-admins"}
+                      "workbench-group-course-demo", "workbench-group-platform-admins",
+                      # the course's materials folder the demo student's and instructor's pods mount
+                      "workbench-course-course-demo"}
 
 
 # ---------------------------------------------------------------------------
@@ -562,7 +574,8 @@ def test_images_come_from_values(helm, default_objects):
         "gateway-guard": "registry.example.edu/workbench/hub:0.1.0",
         "quota": "registry.example.edu/workbench/hub:0.1.0",
         "sessions": "registry.example.edu/workbench/hub:0.1.0",
-        "proxy": "quay.io/jupyterhub/configurable-http-proxy:4.6.3",
+        "rosters": "registry.example.edu/workbench/hub:0.1.0",
+        "proxy": "quay.io/jupyterhub/configurable-http-proxy:5.3.0",
         "gateway-proxy": "docker.io/library/traefik:v3.3.5",
     }
     objects = helm_template(
@@ -751,7 +764,7 @@ def test_the_quota_service_is_reached_by_the_hub_the_proxy_and_the_gateway_only(
     if "egress" in spec:  # SQLite: the hub API and DNS only (PostgreSQL: see the test above)
         reached = {}
         for rule in spec["egress"]:
-            for comp in _peer_components(rule["to"], objects):
+            for comp in _peer_components(rule["to"], objects, dns=_ports(rule) == {53}):
                 reached[comp] = _ports(rule)
         assert reached.pop("hub") == {8081}
         assert all(k.startswith("dns:") for k in reached)
@@ -841,7 +854,7 @@ def test_the_sessions_service_is_reached_by_the_hub_and_the_proxy_and_reaches_th
     assert _peer_components(ingress["from"], objects) == {"hub", "proxy"} and _ports(ingress) == {8014}
     reached = {}
     for rule in spec["egress"]:
-        for comp in _peer_components(rule["to"], objects):
+        for comp in _peer_components(rule["to"], objects, dns=_ports(rule) == {53}):
             reached[comp] = _ports(rule)
         assert not _reaches(rule, METADATA) and not _reaches(rule, ipaddress.ip_address("8.8.8.8"))
     assert reached.pop("hub") == {8081}
@@ -871,7 +884,7 @@ def test_sessions_disabled_brings_back_the_idle_culler(helm):
     # the quota service's notifications still go through the proxy
     assert any(_peer_components(r["to"], objects) == {"proxy"} and _ports(r) == {8000} for r in policies["singleuser"]["egress"])
     # neither quota nor sessions: notebooks need not reach the proxy, and have no services URL
-    bare = helm_template(helm, "--set", "sessions.enabled=false", "--set", "quota.enabled=false")
+    bare = helm_template(helm, "--set", "sessions.enabled=false", "--set", "quota.enabled=false", "--set", "rosters.enabled=false")
     assert "WORKBENCH_SERVICES_URL" not in container_env(bare, f"{RELEASE}-hub")
     assert not any("proxy" in _peer_components(r["to"], bare) for r in _policies(bare)["singleuser"]["egress"])
 
@@ -924,7 +937,7 @@ def test_dashboards_are_reached_only_through_the_dashboard_guard(objects):
     assert _peer_components(guard_in["from"], objects) == {"proxy", "hub", "singleuser"} and _ports(guard_in) == {8000}
     guard_out = {}
     for rule in policies["gateway-guard"]["egress"]:
-        for comp in _peer_components(rule["to"], objects):
+        for comp in _peer_components(rule["to"], objects, dns=_ports(rule) == {53}):
             guard_out[comp] = _ports(rule)
     assert guard_out.pop("hub") == {8081} and guard_out.pop("gateway-proxy") == {8000}
     assert all(k.startswith("dns:") for k in guard_out)
