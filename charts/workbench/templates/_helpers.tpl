@@ -460,3 +460,24 @@ spec:
 {{ toYaml (list (dict "from" $from "ports" (list (dict "port" .port "protocol" "TCP")))) }}
 {{- end -}}
 {{- end -}}
+
+{{/* A Kubernetes quantity from a policy value (a string as written, or a number: JSON numbers are floats). */}}
+{{- define "workbench.quantity" -}}
+{{- if kindIs "string" . -}}
+{{- . -}}
+{{- else if kindIs "invalid" . -}}
+0
+{{- else if eq (float64 .) (float64 (int64 .)) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "workbench.user-placeholderEnabled" -}}
+{{- if .Values.scheduling.userPlaceholder.enabled }}true{{ end -}}
+{{- end -}}
+
+{{- define "workbench.image-pullerEnabled" -}}
+{{- if .Values.prePuller.continuous.enabled }}true{{ end -}}
+{{- end -}}
