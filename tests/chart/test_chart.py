@@ -683,6 +683,62 @@ BAD_VALUES = {
     "sessions interval below zero": (["--set", "sessions.interval=-1"], ["/sessions/interval", "exclusiveMinimum"]),
     "sessions interval of zero": (["--set", "sessions.interval=0"], ["/sessions/interval", "exclusiveMinimum"]),
     "sessions interval not a number": (["--set", "sessions.interval=often"], ["/sessions/interval", "got string"]),
+    # issue 17: operator values
+    "extraEnv overriding what the chart sets": (
+        ["--set", "hub.extraEnv.WORKBENCH_DB_URL=sqlite://", "--set", "gateway.api.extraEnv.JUPYTERHUB_API_TOKEN=x"],
+        ["hub.extraEnv.WORKBENCH_DB_URL: the chart sets the WORKBENCH_*, JUPYTERHUB_*",
+         "gateway.api.extraEnv.JUPYTERHUB_API_TOKEN: the chart sets"],
+    ),
+    "extraVolumeMount without its volume": (
+        ["--set", "quota.extraVolumeMounts.ca.mountPath=/etc/ssl/centre"],
+        ["quota.extraVolumeMounts.ca: no volume of that name; add it under quota.extraVolumes.ca"],
+    ),
+    "extraVolume named like the chart's own": (
+        ["--set", "hub.extraVolumes.platform.emptyDir.medium=Memory"],
+        ["hub.extraVolumes.platform: the chart's own volume has this name"],
+    ),
+    "extraEnv name that is not a variable name": (["--set", "hub.extraEnv.1BAD=x"], ["hub.extraEnv.1BAD: not an environment variable name"]),
+    "extra volume name that is not a DNS label": (
+        ["--set", "hub.extraVolumes.Certs.secret.secretName=x", "--set", "hub.extraVolumeMounts.Certs.mountPath=/c"],
+        ["hub.extraVolumes.Certs: a volume name must be a DNS label"],
+    ),
+    "notebook egress to everything": (
+        ["--set", "networkPolicy.singleuser.egress.all.cidrs={0.0.0.0/0}", "--set", "networkPolicy.singleuser.egress.all.ports={443}"],
+        ["networkPolicy.singleuser.egress.all.cidrs[0]: 0.0.0.0/0 would open every address",
+         "set networkPolicy.singleuser.allowInternet=true for public addresses"],
+    ),
+    "Dask egress to the metadata service": (
+        ["--set", "networkPolicy.dask.egress.meta.cidrs={169.254.169.254/32}", "--set", "networkPolicy.dask.egress.meta.ports={80}"],
+        ["networkPolicy.dask.egress.meta.cidrs[0]: 169.254.169.254/32 is link-local"],
+    ),
+    "egress CIDR that is not a CIDR": (
+        ["--set", "networkPolicy.singleuser.egress.s3.cidrs={s3.example.edu}", "--set", "networkPolicy.singleuser.egress.s3.ports={443}"],
+        ["/networkPolicy/singleuser/egress/s3/cidrs/0", "does not match pattern"],
+    ),
+    "egress without ports": (
+        ["--set", "networkPolicy.singleuser.egress.s3.cidrs={10.0.0.0/16}"], ["/networkPolicy/singleuser/egress/s3", "ports"],
+    ),
+    "placeholders of an unknown profile": (
+        ["--values", str(PRODUCTION), "--set", "scheduling.userPlaceholder.profiles.h200-x1=2"],
+        ["scheduling.userPlaceholder.profiles.h200-x1: unknown profile 'h200-x1'; use one of the policy's profiles: a100-x1"],
+    ),
+    "placeholders enabled for no profile": (
+        ["--set", "scheduling.userPlaceholder.enabled=true"],
+        ["scheduling.userPlaceholder.profiles: userPlaceholder is enabled but names no profile"],
+    ),
+    "pre-puller without GPU types": (
+        ["--set", "prePuller.continuous.enabled=true"],
+        ["prePuller.continuous.enabled: the pre-puller pulls the images of GPU profiles"],
+    ),
+    "roster service without a course": (
+        ["--set", "rosters.enabled=true", "--set-json",
+         'platform={"auth":{"type":"demo","demo_users":{"ada":{"groups":["lab"]}}},"images":{"base":{"image":"r/b:1"}},'
+         '"profiles":{"p":{}},"groups":{"lab":{"kind":"research","profiles":["p"]}}}'],
+        ["rosters.enabled: true, but the policy has no course"],
+    ),
+    "gateway proxy service of an unknown type": (["--set", "gateway.proxy.service.type=Ingress"], ["/gateway/proxy/service/type"]),
+    "GPU runtime class that is not a name": (["--set", "gpu.runtimeClassName=NVIDIA Runtime"], ["/gpu/runtimeClassName"]),
+    "hub probe with a zero timeout": (["--set", "hub.readinessProbe.timeoutSeconds=0"], ["/hub/readinessProbe/timeoutSeconds"]),
 }
 
 

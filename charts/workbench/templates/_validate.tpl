@@ -132,8 +132,16 @@ and wrong types; the hub checks the whole policy again at start-up (workbench.po
 {{- range $path := keys $components | sortAlpha -}}
 {{- $c := index $components $path -}}
 {{- range $name := keys ($c.extraEnv | default dict) | sortAlpha -}}
+{{- if not (regexMatch "^[A-Za-z_][A-Za-z0-9_]*$" $name) -}}
+{{- $problems = append $problems (printf "%s.extraEnv.%s: not an environment variable name (letters, digits and _, not starting with a digit)" $path $name) -}}
+{{- end -}}
 {{- if or (hasPrefix "WORKBENCH_" $name) (hasPrefix "JUPYTERHUB_" $name) (hasPrefix "JPY_" $name) (hasPrefix "CONFIGPROXY_" $name) -}}
 {{- $problems = append $problems (printf "%s.extraEnv.%s: the chart sets the WORKBENCH_*, JUPYTERHUB_*, JPY_* and CONFIGPROXY_* variables itself; use the chart value that controls it (or the platform policy) instead" $path $name) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name := concat (keys ($c.extraVolumes | default dict)) (keys ($c.extraVolumeMounts | default dict)) | uniq | sortAlpha -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" $name) -}}
+{{- $problems = append $problems (printf "%s.extraVolumes.%s: a volume name must be a DNS label (lower-case letters, digits and -)" $path $name) -}}
 {{- end -}}
 {{- end -}}
 {{- range $name := keys ($c.extraVolumes | default dict) | sortAlpha -}}
