@@ -216,6 +216,7 @@ def test_pods_are_locked_down(objects):
         "gateway-guard",
         "quota",
         "sessions",
+        "rosters",
     }
 
 
@@ -387,12 +388,46 @@ def test_rbac_is_namespaced_and_least_privilege(objects):
 
 METADATA = ipaddress.ip_address("169.254.169.254")
 
+#: what examples/production-values.yaml adds on purpose: metrics scrapers, on-premises CIDRs, campus Dask clients
+_NP = yaml.safe_load(PRODUCTION.read_text())["networkPolicy"]
+OPERATOR_PEERS = list(_NP["metricsScrapers"].values())
+OPERATOR_CIDRS = {c for who in ("singleuser", "dask") for e in _NP[who]["egress"].values() for c in e["cidrs"]} | set(
+    yaml.safe_load(PRODUCTION.read_text())["gateway"]["proxy"]["service"]["loadBalancerSourceRanges"]
+)
+
+
+def _operator_rule(rule: dict, key: str) -> bool:
+    peers = rule.get(key) or []
+    return bool(peers) and all(
+        p in OPERATOR_PEERS
+        or ("ipBlock" in p and "except" not in p["ipBlock"] and p["ipBlock"]["cidr"] in OPERATOR_CIDRS)
+        for p in peers
+    )
+
+
+def _core(rules: list[dict], key: str) -> list[dict]:
+    """The chart's own rules, without those the operator's values add (metricsScrapers, egress, gateway.proxy.service)."""
+    return [r for r in rules if not _operator_rule(r, key)]
+
 
 def _policies(objects) -> dict[str, dict]:
     return {component(n): n["spec"] for n in find(objects, "NetworkPolicy")}
 
 
-def _peer_components(peers: list[dict], objects) -> set[str]:
+#: where the chart's default DNS rule (networkPolicy.egressAllowRules, port 53 only) may send queries
+DNS_PEERS = {
+    "{'matchLabels': {'kubernetes.io/metadata.name': 'kube-system'}}",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.169.254/32",
+    "169.254.20.10/32",
+}
+
+
+def _peer_components(peers: list[dict], objects, dns: bool = False) -> set[str]:
+    if dns:  # a port-53-only rule: its peers are DNS servers
+        return {"dns:" + str(p.get("namespaceSelector") or p.get("ipBlock", {}).get("cidr") or p) for p in peers}
     labels = {
         comp: {
             "app.kubernetes.io/name": "workbench",
@@ -408,6 +443,7 @@ def _peer_components(peers: list[dict], objects) -> set[str]:
             "gateway-guard",
             "quota",
             "sessions",
+            "rosters",
         )
     }
     labels["singleuser"] = singleuser_labels(RELEASE)
@@ -431,8 +467,10 @@ def _ports(rule: dict) -> set[int]:
     return {p["port"] for p in rule.get("ports", [])}
 
 
-def _reaches(rule: dict, ip) -> bool:
-    """Whether an egress rule lets traffic to ``ip`` (not a pod) through."""
+def _reaches(rule: dict, ip, port: int = 443) -> bool:
+    """Whether an egress rule lets traffic to ``ip`` (not a pod) on ``port`` through."""
+    if rule.get("ports") and port not in _ports(rule):
+        return False
     if "to" not in rule or not rule["to"]:
         return True
     for peer in rule["to"]:
@@ -448,6 +486,13 @@ def _reaches(rule: dict, ip) -> bool:
 
 def test_every_component_has_a_network_policy(objects):
     policies = _policies(objects)
+    # placeholders and pre-pullers (production values) only sleep: nothing in, nothing out
+    for comp in ("user-placeholder", "image-puller"):
+        if comp in policies:
+            assert policies.pop(comp) == {
+                "podSelector": policies_selector(objects, comp),
+                "policyTypes": ["Ingress", "Egress"],
+            }
     assert set(policies) == {
         "hub",
         "proxy",
@@ -460,6 +505,17 @@ def test_every_component_has_a_network_policy(objects):
         "gateway-guard",
         "quota",
         "sessions",
+        "rosters",
+    }
+
+
+def policies_selector(objects, comp: str) -> dict:
+    return {
+        "matchLabels": {
+            "app.kubernetes.io/name": "workbench",
+            "app.kubernetes.io/instance": RELEASE,
+            "app.kubernetes.io/component": comp,
+        }
     }
 
 
@@ -469,8 +525,8 @@ def test_notebook_pods_reach_only_the_hub_the_gateway_and_dns(objects):
     [ingress] = spec["ingress"]
     assert _peer_components(ingress["from"], objects) == {"proxy", "hub"} and _ports(ingress) == {8888}
     reached = {}
-    for rule in spec["egress"]:
-        for comp in _peer_components(rule["to"], objects):
+    for rule in _core(spec["egress"], "to"):
+        for comp in _peer_components(rule["to"], objects, dns=_ports(rule) == {53}):
             reached[comp] = _ports(rule)
     assert reached.pop("hub") == {8081}
     assert reached.pop("gateway-guard") == {8000}  # the gateway API, and dashboards of their own clusters
@@ -482,7 +538,7 @@ def test_notebook_pods_reach_only_the_hub_the_gateway_and_dns(objects):
     assert dns and all(reached.pop(k) == {53} for k in dns)
     # not other users' pods (or any pod, or a private address); at most public addresses
     assert set(reached) <= {"ipBlock:0.0.0.0/0"}
-    for rule in spec["egress"]:
+    for rule in _core(spec["egress"], "to"):
         assert not _reaches(rule, METADATA)
         for private in ("10.1.2.3", "172.16.0.9", "192.168.1.1", "100.64.0.1"):
             assert not _reaches(rule, ipaddress.ip_address(private))
@@ -509,15 +565,19 @@ def test_schedulers_are_reached_through_the_gateway_proxy_only(objects):
     [ingress] = worker["ingress"]
     assert _peer_components(ingress["from"], objects) == {"dask-scheduler", "dask-worker"}
     # users reach the gateway's proxy, never the API server or the controller directly
-    api_sources = set().union(*(_peer_components(r["from"], objects) for r in policies["gateway-api"]["ingress"]))
+    api_sources = set().union(
+        *(_peer_components(r["from"], objects) for r in _core(policies["gateway-api"]["ingress"], "from"))
+    )
     assert api_sources == {"gateway-proxy", "dask-scheduler"}
     assert "ingress" not in policies["gateway-controller"] and policies["gateway-controller"]["policyTypes"] == [
         "Ingress"
     ]
-    hub_sources = set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
-    assert hub_sources == {"proxy", "singleuser", "gateway-api", "gateway-guard", "quota", "sessions"}
+    hub_sources = set().union(
+        *(_peer_components(r["from"], objects) for r in _core(policies["hub"]["ingress"], "from"))
+    )
+    assert hub_sources == {"proxy", "singleuser", "gateway-api", "gateway-guard", "quota", "sessions", "rosters"}
     gw_proxy = {}
-    for rule in policies["gateway-proxy"]["ingress"]:
+    for rule in _core(policies["gateway-proxy"]["ingress"], "from"):
         for comp in _peer_components(rule["from"], objects):
             gw_proxy[comp] = _ports(rule)
     assert gw_proxy == {"gateway-guard": {8000}, "singleuser": {8786}}
@@ -562,6 +622,7 @@ def test_secrets_are_kept_across_upgrades(helm, default_objects):
         "gateway-api-token",
         "sessions-api-token",
         "quota-api-token",
+        "rosters-api-token",
         "guard-cookie-secret",
         "demo-password",
     }
@@ -577,6 +638,7 @@ def test_secrets_are_kept_across_upgrades(helm, default_objects):
         "quota-api-token": "quotaApiToken",
         "guard-cookie-secret": "guardCookieSecret",
         "demo-password": "demoPassword",
+        "rosters-api-token": "rostersApiToken",
     }
     args = [a for key, value in first.items() for a in ("--set", f"secrets.{names[key]}={value}")]
     second = secret_data(helm_template(helm, *args))
@@ -617,6 +679,8 @@ def test_sso_secrets_come_from_the_operators_secret(production_objects, default_
         "workbench-group-research-lab",
         "workbench-group-course-demo",
         "workbench-group-platform-admins",
+        # the course's materials folder the demo student's and instructor's pods mount
+        "workbench-course-course-demo",
     }
 
 
@@ -637,7 +701,8 @@ def test_images_come_from_values(helm, default_objects):
         "gateway-guard": "registry.example.edu/workbench/hub:0.1.0",
         "quota": "registry.example.edu/workbench/hub:0.1.0",
         "sessions": "registry.example.edu/workbench/hub:0.1.0",
-        "proxy": "quay.io/jupyterhub/configurable-http-proxy:4.6.3",
+        "rosters": "registry.example.edu/workbench/hub:0.1.0",
+        "proxy": "quay.io/jupyterhub/configurable-http-proxy:5.3.0",
         "gateway-proxy": "docker.io/library/traefik:v3.3.5",
     }
     objects = helm_template(
@@ -735,6 +800,100 @@ BAD_VALUES = {
     "sessions interval below zero": (["--set", "sessions.interval=-1"], ["/sessions/interval", "exclusiveMinimum"]),
     "sessions interval of zero": (["--set", "sessions.interval=0"], ["/sessions/interval", "exclusiveMinimum"]),
     "sessions interval not a number": (["--set", "sessions.interval=often"], ["/sessions/interval", "got string"]),
+    # issue 17: operator values
+    "extraEnv overriding what the chart sets": (
+        ["--set", "hub.extraEnv.WORKBENCH_DB_URL=sqlite://", "--set", "gateway.api.extraEnv.JUPYTERHUB_API_TOKEN=x"],
+        [
+            "hub.extraEnv.WORKBENCH_DB_URL: the chart sets the WORKBENCH_*, JUPYTERHUB_*",
+            "gateway.api.extraEnv.JUPYTERHUB_API_TOKEN: the chart sets",
+        ],
+    ),
+    "extraVolumeMount without its volume": (
+        ["--set", "quota.extraVolumeMounts.ca.mountPath=/etc/ssl/centre"],
+        ["quota.extraVolumeMounts.ca: no volume of that name; add it under quota.extraVolumes.ca"],
+    ),
+    "extraVolume named like the chart's own": (
+        ["--set", "hub.extraVolumes.platform.emptyDir.medium=Memory"],
+        ["hub.extraVolumes.platform: the chart's own volume has this name"],
+    ),
+    "extraEnv name that is not a variable name": (
+        ["--set", "hub.extraEnv.1BAD=x"],
+        ["hub.extraEnv.1BAD: not an environment variable name"],
+    ),
+    "extra volume name that is not a DNS label": (
+        ["--set", "hub.extraVolumes.Certs.secret.secretName=x", "--set", "hub.extraVolumeMounts.Certs.mountPath=/c"],
+        ["hub.extraVolumes.Certs: a volume name must be a DNS label"],
+    ),
+    "notebook egress to everything": (
+        [
+            "--set",
+            "networkPolicy.singleuser.egress.all.cidrs={0.0.0.0/0}",
+            "--set",
+            "networkPolicy.singleuser.egress.all.ports={443}",
+        ],
+        [
+            "networkPolicy.singleuser.egress.all.cidrs[0]: 0.0.0.0/0 would open every address",
+            "set networkPolicy.singleuser.allowInternet=true for public addresses",
+        ],
+    ),
+    "Dask egress to the metadata service": (
+        [
+            "--set",
+            "networkPolicy.dask.egress.meta.cidrs={169.254.169.254/32}",
+            "--set",
+            "networkPolicy.dask.egress.meta.ports={80}",
+        ],
+        ["networkPolicy.dask.egress.meta.cidrs[0]: 169.254.169.254/32 is link-local"],
+    ),
+    "egress CIDR that is not a CIDR": (
+        [
+            "--set",
+            "networkPolicy.singleuser.egress.s3.cidrs={s3.example.edu}",
+            "--set",
+            "networkPolicy.singleuser.egress.s3.ports={443}",
+        ],
+        ["/networkPolicy/singleuser/egress/s3/cidrs/0", "does not match pattern"],
+    ),
+    "egress without ports": (
+        ["--set", "networkPolicy.singleuser.egress.s3.cidrs={10.0.0.0/16}"],
+        ["/networkPolicy/singleuser/egress/s3", "ports"],
+    ),
+    "placeholders of an unknown profile": (
+        ["--values", str(PRODUCTION), "--set", "scheduling.userPlaceholder.profiles.h200-x1=2"],
+        [
+            "scheduling.userPlaceholder.profiles.h200-x1: unknown profile 'h200-x1'; use one of the policy's profiles: a100-x1"
+        ],
+    ),
+    "placeholders enabled for no profile": (
+        ["--set", "scheduling.userPlaceholder.enabled=true"],
+        ["scheduling.userPlaceholder.profiles: userPlaceholder is enabled but names no profile"],
+    ),
+    "pre-puller without GPU types": (
+        ["--set", "prePuller.continuous.enabled=true"],
+        ["prePuller.continuous.enabled: the pre-puller pulls the images of GPU profiles"],
+    ),
+    "roster service without a course": (
+        [
+            "--set",
+            "rosters.enabled=true",
+            "--set-json",
+            'platform={"auth":{"type":"demo","demo_users":{"ada":{"groups":["lab"]}}},"images":{"base":{"image":"r/b:1"}},'
+            '"profiles":{"p":{}},"groups":{"lab":{"kind":"research","profiles":["p"]}}}',
+        ],
+        ["rosters.enabled: true, but the policy has no course"],
+    ),
+    "gateway proxy service of an unknown type": (
+        ["--set", "gateway.proxy.service.type=Ingress"],
+        ["/gateway/proxy/service/type"],
+    ),
+    "GPU runtime class that is not a name": (
+        ["--set", "gpu.runtimeClassName=NVIDIA Runtime"],
+        ["/gpu/runtimeClassName"],
+    ),
+    "hub probe with a zero timeout": (
+        ["--set", "hub.readinessProbe.timeoutSeconds=0"],
+        ["/hub/readinessProbe/timeoutSeconds"],
+    ),
 }
 
 
@@ -864,22 +1023,21 @@ def test_the_quota_ledger_on_postgresql_comes_from_the_operators_secret(helm):
 def test_the_quota_service_is_reached_by_the_hub_the_proxy_and_the_gateway_only(objects):
     policies = _policies(objects)
     spec = policies["quota"]
-    [ingress] = spec["ingress"]
+    [ingress] = _core(spec["ingress"], "from")
     # notebook pods ask through the proxy (WORKBENCH_SERVICES_URL), never the pod directly
     assert _peer_components(ingress["from"], objects) == {"hub", "proxy", "gateway-api"}
     assert _ports(ingress) == {8013}
     if "egress" in spec:  # SQLite: the hub API and DNS only (PostgreSQL: see the test above)
         reached = {}
         for rule in spec["egress"]:
-            for comp in _peer_components(rule["to"], objects):
+            for comp in _peer_components(rule["to"], objects, dns=_ports(rule) == {53}):
                 reached[comp] = _ports(rule)
         assert reached.pop("hub") == {8081}
         assert all(k.startswith("dns:") for k in reached)
     else:
-        assert (
-            spec["policyTypes"] == ["Ingress"]
-            and _quota_container(objects)["env"][-1]["name"] == "WORKBENCH_QUOTA_DB_URL"
-        )
+        assert spec["policyTypes"] == ["Ingress"] and "WORKBENCH_QUOTA_DB_URL" in {
+            e["name"] for e in _quota_container(objects)["env"]
+        }
     assert any(
         8013 in _ports(r) and _peer_components(r["to"], objects) == {"quota"} for r in policies["proxy"]["egress"]
     )
@@ -981,7 +1139,7 @@ def test_the_sessions_service_is_reached_by_the_hub_and_the_proxy_and_reaches_th
     assert _peer_components(ingress["from"], objects) == {"hub", "proxy"} and _ports(ingress) == {8014}
     reached = {}
     for rule in spec["egress"]:
-        for comp in _peer_components(rule["to"], objects):
+        for comp in _peer_components(rule["to"], objects, dns=_ports(rule) == {53}):
             reached[comp] = _ports(rule)
         assert not _reaches(rule, METADATA) and not _reaches(rule, ipaddress.ip_address("8.8.8.8"))
     assert reached.pop("hub") == {8081}
@@ -1018,7 +1176,9 @@ def test_sessions_disabled_brings_back_the_idle_culler(helm):
         for r in policies["singleuser"]["egress"]
     )
     # neither quota nor sessions: notebooks need not reach the proxy, and have no services URL
-    bare = helm_template(helm, "--set", "sessions.enabled=false", "--set", "quota.enabled=false")
+    bare = helm_template(
+        helm, "--set", "sessions.enabled=false", "--set", "quota.enabled=false", "--set", "rosters.enabled=false"
+    )
     assert "WORKBENCH_SERVICES_URL" not in container_env(bare, f"{RELEASE}-hub")
     assert not any("proxy" in _peer_components(r["to"], bare) for r in _policies(bare)["singleuser"]["egress"])
 
@@ -1071,7 +1231,7 @@ def test_dashboards_are_reached_only_through_the_dashboard_guard(objects):
     assert _peer_components(guard_in["from"], objects) == {"proxy", "hub", "singleuser"} and _ports(guard_in) == {8000}
     guard_out = {}
     for rule in policies["gateway-guard"]["egress"]:
-        for comp in _peer_components(rule["to"], objects):
+        for comp in _peer_components(rule["to"], objects, dns=_ports(rule) == {53}):
             guard_out[comp] = _ports(rule)
     assert guard_out.pop("hub") == {8081} and guard_out.pop("gateway-proxy") == {8000}
     assert all(k.startswith("dns:") for k in guard_out)

@@ -138,3 +138,66 @@ def test_base_lock_installs_and_imports(tmp_path):
     smoke = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert smoke.stdout.strip() == "ok", smoke.stderr[-3000:]
     assert (venv / "bin" / "jupyterhub-singleuser").exists()
+
+
+def _run_lines(text: str) -> str:
+    """The Dockerfile with continuation lines joined."""
+    return text.replace("\\\n", " ")
+
+
+def test_notebook_images_ship_the_jupyterlab_notifications():
+    """JupyterLab on Kubernetes shows the budget and session notifications (workbench.lab + the prebuilt lab
+    extension) only if the notebook images install the workbench package itself, with its data files:
+    jupyter-config/jupyter_server_config.d/workbench.json (enables the server extension) and
+    src/workbench/labextension (pyproject.toml's data-files)."""
+    import tomllib
+
+    base = _run_lines((IMAGES / "base" / "Dockerfile").read_text())
+    # built from the repository root, with the package's sources and data files
+    assert "COPY pyproject.toml README.md /opt/workbench/src/" in base
+    assert "COPY src/ /opt/workbench/src/src/" in base
+    assert "COPY jupyter-config/ /opt/workbench/src/jupyter-config/" in base
+    assert re.search(r"pip install [^&]*--no-deps [^&]*workbench-\*\.whl", base)
+    # the build fails unless both extensions are installed and enabled
+    assert 'grep -q "workbench.lab.*enabled"' in base and 'grep -q "workbench-notifications.*enabled"' in base
+    # the wheel's build tools are the hub image's pins
+    hub = lock("hub")
+    assert f"setuptools=={hub['setuptools']}" in base and f"wheel=={hub['wheel']}" in base
+    # what the data files are (the wheel carries them) and that they exist in the repository
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    assert data["etc/jupyter/jupyter_server_config.d"] == ["jupyter-config/jupyter_server_config.d/workbench.json"]
+    assert (ROOT / "jupyter-config/jupyter_server_config.d/workbench.json").exists()
+    assert (ROOT / "src/workbench/labextension/package.json").exists()
+    ignore = (IMAGES / "base" / "Dockerfile.dockerignore").read_text().splitlines()
+    assert {"!src/", "!jupyter-config/", "!pyproject.toml", "!images/base/requirements.txt"} <= set(ignore)
+    # the GPU image inherits them from the base image and checks they are there
+    gpu = _run_lines((IMAGES / "gpu-pytorch" / "Dockerfile").read_text())
+    assert 'grep -q "workbench-notifications.*enabled"' in gpu and 'python -c "import workbench.lab"' in gpu
+
+
+def test_the_base_lock_has_what_workbench_lab_imports():
+    """--no-deps: the server extension's imports must all be in the base image's lock."""
+    import subprocess as sp
+
+    code = (
+        "import sys; before = set(sys.modules); import workbench.lab; "
+        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))"
+    )
+    mods = sp.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    stdlib = set(sys.stdlib_module_names)
+    third_party = {
+        m for m in mods if m not in stdlib and not m.startswith("_") and m not in ("workbench", "cython_runtime")
+    }
+    dist = {
+        "yaml": "pyyaml",
+        "jupyter_core": "jupyter-core",
+        "jupyter_server": "jupyter-server",
+        "prometheus_client": "prometheus-client",
+        "pydantic_core": "pydantic-core",
+        "annotated_types": "annotated-types",
+        "typing_extensions": "typing-extensions",
+        "typing_inspection": "typing-inspection",
+    }
+    base = lock("base")
+    missing = sorted(m for m in third_party if canonicalize_name(dist.get(m, m)) not in base)
+    assert not missing, f"workbench.lab imports {missing}, which images/base/requirements.txt does not pin"

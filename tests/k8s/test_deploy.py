@@ -1,4 +1,5 @@
-"""Deploy the chart to a real cluster, log in, spawn a notebook pod and run a Dask Gateway cluster from it.
+"""Deploy the chart to a real cluster, log in, spawn a notebook pod, run and scale a Dask Gateway cluster from it,
+open its dashboard through the dashboard guard and stop everything: the scenario the embedded mode passes.
 
 Skipped unless KUBECONFIG, WORKBENCH_K8S_REGISTRY and WORKBENCH_K8S_TAG are set (see conftest.py). Uses
 the chart's built-in try-out policy (demo logins, reachable through `kubectl port-forward` only), in a
@@ -157,21 +158,52 @@ def test_spawn_and_gateway_cluster(deployed):
         assert pod["spec"]["automountServiceAccountToken"] is False
         assert pod["spec"]["containers"][0]["securityContext"]["runAsUser"] == 1000
 
-        # from inside the notebook pod, as a user would: Gateway() with no arguments
+        # from inside the notebook pod, as a user would: Gateway() with no arguments; create, scale, compute
         code = (
             "from dask_gateway import Gateway\n"
             "g = Gateway()\n"
             "c = g.new_cluster(worker_cores=1, worker_memory=1)\n"
-            "c.scale(1)\n"
+            "c.scale(2)\n"
             "client = c.get_client()\n"
-            "client.wait_for_workers(1, timeout=600)\n"
-            "print('RESULT', client.submit(lambda x: x + 1, 41).result())\n"
-            "c.shutdown()\n"
+            "client.wait_for_workers(2, timeout=600)\n"
+            "print('RESULT', client.submit(lambda x: x + 1, 41).result(), len(client.scheduler_info()['workers']))\n"
+            "print('CLUSTER', c.name)\n"
+            "client.close()\n"
         )
         out = cluster.k("exec", pod["metadata"]["name"], "--", "python", "-c", code, timeout=900)
-        assert "RESULT 42" in out, out + cluster.diagnostics()
+        assert "RESULT 42 2" in out, out + cluster.diagnostics()
+        name = out.split("CLUSTER", 1)[1].split()[0]
+        instance = f"{RELEASE}-gateway"
+        workers = cluster.k(
+            "get",
+            "pods",
+            "-l",
+            f"gateway.dask.org/instance={instance},app.kubernetes.io/component=dask-worker",
+            "-o",
+            "name",
+        ).split()
+        assert len(workers) == 2, workers
 
+        # its dashboard through the dashboard guard (the hub's proxy -> the guard -> Traefik): the owner's browser
+        # session gets it (hub OAuth, then the guard asks the gateway), an anonymous one does not
+        r = session.get(f"{base}/services/dask-gateway/clusters/{name}/status", timeout=60)
+        assert r.status_code == 200 and "dask" in r.text.lower(), (r.status_code, r.text[:300], cluster.diagnostics())
+        anonymous = requests.get(
+            f"{base}/services/dask-gateway/clusters/{name}/status", allow_redirects=False, timeout=60
+        )
+        assert anonymous.status_code in (302, 401, 403)
+
+        # stop everything: the server, and with it the user's Dask clusters (the hub stops them)
         r = requests.delete(f"{base}/hub/api/users/researcher/server", headers=api)
         assert r.status_code in (202, 204)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            left = cluster.k("get", "pods", "-l", f"gateway.dask.org/instance={instance}", "-o", "name").split()
+            notebook = cluster.k("get", "pods", "-l", "hub.jupyter.org/username=researcher", "-o", "name").split()
+            if not left and not notebook:
+                break
+            time.sleep(5)
+        else:
+            raise AssertionError(f"pods left after the server stopped: {left + notebook}\n" + cluster.diagnostics())
     finally:
         forward.terminate()

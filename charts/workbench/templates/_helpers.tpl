@@ -137,6 +137,20 @@ release's existing Secret (lookup: kept across helm upgrade); else a new random 
 cannot lookup, so it generates new ones each time unless .Values.secrets gives them.
 */}}
 {{- define "workbench.secretData" -}}
+{{- /* computed once per render (cached in .Values): the Secret and every checksum/secret must agree */ -}}
+{{- if not (hasKey .Values "_workbenchSecretData") -}}
+{{- $_ := set .Values "_workbenchSecretData" (include "workbench.secretDataOnce" .) -}}
+{{- end -}}
+{{- index .Values "_workbenchSecretData" -}}
+{{- end -}}
+
+{{/* checksum/secret of the pods that read the release's Secret (z2jh's checksum/secret): a changed key
+rolls the hub, its proxy and the services together, so that they never disagree on a token. */}}
+{{- define "workbench.secretChecksum" -}}
+checksum/secret: {{ include "workbench.secretData" . | sha256sum }}
+{{- end -}}
+
+{{- define "workbench.secretDataOnce" -}}
 {{- $existing := lookup "v1" "Secret" .Release.Namespace (include "workbench.secretName" .) -}}
 {{- $previous := dict -}}
 {{- if $existing }}{{ $previous = $existing.data | default dict }}{{ end -}}
@@ -148,6 +162,9 @@ cannot lookup, so it generates new ones each time unless .Values.secrets gives t
 {{- $_ := set $keys "sessions-api-token" .Values.secrets.sessionsApiToken -}}
 {{- else -}}
 {{- $_ := set $keys "culler-api-token" .Values.secrets.cullerApiToken -}}
+{{- end -}}
+{{- if include "workbench.rostersEnabled" . -}}
+{{- $_ := set $keys "rosters-api-token" .Values.secrets.rostersApiToken -}}
 {{- end -}}
 {{- if eq (include "workbench.authType" .) "demo" -}}
 {{- $_ := set $keys "demo-password" .Values.secrets.demoPassword -}}
@@ -201,6 +218,34 @@ Service inside the cluster, which routes /services/<name>/ to each. */}}
 {{- printf "http://%s:%v/services/" (include "workbench.name" (dict "root" . "part" "proxy-public")) .Values.proxy.service.port -}}
 {{- end -}}
 
+{{/* The roster service: the hub service rosters (workbench.services.rosters; the embedded mode's port). */}}
+{{- define "workbench.rostersUrl" -}}
+{{- printf "http://%s:8015" (include "workbench.name" (dict "root" . "part" "rosters")) -}}
+{{- end -}}
+
+{{/* Courses of the effective policy (groups of kind course), as a JSON list. */}}
+{{- define "workbench.courses" -}}
+{{- $p := include "workbench.platform" . | fromJson -}}
+{{- $courses := list -}}
+{{- range $name, $g := ($p.groups | default dict) -}}
+{{- if eq (($g | default dict).kind | default "") "course" }}{{ $courses = append $courses $name }}{{ end -}}
+{{- end -}}
+{{- toJson $courses -}}
+{{- end -}}
+
+{{/* "true" when the roster service runs: rosters.enabled, or (null) when the policy has a course. */}}
+{{- define "workbench.rostersEnabled" -}}
+{{- $e := .Values.rosters.enabled -}}
+{{- if kindIs "invalid" $e -}}
+{{- if include "workbench.courses" . | fromJsonArray }}true{{ end -}}
+{{- else if $e }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when notebook pods ask hub services (quota, sessions, rosters) through the proxy. */}}
+{{- define "workbench.anyService" -}}
+{{- if or .Values.quota.enabled .Values.sessions.enabled (include "workbench.rostersEnabled" .) }}true{{ end -}}
+{{- end -}}
+
 {{/* The quota ledger's database: "url" (the operator's Secret) or "sqlite-pvc" (the default). */}}
 {{- define "workbench.quotaDb" -}}
 {{- $url := .Values.quota.db.url -}}
@@ -220,6 +265,25 @@ Service inside the cluster, which routes /services/<name>/ to each. */}}
   value: {{ include "workbench.gatewayApiUrl" . | quote }}
 - name: WORKBENCH_HUB_API_URL
   value: {{ printf "%s/hub/api" (include "workbench.hubUrl" .) | quote }}
+{{- with .Values.images.pullSecrets }}
+- name: WORKBENCH_IMAGE_PULL_SECRETS  # Dask scheduler and worker pods (KubeClusterConfig.image_pull_secrets)
+  value: {{ include "workbench.pullSecretNames" $ | quote }}
+{{- end }}
+{{- include "workbench.gpuPodEnv" . }}
+{{- end -}}
+
+{{/* How pods that request a GPU are built (notebooks by the hub, Dask workers by the gateway): gpu.* values. */}}
+{{- define "workbench.gpuPodEnv" -}}
+{{- with .Values.gpu.runtimeClassName }}
+- name: WORKBENCH_GPU_RUNTIME_CLASS  # runtimeClassName of pods that request a GPU
+  value: {{ . | quote }}
+{{- end }}
+- name: WORKBENCH_GPU_DEV_SHM  # "true": a memory-backed /dev/shm, sized as the pod's memory limit
+  value: {{ .Values.gpu.devShm.enabled | toString | quote }}
+{{- end -}}
+
+{{- define "workbench.hubSpawnEnv" -}}
+{{- include "workbench.gpuPodEnv" . }}
 {{- end -}}
 
 {{/* Volumes every workbench Python process mounts: the platform YAML (read-only) and a writable /tmp. */}}
@@ -237,4 +301,183 @@ Service inside the cluster, which routes /services/<name>/ to each. */}}
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- end -}}
+
+{{/*
+Operator settings of one component's pods (zero-to-jupyterhub's names). Called with
+  (dict "root" $ "v" <the component's values> "defaults" <values it falls back on, or {}>
+        "platform" <mounts the platform ConfigMap?> "secret" <reads the release's Secret?>)
+`defaults` is gateway.* for the gateway's four parts (gateway.nodeSelector ... apply to all of them).
+*/}}
+{{- define "workbench.podAnnotations" -}}
+{{- $d := .defaults | default dict -}}
+{{- if .platform }}
+checksum/platform: {{ include "workbench.platform" .root | sha256sum }}
+{{- end }}
+{{- if .secret }}
+{{ include "workbench.secretChecksum" .root }}
+{{- end }}
+{{- with merge (dict) (.v.podAnnotations | default dict) ($d.podAnnotations | default dict) }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "workbench.podScheduling" -}}
+{{- $v := .v -}}
+{{- $d := .defaults | default dict -}}
+{{- with .root.Values.images.pullSecrets }}
+imagePullSecrets:
+  {{- include "workbench.imagePullSecrets" $.root | nindent 2 }}
+{{- end }}
+{{- with ($v.nodeSelector | default $d.nodeSelector) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with ($v.tolerations | default $d.tolerations) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with ($v.affinity | default $d.affinity) }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with ($v.topologySpreadConstraints | default $d.topologySpreadConstraints) }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with ($v.priorityClassName | default $d.priorityClassName) }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* extraEnv: a map NAME -> value (a string) or {valueFrom: ...} (keyed by name, so Helm merges it). */}}
+{{- define "workbench.extraEnv" -}}
+{{- range $name, $val := (.v.extraEnv | default dict) }}
+- name: {{ $name | quote }}
+  {{- if kindIs "map" $val }}
+  {{- toYaml $val | nindent 2 }}
+  {{- else }}
+  value: {{ $val | toString | quote }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* extraVolumes: a map name -> volume source; extraVolumeMounts: a map volume name -> {mountPath, ...}. */}}
+{{- define "workbench.extraVolumes" -}}
+{{- range $name, $src := (.v.extraVolumes | default dict) }}
+- name: {{ $name | quote }}
+  {{- toYaml $src | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "workbench.extraVolumeMounts" -}}
+{{- range $name, $mount := (.v.extraVolumeMounts | default dict) }}
+- name: {{ $name | quote }}
+  {{- toYaml $mount | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* A probe from values ({enabled, httpGet/tcpSocket given by the template, periods and thresholds}). */}}
+{{- define "workbench.probe" -}}
+{{- $p := .probe -}}
+{{ toYaml .handler }}
+{{- range $k := list "initialDelaySeconds" "periodSeconds" "timeoutSeconds" "failureThreshold" }}
+{{- if hasKey $p $k }}
+{{ $k }}: {{ index $p $k | int }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A PodDisruptionBudget of one component (.v.pdb: {enabled, minAvailable, maxUnavailable}). */}}
+{{- define "workbench.pdb" -}}
+{{- $pdb := .v.pdb | default dict -}}
+{{- if $pdb.enabled }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "workbench.name" (dict "root" .root "part" .component) }}
+  labels:
+    {{- include "workbench.labels" (dict "root" .root "component" .component) | nindent 4 }}
+spec:
+  {{- if not (kindIs "invalid" $pdb.maxUnavailable) }}
+  maxUnavailable: {{ $pdb.maxUnavailable }}
+  {{- else }}
+  minAvailable: {{ $pdb.minAvailable | default 1 }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "workbench.selectorLabels" (dict "root" .root "component" .component) | nindent 6 }}
+{{- end }}
+{{- end -}}
+
+{{/* The DNS egress rule of every restricted pod (port 53 only): networkPolicy.egressAllowRules and dnsPeers. */}}
+{{- define "workbench.dnsEgress" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- $rules := $np.egressAllowRules -}}
+{{- $peers := list -}}
+{{- if $rules.dnsPortsKubeSystemNamespace -}}
+{{- $peers = append $peers (dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" "kube-system"))) -}}
+{{- end -}}
+{{- if $rules.dnsPortsPrivateIPs -}}
+{{- range list "10.0.0.0/8" "172.16.0.0/12" "192.168.0.0/16" -}}
+{{- $peers = append $peers (dict "ipBlock" (dict "cidr" .)) -}}
+{{- end -}}
+{{- end -}}
+{{- if $rules.dnsPortsCloudMetadataServer -}}
+{{- $peers = append $peers (dict "ipBlock" (dict "cidr" "169.254.169.254/32")) -}}
+{{- end -}}
+{{- if $rules.dnsPortsNodeLocalDNSCache -}}
+{{- $peers = append $peers (dict "ipBlock" (dict "cidr" "169.254.20.10/32")) -}}
+{{- end -}}
+{{- range $name := keys ($np.dnsPeers | default dict) | sortAlpha -}}
+{{- $peers = append $peers (index $np.dnsPeers $name) -}}
+{{- end -}}
+{{- if $peers -}}
+{{- toYaml (list (dict "to" $peers "ports" (list (dict "port" 53 "protocol" "UDP") (dict "port" 53 "protocol" "TCP")))) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Egress rules of networkPolicy.<singleuser|dask>.egress: on-premises CIDRs and ports. */}}
+{{- define "workbench.extraEgress" -}}
+{{- range $name := keys (.egress | default dict) | sortAlpha -}}
+{{- $e := index $.egress $name -}}
+{{- $to := list -}}
+{{- range $e.cidrs }}{{ $to = append $to (dict "ipBlock" (dict "cidr" .)) }}{{ end -}}
+{{- $ports := list -}}
+{{- range $e.ports }}{{ $ports = append $ports (dict "port" (int .) "protocol" ($e.protocol | default "TCP")) }}{{ end }}
+# {{ $name }}
+{{ toYaml (list (dict "to" $to "ports" $ports)) }}
+{{- end -}}
+{{- end -}}
+
+{{/* Ingress from metrics scrapers (networkPolicy.metricsScrapers) on one port. */}}
+{{- define "workbench.metricsIngress" -}}
+{{- $scrapers := .root.Values.networkPolicy.metricsScrapers | default dict -}}
+{{- if $scrapers -}}
+{{- $from := list -}}
+{{- range $name := keys $scrapers | sortAlpha }}{{ $from = append $from (index $scrapers $name) }}{{ end -}}
+{{ toYaml (list (dict "from" $from "ports" (list (dict "port" .port "protocol" "TCP")))) }}
+{{- end -}}
+{{- end -}}
+
+{{/* A Kubernetes quantity from a policy value (a string as written, or a number: JSON numbers are floats). */}}
+{{- define "workbench.quantity" -}}
+{{- if kindIs "string" . -}}
+{{- . -}}
+{{- else if kindIs "invalid" . -}}
+0
+{{- else if eq (float64 .) (float64 (int64 .)) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "workbench.user-placeholderEnabled" -}}
+{{- if .Values.scheduling.userPlaceholder.enabled }}true{{ end -}}
+{{- end -}}
+
+{{- define "workbench.image-pullerEnabled" -}}
+{{- if .Values.prePuller.continuous.enabled }}true{{ end -}}
 {{- end -}}

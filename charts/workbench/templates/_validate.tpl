@@ -125,6 +125,66 @@ and wrong types; the hub checks the whole policy again at start-up (workbench.po
 {{- $problems = append $problems (printf "quota.db.url.existingSecret: quota.db.url.key is '%s' but no Secret is named; set quota.db.url.existingSecret to the Secret holding the database URL (kubectl create secret generic workbench-quota-db --from-literal=%s=...), or remove quota.db.url to keep SQLite on a PersistentVolumeClaim" $url.key $url.key) -}}
 {{- end -}}
 {{- end -}}
+{{- /* per-component operator values */ -}}
+{{- $components := dict "hub" $v.hub "proxy" $v.proxy "gateway.api" $v.gateway.api "gateway.controller" $v.gateway.controller
+      "gateway.proxy" $v.gateway.proxy "gateway.guard" $v.gateway.guard "quota" $v.quota "sessions" $v.sessions "rosters" $v.rosters -}}
+{{- $chartVolumes := list "platform" "tmp" "hub-db" "ledger" -}}
+{{- range $path := keys $components | sortAlpha -}}
+{{- $c := index $components $path -}}
+{{- range $name := keys ($c.extraEnv | default dict) | sortAlpha -}}
+{{- if not (regexMatch "^[A-Za-z_][A-Za-z0-9_]*$" $name) -}}
+{{- $problems = append $problems (printf "%s.extraEnv.%s: not an environment variable name (letters, digits and _, not starting with a digit)" $path $name) -}}
+{{- end -}}
+{{- if or (hasPrefix "WORKBENCH_" $name) (hasPrefix "JUPYTERHUB_" $name) (hasPrefix "JPY_" $name) (hasPrefix "CONFIGPROXY_" $name) -}}
+{{- $problems = append $problems (printf "%s.extraEnv.%s: the chart sets the WORKBENCH_*, JUPYTERHUB_*, JPY_* and CONFIGPROXY_* variables itself; use the chart value that controls it (or the platform policy) instead" $path $name) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name := concat (keys ($c.extraVolumes | default dict)) (keys ($c.extraVolumeMounts | default dict)) | uniq | sortAlpha -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" $name) -}}
+{{- $problems = append $problems (printf "%s.extraVolumes.%s: a volume name must be a DNS label (lower-case letters, digits and -)" $path $name) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name := keys ($c.extraVolumes | default dict) | sortAlpha -}}
+{{- if has $name $chartVolumes -}}
+{{- $problems = append $problems (printf "%s.extraVolumes.%s: the chart's own volume has this name (%s); choose another name" $path $name (join ", " $chartVolumes)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name := keys ($c.extraVolumeMounts | default dict) | sortAlpha -}}
+{{- if not (hasKey ($c.extraVolumes | default dict) $name) -}}
+{{- $problems = append $problems (printf "%s.extraVolumeMounts.%s: no volume of that name; add it under %s.extraVolumes.%s (a volume source: secret, configMap, persistentVolumeClaim, ...)" $path $name $path $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* extra egress: on-premises services only */ -}}
+{{- range $who := list "singleuser" "dask" -}}
+{{- $egress := (index $v.networkPolicy $who).egress | default dict -}}
+{{- range $name := keys $egress | sortAlpha -}}
+{{- range $i, $cidr := (index $egress $name).cidrs -}}
+{{- if eq $cidr "0.0.0.0/0" -}}
+{{- $problems = append $problems (printf "networkPolicy.%s.egress.%s.cidrs[%d]: 0.0.0.0/0 would open every address (other users' pods, the cloud metadata service); name your on-premises networks, and set networkPolicy.%s.allowInternet=true for public addresses" $who $name $i $who) -}}
+{{- else if hasPrefix "169.254." $cidr -}}
+{{- $problems = append $problems (printf "networkPolicy.%s.egress.%s.cidrs[%d]: %s is link-local (the cloud metadata service at 169.254.169.254 hands out the node's credentials); it is never opened to users' pods" $who $name $i $cidr) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* the roster service and the placeholders refer to the policy */ -}}
+{{- $platform := include "workbench.platform" . | fromJson -}}
+{{- if and (eq (toString $v.rosters.enabled) "true") (not (include "workbench.courses" . | fromJsonArray)) -}}
+{{- $problems = append $problems "rosters.enabled: true, but the policy has no course (a group of kind course) for the roster service to serve; add one to platform.groups, or leave rosters.enabled null (the service runs when there is a course)" -}}
+{{- end -}}
+{{- $placeholders := $v.scheduling.userPlaceholder.profiles | default dict -}}
+{{- range $prof := keys $placeholders | sortAlpha -}}
+{{- if not (hasKey ($platform.profiles | default dict) $prof) -}}
+{{- $problems = append $problems (printf "scheduling.userPlaceholder.profiles.%s: unknown profile '%s'; use one of the policy's profiles: %s" $prof $prof (include "workbench.names" $platform.profiles)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.scheduling.userPlaceholder.enabled (not $placeholders) -}}
+{{- $problems = append $problems "scheduling.userPlaceholder.profiles: userPlaceholder is enabled but names no profile; set {<profile>: <replicas>}, e.g. scheduling.userPlaceholder.profiles.h100-x1=2" -}}
+{{- end -}}
+{{- if and $v.prePuller.continuous.enabled (not $platform.gpu_types) -}}
+{{- $problems = append $problems "prePuller.continuous.enabled: the pre-puller pulls the images of GPU profiles on their GPU type's nodes, but the policy has no gpu_types; disable it" -}}
+{{- end -}}
 {{- if and $v.ingress.enabled (not $v.ingress.host) -}}
 {{- $problems = append $problems "ingress.host: ingress.enabled needs the host name (workbench.example.edu)" -}}
 {{- end -}}
