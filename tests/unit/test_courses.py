@@ -552,3 +552,14 @@ def test_rendered_pod_of_a_research_user_has_no_course_parts(centre):
     pod = render_pod(centre, "ada", ["climate-lab"], None)
     assert "initContainers" not in pod["spec"]
     assert not [m for m in pod["spec"]["containers"][0]["volumeMounts"] if "/courses/" in m["mountPath"]]
+
+
+def test_roster_names_without_a_unix_account_are_refused():
+    students, problems = parse_roster("username\nok1\nbad:name\nback\\slash\n")
+    assert [s.username for s in students] == ["ok1"]
+    assert problems == [
+        "line 3: the user name 'bad:name' contains a colon (':'): no account can be made for it; "
+        "use the student's login name",
+        "line 4: the user name 'back\\\\slash' contains a backslash ('\\\\'): no account can be made for it; "
+        "use the student's login name",
+    ]

@@ -16,6 +16,7 @@ from traitlets import Dict, Unicode, default
 
 from workbench.auth.groups import merge_roster_groups
 from workbench.runtime import is_loopback
+from workbench.sysusers import hub_username_problem
 
 PASSWORD_ENV = "WORKBENCH_DEMO_PASSWORD"
 ALLOW_FLAG = "--allow-demo-auth-on-network"
@@ -100,3 +101,10 @@ class DemoAuthenticator(Authenticator):
 
     def check_allowed(self, username, authentication=None):
         return username in self.accounts
+
+    def validate_username(self, username):
+        """JupyterHub's rules plus :func:`workbench.sysusers.hub_username_problem` (users made through the API too)."""
+        problem = hub_username_problem(username)
+        if problem:
+            self.log.warning("Refusing the user name %r: %s", username, problem)
+        return problem is None and super().validate_username(username)

@@ -42,6 +42,7 @@ from workbench.auth.demo import DemoAuthenticator
 from workbench.auth.groups import merge_roster_groups
 from workbench.policy import Policy, PolicyError
 from workbench.runtime import Runtime
+from workbench.sysusers import hub_username_problem
 
 try:
     from oauthenticator.generic import GenericOAuthenticator
@@ -245,7 +246,24 @@ class PolicyGroupsAuthenticator(Authenticator):
                     f"Your identity provider did not send your user name (no usable {claim!r} claim), so you "
                     "cannot log in. Ask the platform team to check auth.username_claim of the platform policy.",
                 )
-        return super().user_info_to_username(user_info)
+        name = super().user_info_to_username(user_info)
+        if problem := hub_username_problem(name):
+            self.log.warning("Login refused: %s", problem)
+            raise web.HTTPError(
+                403,
+                f"You cannot log in: {problem} (the {claim!r} claim of your identity provider), and the workbench "
+                "cannot make an account for it. Ask the platform team to set auth.username_claim of the platform "
+                "policy to a claim without such characters (e.g. preferred_username), or to fix your name at the "
+                "identity provider.",
+            )
+        return name
+
+    def validate_username(self, username):
+        """JupyterHub's rules plus :func:`workbench.sysusers.hub_username_problem` (users made through the API too)."""
+        problem = hub_username_problem(username)
+        if problem:
+            self.log.warning("Refusing the user name %r: %s", username, problem)
+        return problem is None and super().validate_username(username)
 
     def refusal_message(self, auth_model: dict | None) -> str:
         raise NotImplementedError

@@ -29,13 +29,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from workbench.policy import Material, Policy
+from workbench.sysusers import INSTRUCTOR_GROUP_PREFIX  # noqa: F401  (re-exported: prefix of the instructors' Unix group)
 
 #: left in ``~/<course>`` when the material could not be pulled (removed by the next good pull)
 NOTE_NAME = "MATERIAL-NOT-UPDATED.txt"
 #: seconds one course's pull may take before it is given up
 PULL_TIMEOUT = 300
-#: prefix of the Unix group of a course's instructors (embedded mode)
-INSTRUCTOR_GROUP_PREFIX = "wb-i-"
 
 
 # ---------------------------------------------------------------------------
