@@ -27,7 +27,13 @@ from workbench.policy import Policy, Profile, cached_policy
 from workbench.services.quota.client import QuotaClient, QuotaUnavailable
 from workbench.services.quota.models import server_item_id
 from workbench.services.quota.views import charge_group
-from workbench.spawn.common import StopsDaskClustersMixin, choose_profile, dask_environment, options_form_html
+from workbench.spawn.common import (
+    AdmittedOptionsMixin,
+    StopsDaskClustersMixin,
+    choose_profile,
+    dask_environment,
+    options_form_html,
+)
 from workbench.spawn.starters import install_starters
 from workbench.sysusers import (
     ensure_folder,
@@ -41,7 +47,7 @@ _ALLOCATORS: dict[str, GpuAllocator] = {}
 _LIMITERS: dict[str, Limiter] = {}
 
 
-class WorkbenchLocalSpawner(StopsDaskClustersMixin, LocalProcessSpawner):
+class WorkbenchLocalSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, LocalProcessSpawner):
     """LocalProcessSpawner driven by the platform policy.
 
     - the spawn form lists only the user's entitled profiles; ``user_options["profile"]`` from the
@@ -226,16 +232,23 @@ class WorkbenchLocalSpawner(StopsDaskClustersMixin, LocalProcessSpawner):
             raise web.HTTPError(403, decision.message)
 
     async def start(self):
-        self.profile_name = choose_profile(self.policy, self.user_groups, self.user_options.get("profile"))
-        profile = self.policy.profiles[self.profile_name]
-        if self.quota is not None:
-            await self._admit()
         try:
-            return await self._start_with_gpus(profile)
+            self.profile_name = self.start_profile()  # options become the default only once admitted (common)
+            profile = self.policy.profiles[self.profile_name]
+            if self.quota is not None:
+                await self._admit()
         except BaseException:
+            self.forget_refused_options()
+            raise
+        try:
+            started = await self._start_with_gpus(profile)
+        except BaseException:
+            self.forget_refused_options()
             if self.quota is not None:
                 await self.quota.stop(self.quota_item)
             raise
+        self.remember_admitted_options()
+        return started
 
     async def _start_with_gpus(self, profile: Profile):
         if profile.gpu:

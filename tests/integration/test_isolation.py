@@ -1,0 +1,113 @@
+"""Isolation between users (issue 10), through the real embedded workbench, acting as the attacker would.
+
+The policy is demo.yaml plus a demo student named ``g-physics-lab`` (in course-ml101): a hub name shaped like the
+Unix group of the physics-lab group. Nothing is mocked: real hub, proxy, JupyterLab servers run as their own Unix
+accounts (the test runs as root), the real quota, sessions and roster services.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from workbench.sysusers import system_username
+
+from .harness import DEMO, Workbench
+from .test_embedded import server_process, state_dir
+
+pytestmark = pytest.mark.integration
+
+LOOKALIKE = "g-physics-lab"  # a hub user named like the Unix group of physics-lab
+SHARED = Path("/srv/workbench/groups/physics-lab")  # storage.shared of demo.yaml
+
+
+@pytest.fixture(scope="module")
+def wb():
+    state = state_dir()
+    data = yaml.safe_load(DEMO.read_text())
+    data["auth"]["demo_users"][LOOKALIKE] = {"groups": ["course-ml101"]}
+    config = state.parent / "isolation.yaml"
+    config.write_text(yaml.safe_dump(data))
+    w = Workbench(state, config=config).start()
+    if not w.system_users:
+        w.stop()
+        pytest.skip("isolation between Unix accounts needs root and a checkout other users can reach")
+    yield w
+    assert w.stop() == 0, w.output()
+    assert not w.leftovers(), w.leftovers()
+
+
+def token(w: Workbench, name: str) -> str:
+    session = w.login(name)
+    assert session.login_status == 302, f"{name} could not log in"
+    return w.new_token(session, name)
+
+
+def groups_of_process(pid: int) -> set[int]:
+    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Groups:"))
+    return {int(g) for g in line.split()[1:]}
+
+
+def status(w: Workbench, tok: str, owner: str) -> int:
+    r = requests.get(f"{w.url}/user/{owner}/api/status", headers={"Authorization": f"token {tok}"}, timeout=30)
+    return r.status_code
+
+
+def test_refused_start_does_not_become_the_default_and_names_never_meet_groups(wb):
+    """Items 4 and 1; the servers stay up for the next test (item 3)."""
+    admin, researcher = token(wb, "admin"), token(wb, "researcher")
+
+    # item 4: a malformed and an unentitled profile are refused, nothing starts, and a plain start then works
+    for options in ({"profile": {"$ne": 1}}, {"profile": "cpu-small"}):
+        r = wb.token_api(researcher, "POST", "/users/researcher/server", json=options)
+        assert r.status_code == 403, r.text
+        assert "is not available to you; your groups may use: cpu-large, h100-x1" in r.json()["message"]
+        assert wb.token_api(admin, "GET", "/users/researcher").json()["servers"] == {}
+    wb.start_server(researcher, "researcher")  # no options: the stored ones must not be the refused ones
+    assert server_process(wb, "researcher").environ()["WORKBENCH_PROFILE"] == "cpu-large"
+    assert "Start of researcher refused or failed: their stored start options stay {}" in wb.hub_log()
+
+    # item 1: the look-alike gets an account of its own, outside the group namespaces
+    lookalike = token(wb, LOOKALIKE)
+    wb.start_server(lookalike, LOOKALIKE)
+    unix = system_username(LOOKALIKE)
+    assert unix.startswith("wb-ug-physics-lab-"), unix
+    proc = server_process(wb, LOOKALIKE)
+    assert proc.username() == unix
+    with pytest.raises(KeyError):
+        pwd.getpwnam("wb-g-physics-lab")  # no account is named like the group
+    group = grp.getgrnam("wb-g-physics-lab")
+    assert unix not in group.gr_mem and group.gr_gid not in groups_of_process(proc.pid)
+    assert pwd.getpwnam(unix).pw_gid != group.gr_gid
+    probe = subprocess.run(["ls", str(SHARED)], user=unix, capture_output=True, text=True)
+    assert probe.returncode != 0 and "Permission denied" in probe.stderr
+
+    # item 1: a name that cannot have an account is refused by the hub's API, and nothing is created
+    r = wb.token_api(admin, "POST", "/users", json={"usernames": ["eve:0:0"]})
+    assert r.status_code == 400, r.text
+    assert wb.token_api(admin, "GET", "/users/eve:0:0").status_code == 404
+
+
+def test_instructor_token_reaches_students_servers_only(wb):
+    """Item 3: the instructor's own token opens a student's server, not a researcher's; students not each other's."""
+    instructor, student1 = token(wb, "instructor"), token(wb, "student1")
+    lookalike = token(wb, LOOKALIKE)  # a student of the same course, whose server runs (previous test)
+    researcher = token(wb, "researcher")
+    wb.start_server(student1, "student1")
+    try:
+        assert status(wb, instructor, "student1") == 200
+        assert status(wb, instructor, LOOKALIKE) == 200
+        assert status(wb, instructor, "researcher") == 403
+        assert status(wb, lookalike, "student1") == 403
+        assert status(wb, student1, LOOKALIKE) == 403
+        assert status(wb, student1, "student1") == 200
+    finally:
+        wb.stop_server(student1, "student1")
+        wb.stop_server(lookalike, LOOKALIKE)
+        wb.stop_server(researcher, "researcher")
