@@ -10,7 +10,9 @@ from __future__ import annotations
 import grp
 import pwd
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -27,11 +29,23 @@ LOOKALIKE = "g-physics-lab"  # a hub user named like the Unix group of physics-l
 SHARED = Path("/srv/workbench/groups/physics-lab")  # storage.shared of demo.yaml
 
 
+def term_start() -> datetime:
+    """A term start 40 to 45 days ago: neither this month's first day nor one of the default term starts."""
+    day = (datetime.now(UTC) - timedelta(days=40)).replace(hour=0, minute=0, second=0, microsecond=0)
+    while day.day > 28 or day.strftime("%m-%d") in ("02-01", "09-01"):
+        day -= timedelta(days=1)
+    return day
+
+
 @pytest.fixture(scope="module")
 def wb():
     state = state_dir()
     data = yaml.safe_load(DEMO.read_text())
     data["auth"]["demo_users"][LOOKALIKE] = {"groups": ["course-ml101"]}
+    start = term_start()
+    data["groups"]["physics-lab"]["budget"].update(
+        period="term", term_starts=[start.strftime("%m-%d"), (start + timedelta(days=120)).strftime("%m-%d")]
+    )
     config = state.parent / "isolation.yaml"
     config.write_text(yaml.safe_dump(data))
     w = Workbench(state, config=config).start()
@@ -72,6 +86,7 @@ def test_refused_start_does_not_become_the_default_and_names_never_meet_groups(w
     wb.start_server(researcher, "researcher")  # no options: the stored ones must not be the refused ones
     assert server_process(wb, "researcher").environ()["WORKBENCH_PROFILE"] == "cpu-large"
     assert "Start of researcher refused or failed: their stored start options stay {}" in wb.hub_log()
+    assert "The stored start options of researcher" not in wb.hub_log()  # not a fallback from refused ones
 
     # item 1: the look-alike gets an account of its own, outside the group namespaces
     lookalike = token(wb, LOOKALIKE)
@@ -111,3 +126,33 @@ def test_instructor_token_reaches_students_servers_only(wb):
         wb.stop_server(student1, "student1")
         wb.stop_server(lookalike, LOOKALIKE)
         wb.stop_server(researcher, "researcher")
+
+
+def test_services_health_says_more_only_to_a_valid_token(wb):
+    """Item 6: /api/health of quota, sessions and rosters answers only ok/unhealthy without a login."""
+    admin = token(wb, "admin")
+    for service, detail in (("quota", "database"), ("sessions", None), ("rosters", "courses")):
+        url = f"{wb.url}/services/{service}/api/health"
+        for headers in ({}, {"Authorization": "token not-a-valid-token"}):
+            r = requests.get(url, headers=headers, timeout=30)
+            assert (r.status_code, r.json()) == (200, {"status": "ok"}), (service, r.text)
+        full = requests.get(url, headers={"Authorization": f"token {admin}"}, timeout=30).json()
+        assert full["status"] == "ok"
+        if detail:
+            assert detail in full, (service, full)
+
+
+def test_quota_answers_odd_user_names_with_4xx_and_groups_with_their_term(wb):
+    """Item 6: user names with spaces and other characters reach the quota API quoted; a term budget's usage is
+    reported for the current term (the group's own term_starts), not the calendar month."""
+    instructor = token(wb, "instructor")
+    api = f"{wb.url}/services/quota/api"
+    hdr = {"Authorization": f"token {instructor}"}
+    for name in ("a b", "x%y", "é", "a:b", "..", "a\\b", "%ff"):
+        r = requests.get(f"{api}/usage/users/{quote(name, safe='')}", headers=hdr, timeout=30)
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+    researcher = token(wb, "researcher")
+    r = requests.get(f"{api}/usage/groups/physics-lab", headers={"Authorization": f"token {researcher}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    period = r.json()["period"]
+    assert period["kind"] == "term" and period["start"].startswith(term_start().strftime("%Y-%m-%d")), period

@@ -17,6 +17,17 @@ from .test_embedded import state_dir
 
 pytestmark = pytest.mark.integration
 
+
+def token_file(token: str) -> str:
+    """A private (0600) file holding ``token``, for ``workbench course ... --token-file``."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="wb-token-")
+    with open(fd, "w") as f:
+        f.write(token)
+    return path
+
+
 COURSE = "course-ml101"
 ROSTER_PROPERTY = "workbench_roster"
 
@@ -131,8 +142,8 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
             str(roster),
             "--hub-url",
             wb.url,
-            "--token",
-            instructor,
+            "--token-file",
+            token_file(instructor),
             "--config",
             str(wb.policy_file),
         ]
@@ -155,8 +166,8 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
             str(roster),
             "--hub-url",
             wb.url,
-            "--token",
-            instructor,
+            "--token-file",
+            token_file(instructor),
             "--config",
             str(wb.policy_file),
         ]
@@ -175,8 +186,8 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
             "rs-new1",
             "--hub-url",
             wb.url,
-            "--token",
-            admin,
+            "--token-file",
+            token_file(admin),
             "--config",
             str(wb.policy_file),
         ]
@@ -192,8 +203,8 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
                 "rs-new1",
                 "--hub-url",
                 wb.url,
-                "--token",
-                admin,
+                "--token-file",
+                token_file(admin),
                 "--config",
                 str(wb.policy_file),
             ]

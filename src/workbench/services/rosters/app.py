@@ -423,8 +423,11 @@ class NotFoundHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
-    def get(self):
-        self.write_json({"status": "ok", "courses": course_names(self.svc.policy)})
+    async def get(self):
+        async def check() -> dict:
+            return {"courses": course_names(self.svc.policy)}
+
+        await self.write_health(self.svc.hub_auth, check)
 
 
 class StudentsHandler(BaseHandler):
