@@ -496,6 +496,22 @@ class Group(_Model):
     material: Material | None = None
 
 
+class Courses(_Model):
+    """Limits of course rosters (:mod:`workbench.services.rosters.app`)."""
+
+    max_students: int = Field(
+        default=500,
+        description="the most students one course roster may list; a larger roster is refused as a whole",
+    )
+
+    @field_validator("max_students")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be at least 1 (the most students one roster may list, e.g. 500), got {v}")
+        return v
+
+
 class Culling(_Model):
     """Idle culling and session limits, enforced by the ``sessions`` hub service (:mod:`workbench.services.sessions.app`).
 
@@ -589,6 +605,7 @@ class Policy(_Model):
     name: str = "Workbench"
     auth: Auth = Field(default_factory=Auth)
     culling: Culling = Field(default_factory=Culling)
+    courses: Courses = Field(default_factory=Courses)
     storage: Storage = Field(default_factory=Storage)
     gpu_types: dict[Name, GpuType] = Field(default_factory=dict)
     images: dict[Name, Image] = Field(default_factory=dict)

@@ -103,6 +103,7 @@ def test_demo_settings():
                 "admin": {"groups": ["platform-admins"], "admin": False},
             },
             "admin_group_names": "platform-admins",
+            "course_groups": ["course-ml101"],
         },
         "Authenticator": {"manage_groups": True, "allow_all": False},
     }
@@ -123,6 +124,7 @@ def test_generic_oauth_settings():
             "oauth_callback_url": "http://127.0.0.1:8443/hub/oauth_callback",
             "allowed_groups": ["physics-lab", "course-ml101", "startup-acme", "platform-admins"],
             "admin_groups": ["platform-admins"],
+            "course_groups": ["course-ml101"],
             "authorize_url": "https://sso.example.edu/oauth2/authorize",
             "token_url": "https://sso.example.edu/oauth2/token",
             "userdata_url": "https://sso.example.edu/oauth2/userinfo",
@@ -166,6 +168,7 @@ def test_github_settings():
             "oauth_callback_url": "http://127.0.0.1:8000/hub/oauth_callback",
             "allowed_groups": ["physics-lab", "course-ml101", "startup-acme", "platform-admins"],
             "admin_groups": ["platform-admins"],
+            "course_groups": ["course-ml101"],
             "github_teams": {"startup-acme": ["acme-inc"], "platform-admins": ["our-centre:platform"]},
             "github_url": "https://github.acme.example",
         },

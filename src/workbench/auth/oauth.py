@@ -208,6 +208,14 @@ class PolicyGroupsAuthenticator(Authenticator):
 
     callback_handler = WorkbenchOAuthCallbackHandler
 
+    course_groups = List(
+        Unicode(),
+        default_value=None,
+        allow_none=True,
+        help="""The policy's course groups: a roster adds courses only to users in no other group
+        (None: rosters are merged unconditionally).""",
+    ).tag(config=True)
+
     client_secret_env = Unicode(
         help="""Name of the environment variable holding the OAuth client secret
         (``auth.client_secret_env`` of the policy). The secret is read from there at start-up and
@@ -275,7 +283,7 @@ class PolicyGroupsAuthenticator(Authenticator):
         """
         if isinstance(auth_model, dict) and self.manage_groups and "groups" in auth_model:
             auth_model["groups"] = merge_roster_groups(
-                db, auth_model["name"], auth_model["groups"], self.allowed_groups
+                db, auth_model["name"], auth_model["groups"], self.allowed_groups, self.course_groups
             )
         return auth_model
 
@@ -384,6 +392,10 @@ class WorkbenchGitHubOAuthenticator(PolicyGroupsAuthenticator, GitHubOAuthentica
 # ---------------------------------------------------------------------------
 
 
+def _courses(policy: Policy) -> list[str]:
+    return [name for name, g in policy.groups.items() if g.kind == "course"]
+
+
 def _demo_settings(policy: Policy) -> dict[str, dict]:
     auth = policy.auth
     return {
@@ -394,6 +406,7 @@ def _demo_settings(policy: Policy) -> dict[str, dict]:
         "DemoAuthenticator": {
             "accounts": {name: u.model_dump() for name, u in auth.demo_users.items()},
             "admin_group_names": ",".join(auth.admin_groups),
+            "course_groups": _courses(policy),
         },
         "Authenticator": {"manage_groups": True, "allow_all": False},
     }
@@ -440,6 +453,7 @@ def auth_settings(policy: Policy, runtime: Runtime, environ: Mapping[str, str] |
         "oauth_callback_url": f"{runtime.public_url}/hub/oauth_callback",
         "allowed_groups": list(policy.groups),
         "admin_groups": list(auth.admin_groups),
+        "course_groups": _courses(policy),
     }
     if auth.type == "generic-oauth":
         klass: type = WorkbenchGenericOAuthenticator
