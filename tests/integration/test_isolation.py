@@ -8,6 +8,7 @@ accounts (the test runs as root), the real quota, sessions and roster services.
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -68,6 +69,13 @@ def groups_of_process(pid: int) -> set[int]:
     return {int(g) for g in line.split()[1:]}
 
 
+def as_user(unix: str, *cmd: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` as the Unix account ``unix`` with the groups a login of it would get (initgroups)."""
+    entry = pwd.getpwnam(unix)
+    groups = os.getgrouplist(unix, entry.pw_gid)
+    return subprocess.run(list(cmd), user=unix, group=entry.pw_gid, extra_groups=groups, capture_output=True, text=True)
+
+
 def status(w: Workbench, tok: str, owner: str) -> int:
     r = requests.get(f"{w.url}/user/{owner}/api/status", headers={"Authorization": f"token {tok}"}, timeout=30)
     return r.status_code
@@ -100,8 +108,9 @@ def test_refused_start_does_not_become_the_default_and_names_never_meet_groups(w
     group = grp.getgrnam("wb-g-physics-lab")
     assert unix not in group.gr_mem and group.gr_gid not in groups_of_process(proc.pid)
     assert pwd.getpwnam(unix).pw_gid != group.gr_gid
-    probe = subprocess.run(["ls", str(SHARED)], user=unix, capture_output=True, text=True)
+    probe = as_user(unix, "ls", str(SHARED))
     assert probe.returncode != 0 and "Permission denied" in probe.stderr
+    assert as_user("wb-researcher", "ls", str(SHARED)).returncode == 0  # a member can
 
     # item 1: a name that cannot have an account is refused by the hub's API, and nothing is created
     r = wb.token_api(admin, "POST", "/users", json={"usernames": ["eve:0:0"]})
@@ -156,3 +165,53 @@ def test_quota_answers_odd_user_names_with_4xx_and_groups_with_their_term(wb):
     assert r.status_code == 200, r.text
     period = r.json()["period"]
     assert period["kind"] == "term" and period["start"].startswith(term_start().strftime("%Y-%m-%d")), period
+
+
+def test_memberships_and_stored_options_follow_a_policy_change():
+    """Items 5 and 4: ``leaver`` (physics-lab, course-ml101, and its instructor) starts a server with profile
+    cpu-large; the workbench restarts with a policy where leaver is only a student of course-ml101. The next plain
+    start runs the course's default profile (the stored cpu-large is no longer entitled; logged), and the server has
+    left wb-g-physics-lab and wb-i-course-ml101: the group's shared folder is no longer readable."""
+    state = state_dir()
+    data = yaml.safe_load(DEMO.read_text())
+    data["auth"]["demo_users"]["leaver"] = {"groups": ["physics-lab", "course-ml101"]}
+    data["groups"]["course-ml101"]["instructors"].append("leaver")
+    before, after = state.parent / "before.yaml", state.parent / "after.yaml"
+    before.write_text(yaml.safe_dump(data))
+    data["auth"]["demo_users"]["leaver"] = {"groups": ["course-ml101"]}
+    data["groups"]["course-ml101"]["instructors"].remove("leaver")
+    after.write_text(yaml.safe_dump(data))
+    unix = system_username("leaver")
+
+    w = Workbench(state, config=before).start()
+    try:
+        if not w.system_users:
+            pytest.skip("Unix group memberships need root and a checkout other users can reach")
+        tok = token(w, "leaver")
+        w.start_server(tok, "leaver", profile="cpu-large")
+        lab, teach = grp.getgrnam("wb-g-physics-lab"), grp.getgrnam("wb-i-course-ml101")
+        assert {lab.gr_gid, teach.gr_gid} <= groups_of_process(server_process(w, "leaver").pid)
+        assert as_user(unix, "ls", str(SHARED)).returncode == 0
+        w.stop_server(tok, "leaver")
+    finally:
+        assert w.stop() == 0, w.output()
+
+    w = Workbench(state, config=after).start()
+    try:
+        tok = token(w, "leaver")
+        w.start_server(tok, "leaver")  # no options: the stored cpu-large is no longer entitled
+        proc = server_process(w, "leaver")
+        assert proc.environ()["WORKBENCH_PROFILE"] == "cpu-small"
+        assert "The stored start options of leaver ask for profile 'cpu-large'" in w.hub_log()
+        assert f"leaver ({unix}) left the Unix group(s) wb-g-physics-lab, wb-i-course-ml101" in w.hub_log()
+        gids = groups_of_process(proc.pid)
+        assert lab.gr_gid not in gids and teach.gr_gid not in gids
+        assert grp.getgrnam("wb-g-course-ml101").gr_gid in gids
+        ids = subprocess.run(["id", "-Gn", unix], capture_output=True, text=True, check=True).stdout.split()
+        assert "wb-g-physics-lab" not in ids and "wb-i-course-ml101" not in ids and "wb-g-course-ml101" in ids
+        probe = as_user(unix, "ls", str(SHARED))
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr
+        w.stop_server(tok, "leaver")
+    finally:
+        assert w.stop() == 0, w.output()
+        assert not w.leftovers(), w.leftovers()

@@ -587,3 +587,18 @@ def test_roster_names_without_a_unix_account_are_refused():
         "line 4: the user name 'back\\\\slash' contains a backslash ('\\\\'): no account can be made for it; "
         "use the student's login name",
     ]
+
+
+def test_unix_groups_of_a_user_follow_the_policy():
+    import yaml
+
+    from workbench.courses.material import unix_groups_of
+    from workbench.policy import parse_policy
+
+    policy = parse_policy(yaml.safe_load(DEMO.read_text()))
+    assert unix_groups_of(policy, ["physics-lab", "course-ml101"], "researcher") == [
+        "wb-g-physics-lab",
+        "wb-g-course-ml101",
+    ]
+    assert unix_groups_of(policy, ["course-ml101"], "instructor") == ["wb-g-course-ml101", "wb-i-course-ml101"]
+    assert unix_groups_of(policy, ["not-a-policy-group"], "x") == []

@@ -61,6 +61,17 @@ def teaches(policy: Policy, course: str, username: str) -> bool:
     return is_course(policy, course) and username in policy.groups[course].instructors
 
 
+def unix_groups_of(policy: Policy, user_groups: Iterable[str], username: str) -> list[str]:
+    """The Workbench-managed Unix groups a user belongs in: their policy groups' (``wb-g-*``) and the
+    instructor groups (``wb-i-*``) of the courses they teach (pure). Any other managed group goes at their
+    next spawn (:func:`workbench.sysusers.sync_group_memberships`)."""
+    from workbench.sysusers import unix_group_name
+
+    groups = [unix_group_name(g) for g in policy.groups_of(user_groups)]
+    taught = [unix_group_name(c, INSTRUCTOR_GROUP_PREFIX) for c in policy.groups if teaches(policy, c, username)]
+    return [*groups, *taught]
+
+
 def materials_path(policy: Policy, course: str) -> str:
     """The course's materials folder (``storage.courses`` with ``{course}``), the same path everywhere (pure)."""
     template = policy.storage.courses

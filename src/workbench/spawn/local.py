@@ -20,7 +20,7 @@ from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from tornado import web
 from traitlets import Bool, Dict, Unicode, default
 
-from workbench.courses.material import prepare_courses
+from workbench.courses.material import prepare_courses, unix_groups_of
 from workbench.gpus import GpuAllocator, NoFreeGpu
 from workbench.limits import Limiter, detect_cgroups, local_limits, own_cgroups
 from workbench.policy import Policy, Profile, cached_policy
@@ -37,8 +37,8 @@ from workbench.spawn.common import (
 from workbench.spawn.starters import install_starters
 from workbench.sysusers import (
     ensure_folder,
-    ensure_group_membership,
     ensure_system_user,
+    sync_group_memberships,
     system_username,
     unix_group_name,
 )
@@ -295,10 +295,12 @@ class WorkbenchLocalSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, LocalP
         """Group folders (read-write for members, setgid) and the read-only datasets folder, at the
         same paths as on Kubernetes (``storage.shared`` / ``storage.datasets``)."""
         storage = self.policy.storage
+        # memberships follow the policy: groups (and courses taught) the user left are left here
+        wanted = unix_groups_of(self.policy, self.user_groups, self.user.name)
+        if left := sync_group_memberships(self.system_user, wanted):
+            self.log.info("%s (%s) left the Unix group(s) %s", self.user.name, self.system_user, ", ".join(left))
         for group in self.policy.groups_of(self.user_groups):
-            unix_group = unix_group_name(group)
-            ensure_group_membership(self.system_user, unix_group)
-            ensure_folder(storage.shared.format(group=group), 0o2770, grp.getgrnam(unix_group).gr_gid)
+            ensure_folder(storage.shared.format(group=group), 0o2770, grp.getgrnam(unix_group_name(group)).gr_gid)
         ensure_folder(storage.datasets, 0o755)
 
     async def stop(self, now=False):
