@@ -29,6 +29,8 @@ from pydantic import (
     field_validator,
 )
 
+from workbench.sysusers import hub_username_problem
+
 __all__ = [
     "Policy",
     "PolicyError",
@@ -494,6 +496,22 @@ class Group(_Model):
     material: Material | None = None
 
 
+class Courses(_Model):
+    """Limits of course rosters (:mod:`workbench.services.rosters.app`)."""
+
+    max_students: int = Field(
+        default=500,
+        description="the most students one course roster may list; a larger roster is refused as a whole",
+    )
+
+    @field_validator("max_students")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be at least 1 (the most students one roster may list, e.g. 500), got {v}")
+        return v
+
+
 class Culling(_Model):
     """Idle culling and session limits, enforced by the ``sessions`` hub service (:mod:`workbench.services.sessions.app`).
 
@@ -587,6 +605,7 @@ class Policy(_Model):
     name: str = "Workbench"
     auth: Auth = Field(default_factory=Auth)
     culling: Culling = Field(default_factory=Culling)
+    courses: Courses = Field(default_factory=Courses)
     storage: Storage = Field(default_factory=Storage)
     gpu_types: dict[Name, GpuType] = Field(default_factory=dict)
     images: dict[Name, Image] = Field(default_factory=dict)
@@ -733,6 +752,8 @@ def _reference_problems(p: Policy) -> list[tuple[str, str]]:
     if p.auth.type != "demo" and p.auth.demo_users:
         problems.append(("auth.demo_users", f"demo users are only allowed with auth type 'demo', not {p.auth.type!r}"))
     for uname, user in p.auth.demo_users.items():
+        if why := _demo_name_problem(uname):
+            problems.append((f"auth.demo_users.{uname}", why))
         for i, g in enumerate(user.groups):
             if g not in p.groups:
                 problems.append(
@@ -744,6 +765,18 @@ def _reference_problems(p: Policy) -> list[tuple[str, str]]:
     problems += _auth_problems(p)
     problems += _session_problems(p)
     return problems
+
+
+def _demo_name_problem(name: str) -> str | None:
+    """Why a demo account's name cannot be a hub user with a Unix account (None: it can) (pure)."""
+    if why := hub_username_problem(name):
+        return f"{why}; rename the account (letters, digits, '-', '_', '.', '@')"
+    if name != name.lower() or name != name.strip():
+        return (
+            f"the hub lowercases and strips user names, so {name!r} could never log in; "
+            f"write it as {name.strip().lower()!r}"
+        )
+    return None
 
 
 def _session_problems(p: Policy) -> list[tuple[str, str]]:

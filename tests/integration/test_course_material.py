@@ -31,6 +31,17 @@ from .test_embedded import state_dir
 
 pytestmark = pytest.mark.integration
 
+
+def token_file(token: str) -> str:
+    """A private (0600) file holding ``token``, for ``workbench course ... --token-file``."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="wb-token-")
+    with open(fd, "w") as f:
+        f.write(token)
+    return path
+
+
 COURSE = "course-ml101"
 EXERCISE = "# Exercise 1\n\nWhat is 6 x 7?\n\nanswer: ...\n"
 
@@ -245,8 +256,8 @@ def add_students(env: Env, token: str, roster: Path, capsys) -> tuple[int, str, 
             str(roster),
             "--hub-url",
             env.wb.url,
-            "--token",
-            token,
+            "--token-file",
+            token_file(token),
             "--config",
             str(env.config),
         ]

@@ -120,7 +120,8 @@ def quota(db_url):
 
 
 def test_health_and_openapi(quota, db_url):
-    health = quota.get("/health").json()
+    assert quota.get("/health").json() == {"status": "ok"}  # no details without a token
+    health = quota.get("/health", "admin").json()
     assert health["status"] == "ok"
     assert health["database"] == ("postgresql" if db_url else "sqlite")
     doc = quota.get("/openapi.json").json()

@@ -17,8 +17,20 @@ from .test_embedded import state_dir
 
 pytestmark = pytest.mark.integration
 
+
+def token_file(token: str) -> str:
+    """A private (0600) file holding ``token``, for ``workbench course ... --token-file``."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="wb-token-")
+    with open(fd, "w") as f:
+        f.write(token)
+    return path
+
+
 COURSE = "course-ml101"
 ROSTER_PROPERTY = "workbench_roster"
+MAX_STUDENTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +40,8 @@ def wb():
     data["groups"]["course-stats202"] = {"kind": "course", "instructors": ["teacher2"], "profiles": ["cpu-small"]}
     data["auth"]["demo_users"]["teacher2"] = {"groups": ["course-stats202"]}
     data["auth"]["demo_users"]["late"] = {"groups": []}
+    data["auth"]["demo_users"]["rs-lab"] = {"groups": ["physics-lab"]}  # never logs in during these tests
+    data["courses"] = {"max_students": MAX_STUDENTS}
     config = state.parent / "rosters.yaml"
     config.write_text(yaml.safe_dump(data))
     w = Workbench(state, config=config).start()
@@ -131,8 +145,8 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
             str(roster),
             "--hub-url",
             wb.url,
-            "--token",
-            instructor,
+            "--token-file",
+            token_file(instructor),
             "--config",
             str(wb.policy_file),
         ]
@@ -155,8 +169,8 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
             str(roster),
             "--hub-url",
             wb.url,
-            "--token",
-            instructor,
+            "--token-file",
+            token_file(instructor),
             "--config",
             str(wb.policy_file),
         ]
@@ -175,8 +189,8 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
             "rs-new1",
             "--hub-url",
             wb.url,
-            "--token",
-            admin,
+            "--token-file",
+            token_file(admin),
             "--config",
             str(wb.policy_file),
         ]
@@ -192,8 +206,8 @@ def test_instructor_loads_a_roster_that_logins_keep(wb, capsys):
                 "rs-new1",
                 "--hub-url",
                 wb.url,
-                "--token",
-                admin,
+                "--token-file",
+                token_file(admin),
                 "--config",
                 str(wb.policy_file),
             ]
@@ -224,3 +238,30 @@ def test_an_instructors_notebook_token_may_load_rosters_a_students_may_not(wb):
         finally:
             wb.stop_server(tok, name)
     assert codes == {"instructor": 200, "student1": 403}, codes
+
+
+def test_rosters_never_reach_other_groups_members_and_have_a_size_limit(wb):
+    """Issue 10, item 2: a demo account the policy puts in a research group is refused even before it ever logged in,
+    and a roster longer than courses.max_students is refused as a whole; in both cases nothing is created."""
+    admin, instructor = token(wb, "admin"), token(wb, "instructor")
+    before = wb.token_api(admin, "GET", f"/groups/{COURSE}").json()
+
+    r = post_roster(wb, instructor, COURSE, "username\nrs-fresh1\nrs-lab\n", mode="add")
+    assert r.status_code == 400, r.text
+    assert r.json()["problems"] == [
+        "line 3: 'rs-lab' is a member of physics-lab, which is not a course; a roster only takes students "
+        "(users in course groups only): ask a platform admin"
+    ]
+
+    names = [f"rs-many{i}" for i in range(MAX_STUDENTS + 1)]
+    r = post_roster(wb, instructor, COURSE, "username\n" + "\n".join(names) + "\n")
+    assert r.status_code == 400, r.text
+    assert r.json()["problems"] == [
+        f"the roster would list {MAX_STUDENTS + 1} students, more than courses.max_students ({MAX_STUDENTS}) of the "
+        "policy; nothing was changed: split the course or ask the platform team to raise courses.max_students"
+    ]
+
+    for name in ("rs-fresh1", "rs-lab", *names):
+        assert wb.token_api(admin, "GET", f"/users/{name}").status_code == 404, name
+    after = wb.token_api(admin, "GET", f"/groups/{COURSE}").json()
+    assert (after["users"], after["properties"]) == (before["users"], before["properties"])

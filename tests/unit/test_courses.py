@@ -181,6 +181,13 @@ def test_roster_answers_become_exit_codes_and_lines():
     assert rc == 3 and "the hub at http://hub has no roster service (/services/rosters/)" in err[0]
 
 
+def token_file(tmp_path, token: str = "tok", mode: int = 0o600) -> str:
+    path = tmp_path / "token"
+    path.write_text(token + "\n")
+    path.chmod(mode)
+    return str(path)
+
+
 def test_cli_add_students_posts_the_csv_to_the_roster_service(tmp_path, capsys, monkeypatch):
     calls = []
 
@@ -201,8 +208,8 @@ def test_cli_add_students_posts_the_csv_to_the_roster_service(tmp_path, capsys, 
             str(DEMO),
             "--hub-url",
             "http://hub.example:8000/hub",
-            "--token",
-            "tok",
+            "--token-file",
+            token_file(tmp_path),
             "--add-only",
         ]
     )
@@ -216,6 +223,8 @@ def test_cli_add_students_posts_the_csv_to_the_roster_service(tmp_path, capsys, 
 
 def test_cli_remove_student_and_an_unreachable_hub(capsys, monkeypatch):
     import requests
+
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "t")
 
     def down(*a, **kw):
         raise requests.ConnectionError("refused")
@@ -231,8 +240,6 @@ def test_cli_remove_student_and_an_unreachable_hub(capsys, monkeypatch):
             str(DEMO),
             "--hub-url",
             "http://127.0.0.1:1",
-            "--token",
-            "t",
         ]
     )
     assert rc == 3
@@ -240,6 +247,7 @@ def test_cli_remove_student_and_an_unreachable_hub(capsys, monkeypatch):
 
 
 def test_cli_add_students_reports_bad_rows_and_contacts_no_hub(tmp_path, capsys):
+    tok = token_file(tmp_path)
     roster = tmp_path / "roster.csv"
     roster.write_text("username,email\nalice,alice@uni.example\nbob,\nBob Smith,\n")
     # the hub URL points nowhere: validation fails before any request
@@ -253,8 +261,8 @@ def test_cli_add_students_reports_bad_rows_and_contacts_no_hub(tmp_path, capsys)
             str(DEMO),
             "--hub-url",
             "http://127.0.0.1:1",
-            "--token",
-            "t",
+            "--token-file",
+            tok,
         ]
     )
     err = capsys.readouterr().err
@@ -266,15 +274,31 @@ def test_cli_add_students_reports_bad_rows_and_contacts_no_hub(tmp_path, capsys)
 @pytest.mark.parametrize(
     "course, args, message",
     [
-        ("physics-lab", ["--token", "t"], "'physics-lab' is not a course of"),
-        ("nope", ["--token", "t"], "'nope' is not a course of"),
-        ("course-ml101", [], "no hub token; pass --token or set $JUPYTERHUB_API_TOKEN"),
+        ("physics-lab", ["--token-file", "{private}"], "'physics-lab' is not a course of"),
+        ("nope", ["--token-file", "{private}"], "'nope' is not a course of"),
+        ("course-ml101", [], "no hub token; set $JUPYTERHUB_API_TOKEN or pass --token-file PATH"),
+        ("course-ml101", ["--token", "t"], "--token is no longer accepted (a token on the command line is visible"),
+        (
+            "course-ml101",
+            ["--token-file", "{public}"],
+            "can be read by other users (mode 0644); a token must be private",
+        ),
+        ("course-ml101", ["--token-file", "{group}"], "can be read by other users (mode 0640)"),
+        ("course-ml101", ["--token-file", "{empty}"], "is empty; write the hub API token into it"),
+        ("course-ml101", ["--token-file", "{missing}"], "cannot read"),
     ],
 )
 def test_cli_add_students_refusals(tmp_path, capsys, monkeypatch, course, args, message):
     monkeypatch.delenv("JUPYTERHUB_API_TOKEN", raising=False)
     roster = tmp_path / "r.csv"
     roster.write_text("username\nalice\n")
+    files = {"private": token_file(tmp_path)}
+    for name, mode, text in (("public", 0o644, "t"), ("group", 0o640, "t"), ("empty", 0o600, "")):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(mode)
+        files[name] = str(tmp_path / name)
+    files["missing"] = str(tmp_path / "missing")
+    args = [a.format(**files) for a in args]
     assert main(["course", "add-students", course, str(roster), "--config", str(DEMO), *args]) == 2
     assert message in capsys.readouterr().err
 
@@ -552,3 +576,29 @@ def test_rendered_pod_of_a_research_user_has_no_course_parts(centre):
     pod = render_pod(centre, "ada", ["climate-lab"], None)
     assert "initContainers" not in pod["spec"]
     assert not [m for m in pod["spec"]["containers"][0]["volumeMounts"] if "/courses/" in m["mountPath"]]
+
+
+def test_roster_names_without_a_unix_account_are_refused():
+    students, problems = parse_roster("username\nok1\nbad:name\nback\\slash\n")
+    assert [s.username for s in students] == ["ok1"]
+    assert problems == [
+        "line 3: the user name 'bad:name' contains a colon (':'): no account can be made for it; "
+        "use the student's login name",
+        "line 4: the user name 'back\\\\slash' contains a backslash ('\\\\'): no account can be made for it; "
+        "use the student's login name",
+    ]
+
+
+def test_unix_groups_of_a_user_follow_the_policy():
+    import yaml
+
+    from workbench.courses.material import unix_groups_of
+    from workbench.policy import parse_policy
+
+    policy = parse_policy(yaml.safe_load(DEMO.read_text()))
+    assert unix_groups_of(policy, ["physics-lab", "course-ml101"], "researcher") == [
+        "wb-g-physics-lab",
+        "wb-g-course-ml101",
+    ]
+    assert unix_groups_of(policy, ["course-ml101"], "instructor") == ["wb-g-course-ml101", "wb-i-course-ml101"]
+    assert unix_groups_of(policy, ["not-a-policy-group"], "x") == []

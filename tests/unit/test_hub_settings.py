@@ -229,6 +229,7 @@ def test_demo_authenticator_accounts(settings):
             "admin": {"groups": ["platform-admins"], "admin": False},
         },
         "admin_group_names": "platform-admins",
+        "course_groups": ["course-ml101"],
     }
     assert settings["Authenticator"] == {"manage_groups": True, "allow_all": False}
 

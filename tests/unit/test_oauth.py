@@ -11,6 +11,7 @@ import yaml
 from tornado import web
 from traitlets.config import Config
 
+from workbench.auth.demo import DemoAuthenticator
 from workbench.auth.oauth import (
     NOT_ENTITLED,
     WorkbenchGenericOAuthenticator,
@@ -102,6 +103,7 @@ def test_demo_settings():
                 "admin": {"groups": ["platform-admins"], "admin": False},
             },
             "admin_group_names": "platform-admins",
+            "course_groups": ["course-ml101"],
         },
         "Authenticator": {"manage_groups": True, "allow_all": False},
     }
@@ -122,6 +124,7 @@ def test_generic_oauth_settings():
             "oauth_callback_url": "http://127.0.0.1:8443/hub/oauth_callback",
             "allowed_groups": ["physics-lab", "course-ml101", "startup-acme", "platform-admins"],
             "admin_groups": ["platform-admins"],
+            "course_groups": ["course-ml101"],
             "authorize_url": "https://sso.example.edu/oauth2/authorize",
             "token_url": "https://sso.example.edu/oauth2/token",
             "userdata_url": "https://sso.example.edu/oauth2/userinfo",
@@ -165,6 +168,7 @@ def test_github_settings():
             "oauth_callback_url": "http://127.0.0.1:8000/hub/oauth_callback",
             "allowed_groups": ["physics-lab", "course-ml101", "startup-acme", "platform-admins"],
             "admin_groups": ["platform-admins"],
+            "course_groups": ["course-ml101"],
             "github_teams": {"startup-acme": ["acme-inc"], "platform-admins": ["our-centre:platform"]},
             "github_url": "https://github.acme.example",
         },
@@ -395,6 +399,30 @@ def test_nested_groups_claim(monkeypatch):
 def test_missing_username_claim_is_a_403_not_a_500(generic, user_info):
     message = _refused(generic, user_info)
     assert "did not send your user name (no usable 'preferred_username' claim)" in message
+
+
+@pytest.mark.parametrize(
+    "username, problem",
+    [
+        ("ali:ce", "the user name 'ali:ce' contains a colon (':')"),
+        ("a/b", "the user name 'a/b' contains a slash ('/')"),
+        ("bob\nroot", "the user name 'bob\\nroot' contains a control character (0xa)"),
+        ("..", "the user name '..' is only dots"),
+    ],
+)
+def test_names_without_an_account_are_refused_at_login_with_a_403(generic, username, problem):
+    message = _refused(generic, {"preferred_username": username, "groups": ["physics-lab"]})
+    assert message.startswith(
+        f"You cannot log in: {problem} (the 'preferred_username' claim of your identity provider)"
+    )
+    assert "auth.username_claim" in message
+
+
+def test_validate_username_refuses_names_without_an_account(generic):
+    assert generic.validate_username("alice") is True
+    assert generic.validate_username("a:b") is False
+    assert DemoAuthenticator().validate_username("a:b") is False
+    assert DemoAuthenticator().validate_username("g-physics-lab") is True
 
 
 def test_github_groups_from_org_and_team_membership(monkeypatch):

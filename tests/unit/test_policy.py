@@ -254,6 +254,27 @@ def test_demo_user_group_unknown():
     )
 
 
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        (
+            "ali:ce",
+            "the user name 'ali:ce' contains a colon (':'); rename the account (letters, digits, '-', '_', '.', '@')",
+        ),
+        ("a/b", "the user name 'a/b' contains a slash ('/'); rename the account (letters, digits, '-', '_', '.', '@')"),
+        (
+            "a\nb",
+            "the user name 'a\\nb' contains a control character (0xa); rename the account (letters, digits, '-', '_', '.', '@')",
+        ),
+        ("Alice", "the hub lowercases and strips user names, so 'Alice' could never log in; write it as 'alice'"),
+    ],
+)
+def test_demo_user_names_must_map_to_accounts(name, why):
+    d = minimal()
+    d["auth"]["demo_users"][name] = {"groups": ["physics-lab"]}
+    assert only_problem(d) == (f"auth.demo_users.{name}", why)
+
+
 @pytest.mark.parametrize("auth_type", ["github", "generic-oauth"])
 def test_demo_users_need_demo_auth(auth_type):
     d = minimal()

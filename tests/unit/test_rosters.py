@@ -283,3 +283,70 @@ def test_a_rostered_oauth_user_logs_in_without_a_course_group_from_the_provider(
         return model
 
     assert asyncio.run(run())["groups"] == ["course-ml101"]
+
+
+def test_a_user_in_a_non_course_group_gets_no_course_from_a_roster(db, monkeypatch):
+    """Whom the provider puts in a research group later cannot be reached through an earlier roster."""
+    from oauthenticator.oauth2 import OAuthenticator
+
+    from workbench.auth.oauth import WorkbenchGenericOAuthenticator
+
+    courses = ["course-ml101", "course-stats202"]
+    assert with_roster_groups(["physics-lab"], ["course-ml101"], courses=courses) == ["physics-lab"]
+    assert with_roster_groups(["course-stats202"], ["course-ml101"], courses=courses) == [
+        "course-stats202",
+        "course-ml101",
+    ]
+    monkeypatch.setenv("WB_TEST_SECRET", "s")
+    auth = WorkbenchGenericOAuthenticator(
+        client_secret_env="WB_TEST_SECRET",
+        manage_groups=True,
+        allowed_groups={"course-ml101", "physics-lab"},
+        course_groups=courses,
+    )
+
+    async def provider_says(self, handler, data=None, **kw):
+        return {"name": "late", "admin": False, "auth_state": {}, "groups": ["physics-lab"]}
+
+    monkeypatch.setattr(OAuthenticator, "authenticate", provider_says)
+    assert asyncio.run(auth.authenticate(SimpleNamespace(db=db), {}))["groups"] == ["physics-lab"]
+    demo = DemoAuthenticator(accounts={"late": {"groups": ["physics-lab"]}}, password="pw", course_groups=courses)
+    model = asyncio.run(demo.authenticate(SimpleNamespace(db=db), {"username": "late", "password": "pw"}))
+    assert model["groups"] == ["physics-lab"]
+
+
+def test_a_roster_longer_than_max_students_is_refused_before_asking_the_hub():
+    data = yaml.safe_load(DEMO.read_text())
+    data["courses"] = {"max_students": 2}
+    policy = parse_policy(data)
+    hub = FakeHub({}, group([], roster=["old1"]))
+    svc = service(hub)
+    svc.policy = policy
+    students, _ = parse_roster("username\na1\na2\na3\n")
+    with pytest.raises(RosterProblems) as info:
+        asyncio.run(svc.load("course-ml101", students, "line", replace=True))
+    assert info.value.problems == [
+        "the roster would list 3 students, more than courses.max_students (2) of the policy; nothing was changed: "
+        "split the course or ask the platform team to raise courses.max_students"
+    ]
+    assert hub.calls == []
+    # mode add counts the students already on the roster
+    students, _ = parse_roster("username\na1\na2\n")
+    with pytest.raises(RosterProblems) as info:
+        asyncio.run(svc.load("course-ml101", students, "line", replace=False))
+    assert "would list 2 students plus 1 already on the roster (mode add)" in info.value.problems[0]
+    assert [c for c in hub.calls if c[0] != "GET"] == []
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_max_students_must_be_positive(value):
+    from workbench.policy import PolicyError
+
+    data = yaml.safe_load(DEMO.read_text())
+    data["courses"] = {"max_students": value}
+    with pytest.raises(PolicyError) as info:
+        parse_policy(data)
+    assert (
+        "courses.max_students",
+        f"must be at least 1 (the most students one roster may list, e.g. 500), got {value}",
+    ) in info.value.problems

@@ -1,4 +1,6 @@
-"""Unit tests of workbench.sysusers: hub name -> Unix name mapping, path reachability checks."""
+"""Unit tests of workbench.sysusers: hub name -> Unix name mapping (property-based with hypothesis: injective,
+disjoint from every group name, always a valid useradd name), refused hub names, stale group memberships, path
+reachability checks."""
 
 from __future__ import annotations
 
@@ -9,14 +11,32 @@ import shutil
 import tempfile
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
-from workbench.sysusers import others_can_execute, system_username
+from workbench.sysusers import (
+    GROUP_PREFIX,
+    INSTRUCTOR_GROUP_PREFIX,
+    hub_username_problem,
+    others_can_execute,
+    stale_groups,
+    system_username,
+    unix_group_name,
+)
 
-UNIX_NAME = re.compile(r"^[a-z_][a-z0-9_-]*$")
+#: useradd's rule on Debian (shadow's is_valid_user_name, no trailing $) and its 32-character limit
+UNIX_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+#: policy group names (workbench.policy.Name)
+GROUP_NAMES = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+#: hub names that look like the group namespaces, or are close to them
+TRICKY = st.sampled_from(
+    ["g-physics-lab", "i-course-ml101", "G-physics-lab", "g", "i", "G", "g-", "-g-x", "wb-g-x", "u-x", "ug-x", "a"]
+)
+HUB_NAMES = st.one_of(st.text(max_size=80), st.from_regex(r"\A[a-z0-9_.@-]{0,40}\Z"), TRICKY)
 
 
 def digest(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()[:6]
+    return hashlib.sha256(name.encode()).hexdigest()[:10]
 
 
 @pytest.mark.parametrize(
@@ -41,12 +61,14 @@ def test_prefix():
 @pytest.mark.parametrize(
     "hub, unix",
     [
-        ("Jane.Doe@uni.example", "wb-jane-doe-uni-example-" + digest("Jane.Doe@uni.example")),
+        ("Jane.Doe@uni.example", "wb-jane-doe-uni-examp-" + digest("Jane.Doe@uni.example")),
         ("Alice", "wb-alice-" + digest("Alice")),
-        ("a b", "wb-a-b-" + digest("a b")),
+        ("a b", "wb-ua-b-" + digest("a b")),
         ("", "wb-user-" + digest("")),
         ("@@@", "wb-user-" + digest("@@@")),
-        ("-x-", "wb-x-" + digest("-x-")),
+        ("-x-", "wb-ux-" + digest("-x-")),
+        ("X", "wb-ux-" + digest("X")),
+        ("ab-" + "0" * 10, "wb-ab-0000000000-" + digest("ab-" + "0" * 10)),
     ],
 )
 def test_names_needing_sanitising_get_hash_suffix(hub, unix):
@@ -92,7 +114,7 @@ def test_at_most_32_chars_and_valid(hub):
 def test_exactly_32_chars_stays_plain_and_33_is_hashed():
     assert system_username("x" * 29) == "wb-" + "x" * 29  # 32 characters
     long = system_username("x" * 30)
-    assert long == "wb-" + "x" * 22 + "-" + digest("x" * 30)
+    assert long == "wb-" + "x" * 18 + "-" + digest("x" * 30)
     assert len(long) == 32
 
 
@@ -177,3 +199,87 @@ def test_plain_name_cannot_collide_with_hashed_name():
     other = "a.b"
     crafted = "a-b-" + digest(other)  # a valid plain name, kept as is
     assert system_username(crafted) != system_username(other)
+
+
+# ---------------------------------------------------------------------------
+# Namespaces: users and groups never meet (issue 10)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hub, unix",
+    [
+        ("g-physics-lab", "wb-ug-physics-lab-" + digest("g-physics-lab")),
+        ("i-course-ml101", "wb-ui-course-ml101-" + digest("i-course-ml101")),
+        ("g", "wb-g"),  # plain: no group is named "wb-g"
+    ],
+)
+def test_names_shaped_like_group_namespaces_are_escaped(hub, unix):
+    assert system_username(hub) == unix
+
+
+def test_group_names():
+    assert unix_group_name("physics-lab") == "wb-g-physics-lab"
+    assert unix_group_name("course-ml101", INSTRUCTOR_GROUP_PREFIX) == "wb-i-course-ml101"
+    long = "x" * 40
+    assert unix_group_name(long) == "wb-g-" + "x" * 16 + "-" + digest(long)
+
+
+@given(HUB_NAMES)
+def test_every_user_name_is_a_valid_useradd_name_outside_group_namespaces(hub):
+    name = system_username(hub)
+    assert UNIX_NAME.match(name), name
+    assert name.startswith("wb-")
+    assert not re.match(r"^wb-[a-z]-", name), name
+    assert not name.startswith((GROUP_PREFIX, INSTRUCTOR_GROUP_PREFIX))
+
+
+@given(HUB_NAMES, HUB_NAMES)
+def test_user_mapping_is_injective(a, b):
+    assume(a != b)
+    assert system_username(a) != system_username(b)
+
+
+@given(HUB_NAMES, GROUP_NAMES)
+def test_no_user_name_is_a_group_name(hub, group):
+    user = system_username(hub)
+    assert user != unix_group_name(group)
+    assert user != unix_group_name(group, INSTRUCTOR_GROUP_PREFIX)
+
+
+@given(GROUP_NAMES, GROUP_NAMES)
+def test_group_mapping_is_injective_and_namespaces_are_disjoint(a, b):
+    for name in (unix_group_name(a), unix_group_name(a, INSTRUCTOR_GROUP_PREFIX)):
+        assert UNIX_NAME.match(name), name
+    assert unix_group_name(a) != unix_group_name(b, INSTRUCTOR_GROUP_PREFIX)
+    if a != b:
+        assert unix_group_name(a) != unix_group_name(b)
+        assert unix_group_name(a, INSTRUCTOR_GROUP_PREFIX) != unix_group_name(b, INSTRUCTOR_GROUP_PREFIX)
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("", "the user name is empty"),
+        ("  ", "the user name is empty"),
+        ("a:b", "the user name 'a:b' contains a colon (':')"),
+        ("a/b", "the user name 'a/b' contains a slash ('/')"),
+        ("a\\b", "the user name 'a\\\\b' contains a backslash ('\\\\')"),
+        ("a\nb", "the user name 'a\\nb' contains a control character (0xa)"),
+        ("..", "the user name '..' is only dots"),
+        ("x" * 256, "the user name is 256 characters long; at most 255 are allowed"),
+    ],
+)
+def test_refused_hub_names(name, problem):
+    assert hub_username_problem(name) == problem
+
+
+@pytest.mark.parametrize("name", ["researcher", "Jane.Doe@uni.example", "g-physics-lab", "a b", "é"])
+def test_accepted_hub_names(name):
+    assert hub_username_problem(name) is None
+
+
+def test_stale_groups_are_the_managed_ones_not_wanted():
+    current = ["wb-g-physics-lab", "wb-g-course-ml101", "wb-i-course-ml101", "docker", "wb-researcher", "users"]
+    assert stale_groups(current, ["wb-g-physics-lab"]) == ["wb-g-course-ml101", "wb-i-course-ml101"]
+    assert stale_groups(current, ["wb-g-physics-lab", "wb-g-course-ml101", "wb-i-course-ml101"]) == []

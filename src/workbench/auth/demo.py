@@ -12,10 +12,11 @@ import hmac
 import os
 
 from jupyterhub.auth import Authenticator
-from traitlets import Dict, Unicode, default
+from traitlets import Dict, List, Unicode, default
 
 from workbench.auth.groups import merge_roster_groups
 from workbench.runtime import is_loopback
+from workbench.sysusers import hub_username_problem
 
 PASSWORD_ENV = "WORKBENCH_DEMO_PASSWORD"
 ALLOW_FLAG = "--allow-demo-auth-on-network"
@@ -55,6 +56,14 @@ class DemoAuthenticator(Authenticator):
         help="Comma-separated groups whose members are hub admins (``auth.admin_groups``).",
     ).tag(config=True)
 
+    course_groups = List(
+        Unicode(),
+        default_value=None,
+        allow_none=True,
+        help="""The policy's course groups: a roster adds courses only to accounts in no other group
+        (None: rosters are merged unconditionally).""",
+    ).tag(config=True)
+
     password = Unicode(
         help=f"""The demo password. Defaults to ${PASSWORD_ENV}, which `workbench up` sets
         (generating one if you did not).""",
@@ -91,7 +100,9 @@ class DemoAuthenticator(Authenticator):
             return None
         groups = list(self.accounts[name].get("groups", []))
         # plus the courses whose roster lists the account (workbench.services.rosters.app), which manage_groups would drop
-        groups = merge_roster_groups(getattr(handler, "db", None), self.normalize_username(name), groups)
+        groups = merge_roster_groups(
+            getattr(handler, "db", None), self.normalize_username(name), groups, courses=self.course_groups
+        )
         return {
             "name": name,
             "groups": groups,
@@ -100,3 +111,10 @@ class DemoAuthenticator(Authenticator):
 
     def check_allowed(self, username, authentication=None):
         return username in self.accounts
+
+    def validate_username(self, username):
+        """JupyterHub's rules plus :func:`workbench.sysusers.hub_username_problem` (users made through the API too)."""
+        problem = hub_username_problem(username)
+        if problem:
+            self.log.warning("Refusing the user name %r: %s", username, problem)
+        return problem is None and super().validate_username(username)

@@ -25,14 +25,33 @@ def rostered_courses(groups: Iterable[tuple[str, Mapping | None]], username: str
 
 
 def with_roster_groups(
-    groups: Iterable[str], rostered: Iterable[str], allowed: Iterable[str] | None = None
+    groups: Iterable[str],
+    rostered: Iterable[str],
+    allowed: Iterable[str] | None = None,
+    courses: Iterable[str] | None = None,
 ) -> list[str]:
-    """The groups from the identity provider / policy plus the rostered ones (in ``allowed``, if given) (pure)."""
+    """The groups from the identity provider / policy plus the rostered ones (in ``allowed``, if given) (pure).
+
+    With ``courses`` (the policy's course groups), a user whom the provider or the policy puts in any group that is
+    not a course (research, startup, admin) gets no rostered course: a roster is an instructor's word, and must
+    never give an instructor's ``access:servers!group=<course>`` a researcher's or an admin's server.
+    """
+    groups = list(groups)
     keep = None if allowed is None else set(allowed)
+    if courses is not None:
+        course_set = set(courses)
+        if any(g not in course_set for g in groups):
+            return list(dict.fromkeys(groups))
     return list(dict.fromkeys([*groups, *(g for g in rostered if keep is None or g in keep)]))
 
 
-def merge_roster_groups(db, username: str, groups: Iterable[str], allowed: Iterable[str] | None = None) -> list[str]:
+def merge_roster_groups(
+    db,
+    username: str,
+    groups: Iterable[str],
+    allowed: Iterable[str] | None = None,
+    courses: Iterable[str] | None = None,
+) -> list[str]:
     """``groups`` plus the groups whose roster lists ``username``, read from the hub's ORM session ``db``.
 
     Called by the authenticators after they computed a user's groups at login (``manage_groups``
@@ -49,4 +68,13 @@ def merge_roster_groups(db, username: str, groups: Iterable[str], allowed: Itera
     except Exception:  # logged; the login goes on with the provider's groups
         log.exception("could not read the course rosters for %s", username)
         return groups
-    return with_roster_groups(groups, rostered_courses(found, username), allowed)
+    rostered = rostered_courses(found, username)
+    merged = with_roster_groups(groups, rostered, allowed, courses)
+    if rostered and not set(rostered) <= set(merged):
+        log.warning(
+            "%s is on the roster of %s but in the non-course group(s) %s: the roster is ignored",
+            username,
+            ", ".join(rostered),
+            ", ".join(g for g in groups if courses is not None and g not in set(courses)),
+        )
+    return merged

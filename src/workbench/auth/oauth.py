@@ -42,6 +42,7 @@ from workbench.auth.demo import DemoAuthenticator
 from workbench.auth.groups import merge_roster_groups
 from workbench.policy import Policy, PolicyError
 from workbench.runtime import Runtime
+from workbench.sysusers import hub_username_problem
 
 try:
     from oauthenticator.generic import GenericOAuthenticator
@@ -207,6 +208,14 @@ class PolicyGroupsAuthenticator(Authenticator):
 
     callback_handler = WorkbenchOAuthCallbackHandler
 
+    course_groups = List(
+        Unicode(),
+        default_value=None,
+        allow_none=True,
+        help="""The policy's course groups: a roster adds courses only to users in no other group
+        (None: rosters are merged unconditionally).""",
+    ).tag(config=True)
+
     client_secret_env = Unicode(
         help="""Name of the environment variable holding the OAuth client secret
         (``auth.client_secret_env`` of the policy). The secret is read from there at start-up and
@@ -245,7 +254,24 @@ class PolicyGroupsAuthenticator(Authenticator):
                     f"Your identity provider did not send your user name (no usable {claim!r} claim), so you "
                     "cannot log in. Ask the platform team to check auth.username_claim of the platform policy.",
                 )
-        return super().user_info_to_username(user_info)
+        name = super().user_info_to_username(user_info)
+        if problem := hub_username_problem(name):
+            self.log.warning("Login refused: %s", problem)
+            raise web.HTTPError(
+                403,
+                f"You cannot log in: {problem} (the {claim!r} claim of your identity provider), and the workbench "
+                "cannot make an account for it. Ask the platform team to set auth.username_claim of the platform "
+                "policy to a claim without such characters (e.g. preferred_username), or to fix your name at the "
+                "identity provider.",
+            )
+        return name
+
+    def validate_username(self, username):
+        """JupyterHub's rules plus :func:`workbench.sysusers.hub_username_problem` (users made through the API too)."""
+        problem = hub_username_problem(username)
+        if problem:
+            self.log.warning("Refusing the user name %r: %s", username, problem)
+        return problem is None and super().validate_username(username)
 
     def refusal_message(self, auth_model: dict | None) -> str:
         raise NotImplementedError
@@ -257,7 +283,7 @@ class PolicyGroupsAuthenticator(Authenticator):
         """
         if isinstance(auth_model, dict) and self.manage_groups and "groups" in auth_model:
             auth_model["groups"] = merge_roster_groups(
-                db, auth_model["name"], auth_model["groups"], self.allowed_groups
+                db, auth_model["name"], auth_model["groups"], self.allowed_groups, self.course_groups
             )
         return auth_model
 
@@ -366,6 +392,10 @@ class WorkbenchGitHubOAuthenticator(PolicyGroupsAuthenticator, GitHubOAuthentica
 # ---------------------------------------------------------------------------
 
 
+def _courses(policy: Policy) -> list[str]:
+    return [name for name, g in policy.groups.items() if g.kind == "course"]
+
+
 def _demo_settings(policy: Policy) -> dict[str, dict]:
     auth = policy.auth
     return {
@@ -376,6 +406,7 @@ def _demo_settings(policy: Policy) -> dict[str, dict]:
         "DemoAuthenticator": {
             "accounts": {name: u.model_dump() for name, u in auth.demo_users.items()},
             "admin_group_names": ",".join(auth.admin_groups),
+            "course_groups": _courses(policy),
         },
         "Authenticator": {"manage_groups": True, "allow_all": False},
     }
@@ -422,6 +453,7 @@ def auth_settings(policy: Policy, runtime: Runtime, environ: Mapping[str, str] |
         "oauth_callback_url": f"{runtime.public_url}/hub/oauth_callback",
         "allowed_groups": list(policy.groups),
         "admin_groups": list(auth.admin_groups),
+        "course_groups": _courses(policy),
     }
     if auth.type == "generic-oauth":
         klass: type = WorkbenchGenericOAuthenticator

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -132,7 +133,14 @@ def add_course_arguments(parser) -> None:
 
 def _roster_service_arguments(parser, default_config) -> None:
     parser.add_argument("--hub-url", default=DEFAULT_HUB_URL, help="the hub's address (default: %(default)s)")
-    parser.add_argument("--token", default=None, help="hub API token (default: $JUPYTERHUB_API_TOKEN)")
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="file holding the hub API token, readable by you only (mode 0600) (default: $JUPYTERHUB_API_TOKEN)",
+    )
+    # removed: a token on the command line is visible to every user of the machine (ps, /proc/<pid>/cmdline)
+    parser.add_argument("--token", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", default=str(default_config), help="platform YAML (default: %(default)s)")
 
 
@@ -165,11 +173,45 @@ def _course_and_token(args, command: str) -> str | None:
             file=sys.stderr,
         )
         return None
-    token = args.token or os.environ.get("JUPYTERHUB_API_TOKEN", "")
+    if args.token is not None:
+        print(
+            f"workbench course {command}: --token is no longer accepted (a token on the command line is visible to "
+            "every user of the machine); set $JUPYTERHUB_API_TOKEN or pass --token-file PATH (a file only you can read)",
+            file=sys.stderr,
+        )
+        return None
+    if args.token_file:
+        token, problem = read_token_file(args.token_file)
+        if problem:
+            print(f"workbench course {command}: --token-file: {problem}", file=sys.stderr)
+            return None
+        return token
+    token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
     if not token:
-        print(f"workbench course {command}: no hub token; pass --token or set $JUPYTERHUB_API_TOKEN", file=sys.stderr)
+        print(
+            f"workbench course {command}: no hub token; set $JUPYTERHUB_API_TOKEN or pass --token-file PATH",
+            file=sys.stderr,
+        )
         return None
     return token
+
+
+def read_token_file(path: str) -> tuple[str, str | None]:
+    """``(token, None)`` from a file only its owner can read, else ``("", why)``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        return "", f"cannot read {path}: {e.strerror}"
+    with os.fdopen(fd) as f:
+        mode = os.fstat(f.fileno()).st_mode & 0o777
+        if mode & 0o077:
+            return "", (
+                f"{path} can be read by other users (mode {mode:04o}); a token must be private: chmod 600 {path}"
+            )
+        token = f.read().strip()
+    if not token:
+        return "", f"{path} is empty; write the hub API token into it"
+    return token, None
 
 
 def _ask_service(command: str, label: str, args, method: str, **kw) -> int:

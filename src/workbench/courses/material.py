@@ -29,13 +29,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from workbench.policy import Material, Policy
+from workbench.sysusers import INSTRUCTOR_GROUP_PREFIX  # noqa: F401  (re-exported: prefix of the instructors' Unix group)
 
 #: left in ``~/<course>`` when the material could not be pulled (removed by the next good pull)
 NOTE_NAME = "MATERIAL-NOT-UPDATED.txt"
 #: seconds one course's pull may take before it is given up
 PULL_TIMEOUT = 300
-#: prefix of the Unix group of a course's instructors (embedded mode)
-INSTRUCTOR_GROUP_PREFIX = "wb-i-"
 
 
 # ---------------------------------------------------------------------------
@@ -60,6 +59,17 @@ def courses_of(policy: Policy, user_groups: Iterable[str], username: str | None 
 
 def teaches(policy: Policy, course: str, username: str) -> bool:
     return is_course(policy, course) and username in policy.groups[course].instructors
+
+
+def unix_groups_of(policy: Policy, user_groups: Iterable[str], username: str) -> list[str]:
+    """The Workbench-managed Unix groups a user belongs in: their policy groups' (``wb-g-*``) and the
+    instructor groups (``wb-i-*``) of the courses they teach (pure). Any other managed group goes at their
+    next spawn (:func:`workbench.sysusers.sync_group_memberships`)."""
+    from workbench.sysusers import unix_group_name
+
+    groups = [unix_group_name(g) for g in policy.groups_of(user_groups)]
+    taught = [unix_group_name(c, INSTRUCTOR_GROUP_PREFIX) for c in policy.groups if teaches(policy, c, username)]
+    return [*groups, *taught]
 
 
 def materials_path(policy: Policy, course: str) -> str:

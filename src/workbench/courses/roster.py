@@ -8,6 +8,8 @@ import io
 import re
 from dataclasses import dataclass
 
+from workbench.sysusers import hub_username_problem
+
 ROSTER_COLUMNS = ("username", "email", "name")
 
 
@@ -44,6 +46,8 @@ def username_problem(raw: str) -> str | None:
         return f"username {raw!r} has a control character"
     if not _hub_authenticator().validate_username(raw.lower()):
         return f"username {raw!r} is not a valid JupyterHub user name (no '/', not only dots)"
+    if why := hub_username_problem(raw):
+        return f"{why}: no account can be made for it; use the student's login name"
     return None
 
 

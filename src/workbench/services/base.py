@@ -9,7 +9,8 @@ workbench's ``$WORKBENCH_RUNTIME``.
 - :func:`service_setup` — logging, the policy (problems to stderr, exit code 2), where to listen;
 - :func:`serve_until_signal` — run a tornado app until SIGTERM/SIGINT;
 - :class:`HubClient` — the hub's REST API with the service's own token (groups, active servers);
-- :class:`JsonHandler` — JSON answers and errors, the caller's token checked with the hub (:meth:`JsonHandler.token_model`);
+- :class:`JsonHandler` — JSON answers and errors, the caller's token checked with the hub (:meth:`JsonHandler.token_model`),
+  health answers that say more than ok/unhealthy only to a valid token (:meth:`JsonHandler.write_health`);
 - :func:`log_request` — one log line per request (health and metrics at debug level).
 """
 
@@ -24,7 +25,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from tornado import httpclient, web
 
@@ -162,7 +163,7 @@ class HubClient:
         if cached and loop.time() - cached[0] < max_age:
             return cached[1]
         try:
-            model = await self.get(f"/users/{name}")
+            model = await self.get(f"/users/{quote(name, safe='')}")
             groups = list(model.get("groups") or [])
         except httpclient.HTTPClientError as e:
             if e.code != 404:
@@ -255,3 +256,26 @@ class JsonHandler(web.RequestHandler):
         if model.get("groups") is None and model.get("kind", "user") == "user" and hub is not None:
             model = {**model, "groups": await hub.user_groups(model["name"]) or []}
         return model
+
+    async def has_valid_token(self, hub_auth) -> bool:
+        """Whether the request carries a token the hub accepts (False when the hub does not answer)."""
+        token = hub_auth.get_token(self, in_cookie=False)
+        if not token:
+            return False
+        try:
+            return bool(await hub_auth.user_for_token(token, sync=False))
+        except web.HTTPError:
+            return False
+
+    async def write_health(self, hub_auth, check: Callable[[], Awaitable[dict]] | None = None) -> None:
+        """``{"status": "ok"}`` (200) or ``{"status": "unhealthy"}`` (503) for anyone (probes, load balancers);
+        what ``check()`` returns (database, counts, courses; it raises when unhealthy) only with a valid token."""
+        try:
+            details = await check() if check is not None else {}
+            doc, code = {"status": "ok"}, 200
+        except Exception as e:  # noqa: BLE001 - any failure of the check is "unhealthy"
+            log.warning("health check failed: %s", e)
+            details, doc, code = {"error": str(e)}, {"status": "unhealthy"}, 503
+        if details and await self.has_valid_token(hub_auth):
+            doc.update(details)
+        self.write_json(doc, code)

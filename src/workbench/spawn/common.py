@@ -1,5 +1,6 @@
 """What every spawner needs, written once: the profile a user may start, the spawn form, the Dask environment of a
-server, and a user's Dask clusters stopping with their server.
+server, a user's Dask clusters stopping with their server, start options that become a default only once admitted,
+and the scopes that open a course member's server to the course's instructors.
 
 The engines (:mod:`workbench.spawn.local`, :mod:`workbench.spawn.kube`) are thin layers over these.
 """
@@ -130,3 +131,87 @@ class StopsDaskClustersMixin(HasTraits):
                 self.log.info("Stopped %d Dask cluster(s) of %s with their server", len(clusters), self.user.name)
         except (HTTPClientError, OSError) as e:
             self.log.warning("Could not stop the Dask clusters of %s: %s", self.user.name, e)
+
+
+def course_access_scopes(policy: Policy, user_groups: list[str]) -> list[str]:
+    """``access:servers!group=<course>`` for each course group of the user (pure).
+
+    Added to a server's ``oauth_access_scopes``: jupyterhub-singleuser does not resolve group filters
+    of a token's scopes to its user, so without these an instructor's own token (role
+    ``instructor-<course>``: ``access:servers!group=<course>``) is refused by their students' servers.
+    Only course groups: no other group's scope opens anyone's server.
+    """
+    return [f"access:servers!group={g}" for g in policy.groups_of(user_groups) if policy.groups[g].kind == "course"]
+
+
+class AdmittedOptionsMixin(HasTraits):
+    """Start options become the user's default only once a start with them was admitted.
+
+    JupyterHub stores a request's ``user_options`` before the spawn runs and reuses them for later
+    starts without options, so a refused request (an unentitled profile, ``{"profile": {"$ne": 1}}``,
+    a quota refusal) would otherwise become the user's default and make every later plain start fail.
+    The engines call :meth:`start_profile` first thing in a start, :meth:`forget_refused_options` when
+    the start fails and :meth:`remember_admitted_options` when it succeeded:
+
+    - options that were admitted before (or stored before this spawner was made) but that the policy
+      no longer entitles (a profile taken from the group) fall back to the group's default profile,
+      with a warning in the hub's log;
+    - any other unentitled request is refused with 403, and the stored options go back to the last
+      admitted ones.
+
+    :meth:`start_profile` also sets ``oauth_access_scopes`` (see :func:`course_access_scopes`), from the
+    user's groups at this start.
+    """
+
+    _admitted_options: dict | None = None
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # made before JupyterHub writes this start's options: the stored ones are the last admitted
+        orm = kwargs.get("orm_spawner")
+        self._admitted_options = dict(getattr(orm, "user_options", None) or {})
+
+    def start_profile(self) -> str:
+        """The profile of this start, after the checks above; raises ``web.HTTPError(403)`` when refused."""
+        groups = [g.name for g in self.user.groups]
+        self.oauth_access_scopes = [
+            f"access:servers!server={self.user.name}/{self.name}",
+            f"access:servers!user={self.user.name}",
+            *course_access_scopes(self.policy, groups),
+        ]
+        options = dict(self.user_options or {})
+        requested = options.get("profile") or None
+        allowed = self.policy.profiles_for(groups)
+        if requested is not None and options == self._admitted_options and allowed and requested not in allowed:
+            fallback = allowed[0]
+            self.log.warning(
+                "The stored start options of %s ask for profile %r, which their groups (%s) may no longer use; "
+                "starting %s, the default of their groups",
+                self.user.name,
+                requested,
+                ", ".join(groups) or "none",
+                fallback,
+            )
+            self.user_options = {k: v for k, v in options.items() if k != "profile"}
+            self.remember_admitted_options()
+            return fallback
+        return choose_profile(self.policy, groups, requested)
+
+    def forget_refused_options(self) -> None:
+        """Put the last admitted options back as the user's stored default (this start failed)."""
+        orm = getattr(self, "orm_spawner", None)
+        if orm is None or (orm.user_options or {}) == self._admitted_options:
+            return
+        self.log.info(
+            "Start of %s refused or failed: their stored start options stay %s", self.user.name, self._admitted_options
+        )
+        orm.user_options = dict(self._admitted_options)
+        self.db.commit()
+
+    def remember_admitted_options(self) -> None:
+        """This start's options are the user's default from now on."""
+        self._admitted_options = dict(self.user_options or {})
+        orm = getattr(self, "orm_spawner", None)
+        if orm is not None and (orm.user_options or {}) != self._admitted_options:
+            orm.user_options = dict(self._admitted_options)
+            self.db.commit()

@@ -44,7 +44,7 @@ from traitlets import Instance, Unicode, default
 
 from workbench.courses.material import courses_of, material_pulls, materials_path, pull_env, pull_script, teaches
 from workbench.policy import Policy, cached_policy
-from workbench.spawn.common import StopsDaskClustersMixin, choose_profile, describe_profile
+from workbench.spawn.common import AdmittedOptionsMixin, StopsDaskClustersMixin, choose_profile, describe_profile
 
 __all__ = [
     "COURSE_CLAIM",
@@ -310,7 +310,7 @@ def kube_hub_settings(policy: Policy, policy_path: str) -> dict[str, dict[str, A
 # ---------------------------------------------------------------------------
 
 
-class WorkbenchKubeSpawner(StopsDaskClustersMixin, KubeSpawner):
+class WorkbenchKubeSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, KubeSpawner):
     """KubeSpawner that enforces the platform policy on the server.
 
     ``profile_list`` defaults to the user's entitled profiles (:func:`make_profile_list`). The
@@ -318,8 +318,9 @@ class WorkbenchKubeSpawner(StopsDaskClustersMixin, KubeSpawner):
     against the policy before KubeSpawner loads it: a profile the user's groups may not use, or
     any spawn by a user in no entitled group, is refused with a 403 naming the allowed profiles
     (stock KubeSpawner raises a ValueError for an unknown slug, a 500, and starts a pod with its
-    defaults when the list is empty). With ``gateway_api_url`` set, stopping a user's default
-    server stops their Dask clusters too.
+    defaults when the list is empty). Options become the user's default only once admitted, and course
+    members' servers admit their instructors' tokens (:class:`workbench.spawn.common.AdmittedOptionsMixin`).
+    With ``gateway_api_url`` set, stopping a user's default server stops their Dask clusters too.
     """
 
     policy_path = Unicode(
@@ -353,10 +354,19 @@ class WorkbenchKubeSpawner(StopsDaskClustersMixin, KubeSpawner):
             if self._owns_dask_clusters():  # the user's clusters end with their default server
                 await self._stop_dask_clusters()
 
+    async def start(self):
+        try:
+            started = await super().start()
+        except BaseException:
+            self.forget_refused_options()
+            raise
+        self.remember_admitted_options()
+        return started
+
     async def load_user_options(self):
-        requested = (self.user_options or {}).get("profile") or None
-        # raises web.HTTPError(403) naming the allowed profiles
-        choose_profile(self.policy, self.user_groups, requested)
+        # raises web.HTTPError(403) naming the allowed profiles; stored options no longer entitled fall back
+        # (a fallback drops "profile" from user_options, so KubeSpawner takes the first entitled one)
+        self.start_profile()
         await super().load_user_options()
 
 

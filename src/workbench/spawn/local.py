@@ -20,19 +20,25 @@ from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from tornado import web
 from traitlets import Bool, Dict, Unicode, default
 
-from workbench.courses.material import prepare_courses
+from workbench.courses.material import prepare_courses, unix_groups_of
 from workbench.gpus import GpuAllocator, NoFreeGpu
 from workbench.limits import Limiter, detect_cgroups, local_limits, own_cgroups
 from workbench.policy import Policy, Profile, cached_policy
 from workbench.services.quota.client import QuotaClient, QuotaUnavailable
 from workbench.services.quota.models import server_item_id
 from workbench.services.quota.views import charge_group
-from workbench.spawn.common import StopsDaskClustersMixin, choose_profile, dask_environment, options_form_html
+from workbench.spawn.common import (
+    AdmittedOptionsMixin,
+    StopsDaskClustersMixin,
+    choose_profile,
+    dask_environment,
+    options_form_html,
+)
 from workbench.spawn.starters import install_starters
 from workbench.sysusers import (
     ensure_folder,
-    ensure_group_membership,
     ensure_system_user,
+    sync_group_memberships,
     system_username,
     unix_group_name,
 )
@@ -41,7 +47,7 @@ _ALLOCATORS: dict[str, GpuAllocator] = {}
 _LIMITERS: dict[str, Limiter] = {}
 
 
-class WorkbenchLocalSpawner(StopsDaskClustersMixin, LocalProcessSpawner):
+class WorkbenchLocalSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, LocalProcessSpawner):
     """LocalProcessSpawner driven by the platform policy.
 
     - the spawn form lists only the user's entitled profiles; ``user_options["profile"]`` from the
@@ -226,16 +232,23 @@ class WorkbenchLocalSpawner(StopsDaskClustersMixin, LocalProcessSpawner):
             raise web.HTTPError(403, decision.message)
 
     async def start(self):
-        self.profile_name = choose_profile(self.policy, self.user_groups, self.user_options.get("profile"))
-        profile = self.policy.profiles[self.profile_name]
-        if self.quota is not None:
-            await self._admit()
         try:
-            return await self._start_with_gpus(profile)
+            self.profile_name = self.start_profile()  # options become the default only once admitted (common)
+            profile = self.policy.profiles[self.profile_name]
+            if self.quota is not None:
+                await self._admit()
         except BaseException:
+            self.forget_refused_options()
+            raise
+        try:
+            started = await self._start_with_gpus(profile)
+        except BaseException:
+            self.forget_refused_options()
             if self.quota is not None:
                 await self.quota.stop(self.quota_item)
             raise
+        self.remember_admitted_options()
+        return started
 
     async def _start_with_gpus(self, profile: Profile):
         if profile.gpu:
@@ -282,10 +295,12 @@ class WorkbenchLocalSpawner(StopsDaskClustersMixin, LocalProcessSpawner):
         """Group folders (read-write for members, setgid) and the read-only datasets folder, at the
         same paths as on Kubernetes (``storage.shared`` / ``storage.datasets``)."""
         storage = self.policy.storage
+        # memberships follow the policy: groups (and courses taught) the user left are left here
+        wanted = unix_groups_of(self.policy, self.user_groups, self.user.name)
+        if left := sync_group_memberships(self.system_user, wanted):
+            self.log.info("%s (%s) left the Unix group(s) %s", self.user.name, self.system_user, ", ".join(left))
         for group in self.policy.groups_of(self.user_groups):
-            unix_group = unix_group_name(group)
-            ensure_group_membership(self.system_user, unix_group)
-            ensure_folder(storage.shared.format(group=group), 0o2770, grp.getgrnam(unix_group).gr_gid)
+            ensure_folder(storage.shared.format(group=group), 0o2770, grp.getgrnam(unix_group_name(group)).gr_gid)
         ensure_folder(storage.datasets, 0o755)
 
     async def stop(self, now=False):

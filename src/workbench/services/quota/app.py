@@ -126,7 +126,7 @@ class QuotaService:
             if item.kind != "server" or not item.due(now) or item.item in self._stopping:
                 continue
             user, _, server = item.item.removeprefix("server:").partition("/")
-            path = f"/users/{quote(user)}/server" if not server else f"/users/{quote(user)}/servers/{quote(server)}"
+            path = f"/users/{quote(user, safe='')}/server" + (f"s/{quote(server, safe='')}" if server else "")
             log.warning("stopping %s: %s", item.item, item.message)
             try:
                 await self.hub.request("DELETE", path)
@@ -197,9 +197,9 @@ class BaseHandler(JsonHandler):
             )
         return v
 
-    def period(self, default: str = "month"):
+    def period(self, default: str = "month", term_starts: tuple[str, ...] = ("02-01", "09-01")):
         try:
-            return parse_period(self.get_argument("period", "current"), self.svc.now(), default)  # type: ignore[arg-type]
+            return parse_period(self.get_argument("period", "current"), self.svc.now(), default, term_starts)  # type: ignore[arg-type]
         except ValueError as e:
             raise web.HTTPError(400, str(e)) from None
 
@@ -211,8 +211,11 @@ class NotFoundHandler(BaseHandler):
 
 class HealthHandler(BaseHandler):
     async def get(self):
-        counts = await self.svc.db(self.svc.ledger.counts)
-        self.write_json({"status": "ok", "database": self.svc.ledger.dialect, **counts})
+        async def check() -> dict:
+            counts = await self.svc.db(self.svc.ledger.counts)
+            return {"database": self.svc.ledger.dialect, **counts}
+
+        await self.write_health(self.svc.hub_auth, check)
 
 
 class OpenAPIHandler(BaseHandler):
@@ -357,7 +360,8 @@ class GroupUsageHandler(BaseHandler):
             raise web.HTTPError(404, f"no group {group!r} in the policy")
         g = policy.groups[group]
         now = self.svc.now()
-        period = self.period(default=g.budget.period if g.budget else "month")
+        # a group's "current" and "term" are its own budget period, with its own term_starts
+        period = self.period(*((g.budget.period, tuple(g.budget.term_starts)) if g.budget else ("month",)))
         ledger = self.svc.ledger
         rows = await self.svc.db(ledger.rows, period, now, group)
         budgets = await self.svc.db(ledger.budgets, group, None, now)

@@ -261,10 +261,13 @@ def openapi_document(prefix: str = "/services/quota/") -> dict:
     paths = {
         "/api/health": {
             "get": {
-                "summary": "Liveness and database reachability",
+                "summary": "Liveness and database reachability; the database and row counts only with a valid token",
                 "operationId": "health",
                 "security": [],
-                "responses": {"200": _json(_ref("Health"), "the service and its database answer")},
+                "responses": {
+                    "200": _json(_ref("Health"), "the service and its database answer"),
+                    "503": _json(_ref("Health"), "the database does not answer (status: unhealthy)"),
+                },
             }
         },
         "/api/openapi.json": {

@@ -110,7 +110,11 @@ def refusals(
     ``users`` maps each student's name to their hub model (``admin``, ``groups``, ``roles``), or
     None when the hub has no such user yet. Never rostered: hub admins (and the policy's admin demo
     accounts), instructors of any course, members of a group that is not a course (research,
-    startup, admin or unknown groups: a roster must not reach into them), holders of a hub role.
+    startup, admin or unknown groups: a roster must not reach into them), holders of a hub role;
+    this counts the groups the policy itself gives a name (``auth.demo_users``), so a demo account
+    of a research group is refused before it ever logged in. A roster longer than
+    ``courses.max_students`` is refused as a whole. (Whoever the identity provider later puts in a
+    non-course group loses the roster's courses at that login: :func:`workbench.auth.groups.with_roster_groups`.)
     """
     admin_groups = set(policy.auth.admin_groups)
     problems = []
@@ -137,6 +141,19 @@ def refusals(
         elif roles:
             problems.append(f"{head} holds the hub role(s) {', '.join(roles)}; a roster only takes plain users")
     return problems
+
+
+def size_problem(policy: Policy, count: int, kept: int = 0) -> str | None:
+    """Why a roster of ``count`` new names (plus ``kept`` names of the old roster) is too long (pure; None: it is not)."""
+    limit = policy.courses.max_students
+    total = count + kept
+    if total <= limit:
+        return None
+    what = f"{count} students" + (f" plus {kept} already on the roster (mode add)" if kept else "")
+    return (
+        f"the roster would list {what}, more than courses.max_students ({limit}) of the policy; nothing was changed: "
+        "split the course or ask the platform team to raise courses.max_students"
+    )
 
 
 @dataclass(frozen=True)
@@ -292,12 +309,17 @@ class RosterService:
     async def load(self, course: str, students: list[Student], where: str, replace: bool) -> RosterChange:
         """Check and apply a roster (one at a time per course). Raises :class:`RosterProblems`, :class:`HubError`."""
         names = [s.username for s in students]
+        if too_long := size_problem(self.policy, len(names)):
+            raise RosterProblems([too_long])  # before asking the hub about each name
         async with self.lock(course):
             users = await self.users(names)
             problems = refusals(self.policy, students, users, where)
             if problems:
                 raise RosterProblems(problems)
             change = plan_roster(course, names, users, await self.group(course), replace)
+            kept = len(change.roster) - len(set(names))  # mode add: the old roster's other names stay
+            if too_long := size_problem(self.policy, len(set(names)), kept):
+                raise RosterProblems([too_long])
             g = f"/groups/{quote(course, safe='')}"
             done: list[str] = []
             if change.create_group:
@@ -423,8 +445,11 @@ class NotFoundHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
-    def get(self):
-        self.write_json({"status": "ok", "courses": course_names(self.svc.policy)})
+    async def get(self):
+        async def check() -> dict:
+            return {"courses": course_names(self.svc.policy)}
+
+        await self.write_health(self.svc.hub_auth, check)
 
 
 class StudentsHandler(BaseHandler):

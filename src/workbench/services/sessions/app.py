@@ -188,8 +188,8 @@ class BaseHandler(JsonHandler):
 
 
 class HealthHandler(BaseHandler):
-    def get(self):
-        self.finish({"status": "ok"})
+    async def get(self):
+        await self.write_health(self.hub_auth)
 
 
 class NotificationsHandler(BaseHandler):
