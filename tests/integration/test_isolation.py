@@ -129,6 +129,35 @@ def wait_for(check, what: str, timeout: float = 120):
     raise TimeoutError(what)
 
 
+_PROBE = """
+import socket, ssl, sys
+port = int(sys.argv[1])
+ctx = ssl.create_default_context()
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the attacker has no cluster certificate
+try:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+        tls.sendall(b"x" * 64)
+        print("answered" if tls.recv(64) else "closed")
+except ssl.SSLError as e:
+    print("tls-refused", e.reason)
+except OSError as e:
+    print("no-tls", e)
+"""
+
+
+def scheduler_ports_need_the_cluster_cert(scheduler: psutil.Process, attacker: str) -> bool:
+    """Whether some listening port of ``scheduler`` speaks TLS and refuses ``attacker``'s handshake
+    without the cluster's client certificate (dask-gateway's per-cluster TLS: the scheduler's comm port).
+    The dashboard port (plain HTTP) is not covered here: see the README's threat model."""
+    ports = [c.laddr.port for c in scheduler.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    outcomes = {port: as_user(attacker, "/usr/bin/python3", "-c", _PROBE, str(port)).stdout.strip() for port in ports}
+    # a plain HTTP port fails a handshake too (WRONG_VERSION_NUMBER): only a certificate alert counts
+    refused = {p: o for p, o in outcomes.items() if o.startswith("tls-refused") and "CERTIFICATE" in o}
+    print("scheduler ports probed by", attacker, outcomes)
+    assert refused, outcomes
+    return True
+
+
 def test_starters_replaced_by_symlinks_are_not_followed_at_restart(wb, victim):
     token = token_of(wb, STUDENT)
     wb.start_server(token, STUDENT)
@@ -212,6 +241,7 @@ def test_dask_processes_carry_the_cluster_limits_and_never_let_root_follow_the_u
             memory, cpus = cgroup_limits(schedulers[0].pid)
             assert cpus == 1.0 and memory > 0
             assert umask_of(workers[0].pid) == "0022"
+            assert scheduler_ports_need_the_cluster_cert(schedulers[0], f"wb-{STUDENT}")
             logs = sorted(Path(workdir, "logs").iterdir())
             assert logs and all(os.lstat(p).st_uid == owner.pw_uid for p in logs), logs
             client.close()
