@@ -150,7 +150,12 @@ def ensure_folder(path: str | os.PathLike, mode: int, gid: int = 0) -> Path:
     changed through a descriptor opened without following a symlink.
     """
     p = Path(path)
-    p.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for parent in [*reversed(p.parents)]:
+        try:
+            os.mkdir(parent, 0o755)
+        except FileExistsError:
+            continue
+        os.chmod(parent, 0o755)  # the services run with umask 077; users must traverse these
     ok, culprit = root_controlled(p.parent)
     if not ok:
         raise RuntimeError(

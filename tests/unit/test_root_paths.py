@@ -115,11 +115,17 @@ def test_ensure_folder_refuses_below_a_user_writable_folder(tmp_path):
 
 
 @as_root
-def test_ensure_folder_sets_owner_and_mode(tmp_path):
+def test_ensure_folder_sets_owner_and_mode_and_traversable_parents_under_umask_077(tmp_path):
     tmp_path.chmod(0o755)
-    p = ensure_folder(tmp_path / "srv" / "groups" / "lab", 0o2770, 65534)
+    old = os.umask(0o077)  # what `workbench up` runs the hub with
+    try:
+        p = ensure_folder(tmp_path / "srv" / "groups" / "lab", 0o2770, 65534)
+    finally:
+        os.umask(old)
     st = os.lstat(p)
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 65534, 0o2770)
+    assert stat.S_IMODE(os.lstat(tmp_path / "srv").st_mode) == 0o755
+    assert stat.S_IMODE(os.lstat(tmp_path / "srv" / "groups").st_mode) == 0o755
 
 
 def test_private_state_dir_tightens_an_older_state(tmp_path):
