@@ -4,6 +4,11 @@
 the hub and the gateway at that file with ``WORKBENCH_RUNTIME``; the thin loaders in
 ``hub_config/`` read it back. Secrets live beside it in ``secrets.json`` (mode 0600) and
 are generated once, so restarts keep cookies, tokens and the gateway's encrypted DB valid.
+
+The state folder is private to the account that runs the platform (:func:`make_private_state_dir`:
+0700, and ``workbench up`` runs the hub and its services with umask 077). Nothing in it is for
+users: their Dask clusters' folders live under ``/tmp`` (see ``workbench.gateway.local``), and the
+hub uses no internal certificates in the embedded mode.
 """
 
 from __future__ import annotations
@@ -162,3 +167,37 @@ def load_or_create_secrets(state_dir: str | os.PathLike) -> dict[str, str]:
             json.dump(current, f, indent=2)
     os.chmod(path, 0o600)
     return current
+
+
+#: what ``workbench up`` runs the hub and its services with: everything they create is theirs alone
+SERVICES_UMASK = 0o077
+
+
+def make_private_state_dir(state_dir: str | os.PathLike) -> Path:
+    """Create the state folder and its ``logs`` folder 0700; tighten what an older run left readable.
+
+    Earlier versions made the folder 0711 with 0644 files: its regular files and those of ``logs``
+    lose group and other permissions, through descriptors opened without following symlinks (the
+    folder is root's, but a cluster folder of an old run inside it was not: nothing else is walked).
+    """
+    state = Path(state_dir)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    logs = state / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(logs, 0o700)
+    for folder in (state, logs):
+        for entry in os.scandir(folder):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                mode = os.fstat(fd).st_mode & 0o7777
+                if mode & 0o077:
+                    os.fchmod(fd, mode & 0o700)
+            finally:
+                os.close(fd)
+    return state

@@ -199,3 +199,23 @@ def test_gpu_request_above_the_group_limit_is_refused_before_any_job(wb):
     with w.gateway(token) as gw, pytest.raises(Exception, match="worker_gpus must be <= 2"):
         gw.new_cluster(worker_gpus=3)
     assert squeue() == []
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("SBATCH_EXCLUSIVE", "1"), ("SLURM_CONF", "/tmp/mine.conf"), ("SRUN_CPUS_PER_TASK", "64"), ("SALLOC_QOS", "x")],
+)
+def test_batch_system_variables_in_the_environment_option_are_refused_before_any_job(wb, name, value):
+    """sbatch runs with the cluster's environment and reads SBATCH_* as options (SBATCH_EXCLUSIVE=1 would
+    take the whole node while the quota charges one core): the gateway refuses them with 422."""
+    w, token = wb
+    requests = pytest.importorskip("requests")
+    r = requests.post(
+        f"{w.url}/services/dask-gateway/api/v1/clusters/",
+        headers={"Authorization": f"jupyterhub {token}"},
+        json={"cluster_options": {"environment": {name: value}}},
+        timeout=30,
+    )
+    assert r.status_code == 422, r.text
+    assert f"environment: {name} would steer the batch system" in r.text
+    assert squeue() == []

@@ -134,6 +134,11 @@ def test_environment_is_added_to_the_gateways_own(demo):
         ({"PATH": "/tmp/evil"}, "environment: PATH is set by the workbench for every cluster; choose another name"),
         ({"DASK_GATEWAY__ADDRESS": "x"}, "environment: DASK_GATEWAY__ADDRESS is set by the workbench"),
         ({"LD_PRELOAD": "x.so"}, "environment: LD_PRELOAD is set by the workbench"),
+        ({"SBATCH_EXCLUSIVE": "1"}, "environment: SBATCH_EXCLUSIVE would steer the batch system (SBATCH_*"),
+        ({"SALLOC_PARTITION": "big"}, "environment: SALLOC_PARTITION would steer the batch system"),
+        ({"SRUN_CPUS_PER_TASK": "64"}, "environment: SRUN_CPUS_PER_TASK would steer the batch system"),
+        ({"SLURM_CONF": "/tmp/my.conf"}, "environment: SLURM_CONF would steer the batch system"),
+        ({"SPANK_X": "1"}, "ask for cores, memory and GPUs with the cluster options instead"),
         ({"1ABC": "x"}, "environment: '1ABC' is not a variable name"),
         ({"A-B": "x"}, "environment: 'A-B' is not a variable name"),
         ({"THREADS": 4}, "environment: the value of THREADS must be a string (quote it), got 4"),
@@ -145,6 +150,13 @@ def test_environment_refusals_name_the_variable_and_the_fix(demo, env, words):
     with pytest.raises(ValueError) as info:
         options.get_configuration(options.parse_options({"environment": env}), None)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["SBATCHX", "MY_SBATCH_EXCLUSIVE", "SLURMY", "OMP_NUM_THREADS"])
+def test_batch_prefixes_match_only_at_the_start_with_the_underscore(demo, name):
+    options = cluster_options_for(demo, ["physics-lab"])
+    config = options.get_configuration(options.parse_options({"environment": {name: "1"}}), None)
+    assert config["environment"][name] == "1"
 
 
 def test_most_generous_group_applies(demo):

@@ -28,6 +28,7 @@ from workbench.gateway.slurm import (
     resolve_slurm_conf,
     slurm_overrides,
     slurm_time,
+    user_steered_submission,
 )
 from workbench.policy import load_policy
 from workbench.runtime import Runtime
@@ -362,3 +363,20 @@ def test_resolve_slurm_conf_precedence(tmp_path):
     assert resolve_slurm_conf(rt, {"SLURM_CONF": "/from/env.conf"}) == "/from/runtime.conf"
     assert resolve_slurm_conf(runtime_for(tmp_path), {"SLURM_CONF": "/from/env.conf"}) == "/from/env.conf"
     assert resolve_slurm_conf(runtime_for(tmp_path), {}) == DEFAULT_SLURM_CONF == "/etc/slurm/slurm.conf"
+
+
+@pytest.mark.parametrize(
+    "text, refused",
+    [
+        ("ClusterName=wb\nCliFilterPlugins=cli_filter/user_defaults\n", True),
+        ("clifilterplugins = lua,user_defaults  # site\n", True),
+        ("# CliFilterPlugins=user_defaults\nClusterName=wb\n", False),
+        ("CliFilterPlugins=lua\n", False),
+        ("ClusterName=wb\n", False),
+    ],
+)
+def test_user_defaults_cli_filter_is_named_as_a_way_for_users_to_steer_sbatch(text, refused):
+    why = user_steered_submission(text)
+    assert (why is not None) == refused
+    if refused:
+        assert "~/.slurm/defaults" in why and "remove it" in why

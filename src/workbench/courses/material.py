@@ -226,6 +226,17 @@ def ensure_materials_folder(policy: Policy, course: str, system_user: str, instr
     return ensure_folder(materials_path(policy, course), 0o2775, gid)
 
 
+def _as_user(setuid):
+    """The pull's preexec: become the user (as root), with the usual umask 022 (the hub runs with 077)."""
+
+    def preexec():  # pragma: nocover - runs in the child
+        if setuid is not None:
+            setuid()
+        os.umask(0o022)
+
+    return preexec
+
+
 async def pull_material(pulls: list[tuple[str, Material]], home: str, run_as: str | None, log) -> int:
     """Run :func:`pull_script` as ``run_as`` (None: this process's user); the number of failed courses."""
     from jupyterhub.spawner import set_user_setuid
@@ -244,7 +255,7 @@ async def pull_material(pulls: list[tuple[str, Material]], home: str, run_as: st
             stdin=asyncio.subprocess.DEVNULL,
             env=env,
             cwd=home,
-            preexec_fn=set_user_setuid(run_as) if run_as else None,
+            preexec_fn=_as_user(set_user_setuid(run_as) if run_as else None),
         )
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), PULL_TIMEOUT * len(pulls) + 30)

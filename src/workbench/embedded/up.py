@@ -27,7 +27,15 @@ import requests
 from workbench.auth.demo import PASSWORD_ENV, DemoAuthExposed, check_demo_exposure
 from workbench.gpus import detect_devices, inventory, parse_fake_gpus
 from workbench.policy import Policy, PolicyError, load_policy
-from workbench.runtime import RUNTIME_ENV, Runtime, free_port, load_or_create_secrets, port_in_use
+from workbench.runtime import (
+    RUNTIME_ENV,
+    SERVICES_UMASK,
+    Runtime,
+    free_port,
+    load_or_create_secrets,
+    make_private_state_dir,
+    port_in_use,
+)
 from workbench.sysusers import others_can_execute, system_username
 
 #: the thin config loaders and the demo policy, shipped inside the package (``workbench/hub_config``)
@@ -239,10 +247,10 @@ class Supervisor:
             + (" [PRETEND devices from --fake-gpus]" if opts.fake_gpus else "")
         )
 
-        state = Path(opts.state_dir).resolve()
-        state.mkdir(parents=True, exist_ok=True)
-        os.chmod(state, 0o711)
-        (state / "logs").mkdir(exist_ok=True)
+        # the hub, its proxy and services (and what they write: databases, logs, pid files) are private to
+        # this account; single-user servers and Dask processes set their own umask 022 when they start
+        os.umask(SERVICES_UMASK)
+        state = make_private_state_dir(Path(opts.state_dir).resolve())
         load_or_create_secrets(state)
         runtime = Runtime(
             config=str(config),

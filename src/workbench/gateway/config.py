@@ -3,7 +3,6 @@ JupyterHub authentication, cluster options per group and the quota service, from
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from workbench.gateway.local import WorkbenchLocalBackend, WorkbenchUnsafeLocalBackend
@@ -11,7 +10,6 @@ from workbench.gateway.options import cluster_options_for
 from workbench.names import GATEWAY_SERVICE
 from workbench.policy import Policy, cached_policy
 from workbench.runtime import Runtime, load_or_create_secrets
-from workbench.sysusers import others_can_execute
 
 
 def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None = None) -> None:
@@ -39,12 +37,13 @@ def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None =
     c.DBBackendBase.db_url = f"sqlite:///{runtime.path('dask-gateway.sqlite')}"
     c.DBBackendBase.db_encrypt_keys = [secrets["gateway_db_key"]]
     c.DBBackendBase.stop_clusters_on_shutdown = True
-    clusters = runtime.path("clusters")
-    clusters.mkdir(mode=0o711, exist_ok=True)
-    os.chmod(clusters, 0o711)
-    if others_can_execute(clusters)[0]:
+    if not runtime.system_users:  # every cluster runs as this account: its folders stay in the state folder
+        clusters = runtime.path("clusters")
+        clusters.mkdir(mode=0o700, exist_ok=True)
         c.LocalBackend.clusters_directory = str(clusters)
-    # else: per-cluster temporary folders under /tmp, which the users' processes can reach
+    # As root, no clusters_directory: the state folder is root's alone (0700), while each user's scheduler
+    # and workers must reach their cluster's folder, so every cluster gets a fresh mkdtemp folder under /tmp
+    # (random name, sticky /tmp), filled and handed to the user through descriptors (WorkbenchLocalBackend).
 
     c.ClusterConfig.scheduler_cmd = [str(venv / "dask"), "scheduler"]
     c.ClusterConfig.worker_cmd = [str(venv / "dask"), "worker"]

@@ -32,7 +32,12 @@ RESERVED_ENV = frozenset(
 )
 
 
-RESERVED_ENV_PREFIXES = ("DASK_GATEWAY", "DASK_DISTRIBUTED__COMM__", "JUPYTERHUB_", "SLURM_", "WORKBENCH_")
+#: variables that steer the batch system: sbatch (run with the cluster's environment on the Slurm backend)
+#: reads SBATCH_* as its options (SBATCH_EXCLUSIVE=1 takes a whole node while the quota charges the
+#: cores asked for), srun/salloc read theirs inside jobs, SLURM_* and SPANK_* reach Slurm and its plugins
+BATCH_ENV_PREFIXES = ("SBATCH_", "SALLOC_", "SRUN_", "SLURM_", "SPANK_")
+
+RESERVED_ENV_PREFIXES = ("DASK_GATEWAY", "DASK_DISTRIBUTED__COMM__", "JUPYTERHUB_", "WORKBENCH_", *BATCH_ENV_PREFIXES)
 
 
 MAX_ENV = 64
@@ -45,6 +50,11 @@ def check_environment(env: dict) -> dict[str, str]:
     for name, value in env.items():
         if not isinstance(name, str) or not _ENV_NAME.match(name):
             raise ValueError(f"environment: {name!r} is not a variable name (letters, digits, _; not first a digit)")
+        if name.startswith(BATCH_ENV_PREFIXES):
+            raise ValueError(
+                f"environment: {name} would steer the batch system ({', '.join(p + '*' for p in BATCH_ENV_PREFIXES)} "
+                "are reserved); ask for cores, memory and GPUs with the cluster options instead"
+            )
         if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
             raise ValueError(f"environment: {name} is set by the workbench for every cluster; choose another name")
         if not isinstance(value, str):

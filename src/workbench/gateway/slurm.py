@@ -149,6 +149,24 @@ def written_by_slurm_up(conf: str | os.PathLike) -> bool:
         return False
 
 
+def user_steered_submission(conf_text: str) -> str | None:
+    """Why users could change their jobs' sbatch options behind the gateway's back, or None (pure).
+
+    The gateway runs ``sbatch`` as the user (``sudo -u``, through the launcher) with the cluster's
+    environment only (its batch variables are refused by ``gateway.options``), in the user's home,
+    with a script it writes: no shell start-up file is read. What remains is Slurm's
+    ``cli_filter/user_defaults`` plugin, which reads ``~/.slurm/defaults`` (the user's own file).
+    """
+    for line in conf_text.splitlines():
+        key, _, value = line.split("#", 1)[0].partition("=")
+        if key.strip().lower() == "clifilterplugins" and "user_defaults" in value:
+            return (
+                "slurm.conf has CliFilterPlugins=user_defaults, which lets each user set sbatch options for the "
+                "gateway's jobs in ~/.slurm/defaults (e.g. --exclusive, charged as the cores asked for): remove it"
+            )
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Backend
 # ---------------------------------------------------------------------------
@@ -266,6 +284,8 @@ def configure_slurm(c, policy: Policy, runtime: Runtime) -> None:
             f"no Slurm configuration at {conf}: start the one-node cluster with `make slurm` "
             "(scripts/slurm-up.sh) or set SLURM_CONF to your cluster's slurm.conf"
         )
+    elif why := user_steered_submission(Path(conf).read_text(errors="replace")):
+        problems.append(f"{conf}: {why}")
     for tool in ("sbatch", "squeue", "scancel", "sudo"):
         if shutil.which(tool) is None:
             problems.append(f"`{tool}` not found on PATH (Debian: apt-get install slurm-client sudo)")

@@ -145,18 +145,21 @@ class WorkbenchLocalSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, LocalP
 
     def make_preexec_fn(self, name):
         join = Limiter.preexec(self._cgroup_dirs, self._limits)
+        # `workbench up` runs the hub with umask 077 (its state is private); a user's own files get 022
         if self.system_users:
             setuid = set_user_setuid(self.system_user)
 
             def preexec():
                 join()
                 setuid()
+                os.umask(0o022)
 
             return preexec
         home = self.home
 
         def preexec():
             join()
+            os.umask(0o022)
             os.chdir(home)
 
         return preexec

@@ -1,16 +1,20 @@
 """Starter notebooks: each user finds one for their kind of work in their home folder.
 
 Notebooks are built here from plain cell lists (readable diffs, no JSON blobs in git) and
-written at spawn time only if absent, so a user's edits are never overwritten.
+written at spawn time only if absent, so a user's edits are never overwritten. The spawner runs as
+root: each file is created relative to the home opened without following symlinks, exclusively and
+never through a symlink (:func:`workbench.sysusers.create_file_at`), so a user who puts a symlink
+where a starter would go (``~/exercise-1.ipynb -> /etc/...``) gets nothing written or chowned.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from workbench.sysusers import create_file_at, open_dir_nofollow
 
 _RESEARCH = [
     new_markdown_cell(
@@ -155,12 +159,11 @@ def install_starters(
 ) -> list[str]:
     """Write missing starter notebooks into ``home``; never overwrite. Returns the files written."""
     written = []
-    for fname, nb in starter_notebooks(kinds).items():
-        path = Path(home, fname)
-        if path.exists():
-            continue
-        nbformat.write(nb, str(path))
-        if uid is not None:
-            os.chown(path, uid, gid if gid is not None else -1)
-        written.append(fname)
+    home_fd = open_dir_nofollow(home)  # a home replaced by a symlink is refused (OSError)
+    try:
+        for fname, nb in starter_notebooks(kinds).items():
+            if create_file_at(home_fd, fname, nbformat.writes(nb).encode(), uid, gid):
+                written.append(fname)
+    finally:
+        os.close(home_fd)
     return written
