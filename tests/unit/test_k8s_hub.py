@@ -227,7 +227,13 @@ def test_the_quota_service_is_registered_when_the_chart_runs_it(centre):
         assert role in hub["load_roles"]
     assert hub["custom_scopes"] == QUOTA_CUSTOM_SCOPES
     assert s["Spawner"]["server_token_scopes"] == [*SERVER_TOKEN_SCOPES, QUOTA_ACCESS_SCOPE]
-    assert "quota-token" not in repr({k: v for k, v in s.items() if k != "JupyterHub"})
+    # the spawner asks the service to admit every start (as the local spawner does), with the service's token
+    spawner = s["WorkbenchKubeSpawner"]
+    assert spawner["quota_api_url"] == "http://wb-quota:8013/services/quota/api"
+    assert spawner["quota_api_token"] == "quota-token"
+    # and the token goes nowhere else: not into notebook pods' environment, not into other sections
+    rest = {k: v for k, v in s.items() if k not in ("JupyterHub", "WorkbenchKubeSpawner")}
+    assert "quota-token" not in repr(rest) + repr({k: v for k, v in spawner.items() if k != "quota_api_token"})
 
 
 def test_the_quota_service_needs_its_token(centre):
