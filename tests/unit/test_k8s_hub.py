@@ -397,6 +397,25 @@ def test_gateway_settings(centre):
     assert s["KubeClusterConfig"]["namespace"] == "research"
     with pytest.raises(K8sConfigError, match="WORKBENCH_GATEWAY_INSTANCE"):
         k8s_gateway_settings(centre, {k: v for k, v in GATEWAY.items() if k != "WORKBENCH_GATEWAY_INSTANCE"})
+    assert s["WorkbenchKubeBackend"] == {"policy_path": "/etc/workbench/platform.yaml"}  # no quota service
+
+
+def test_gateway_settings_with_the_quota_service(centre):
+    """With WORKBENCH_QUOTA_URL the backend admits and accounts clusters with the quota service, with the gateway's
+    own service token (a quota writer by role); a backend given the URL but no token refuses to start."""
+    import asyncio
+
+    from workbench.gateway.kube import WorkbenchKubeBackend
+
+    env = {**GATEWAY, "WORKBENCH_QUOTA_URL": "http://wb-quota:8013", "JUPYTERHUB_API_TOKEN": "gateway-token"}
+    assert k8s_gateway_settings(centre, env)["WorkbenchKubeBackend"] == {
+        "policy_path": "/etc/workbench/platform.yaml",
+        "quota_api_url": "http://wb-quota:8013/services/quota/api",
+        "quota_api_token": "gateway-token",
+    }
+    backend = WorkbenchKubeBackend(quota_api_url="http://wb-quota:8013/services/quota/api", gateway_instance="g")
+    with pytest.raises(ValueError, match="quota_api_token is empty.*custom:workbench-quota:write"):
+        asyncio.run(backend.setup(None))
 
 
 # ---------------------------------------------------------------------------
