@@ -227,7 +227,13 @@ def test_the_quota_service_is_registered_when_the_chart_runs_it(centre):
         assert role in hub["load_roles"]
     assert hub["custom_scopes"] == QUOTA_CUSTOM_SCOPES
     assert s["Spawner"]["server_token_scopes"] == [*SERVER_TOKEN_SCOPES, QUOTA_ACCESS_SCOPE]
-    assert "quota-token" not in repr({k: v for k, v in s.items() if k != "JupyterHub"})
+    # the spawner asks the service to admit every start (as the local spawner does), with the service's token
+    spawner = s["WorkbenchKubeSpawner"]
+    assert spawner["quota_api_url"] == "http://wb-quota:8013/services/quota/api"
+    assert spawner["quota_api_token"] == "quota-token"
+    # and the token goes nowhere else: not into notebook pods' environment, not into other sections
+    rest = {k: v for k, v in s.items() if k not in ("JupyterHub", "WorkbenchKubeSpawner")}
+    assert "quota-token" not in repr(rest) + repr({k: v for k, v in spawner.items() if k != "quota_api_token"})
 
 
 def test_the_quota_service_needs_its_token(centre):
@@ -391,6 +397,25 @@ def test_gateway_settings(centre):
     assert s["KubeClusterConfig"]["namespace"] == "research"
     with pytest.raises(K8sConfigError, match="WORKBENCH_GATEWAY_INSTANCE"):
         k8s_gateway_settings(centre, {k: v for k, v in GATEWAY.items() if k != "WORKBENCH_GATEWAY_INSTANCE"})
+    assert s["WorkbenchKubeBackend"] == {"policy_path": "/etc/workbench/platform.yaml"}  # no quota service
+
+
+def test_gateway_settings_with_the_quota_service(centre):
+    """With WORKBENCH_QUOTA_URL the backend admits and accounts clusters with the quota service, with the gateway's
+    own service token (a quota writer by role); a backend given the URL but no token refuses to start."""
+    import asyncio
+
+    from workbench.gateway.kube import WorkbenchKubeBackend
+
+    env = {**GATEWAY, "WORKBENCH_QUOTA_URL": "http://wb-quota:8013", "JUPYTERHUB_API_TOKEN": "gateway-token"}
+    assert k8s_gateway_settings(centre, env)["WorkbenchKubeBackend"] == {
+        "policy_path": "/etc/workbench/platform.yaml",
+        "quota_api_url": "http://wb-quota:8013/services/quota/api",
+        "quota_api_token": "gateway-token",
+    }
+    backend = WorkbenchKubeBackend(quota_api_url="http://wb-quota:8013/services/quota/api", gateway_instance="g")
+    with pytest.raises(ValueError, match="quota_api_token is empty.*custom:workbench-quota:write"):
+        asyncio.run(backend.setup(None))
 
 
 # ---------------------------------------------------------------------------

@@ -39,16 +39,15 @@ import asyncio
 import copy
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from types import SimpleNamespace
 from typing import Any
 
 from dask_gateway_server.backends.base import PublicException
-from dask_gateway_server.backends.kubernetes.backend import KubeBackend, KubeClusterConfig
-from dask_gateway_server.models import ClusterStatus
-from traitlets import Integer, Type
+from dask_gateway_server.backends.kubernetes.backend import KubeClusterConfig
+from traitlets import Integer
 
+from workbench.gateway.kube_backend import WorkbenchKubeBackend
 from workbench.gateway.options import cluster_options_for
 from workbench.policy import DaskPolicy, Policy
 
@@ -259,7 +258,7 @@ def kube_gateway_settings(policy: Policy, namespace: str = "workbench") -> dict[
     if image:
         cluster["image"] = image
     return {
-        "DaskGateway": {"backend_class": f"{WorkbenchKubeBackend.__module__}.{WorkbenchKubeBackend.__name__}"},
+        "DaskGateway": {"backend_class": f"{__name__}.{WorkbenchKubeBackend.__name__}"},
         "Backend": {"cluster_options": kube_cluster_options(policy)},
         "KubeClusterConfig": cluster,
     }
@@ -282,58 +281,6 @@ class WorkbenchKubeClusterConfig(KubeClusterConfig):
         help="How many active clusters the requesting user may have (from the group's dask.max_clusters). "
         "0 (the default, for a cluster config not made by the policy's cluster options): none.",
     ).tag(config=True)
-
-
-class WorkbenchKubeBackend(KubeBackend):
-    """dask-gateway's ``KubeBackend``, enforcing the group's ``dask.max_clusters`` per user.
-
-    The backend learns about clusters from a watch (its informer), some time after it created
-    them; clusters created by this process and not seen yet, and creations in flight, count too,
-    and the check and the reservation happen with no ``await`` in between, so concurrent requests
-    cannot overshoot.
-    """
-
-    cluster_config_class = Type(
-        "workbench.gateway.kube.WorkbenchKubeClusterConfig",
-        klass="dask_gateway_server.backends.base.ClusterConfig",
-        help="The cluster config class to use",
-        config=True,
-    )
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._starting: dict[str, int] = defaultdict(int)  # creations in flight, per user
-        self._unseen: dict[str, set[str]] = defaultdict(set)  # created here, not yet seen by the watch
-
-    def _claimed(self, username: str) -> int:
-        seen = getattr(self, "username_to_clusters", {}).get(username, {})
-        active = {name for name, c in seen.items() if c.status <= ClusterStatus.RUNNING}
-        unseen = self._unseen[username]
-        unseen.difference_update(n for n in list(unseen) if n in seen)  # the watch has caught up
-        return len(active | unseen) + self._starting[username]
-
-    async def start_cluster(self, user, cluster_options):
-        options, config = await self.process_cluster_options(user, cluster_options)
-        limit = config.max_clusters
-        claimed = self._claimed(user.name)
-        if claimed >= limit:
-            raise PublicException(
-                f"You already have {claimed} active Dask cluster(s), the most your group allows "
-                f"(dask.max_clusters = {limit}). Stop one with cluster.shutdown() or "
-                f"Gateway().stop_cluster(name), then try again."
-            )
-        self._starting[user.name] += 1
-        try:
-            obj = self.make_cluster_object(user.name, options, config)
-            cluster_name = f"{config.namespace}.{obj['metadata']['name']}"
-            self.log.info("Creating cluster %s for user %s", cluster_name, user.name)
-            await self.custom_client.create_namespaced_custom_object(
-                "gateway.dask.org", self.crd_version, config.namespace, "daskclusters", obj
-            )
-            self._unseen[user.name].add(cluster_name)
-        finally:
-            self._starting[user.name] -= 1
-        return cluster_name
 
 
 # ---------------------------------------------------------------------------

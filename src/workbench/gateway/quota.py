@@ -1,10 +1,17 @@
 """Admission and accounting of Dask clusters, for every backend: caps per user, each scheduler and worker admitted
-by the quota service before it starts, stop events, reconcile and enforcement (:class:`ClusterCapMixin`)."""
+by the quota service before it starts, stop events, reconcile and enforcement.
+
+- :class:`ClusterQuota` — what every backend shares: the ``dask.max_clusters`` refusal, the resources a
+  scheduler or worker holds, the admission of a scheduler, the reconcile-and-enforce round;
+- :class:`ClusterCapMixin` — on it, the hooks of dask-gateway's database backends (local, Slurm);
+- :class:`workbench.gateway.kube.WorkbenchKubeBackend` — on it, the hooks of the Kubernetes backend.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 from dask_gateway_server.backends.base import PublicException
 from dask_gateway_server.backends.db_base import JobStatus
@@ -17,23 +24,13 @@ from workbench.policy import Policy, cached_policy
 from workbench.services.quota.client import QuotaClient, QuotaUnavailable
 
 
-class ClusterCapMixin(LoggingConfigurable):
-    """Enforce the group's ``dask.max_clusters`` per user, atomically, and account clusters with the quota service.
+class ClusterQuota(LoggingConfigurable):
+    """Caps and quota of Dask clusters, written once for every gateway backend.
 
-    The count of the user's active clusters and the creation of the new one happen with no
-    ``await`` in between, so concurrent requests in the gateway's event loop cannot overshoot.
-
-    With :attr:`quota_api_url` set (the embedded workbench sets it when the quota service runs):
-
-    - a new cluster's scheduler is admitted before it starts (the group's CPU budget and, for a
-      cluster with GPU workers, its GPU budget): a refusal fails the request with the service's
-      message (what is spent, how much was used, when it resets);
-    - each worker is admitted before it starts (budgets and the running-GPU caps); refused
-      workers fail (a cap refusal is retried later, it does not count towards failing the cluster);
-    - stops of schedulers and workers are recorded; every :attr:`quota_every` seconds the
-      running schedulers and workers are reconciled with the ledger (nothing is lost if the
-      gateway or the service restarts), and clusters that draw on a spent budget are stopped
-      once the policy's ``budget.grace`` is over.
+    A backend supplies :meth:`running_items` (its schedulers and workers as the ledger's running items)
+    and :meth:`_cluster_active`, and calls :meth:`check_cluster_cap` and :meth:`scheduler_refusal` before
+    it creates anything; :meth:`quota_round` (every :attr:`quota_every` seconds, :meth:`_quota_loop`)
+    reconciles with the ledger and stops clusters that draw on a spent budget once its grace is over.
     """
 
     quota_api_url = Unicode("", help="The quota service's API (.../services/quota/api); empty: no quota.").tag(
@@ -53,28 +50,46 @@ class ClusterCapMixin(LoggingConfigurable):
     def policy(self) -> Policy:
         return cached_policy(self.policy_path)
 
-    async def start_cluster(self, user, cluster_options):
-        options, config = await self.process_cluster_options(user, cluster_options)
-        limit = getattr(config, "max_clusters", None)
-        if limit is not None:
-            active = self.db.list_clusters(username=user.name)
-            if len(active) >= limit:
-                raise PublicException(
-                    f"You already have {len(active)} active Dask cluster(s), the most your group allows "
-                    f"(dask.max_clusters = {limit}). Stop one with cluster.shutdown() or "
-                    f"Gateway().stop_cluster(name), then try again."
-                )
-        config = config.to_dict()
-        if self.quota is not None:
-            config[CHARGE_KEY] = self.policy.dask_group_for(list(user.groups)) or ""
-        cluster = self.db.create_cluster(user.name, options, config)
-        self.log.info("Created cluster %s for user %s", cluster.name, user.name)
-        if self.quota is not None:
-            await self._admit_scheduler(cluster)
-        self.queue.put(cluster)
-        return cluster.name
+    def check_cluster_cap(self, limit: int | None, active: int) -> None:
+        """Refuse a new cluster (PublicException) when the user already has ``limit`` active ones; None: no cap."""
+        if limit is not None and active >= limit:
+            raise PublicException(
+                f"You already have {active} active Dask cluster(s), the most your group allows "
+                f"(dask.max_clusters = {limit}). Stop one with cluster.shutdown() or "
+                f"Gateway().stop_cluster(name), then try again."
+            )
 
-    # -- quota -------------------------------------------------------------------
+    def charge_group(self, user) -> str:
+        """The group a user's new cluster is charged to: their most generous Dask group."""
+        return self.policy.dask_group_for(list(user.groups)) or ""
+
+    async def scheduler_refusal(self, name: str, username: str, config) -> str | None:
+        """Admit the scheduler of a new cluster (its config carries :data:`CHARGE_KEY`): None when admitted, else
+        the message the user gets (the service's refusal, or that the service does not answer)."""
+        try:
+            decision = await self.quota.admit(
+                item=scheduler_item(name),
+                kind="dask-scheduler",
+                user=username,
+                group=config.get(CHARGE_KEY) or "",
+                needs_gpu_budget=bool(config.get("worker_gpus")) or None,
+                **self._resources(SimpleNamespace(config=config)),
+            )
+        except QuotaUnavailable as e:
+            self.log.error("Refusing cluster %s of %s: %s", name, username, e)
+            return "The quota service does not answer, so no Dask cluster can start now; try again in a minute."
+        return None if decision.allowed else decision.message
+
+    async def admit_worker(self, cluster, worker: str):
+        """Ask the quota service to admit worker ``worker`` of ``cluster`` (budgets, running-GPU caps): its
+        :class:`workbench.services.quota.client.Admission`; raises ``QuotaUnavailable`` when it does not answer."""
+        return await self.quota.admit(
+            item=worker_item(cluster.name, worker),
+            kind="dask-worker",
+            user=cluster.username,
+            group=cluster.config.get(CHARGE_KEY) or "",
+            **self._resources(cluster, worker),
+        )
 
     def _resources(self, cluster, worker=None) -> dict:
         group = cluster.config.get(CHARGE_KEY) or ""
@@ -92,40 +107,85 @@ class ClusterCapMixin(LoggingConfigurable):
             "gpu_type": dask.gpu_type if gpus and dask is not None else None,
         }
 
+    def running_items(self) -> list[dict]:
+        raise NotImplementedError
+
+    def _cluster_active(self, name: str) -> bool:
+        raise NotImplementedError
+
+    async def quota_round(self) -> list[str]:
+        """Reconcile running schedulers and workers with the ledger, then stop clusters past a spent budget's grace."""
+        await self.quota.reconcile(["dask-scheduler", "dask-worker"], self.running_items())
+        stopped = []
+        for entry in await self.quota.enforcement(["dask-scheduler", "dask-worker"]):
+            if not entry["due"]:
+                continue
+            name = entry["item"].split(":", 1)[1].split("/", 1)[0]
+            if name in stopped or not self._cluster_active(name):
+                continue
+            self.log.warning("Stopping cluster %s: %s", name, entry["message"])
+            await self.stop_cluster(name, failed=True)
+            stopped.append(name)
+        return stopped
+
+    async def _quota_loop(self):
+        while True:
+            try:
+                await self.quota_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the service may be restarting; the next round retries
+                self.log.warning("Quota round failed (retrying in %gs): %s", self.quota_every, e)
+            await asyncio.sleep(self.quota_every)
+
+
+class ClusterCapMixin(ClusterQuota):
+    """Enforce the group's ``dask.max_clusters`` per user, atomically, and account clusters with the quota service
+    (dask-gateway's database backends: local and Slurm).
+
+    The count of the user's active clusters and the creation of the new one happen with no
+    ``await`` in between, so concurrent requests in the gateway's event loop cannot overshoot.
+
+    With :attr:`quota_api_url` set (the embedded workbench sets it when the quota service runs):
+
+    - a new cluster's scheduler is admitted before it starts (the group's CPU budget and, for a
+      cluster with GPU workers, its GPU budget): a refusal fails the request with the service's
+      message (what is spent, how much was used, when it resets);
+    - each worker is admitted before it starts (budgets and the running-GPU caps); refused
+      workers fail (a cap refusal is retried later, it does not count towards failing the cluster);
+    - stops of schedulers and workers are recorded; every :attr:`quota_every` seconds the
+      running schedulers and workers are reconciled with the ledger (nothing is lost if the
+      gateway or the service restarts), and clusters that draw on a spent budget are stopped
+      once the policy's ``budget.grace`` is over.
+    """
+
+    async def start_cluster(self, user, cluster_options):
+        options, config = await self.process_cluster_options(user, cluster_options)
+        self.check_cluster_cap(getattr(config, "max_clusters", None), len(self.db.list_clusters(username=user.name)))
+        config = config.to_dict()
+        if self.quota is not None:
+            config[CHARGE_KEY] = self.charge_group(user)
+        cluster = self.db.create_cluster(user.name, options, config)
+        self.log.info("Created cluster %s for user %s", cluster.name, user.name)
+        if self.quota is not None:
+            await self._admit_scheduler(cluster)
+        self.queue.put(cluster)
+        return cluster.name
+
+    # -- quota -------------------------------------------------------------------
+
     async def _admit_scheduler(self, cluster) -> None:
-        group = cluster.config.get(CHARGE_KEY) or ""
-        try:
-            decision = await self.quota.admit(
-                item=scheduler_item(cluster.name),
-                kind="dask-scheduler",
-                user=cluster.username,
-                group=group,
-                needs_gpu_budget=bool(cluster.config.get("worker_gpus")) or None,
-                **self._resources(cluster),
-            )
-        except QuotaUnavailable as e:
-            self.log.error("Refusing cluster %s of %s: %s", cluster.name, cluster.username, e)
-            decision = None
-        if decision is None or not decision.allowed:
+        refusal = await self.scheduler_refusal(cluster.name, cluster.username, cluster.config)
+        if refusal is not None:
             self.db.update_cluster(cluster, target=JobStatus.FAILED)
             self.queue.put(cluster)  # CREATED -> FAILED, nothing started
-            raise PublicException(
-                decision.message
-                if decision is not None
-                else "The quota service does not answer, so no Dask cluster can start now; try again in a minute."
-            )
+            raise PublicException(refusal)
 
     async def do_start_worker(self, worker):
         if self.quota is not None:
             cluster = worker.cluster
             try:
-                decision = await self.quota.admit(
-                    item=worker_item(cluster.name, worker.name),
-                    kind="dask-worker",
-                    user=cluster.username,
-                    group=cluster.config.get(CHARGE_KEY) or "",
-                    **self._resources(cluster, worker),
-                )
+                decision = await self.admit_worker(cluster, worker.name)
             except QuotaUnavailable as e:
                 raise RuntimeError(f"worker {worker.name} not started: {e}") from None
             if not decision.allowed:
@@ -216,31 +276,9 @@ class ClusterCapMixin(LoggingConfigurable):
                     )
         return items
 
-    async def quota_round(self) -> list[str]:
-        """Reconcile running schedulers and workers with the ledger, then stop clusters past a spent budget's grace."""
-        await self.quota.reconcile(["dask-scheduler", "dask-worker"], self.running_items())
-        stopped = []
-        for entry in await self.quota.enforcement(["dask-scheduler", "dask-worker"]):
-            if not entry["due"]:
-                continue
-            name = entry["item"].split(":", 1)[1].split("/", 1)[0]
-            cluster = self.db.get_cluster(name)
-            if cluster is None or cluster.target > JobStatus.RUNNING or name in stopped:
-                continue
-            self.log.warning("Stopping cluster %s of %s: %s", name, cluster.username, entry["message"])
-            await self.stop_cluster(name, failed=True)
-            stopped.append(name)
-        return stopped
-
-    async def _quota_loop(self):
-        while True:
-            try:
-                await self.quota_round()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the service may be restarting; the next round retries
-                self.log.warning("Quota round failed (retrying in %gs): %s", self.quota_every, e)
-            await asyncio.sleep(self.quota_every)
+    def _cluster_active(self, name: str) -> bool:
+        cluster = self.db.get_cluster(name)
+        return cluster is not None and cluster.target <= JobStatus.RUNNING
 
 
 CHARGE_KEY = "workbench_charge_group"

@@ -17,12 +17,14 @@ from traitlets import Unicode
 
 from workbench.gateway.kube import WorkbenchKubeBackend, kube_gateway_settings
 from workbench.kubernetes.hub import (
+    DEFAULT_PLATFORM,
     GATEWAY_ENV,
     GATEWAY_PREFIX,
     K8sConfigError,
     _load,
     _require,
     dashboard_middleware_name,
+    quota_api_url,
 )
 from workbench.names import GATEWAY_SERVICE
 from workbench.policy import Policy, PolicyError
@@ -35,7 +37,8 @@ def k8s_gateway_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, di
     :func:`workbench.gateway.kube.kube_gateway_settings` (per-group cluster options, locked-down pods)
     with :class:`NamespacedKubeBackend`, JupyterHub authentication (callers need
     ``access:services!service=dask-gateway``), and the controller's Traefik routes under
-    :data:`GATEWAY_PREFIX`. Both watch only ``WORKBENCH_NAMESPACE``.
+    :data:`GATEWAY_PREFIX`. Both watch only ``WORKBENCH_NAMESPACE``. With ``WORKBENCH_QUOTA_URL`` the backend
+    admits and accounts schedulers and workers with the quota service (:mod:`workbench.gateway.kube_backend`).
     """
     _require(env, GATEWAY_ENV, "dask-gateway")
     namespace = env["WORKBENCH_NAMESPACE"]
@@ -56,6 +59,15 @@ def k8s_gateway_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, di
     }
     settings["KubeBackend"] = {"gateway_instance": instance, "api_url": api_url}
     settings["NamespacedKubeBackend"] = {"watch_namespace": namespace}
+    settings["WorkbenchKubeBackend"] = {"policy_path": env.get("WORKBENCH_PLATFORM") or DEFAULT_PLATFORM}
+    quota_url = (env.get("WORKBENCH_QUOTA_URL") or "").strip()
+    if quota_url:  # schedulers and workers admitted and accounted (workbench.gateway.quota), as on the other engines
+        settings["WorkbenchKubeBackend"].update(
+            quota_api_url=quota_api_url(quota_url),
+            # the dask-gateway service's token (the API pod's JUPYTERHUB_API_TOKEN): a quota writer by role;
+            # the controller has none and needs none (the backend checks it at start-up)
+            quota_api_token=env.get("JUPYTERHUB_API_TOKEN", ""),
+        )
     settings["KubeController"] = {
         "address": ":8000",
         "gateway_instance": instance,

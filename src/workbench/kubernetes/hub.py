@@ -123,6 +123,8 @@ GATEWAY_ENV: dict[str, str] = {
     "WORKBENCH_GATEWAY_INSTANCE": "* dask-gateway instance (the gateway.dask.org/instance label of its objects)",
     "WORKBENCH_GATEWAY_API_URL": "* URL at which schedulers reach the gateway API (http://<api>.<ns>:8000/api)",
     "WORKBENCH_HUB_API_URL": "* the hub API (http://<release>-hub:8081/hub/api), to check users' tokens",
+    "WORKBENCH_QUOTA_URL": "the quota service (http://<release>-quota:8013): the API server admits schedulers and "
+    "workers with it and accounts them, with its JUPYTERHUB_API_TOKEN (the dask-gateway service's); unset: none",
 }
 #: environment of the dashboard guard pod (:mod:`workbench.gateway.dashguard`, the hub service dask-gateway)
 GUARD_ENV: dict[str, str] = {
@@ -194,6 +196,11 @@ def _quota_url(env: Mapping[str, str]) -> str:
             "hub: WORKBENCH_QUOTA_URL is set but WORKBENCH_QUOTA_API_TOKEN (the quota service's token) is not"
         )
     return url
+
+
+def quota_api_url(service_url: str) -> str:
+    """The quota service's REST API under its URL (it serves under its hub prefix, ``/services/quota/``)."""
+    return f"{service_url.rstrip('/')}/services/{QUOTA_SERVICE}/api"
 
 
 def _sessions_url(env: Mapping[str, str]) -> str:
@@ -316,7 +323,7 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
     - login: :func:`workbench.auth.oauth.auth_settings` (the OAuth callback under ``WORKBENCH_PUBLIC_URL``);
       demo auth only when ``WORKBENCH_ALLOW_DEMO_AUTH`` is true;
     - services: ``dask-gateway`` (the dashboard guard in front of the gateway's Traefik proxy), with
-      ``WORKBENCH_QUOTA_URL`` ``quota`` (its own pod), with ``WORKBENCH_SESSIONS_URL`` ``sessions`` (its
+      ``WORKBENCH_QUOTA_URL`` ``quota`` (its own pod; the spawner then asks it to admit every start), with ``WORKBENCH_SESSIONS_URL`` ``sessions`` (its
       own pod) and else the idle culler (in the hub pod); roles from :func:`workbench.embedded.hub.roles` and
       :func:`workbench.services.quota.wiring.quota_roles`, the quota service's custom scopes, and
       ``access:services!service=quota`` / ``access:services!service=sessions`` in notebook servers' tokens;
@@ -371,6 +378,9 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
         }
     )
     quota = bool(_quota_url(env))
+    if quota:  # every start admitted by the quota service first (budgets, caps), every stop recorded
+        spawner["quota_api_url"] = quota_api_url(_quota_url(env))
+        spawner["quota_api_token"] = env["WORKBENCH_QUOTA_API_TOKEN"]
     sessions = bool(_sessions_url(env))
     services = _services(policy, env)
     hub = {

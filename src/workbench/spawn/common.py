@@ -1,6 +1,7 @@
 """What every spawner needs, written once: the profile a user may start, the spawn form, the Dask environment of a
-server, a user's Dask clusters stopping with their server, start options that become a default only once admitted,
-and the scopes that open a course member's server to the course's instructors.
+server, admission by the quota service before a server starts (:class:`QuotaAdmissionMixin`), a user's Dask
+clusters stopping with their server (:class:`StopsDaskClustersMixin`), start options that become a default
+only once admitted, and the scopes that open a course member's server to the course's instructors.
 
 The engines (:mod:`workbench.spawn.local`, :mod:`workbench.spawn.kube`) are thin layers over these.
 """
@@ -15,6 +16,9 @@ from traitlets import HasTraits, Unicode
 
 from workbench.names import GATEWAY_ACCESS_SCOPE
 from workbench.policy import Policy, Profile
+from workbench.services.quota.client import QuotaClient, QuotaUnavailable
+from workbench.services.quota.models import server_item_id
+from workbench.services.quota.views import charge_group
 
 
 def choose_profile(policy: Policy, user_groups: list[str], requested: str | None) -> str:
@@ -215,3 +219,57 @@ class AdmittedOptionsMixin(HasTraits):
         if orm is not None and (orm.user_options or {}) != self._admitted_options:
             orm.user_options = dict(self._admitted_options)
             self.db.commit()
+
+
+class QuotaAdmissionMixin(HasTraits):
+    """Every server start admitted by the quota service first, every stop recorded (budgets and caps, every engine).
+
+    Used by the local spawner and by :class:`workbench.spawn.kube.WorkbenchKubeSpawner`. The spawner has
+    ``policy``, ``user_groups`` and ``profile_name`` (the profile being started, chosen with
+    :func:`choose_profile`). With :attr:`quota_api_url` set, :meth:`_admit` runs before anything starts:
+    ``POST /api/admit`` (budgets and caps checked and the start recorded in one transaction) charges the
+    user's first group entitled to the profile; a refusal is a 403 with the service's message, a service
+    that does not answer a 503 (budgets are enforced, not advisory). :meth:`_record_stop` sends the stop
+    event (the service's reconcile closes the row if that fails).
+    """
+
+    quota_api_url = Unicode(
+        "",
+        help="The quota service's API (e.g. http://127.0.0.1:PORT/services/quota/api); when set, every start is "
+        "admitted by it first (budgets and caps; refused with its message) and every stop is recorded.",
+    ).tag(config=True)
+
+    quota_api_token = Unicode("", help="A hub token with custom:workbench-quota:write.").tag(config=True)
+
+    @property
+    def quota(self) -> QuotaClient | None:
+        return QuotaClient(self.quota_api_url, self.quota_api_token) if self.quota_api_url else None
+
+    @property
+    def quota_item(self) -> str:
+        return server_item_id(self.user.name, self.name)
+
+    async def _admit(self) -> None:
+        """Ask the quota service (budgets, caps) before anything starts; 403 with its message if refused."""
+        group = charge_group(self.policy, self.user_groups, self.profile_name)
+        try:
+            decision = await self.quota.admit(
+                item=self.quota_item,
+                kind="server",
+                user=self.user.name,
+                group=group,
+                profile=self.profile_name,
+            )
+        except QuotaUnavailable as e:
+            self.log.error("Refusing %s's start: %s", self.user.name, e)
+            raise web.HTTPError(
+                503, "The quota service does not answer, so no server can start now; try again in a minute."
+            ) from None
+        if not decision.allowed:
+            self.log.info("Quota refused %s's start (%s): %s", self.user.name, decision.reason, decision.message)
+            raise web.HTTPError(403, decision.message)
+
+    async def _record_stop(self) -> None:
+        """The stop event of this server (never raises: the service's reconcile closes the row otherwise)."""
+        if self.quota is not None:
+            await self.quota.stop(self.quota_item)

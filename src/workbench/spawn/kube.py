@@ -44,7 +44,13 @@ from traitlets import Instance, Unicode, default
 
 from workbench.courses.material import courses_of, material_pulls, materials_path, pull_env, pull_script, teaches
 from workbench.policy import Policy, cached_policy
-from workbench.spawn.common import AdmittedOptionsMixin, StopsDaskClustersMixin, choose_profile, describe_profile
+from workbench.spawn.common import (
+    AdmittedOptionsMixin,
+    QuotaAdmissionMixin,
+    StopsDaskClustersMixin,
+    choose_profile,
+    describe_profile,
+)
 
 __all__ = [
     "COURSE_CLAIM",
@@ -310,7 +316,7 @@ def kube_hub_settings(policy: Policy, policy_path: str) -> dict[str, dict[str, A
 # ---------------------------------------------------------------------------
 
 
-class WorkbenchKubeSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, KubeSpawner):
+class WorkbenchKubeSpawner(AdmittedOptionsMixin, QuotaAdmissionMixin, StopsDaskClustersMixin, KubeSpawner):
     """KubeSpawner that enforces the platform policy on the server.
 
     ``profile_list`` defaults to the user's entitled profiles (:func:`make_profile_list`). The
@@ -320,8 +326,13 @@ class WorkbenchKubeSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, KubeSpa
     (stock KubeSpawner raises a ValueError for an unknown slug, a 500, and starts a pod with its
     defaults when the list is empty). Options become the user's default only once admitted, and course
     members' servers admit their instructors' tokens (:class:`workbench.spawn.common.AdmittedOptionsMixin`).
-    With ``gateway_api_url`` set, stopping a user's default server stops their Dask clusters too.
+    With ``quota_api_url`` set (:class:`workbench.spawn.common.QuotaAdmissionMixin`, as the local spawner), the quota
+    service admits the start before any Kubernetes object is made (a refusal is a 403 with its message, a service that
+    does not answer a 503) and the stop is recorded. With ``gateway_api_url`` set, stopping a user's default server stops their Dask clusters too.
     """
+
+    profile_name: str = ""
+    _quota_starting: bool = False  # KubeSpawner stops a conflicting pod inside start: not this server's stop
 
     policy_path = Unicode(
         "",
@@ -347,10 +358,27 @@ class WorkbenchKubeSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, KubeSpa
     def user_groups(self) -> list[str]:
         return [g.name for g in self.user.groups]
 
+    async def _start(self):
+        # the checks of load_user_options (403 / fallback of stored options), before the admission that charges
+        self.profile_name = self.start_profile()
+        if self.quota is None:
+            return await super()._start()
+        await self._admit()  # before the PVC, the pod or any other object is made
+        self._quota_starting = True
+        try:
+            return await super()._start()
+        except BaseException:
+            await self._record_stop()
+            raise
+        finally:
+            self._quota_starting = False
+
     async def stop(self, now=False):
         try:
             return await super().stop(now=now)
         finally:
+            if not self._quota_starting:
+                await self._record_stop()
             if self._owns_dask_clusters():  # the user's clusters end with their default server
                 await self._stop_dask_clusters()
 

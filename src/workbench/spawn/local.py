@@ -24,11 +24,9 @@ from workbench.courses.material import prepare_courses, unix_groups_of
 from workbench.gpus import GpuAllocator, NoFreeGpu
 from workbench.limits import Limiter, detect_cgroups, local_limits, own_cgroups
 from workbench.policy import Policy, Profile, cached_policy
-from workbench.services.quota.client import QuotaClient, QuotaUnavailable
-from workbench.services.quota.models import server_item_id
-from workbench.services.quota.views import charge_group
 from workbench.spawn.common import (
     AdmittedOptionsMixin,
+    QuotaAdmissionMixin,
     StopsDaskClustersMixin,
     choose_profile,
     dask_environment,
@@ -47,7 +45,7 @@ _ALLOCATORS: dict[str, GpuAllocator] = {}
 _LIMITERS: dict[str, Limiter] = {}
 
 
-class WorkbenchLocalSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, LocalProcessSpawner):
+class WorkbenchLocalSpawner(AdmittedOptionsMixin, QuotaAdmissionMixin, StopsDaskClustersMixin, LocalProcessSpawner):
     """LocalProcessSpawner driven by the platform policy.
 
     - the spawn form lists only the user's entitled profiles; ``user_options["profile"]`` from the
@@ -73,14 +71,6 @@ class WorkbenchLocalSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, LocalP
     dask_env = Dict(help="Gateway address settings added to every server's environment.").tag(config=True)
 
     gpus = Dict(help="Local GPU devices by GPU type: {type: [device ids]} (from `workbench up`).").tag(config=True)
-
-    quota_api_url = Unicode(
-        "",
-        help="The quota service's API (e.g. http://127.0.0.1:PORT/services/quota/api); when set, every start is "
-        "admitted by it first (budgets and caps; refused with its message) and every stop is recorded.",
-    ).tag(config=True)
-
-    quota_api_token = Unicode("", help="A hub token with custom:workbench-quota:write.").tag(config=True)
 
     gpu_devices: list[str] = []
     profile_name: str = ""
@@ -205,34 +195,6 @@ class WorkbenchLocalSpawner(AdmittedOptionsMixin, StopsDaskClustersMixin, LocalP
     def clear_state(self):
         super().clear_state()
         self.gpu_devices = []
-
-    @property
-    def quota(self) -> QuotaClient | None:
-        return QuotaClient(self.quota_api_url, self.quota_api_token) if self.quota_api_url else None
-
-    @property
-    def quota_item(self) -> str:
-        return server_item_id(self.user.name, self.name)
-
-    async def _admit(self) -> None:
-        """Ask the quota service (budgets, caps) before anything starts; 403 with its message if refused."""
-        group = charge_group(self.policy, self.user_groups, self.profile_name)
-        try:
-            decision = await self.quota.admit(
-                item=self.quota_item,
-                kind="server",
-                user=self.user.name,
-                group=group,
-                profile=self.profile_name,
-            )
-        except QuotaUnavailable as e:
-            self.log.error("Refusing %s's start: %s", self.user.name, e)
-            raise web.HTTPError(
-                503, "The quota service does not answer, so no server can start now; try again in a minute."
-            ) from None
-        if not decision.allowed:
-            self.log.info("Quota refused %s's start (%s): %s", self.user.name, decision.reason, decision.message)
-            raise web.HTTPError(403, decision.message)
 
     async def start(self):
         try:
