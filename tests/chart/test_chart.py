@@ -287,12 +287,15 @@ def test_notebook_pods_from_the_chart(production_objects):
 
     hub = settings["JupyterHub"]
     assert hub["hub_connect_url"] == f"http://{RELEASE}-hub:8081"
-    assert [s["name"] for s in hub["services"]] == ["dask-gateway", "quota", "sessions"]  # no idle culler
+    # no idle culler; the demo policy has a course, so the rosters service runs too
+    assert [s["name"] for s in hub["services"]] == ["dask-gateway", "quota", "sessions", "rosters"]
     assert hub["services"][0]["url"] == guard
     [quota_port] = one(objects, "Service", f"{RELEASE}-quota")["spec"]["ports"]
     assert hub["services"][1]["url"] == f"http://{RELEASE}-quota:{quota_port['port']}"
     [sessions_port] = one(objects, "Service", f"{RELEASE}-sessions")["spec"]["ports"]
     assert hub["services"][2]["url"] == f"http://{RELEASE}-sessions:{sessions_port['port']}"
+    [rosters_port] = one(objects, "Service", f"{RELEASE}-rosters")["spec"]["ports"]
+    assert hub["services"][3]["url"] == f"http://{RELEASE}-rosters:{rosters_port['port']}"
     # notebooks ask the services for notifications through the proxy's Service, at its port
     [public_port] = one(objects, "Service", f"{RELEASE}-proxy-public")["spec"]["ports"]
     assert pod_env["WORKBENCH_SERVICES_URL"] == f"http://{RELEASE}-proxy-public:{public_port['port']}/services/"
@@ -1056,7 +1059,7 @@ def test_quota_disabled_renders_nothing_of_it(helm):
     assert "quota" not in set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
     assert all("quota" not in _peer_components(r["to"], objects) for r in policies["proxy"]["egress"])
     settings = k8s_hub_settings(platform_policy(objects), env)
-    assert [s["name"] for s in settings["JupyterHub"]["services"]] == ["dask-gateway", "sessions"]
+    assert [s["name"] for s in settings["JupyterHub"]["services"]] == ["dask-gateway", "sessions", "rosters"]
     assert "custom_scopes" not in settings["JupyterHub"]
     assert QUOTA_ACCESS_SCOPE not in settings["Spawner"]["server_token_scopes"]
     assert not [r for r in settings["JupyterHub"]["load_roles"] if r["name"].startswith("workbench-quota")]
@@ -1166,7 +1169,7 @@ def test_sessions_disabled_brings_back_the_idle_culler(helm):
     assert all("sessions" not in _peer_components(r["to"], objects) for r in policies["proxy"]["egress"])
     settings = k8s_hub_settings(platform_policy(objects), env)
     hub = settings["JupyterHub"]
-    assert [s["name"] for s in hub["services"]] == ["idle-culler", "dask-gateway", "quota"]
+    assert [s["name"] for s in hub["services"]] == ["idle-culler", "dask-gateway", "quota", "rosters"]
     assert [r for r in hub["load_roles"] if r.get("services") == ["idle-culler"]]
     assert not [r for r in hub["load_roles"] if r["name"] == "workbench-sessions"]
     assert SESSIONS_ACCESS_SCOPE not in settings["Spawner"]["server_token_scopes"]

@@ -93,11 +93,6 @@ def test_dask_pods_get_the_image_pull_secrets(production_objects, default_object
     assert hub["WORKBENCH_IMAGE_PULL_SECRETS"] == "workbench-registry"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Python side (lead): workbench.kubernetes.gateway.k8s_gateway_settings must set "
-    "KubeClusterConfig.image_pull_secrets from WORKBENCH_IMAGE_PULL_SECRETS; remove this mark then",
-)
 def test_dask_pods_get_the_image_pull_secrets_python_side(production_objects):
     env = container_env(production_objects, f"{RELEASE}-gateway-api")
     settings = k8s_gateway_settings(_policy(production_objects), env)
@@ -350,11 +345,6 @@ def _hub_pod(objects, user: str, groups: list[str], profile: str) -> dict:
     return asyncio.run(render())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Python side (lead): workbench.spawn.kube / kubernetes.hub must read WORKBENCH_GPU_RUNTIME_CLASS "
-    "and WORKBENCH_GPU_DEV_SHM for GPU profiles; remove this mark then",
-)
 def test_gpu_notebook_pods_get_the_runtime_class_and_a_large_dev_shm(production_objects):
     pod = _hub_pod(production_objects, "ada", ["vision-lab"], "h100-x1")
     assert pod["spec"]["runtimeClassName"] == "nvidia"

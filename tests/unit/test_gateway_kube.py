@@ -424,3 +424,21 @@ def test_main_render_cluster_one_component_and_errors(capsys, tmp_path):
     bad.write_text("groups: {Bad: {kind: research}}\n")
     assert main_render_cluster(["--config", str(bad), "--user", "u"]) == 2
     assert "groups" in capsys.readouterr().err
+
+
+def test_gpu_workers_get_the_runtime_class_and_a_memory_backed_dev_shm():
+    """The chart's gpu.runtimeClassName and gpu.devShm reach GPU workers only (WORKBENCH_GPU_* of the gateway)."""
+    from workbench.gateway.kube import GpuPods
+
+    policy = policy_at(CENTRE)
+    dask = policy.groups["vision-lab"].dask
+    gpu_pods = GpuPods.from_env({"WORKBENCH_GPU_RUNTIME_CLASS": "nvidia", "WORKBENCH_GPU_DEV_SHM": "true"})
+    overrides = kube_overrides(policy, username="ada", gpu_pods=gpu_pods)
+    gpu = overrides("vision-lab", dask, FrozenAttrDict({"worker_cores": 4, "worker_memory": 16.0, "worker_gpus": 1}))
+    pod, container = gpu["worker_extra_pod_config"], gpu["worker_extra_container_config"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16384Mi"}}]
+    assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert "runtimeClassName" not in gpu["scheduler_extra_pod_config"]
+    cpu = overrides("vision-lab", dask, FrozenAttrDict({"worker_cores": 4, "worker_memory": 16.0, "worker_gpus": 0}))
+    assert "runtimeClassName" not in cpu["worker_extra_pod_config"] and "volumes" not in cpu["worker_extra_pod_config"]

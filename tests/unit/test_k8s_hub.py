@@ -575,3 +575,36 @@ def test_controller_entry_point_usage(capsys, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert main(["dashguard"]) == 2  # its environment is missing: named, exit status 2
     assert "WORKBENCH_GATEWAY_PROXY_URL" in capsys.readouterr().err
+
+
+ROSTERS = {"WORKBENCH_ROSTERS_URL": "http://wb-rosters:8015", "WORKBENCH_ROSTERS_API_TOKEN": "rosters-token"}
+
+
+def test_the_rosters_service_is_registered_when_the_chart_runs_it(demo):
+    """The chart runs the rosters service when the policy has a course: the hub registers it, keeps its role
+    (admin:users + the course groups) and lets notebook tokens reach it (instructors' notebooks load rosters)."""
+    env = {**HUB, **ROSTERS, "WORKBENCH_ALLOW_DEMO_AUTH": "true"}
+    s = k8s_hub_settings(demo, env)
+    hub = s["JupyterHub"]
+    assert {"name": "rosters", "url": "http://wb-rosters:8015", "api_token": "rosters-token"} in hub["services"]
+    [role] = [r for r in hub["load_roles"] if r["name"] == "workbench-rosters"]
+    assert role["services"] == ["rosters"] and "admin:users" in role["scopes"]
+    assert "access:services!service=rosters" in s["Spawner"]["server_token_scopes"]
+    # without the service the role (naming an undefined service) and the scope are gone
+    plain = k8s_hub_settings(demo, {**HUB, "WORKBENCH_ALLOW_DEMO_AUTH": "true"})
+    assert "rosters" not in [svc["name"] for svc in plain["JupyterHub"]["services"]]
+    assert not [r for r in plain["JupyterHub"]["load_roles"] if r["name"] == "workbench-rosters"]
+    assert "access:services!service=rosters" not in plain["Spawner"]["server_token_scopes"]
+
+
+def test_the_rosters_service_needs_its_token(demo):
+    with pytest.raises(K8sConfigError, match="WORKBENCH_ROSTERS_API_TOKEN"):
+        k8s_hub_settings(demo, {**HUB, "WORKBENCH_ALLOW_DEMO_AUTH": "true", "WORKBENCH_ROSTERS_URL": "http://r:8015"})
+
+
+def test_gpu_pod_settings_from_the_chart(centre):
+    s = k8s_hub_settings(centre, {**HUB, "WORKBENCH_GPU_RUNTIME_CLASS": "nvidia", "WORKBENCH_GPU_DEV_SHM": "true"})
+    assert s["WorkbenchKubeSpawner"]["gpu_runtime_class"] == "nvidia"
+    assert s["WorkbenchKubeSpawner"]["gpu_dev_shm"] is True
+    plain = k8s_hub_settings(centre, HUB)["WorkbenchKubeSpawner"]
+    assert plain["gpu_runtime_class"] == "" and plain["gpu_dev_shm"] is False

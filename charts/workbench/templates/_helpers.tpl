@@ -269,6 +269,10 @@ Service inside the cluster, which routes /services/<name>/ to each. */}}
 - name: WORKBENCH_IMAGE_PULL_SECRETS  # Dask scheduler and worker pods (KubeClusterConfig.image_pull_secrets)
   value: {{ include "workbench.pullSecretNames" $ | quote }}
 {{- end }}
+{{- if .Values.quota.enabled }}
+- name: WORKBENCH_QUOTA_URL  # schedulers and workers admitted and accounted by the quota service (JUPYTERHUB_API_TOKEN)
+  value: {{ include "workbench.quotaUrl" . | quote }}
+{{- end }}
 {{- include "workbench.gpuPodEnv" . }}
 {{- end -}}
 

@@ -40,6 +40,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -139,7 +140,24 @@ def _username_label(username: str) -> str:
     return safe_slug(username, is_valid=is_valid_label)
 
 
-def kube_overrides(policy: Policy, username: str | None = None) -> Callable[[str, DaskPolicy, Mapping], dict]:
+@dataclass(frozen=True)
+class GpuPods:
+    """How GPU pods run on this cluster (the chart's ``gpu.runtimeClassName`` and ``gpu.devShm.enabled``)."""
+
+    runtime_class: str = ""  # the pods' RuntimeClass; empty: the node's default
+    dev_shm: bool = False  # a memory-backed /dev/shm as large as the worker's memory (NCCL, data loaders)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GpuPods:
+        return cls(
+            runtime_class=(env.get("WORKBENCH_GPU_RUNTIME_CLASS") or "").strip(),
+            dev_shm=(env.get("WORKBENCH_GPU_DEV_SHM") or "").strip().lower() in ("1", "true", "yes"),
+        )
+
+
+def kube_overrides(
+    policy: Policy, username: str | None = None, gpu_pods: GpuPods = GpuPods()
+) -> Callable[[str, DaskPolicy, Mapping], dict]:
     """``backend_overrides(group, dask, options) -> dict`` for the Kubernetes backend (pure).
 
     The returned callable gives the ``KubeClusterConfig`` traits of one user's cluster, merged by
@@ -155,7 +173,8 @@ def kube_overrides(policy: Policy, username: str | None = None) -> Callable[[str
       name as an annotation of the same key, as KubeSpawner does);
     - when ``options.worker_gpus`` > 0: the worker container's ``resources`` limits and requests
       of the GPU type's resource (e.g. ``nvidia.com/gpu`` or a MIG resource), and the worker pod's
-      ``nodeSelector`` and ``tolerations`` of that GPU type. Schedulers never get GPUs.
+      ``nodeSelector`` and ``tolerations`` of that GPU type, and ``gpu_pods``' runtime class and memory-backed
+      ``/dev/shm`` (sized as the worker's memory). Schedulers never get GPUs.
 
     ``username`` is the gateway user's name. ``backend_overrides`` is not given the user, so bind it
     here: :func:`kube_cluster_options` does, per request.
@@ -190,6 +209,13 @@ def kube_overrides(policy: Policy, username: str | None = None) -> Callable[[str
                 worker_pod["nodeSelector"] = dict(gtype.node_selector)
             if gtype.tolerations:
                 worker_pod["tolerations"] = copy.deepcopy(gtype.tolerations)
+            if gpu_pods.runtime_class:
+                worker_pod["runtimeClassName"] = gpu_pods.runtime_class
+            if gpu_pods.dev_shm:
+                size = options.get("worker_memory")  # GiB, as the option is given
+                shm = {"medium": "Memory", **({"sizeLimit": f"{int(float(size) * 1024)}Mi"} if size else {})}
+                worker_pod["volumes"] = [{"name": "dshm", "emptyDir": shm}]
+                worker_container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
 
         out: dict[str, Any] = {
             "max_clusters": dask.max_clusters,
@@ -210,7 +236,7 @@ def kube_overrides(policy: Policy, username: str | None = None) -> Callable[[str
     return overrides
 
 
-def kube_cluster_options(policy: Policy) -> Callable[[Any], Any]:
+def kube_cluster_options(policy: Policy, gpu_pods: GpuPods = GpuPods()) -> Callable[[Any], Any]:
     """``c.Backend.cluster_options`` for Kubernetes: ``options(user)`` (pure).
 
     :func:`workbench.gateway.local.cluster_options_for` of the user's groups (their most generous Dask
@@ -218,12 +244,16 @@ def kube_cluster_options(policy: Policy) -> Callable[[Any], Any]:
     """
 
     def options(user):
-        return cluster_options_for(policy, list(user.groups), kube_overrides(policy, username=user.name))
+        return cluster_options_for(
+            policy, list(user.groups), kube_overrides(policy, username=user.name, gpu_pods=gpu_pods)
+        )
 
     return options
 
 
-def kube_gateway_settings(policy: Policy, namespace: str = "workbench") -> dict[str, dict[str, Any]]:
+def kube_gateway_settings(
+    policy: Policy, namespace: str = "workbench", gpu_pods: GpuPods = GpuPods(), image_pull_secrets: list[str] = ()
+) -> dict[str, dict[str, Any]]:
     """``{section: {trait: value}}`` of the gateway's Kubernetes backend, common to all clusters (pure).
 
     - ``DaskGateway.backend_class``: :class:`WorkbenchKubeBackend` (dask-gateway's ``KubeBackend``
@@ -257,9 +287,11 @@ def kube_gateway_settings(policy: Policy, namespace: str = "workbench") -> dict[
     image = _default_image(policy)
     if image:
         cluster["image"] = image
+    if image_pull_secrets:  # from a private registry (the chart's imagePullSecrets)
+        cluster["image_pull_secrets"] = [{"name": name} for name in image_pull_secrets]
     return {
         "DaskGateway": {"backend_class": f"{__name__}.{WorkbenchKubeBackend.__name__}"},
-        "Backend": {"cluster_options": kube_cluster_options(policy)},
+        "Backend": {"cluster_options": kube_cluster_options(policy, gpu_pods)},
         "KubeClusterConfig": cluster,
     }
 

@@ -15,7 +15,7 @@ from typing import Any
 from dask_gateway_server.backends.kubernetes.controller import KubeController
 from traitlets import Unicode
 
-from workbench.gateway.kube import WorkbenchKubeBackend, kube_gateway_settings
+from workbench.gateway.kube import GpuPods, WorkbenchKubeBackend, kube_gateway_settings
 from workbench.kubernetes.hub import (
     DEFAULT_PLATFORM,
     GATEWAY_ENV,
@@ -24,6 +24,7 @@ from workbench.kubernetes.hub import (
     _load,
     _require,
     dashboard_middleware_name,
+    pull_secret_names,
     quota_api_url,
 )
 from workbench.names import GATEWAY_SERVICE
@@ -44,7 +45,9 @@ def k8s_gateway_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, di
     namespace = env["WORKBENCH_NAMESPACE"]
     instance = env["WORKBENCH_GATEWAY_INSTANCE"]
     api_url = env["WORKBENCH_GATEWAY_API_URL"]
-    settings = kube_gateway_settings(policy, namespace)
+    settings = kube_gateway_settings(
+        policy, namespace, gpu_pods=GpuPods.from_env(env), image_pull_secrets=pull_secret_names(env)
+    )
     settings["DaskGateway"] = {
         **settings["DaskGateway"],
         "backend_class": f"{NamespacedKubeBackend.__module__}.{NamespacedKubeBackend.__name__}",

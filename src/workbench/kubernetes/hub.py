@@ -56,6 +56,8 @@ from workbench.names import (
     QUOTA_ACCESS_SCOPE,
     QUOTA_CUSTOM_SCOPES,
     QUOTA_SERVICE,
+    ROSTERS_ACCESS_SCOPE,
+    ROSTERS_SERVICE,
     SERVER_TOKEN_SCOPES,
     SESSIONS_ACCESS_SCOPE,
     SESSIONS_SERVICE,
@@ -113,6 +115,11 @@ HUB_ENV: dict[str, str] = {
     "WORKBENCH_SESSIONS_API_TOKEN": "API token of the hub service sessions (required with WORKBENCH_SESSIONS_URL)",
     "WORKBENCH_SERVICES_URL": "where notebook pods reach the hub services for their notifications (the proxy's "
     "in-cluster Service + /services/); unset: <WORKBENCH_QUOTA_URL>/services/",
+    "WORKBENCH_ROSTERS_URL": "the rosters service (http://<release>-rosters:8015): the hub service rosters, which "
+    "loads course rosters for instructors; unset: none",
+    "WORKBENCH_ROSTERS_API_TOKEN": "API token of the hub service rosters (required with WORKBENCH_ROSTERS_URL)",
+    "WORKBENCH_GPU_RUNTIME_CLASS": "RuntimeClass of GPU notebook pods (gpu.runtimeClassName); unset: the node's default",
+    "WORKBENCH_GPU_DEV_SHM": "'true': GPU notebook pods get a memory-backed /dev/shm of their memory limit",
     "WORKBENCH_ALLOW_DEMO_AUTH": "'true' to accept auth.type demo (the chart sets it only when not exposed)",
     "WORKBENCH_IMAGE_PULL_SECRETS": "comma-separated Secret names for pulling notebook images",
 }
@@ -123,6 +130,9 @@ GATEWAY_ENV: dict[str, str] = {
     "WORKBENCH_GATEWAY_INSTANCE": "* dask-gateway instance (the gateway.dask.org/instance label of its objects)",
     "WORKBENCH_GATEWAY_API_URL": "* URL at which schedulers reach the gateway API (http://<api>.<ns>:8000/api)",
     "WORKBENCH_HUB_API_URL": "* the hub API (http://<release>-hub:8081/hub/api), to check users' tokens",
+    "WORKBENCH_IMAGE_PULL_SECRETS": "comma-separated Secret names for pulling the Dask pods' images",
+    "WORKBENCH_GPU_RUNTIME_CLASS": "RuntimeClass of GPU worker pods (gpu.runtimeClassName); unset: the node's default",
+    "WORKBENCH_GPU_DEV_SHM": "'true': GPU worker pods get a memory-backed /dev/shm of the worker's memory",
     "WORKBENCH_QUOTA_URL": "the quota service (http://<release>-quota:8013): the API server admits schedulers and "
     "workers with it and accounts them, with its JUPYTERHUB_API_TOKEN (the dask-gateway service's); unset: none",
 }
@@ -145,6 +155,11 @@ def _require(env: Mapping[str, str], names: Mapping[str, str], where: str) -> No
     if missing:
         lines = [f"  - {n}: {names[n].lstrip('* ')}" for n in missing]
         raise K8sConfigError(f"{where}: missing environment variable(s) set by the Helm chart:\n" + "\n".join(lines))
+
+
+def pull_secret_names(env: Mapping[str, str]) -> list[str]:
+    """``WORKBENCH_IMAGE_PULL_SECRETS`` (comma-separated Secret names) as a list (pure)."""
+    return [s.strip() for s in env.get("WORKBENCH_IMAGE_PULL_SECRETS", "").split(",") if s.strip()]
 
 
 def _truthy(value: str | None) -> bool:
@@ -257,7 +272,18 @@ def _services(policy: Policy, env: Mapping[str, str]) -> list[dict[str, Any]]:
         services.append(
             {"name": SESSIONS_SERVICE, "url": sessions_url, "api_token": env["WORKBENCH_SESSIONS_API_TOKEN"]}
         )
+    rosters_url = _rosters_url(env)
+    if rosters_url:
+        services.append({"name": ROSTERS_SERVICE, "url": rosters_url, "api_token": env["WORKBENCH_ROSTERS_API_TOKEN"]})
     return services
+
+
+def _rosters_url(env: Mapping[str, str]) -> str:
+    """The rosters service's URL, when the chart runs it (``WORKBENCH_ROSTERS_URL``), else ''."""
+    url = (env.get("WORKBENCH_ROSTERS_URL") or "").strip()
+    if url and not env.get("WORKBENCH_ROSTERS_API_TOKEN"):
+        raise K8sConfigError("hub: WORKBENCH_ROSTERS_URL is set but WORKBENCH_ROSTERS_API_TOKEN is not")
+    return url.rstrip("/")
 
 
 def _services_url(env: Mapping[str, str]) -> str:
@@ -362,9 +388,9 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
             "component_label": SINGLEUSER_COMPONENT,
             "extra_labels": {"app.kubernetes.io/instance": env["WORKBENCH_RELEASE"]},
             "image_pull_policy": "IfNotPresent",
-            "image_pull_secrets": [
-                s.strip() for s in env.get("WORKBENCH_IMAGE_PULL_SECRETS", "").split(",") if s.strip()
-            ],
+            "image_pull_secrets": pull_secret_names(env),
+            "gpu_runtime_class": (env.get("WORKBENCH_GPU_RUNTIME_CLASS") or "").strip(),
+            "gpu_dev_shm": _truthy(env.get("WORKBENCH_GPU_DEV_SHM")),
             "environment": {
                 "DASK_GATEWAY__ADDRESS": gateway_address,
                 # dashboards: through the public proxy, where the browser already has the hub's cookie
@@ -382,6 +408,7 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
         spawner["quota_api_url"] = quota_api_url(_quota_url(env))
         spawner["quota_api_token"] = env["WORKBENCH_QUOTA_API_TOKEN"]
     sessions = bool(_sessions_url(env))
+    rosters = bool(_rosters_url(env))
     services = _services(policy, env)
     hub = {
         **settings["JupyterHub"],
@@ -416,6 +443,7 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
                 *SERVER_TOKEN_SCOPES,
                 *([QUOTA_ACCESS_SCOPE] if quota else []),
                 *([SESSIONS_ACCESS_SCOPE] if sessions else []),
+                *([ROSTERS_ACCESS_SCOPE] if rosters else []),
             ],
             "start_timeout": 600,  # first pull of a multi-GB GPU image on a fresh node
             "http_timeout": 120,

@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kubespawner import KubeSpawner
-from traitlets import Instance, Unicode, default
+from traitlets import Bool, Instance, Unicode, default
 
 from workbench.courses.material import courses_of, material_pulls, materials_path, pull_env, pull_script, teaches
 from workbench.policy import Policy, cached_policy
@@ -391,11 +391,44 @@ class WorkbenchKubeSpawner(AdmittedOptionsMixin, QuotaAdmissionMixin, StopsDaskC
         self.remember_admitted_options()
         return started
 
+    gpu_runtime_class = Unicode(
+        "",
+        help="""The RuntimeClass of GPU pods (e.g. ``nvidia`` where the NVIDIA container runtime is not the
+        node's default); empty: the node's default. The chart sets it from ``gpu.runtimeClassName``.""",
+    ).tag(config=True)
+
+    gpu_dev_shm = Bool(
+        False,
+        help="""Give GPU pods a memory-backed ``/dev/shm`` as large as the profile's memory limit (NCCL and
+        PyTorch data loaders fail with the container runtime's 64 MiB). The chart sets it from
+        ``gpu.devShm.enabled``.""",
+    ).tag(config=True)
+
     async def load_user_options(self):
         # raises web.HTTPError(403) naming the allowed profiles; stored options no longer entitled fall back
         # (a fallback drops "profile" from user_options, so KubeSpawner takes the first entitled one)
-        self.start_profile()
+        profile = self.start_profile()
         await super().load_user_options()
+        self._gpu_pod_options(profile)
+
+    def _gpu_pod_options(self, profile: str) -> None:
+        """The runtime class and a memory-backed ``/dev/shm`` of a GPU profile's pod (see the traits)."""
+        prof = self.policy.profiles.get(profile)
+        if prof is None or not prof.gpu:
+            return
+        if self.gpu_runtime_class:
+            self.extra_pod_config = {**(self.extra_pod_config or {}), "runtimeClassName": self.gpu_runtime_class}
+        if self.gpu_dev_shm:
+            volume = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": self.mem_limit}}
+            mount = {"name": "dshm", "mountPath": "/dev/shm"}
+            if isinstance(self.volumes, dict):
+                self.volumes = {**self.volumes, "dshm": volume}
+            else:
+                self.volumes = [*self.volumes, volume]
+            if isinstance(self.volume_mounts, dict):
+                self.volume_mounts = {**self.volume_mounts, "dshm": mount}
+            else:
+                self.volume_mounts = [*self.volume_mounts, mount]
 
 
 # ---------------------------------------------------------------------------
