@@ -307,7 +307,7 @@ async def kube_spawn(quota: QuotaHub, api: KubernetesApiMock, user: str, groups,
     if server:
         from types import SimpleNamespace
 
-        spawner.orm_spawner = SimpleNamespace(name=server, server=None)
+        spawner.orm_spawner = SimpleNamespace(name=server, server=None, user_options={})  # the ORM row has them
     spawner.user_options = {"profile": profile}
     spawner.events_enabled = False
     await asyncio.wait_for(spawner.start(), 60)
@@ -363,7 +363,7 @@ def local_refusal(quota: QuotaHub, user: str, groups, profile: str, server: str 
         homes_root="/nonexistent-never-created",
     )
     if server:
-        spawner.orm_spawner = SimpleNamespace(name=server, server=None)
+        spawner.orm_spawner = SimpleNamespace(name=server, server=None, user_options={})  # the ORM row has them
     spawner.user_options = {"profile": profile}
     with pytest.raises(web.HTTPError) as e:
         asyncio.run(spawner.start())

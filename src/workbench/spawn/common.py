@@ -204,7 +204,7 @@ class AdmittedOptionsMixin(HasTraits):
     def forget_refused_options(self) -> None:
         """Put the last admitted options back as the user's stored default (this start failed)."""
         orm = getattr(self, "orm_spawner", None)
-        if orm is None or (orm.user_options or {}) == self._admitted_options:
+        if orm is None or (getattr(orm, "user_options", None) or {}) == self._admitted_options:
             return
         self.log.info(
             "Start of %s refused or failed: their stored start options stay %s", self.user.name, self._admitted_options
