@@ -167,3 +167,25 @@ def test_hub_settings_of_the_slurm_spawner(tmp_path):
     assert slurm["batchspawner_singleuser_cmd"] == "/v/bin/batchspawner-singleuser"
     assert slurm["slurm_conf"] == "/etc/slurm/x.conf" and slurm["policy_path"] == "hub_config/demo.yaml"
     assert slurm["quota_api_url"].endswith("/services/quota/api") and slurm["quota_api_token"]
+
+
+def test_a_server_may_report_its_port_and_nothing_else():
+    """Upstream batchspawner sets any attribute a server's token names; a user could make the root hub run their
+    command (batch_submit_cmd) at the next start. The hub's route takes a port only."""
+    from jupyterhub import apihandlers
+
+    from workbench.spawn.slurm import PortReportHandler, port_report
+
+    assert port_report({"port": 41234}) == 41234
+    for body in (
+        {"port": 1, "batch_submit_cmd": "id"},
+        {"exec_prefix": ""},
+        {"port": "22"},
+        {"port": 0},
+        [],
+        {"port": True},
+    ):
+        with pytest.raises(ValueError):
+            port_report(body)
+    routes = [h for r, h in apihandlers.default_handlers if r == "/api/batchspawner"]
+    assert routes == [PortReportHandler]

@@ -29,6 +29,8 @@ import pwd
 from datetime import UTC, datetime
 
 from batchspawner import JobStatus, SlurmSpawner
+from batchspawner.api import BatchSpawnerAPIHandler
+from jupyterhub import apihandlers
 from tornado import web
 from traitlets import Bool, Dict, Float, Unicode, default
 
@@ -47,7 +49,7 @@ from workbench.sysusers import (
     unix_group_name,
 )
 
-__all__ = ["BATCH_SCRIPT", "WorkbenchSlurmSpawner", "slurm_spawner_settings"]
+__all__ = ["BATCH_SCRIPT", "PortReportHandler", "WorkbenchSlurmSpawner", "port_report", "slurm_spawner_settings"]
 
 #: the job script (jinja2, rendered by batchspawner): options from the policy, the server as the job's only process
 BATCH_SCRIPT = """#!/bin/bash
@@ -61,6 +63,45 @@ export PATH={{path}}
 {% if not gres %}export CUDA_VISIBLE_DEVICES=  # no GPU profile: no device, even on a GPU node
 {% endif %}exec {{cmd}}
 """
+
+
+def port_report(data) -> int:
+    """The port a server's ``batchspawner-singleuser`` reports, or ValueError (pure).
+
+    Upstream's handler sets *any* attribute the body names on the caller's spawner, and the caller is the
+    server, i.e. the user (its token is in the user's environment): ``{"batch_submit_cmd": ...}`` would make
+    the hub run the user's command as root at the next start. Only ``port`` is accepted here.
+    """
+    if not isinstance(data, dict) or set(data) != {"port"}:
+        raise ValueError("only {'port': <1-65535>} may be reported")
+    port = data["port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"port must be an integer 1-65535, got {port!r}")
+    return port
+
+
+class PortReportHandler(BatchSpawnerAPIHandler):
+    """``POST /hub/api/batchspawner``: the server's port, and nothing else (see :func:`port_report`)."""
+
+    @web.authenticated
+    def post(self):
+        token = self.get_auth_token()
+        spawner = next((s for s in self.current_user.spawners.values() if s.api_token == token), None)
+        if spawner is None:
+            raise web.HTTPError(403, "only a server's own token may report its port")
+        try:
+            spawner.port = port_report(self.get_json_body())
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
+        self.set_status(201)
+        self.finish({"message": "port recorded"})
+
+
+# replace upstream's handler (registered when batchspawner is imported) before the hub builds its routes
+apihandlers.default_handlers[:] = [
+    (route, PortReportHandler if handler is BatchSpawnerAPIHandler else handler)
+    for route, handler in apihandlers.default_handlers
+]
 
 
 def _iso(t: datetime) -> str:
