@@ -360,6 +360,51 @@ class Session(_Model):
     max_age: Duration | None = None
 
 
+_SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SLURM_CONSTRAINT_RE = re.compile(r"^[A-Za-z0-9_.&|,!*()\[\]:-]{1,256}$")
+
+
+def _slurm_name(value: Any) -> str:
+    if not isinstance(value, str) or not _SLURM_NAME_RE.match(value):
+        raise ValueError(
+            f"expected a Slurm name (letters, digits, '_', '.', '-'; at most 64; no spaces), like 'gpu', got {value!r}"
+        )
+    return value
+
+
+def _slurm_constraint(value: Any) -> str:
+    if not isinstance(value, str) or not _SLURM_CONSTRAINT_RE.match(value):
+        raise ValueError(
+            "expected Slurm node features as sbatch --constraint takes them (features joined by '&', '|' or ',', "
+            f"no spaces), like 'h100&nvlink', got {value!r}"
+        )
+    return value
+
+
+SlurmName = Annotated[str, BeforeValidator(_slurm_name)]
+SlurmConstraint = Annotated[str, BeforeValidator(_slurm_constraint)]
+
+
+class SlurmPlacement(_Model):
+    """Where a group's notebook servers run as Slurm jobs (``workbench up --spawner slurm``).
+
+    Unset values are left to Slurm (default partition, the user's default account and QoS). A
+    profile's own ``slurm:`` section overrides its group's, value by value.
+    """
+
+    partition: SlurmName | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
+    constraint: SlurmConstraint | None = None
+
+
+class ProfileSlurm(SlurmPlacement):
+    """A profile's Slurm placement; ``gres_type`` is the Slurm GRES type of its GPUs (default: its GPU type's name;
+    MIG slices are their own GRES types, e.g. ``1g.10gb``)."""
+
+    gres_type: SlurmName | None = None
+
+
 class Profile(_Model):
     display_name: str = ""
     description: str = ""
@@ -375,6 +420,8 @@ class Profile(_Model):
     idle_timeout: Duration | None = None
     #: GPU profiles: stopped when their GPUs have been idle this long, even with an active browser (None: never)
     gpu_idle_timeout: Duration | None = None
+    #: where servers of this profile run as Slurm jobs (overrides the group's ``slurm``)
+    slurm: ProfileSlurm | None = None
 
 
 class SlurmPolicy(_Model):
@@ -494,6 +541,7 @@ class Group(_Model):
     caps: Caps | None = None  # concurrency caps (workbench.services.quota)
     session: Session | None = None
     material: Material | None = None
+    slurm: SlurmPlacement | None = None  # where members' notebook servers run as Slurm jobs
 
 
 class Courses(_Model):
@@ -764,6 +812,7 @@ def _reference_problems(p: Policy) -> list[tuple[str, str]]:
                 )
     problems += _auth_problems(p)
     problems += _session_problems(p)
+    problems += _slurm_problems(p)
     return problems
 
 
@@ -822,6 +871,20 @@ def _session_problems(p: Policy) -> list[tuple[str, str]]:
             )
         elif lead in p.culling.warn_before[:i]:
             problems.append((f"culling.warn_before[{i}]", f"{lead}s is listed twice; list each warning once"))
+    return problems
+
+
+def _slurm_problems(p: Policy) -> list[tuple[str, str]]:
+    """Checks of the ``slurm:`` sections of profiles (notebook servers as Slurm jobs) (pure)."""
+    problems = []
+    for pname, prof in p.profiles.items():
+        if prof.slurm is not None and prof.slurm.gres_type is not None and prof.gpu is None:
+            problems.append(
+                (
+                    f"profiles.{pname}.slurm.gres_type",
+                    "only profiles with a 'gpu' request GPUs (GRES); remove gres_type or add a gpu to the profile",
+                )
+            )
     return problems
 
 

@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HEADING = "## Engines: what each one guarantees"
-ENGINES = ["embedded", "Slurm (Dask clusters)", "Kubernetes"]
+ENGINES = ["embedded", "Slurm (Dask clusters; notebooks in supercomputer mode)", "Kubernetes"]
 NODE = re.compile(r"`(tests/[\w/]+\.py)::(\w+)`")
 
 

@@ -40,6 +40,11 @@ def cmd_check(args) -> int:
         return 2
     print(f"{args.file}: valid ({len(policy.groups)} groups, {len(policy.profiles)} profiles)\n")
     print(summary_table(policy))
+    if any(g.slurm for g in policy.groups.values()) or any(p.slurm for p in policy.profiles.values()):
+        from workbench.spawn.slurm_jobs import placement_table
+
+        print("\nNotebook servers as Slurm jobs (workbench up --spawner slurm):\n")
+        print(placement_table(policy))
     return 0
 
 
@@ -56,6 +61,7 @@ def cmd_up(args) -> int:
         log_to_console=args.log_to_console,
         fake_gpus=args.fake_gpus,
         gateway_backend=args.gateway_backend,
+        spawner=args.spawner,
         quota_every=args.quota_every,
         quota=args.quota,
     )
@@ -122,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="where Dask clusters run: local processes (default), or jobs on the Slurm cluster named by "
         "$SLURM_CONF, else the one-node cluster that `make slurm` starts",
+    )
+    up.add_argument(
+        "--spawner",
+        choices=["local", "slurm"],
+        default="local",
+        help="where notebook servers run: local processes (default), or Slurm jobs of each user's account on the "
+        "cluster that `make slurm` starts (supercomputer mode, with --gateway-backend slurm; needs root and sudo)",
     )
     up.add_argument(
         "--fake-gpus",

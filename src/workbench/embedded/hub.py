@@ -163,7 +163,16 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
         },
     }
     # the quota service, its roles and scopes (workbench.services.quota.wiring; only when runtime.quota_port is set)
-    return add_quota_service(settings, policy, runtime, secrets)
+    settings = add_quota_service(settings, policy, runtime, secrets)
+    if runtime.extra.get("spawner") == "slurm":  # supercomputer mode: servers as Slurm jobs (workbench.spawn.slurm)
+        from workbench.gateway.slurm import resolve_slurm_conf
+        from workbench.spawn.slurm import WorkbenchSlurmSpawner, slurm_spawner_settings
+
+        settings["JupyterHub"]["spawner_class"] = _cls(WorkbenchSlurmSpawner)
+        settings["WorkbenchSlurmSpawner"] = slurm_spawner_settings(
+            settings["WorkbenchLocalSpawner"], runtime.venv_bin, resolve_slurm_conf(runtime)
+        )
+    return settings
 
 
 def configure_hub(c, runtime: Runtime | None = None, policy: Policy | None = None) -> None:

@@ -78,6 +78,7 @@ class UpOptions:
     ready_timeout: float = 180.0
     fake_gpus: str = ""  # "h100:2": pretend devices, for tests on machines without a GPU
     gateway_backend: str = "local"  # "local" or "slurm"
+    spawner: str = "local"  # "local" or "slurm" (notebook servers as Slurm jobs: workbench.spawn.slurm)
     quota_every: float = 30.0  # seconds between budget enforcement rounds (quota service, gateway)
     quota: bool = True  # run the quota service (budgets enforced, usage recorded)
 
@@ -222,10 +223,12 @@ class Supervisor:
         system_users, warning = decide_system_users(opts, venv_bin)
         if warning:
             say(f"WARNING: {warning}")
-        if opts.gateway_backend == "slurm":
+        if opts.gateway_backend == "slurm" or opts.spawner == "slurm":
             problem = slurm_problem(system_users)
             if problem:
-                return fail(problem)
+                return fail(
+                    problem if opts.gateway_backend == "slurm" else problem.replace("--gateway-backend", "--spawner")
+                )
 
         try:
             gpus = local_gpus(policy, opts.fake_gpus)
@@ -274,7 +277,12 @@ class Supervisor:
             allow_demo_auth_on_network=opts.allow_demo_auth_on_network,
             gpus=gpus,
             gateway_backend=opts.gateway_backend,
-            extra={"slurm_conf": os.environ.get("SLURM_CONF", "")} if opts.gateway_backend == "slurm" else {},
+            extra=(
+                {"slurm_conf": os.environ.get("SLURM_CONF", "")}
+                if "slurm" in (opts.gateway_backend, opts.spawner)
+                else {}
+            )
+            | ({"spawner": "slurm"} if opts.spawner == "slurm" else {}),
         )
         runtime_file = runtime.write()
 
