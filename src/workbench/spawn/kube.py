@@ -44,6 +44,7 @@ from traitlets import Instance, Unicode, default
 
 from workbench.courses.material import courses_of, material_pulls, materials_path, pull_env, pull_script, teaches
 from workbench.policy import Policy, cached_policy
+from workbench.serverinfo import server_info_env
 from workbench.spawn.common import StopsDaskClustersMixin, choose_profile, describe_profile
 
 __all__ = [
@@ -352,6 +353,14 @@ class WorkbenchKubeSpawner(StopsDaskClustersMixin, KubeSpawner):
         finally:
             if self._owns_dask_clusters():  # the user's clusters end with their default server
                 await self._stop_dask_clusters()
+
+    def get_env(self):
+        env = super().get_env()  # MEM_LIMIT and CPU_LIMIT from the profile's limits
+        profile = (self.user_options or {}).get("profile") or choose_profile(self.policy, self.user_groups, None)
+        if profile in self.policy.profiles:
+            info = server_info_env(self.policy, self.user_groups, profile, "kubernetes")
+            env.update({k: v for k, v in info.items() if k not in env})
+        return env
 
     async def load_user_options(self):
         requested = (self.user_options or {}).get("profile") or None

@@ -24,6 +24,7 @@ from workbench.courses.material import prepare_courses
 from workbench.gpus import GpuAllocator, NoFreeGpu
 from workbench.limits import Limiter, detect_cgroups, local_limits, own_cgroups
 from workbench.policy import Policy, Profile, cached_policy
+from workbench.serverinfo import server_info_env
 from workbench.services.quota.client import QuotaClient, QuotaUnavailable
 from workbench.services.quota.models import server_item_id
 from workbench.services.quota.views import charge_group
@@ -171,6 +172,9 @@ class WorkbenchLocalSpawner(StopsDaskClustersMixin, LocalProcessSpawner):
         env.update(profile.env)
         env.update(self._limits.env(self.limiter.mechanism))
         env["WORKBENCH_PROFILE"] = self.profile_name
+        env.update(
+            server_info_env(self.policy, self.user_groups, self.profile_name, "embedded", None, self.gpu_devices)
+        )
         if profile.gpu:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpu_devices)
             env["NVIDIA_VISIBLE_DEVICES"] = ",".join(self.gpu_devices)
