@@ -137,15 +137,21 @@ def _float(v: str | None) -> float | None:
         return None
 
 
-def cluster_view(model: Mapping, identity: Mapping | None, now: float) -> dict:
-    """One cluster of the gateway's list, with its workers from the scheduler's identity when known (pure)."""
+def cluster_view(model: Mapping, identity: Mapping | None, now: float, public_prefix: str = "/") -> dict:
+    """One cluster of the gateway's list, with its workers from the scheduler's identity when known (pure).
+
+    ``public_prefix``: the hub's base URL as the browser sees it; the dashboard link goes through the
+    dashboard guard at ``<prefix>services/dask-gateway/clusters/<name>/status`` (owner only).
+    """
+    route = model.get("dashboard_route")
     workers = (identity or {}).get("workers") if isinstance(identity, Mapping) else None
     out = {
         "name": model.get("name"),
         "status": model.get("status"),
         "options": {k: v for k, v in (model.get("options") or {}).items() if k != "environment"},
         "age_seconds": max(0, int(now - model["start_time"] / 1000)) if model.get("start_time") else None,
-        "dashboard": model.get("dashboard_route"),
+        "dashboard": route,
+        "dashboard_url": f"{public_prefix.rstrip('/')}/services/{GATEWAY_SERVICE}{route}" if route else None,
         "workers": None,
         "cores": None,
         "memory": None,
@@ -315,7 +321,8 @@ class WorkbenchCockpit(LoggingConfigurable):
 
         identities = await asyncio.gather(*(identity(m) for m in models))
         now = time.time()
-        views = [cluster_view(m, i, now) for m, i in zip(models, identities, strict=True)]
+        prefix = "/" + (os.environ.get("JUPYTERHUB_BASE_URL") or "/").strip("/")
+        views = [cluster_view(m, i, now, prefix) for m, i in zip(models, identities, strict=True)]
         views.sort(key=lambda c: str(c["name"]))
         return {"available": True, "clusters": views, "options": options_view(options)}
 
