@@ -21,7 +21,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -180,12 +179,24 @@ def test_the_cockpit_shows_budgets_gpus_and_runs_dask_clusters(wb, browser):
         row_of().find_element("css selector", ".wb-scale").click()
         wait_for(lambda: (row_of() or {}) and row_of().get_attribute("data-workers") == "2", 180, "2 workers")
         assert "2 workers" in row_of().text and "2 cores" in row_of().text, row_of().text
+        # the dashboard link goes through the guard: the owner's token passes, the student's does not
+        link = row_of().find_element("css selector", ".wb-dashboard").get_attribute("href")
+        assert link == f"{wb.url}/services/dask-gateway/clusters/{name}/status", link
+        own = requests.get(link, headers={"Authorization": f"token {researcher}"}, timeout=60)
+        assert own.status_code == 200, own.status_code
+        peek = requests.get(link, headers={"Authorization": f"token {student}"}, allow_redirects=False, timeout=60)
+        assert peek.status_code in (403, 404), peek.status_code
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         panel.screenshot(str(ARTIFACTS / "cockpit-panel.png"))
         browser.save_screenshot(str(ARTIFACTS / "cockpit-lab.png"))
         row_of().find_element("css selector", ".wb-stop").click()
         wait_for(lambda: row_of() is None, 120, "the stopped cluster to leave the panel")
         assert users.gateway("researcher", "GET", "/clusters/").json() == {}
+    except AssertionError as e:  # what the panel said, for the report
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "cockpit-failure.png"))
+        panels = browser.find_elements("id", "workbench-cockpit")
+        raise AssertionError(f"{e}\n--- the panel said:\n{panels[0].text if panels else '(no panel)'}") from e
     finally:
         for user, token in (("student1", student), ("researcher", researcher)):
             if (users.server(user) or {}).get("ready") or users.server(user):

@@ -315,7 +315,7 @@ export class CockpitPanel extends Widget {
     const rows: [string, string][] = [
       ['Profile', `${s.display_name} (${s.profile})`],
       ['Runs on', `${s.engine || 'unknown engine'} · ${s.node}`],
-      ['Resources', `${s.cpu ?? '?'} CPU · ${bytes(s.memory)}`]
+      ['Resources', `${s.cpu ?? '?'} CPU · ${s.memory ? `${(s.memory / 1e9).toFixed(s.memory % 1e9 ? 1 : 0)} GB` : '?'}`]
     ];
     if (s.gpu) {
       rows.push([
@@ -534,7 +534,8 @@ export const STYLE = `
 .wb-cockpit .wb-level-critical .wb-bar-fill { background: var(--jp-error-color1); }
 .wb-cockpit .wb-level-critical .wb-budget-text { color: var(--jp-error-color1); font-weight: 600; }
 .wb-cockpit .wb-cluster { border: 1px solid var(--jp-border-color2); border-radius: 4px; padding: 4px 6px; margin: 4px 0; }
-.wb-cockpit .wb-cluster-actions { display: flex; gap: 4px; align-items: center; margin-top: 4px; }
+.wb-cockpit .wb-cluster-name { word-break: break-all; }
+.wb-cockpit .wb-cluster-actions { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; margin-top: 4px; }
 .wb-cockpit .wb-scale-count { width: 4em; }
 .wb-cockpit .wb-field { display: grid; grid-template-columns: 1fr 6em; gap: 2px 6px; align-items: center; margin: 2px 0; }
 .wb-cockpit .wb-field small { grid-column: 1 / 3; color: var(--jp-ui-font-color2); }

@@ -176,7 +176,7 @@ def options_view(spec: object) -> list[dict]:
                 "field": f.get("field"),
                 "label": f.get("label") or f.get("field"),
                 "type": spec_.get("type"),
-                "default": spec_.get("default"),
+                "default": f.get("default", spec_.get("default")),
                 "min": spec_.get("min"),
                 "max": spec_.get("max"),
                 "options": spec_.get("options"),
@@ -380,7 +380,7 @@ def _reason(r: httpclient.HTTPResponse) -> str:
     text = (r.body or b"").decode(errors="replace").strip()
     try:
         doc = json.loads(text)
-        text = doc.get("message") or doc.get("reason") or text
+        text = doc.get("message") or doc.get("error") or doc.get("reason") or text
     except (ValueError, AttributeError):
         pass
     return (text or r.reason or "")[:300]
