@@ -9,7 +9,9 @@ state folder is the platform's own), so the spawner hands it the facts in its en
   the session and idle limits of :func:`workbench.services.sessions.rules.server_limits`, the
   budgets' ``warn_at`` levels of the user's groups, when the session ends);
 - ``MEM_LIMIT`` (bytes) and ``CPU_LIMIT`` (cores): jupyter-resource-usage's own variables (KubeSpawner
-  sets them from its limits; the local spawner from the profile).
+  sets them from its limits; the local spawner from the profile);
+- ``DASK_LABEXTENSION__USE_GATEWAY``: for members of a group with a ``dask`` section, dask-labextension's
+  cluster list and "new cluster" button use the Dask Gateway (dask-labextension-gateway), not local clusters.
 
 Nothing in it is a secret or a grant: the cockpit only displays it, every decision stays with the hub
 and the services.
@@ -92,10 +94,14 @@ def server_info_env(
     gpu_devices: Sequence[str] = (),
 ) -> dict[str, str]:
     """The environment a spawner adds: ``WORKBENCH_ENGINE``, ``WORKBENCH_SERVER_INFO``, ``MEM_LIMIT``, ``CPU_LIMIT``."""
-    info = server_info(policy, user_groups, profile, engine, started or datetime.now(UTC), gpu_devices)
-    return {
+    groups = list(user_groups)
+    info = server_info(policy, groups, profile, engine, started or datetime.now(UTC), gpu_devices)
+    env = {
         ENGINE_VAR: engine,
         INFO_VAR: json.dumps(info, separators=(",", ":"), sort_keys=True),
         "MEM_LIMIT": str(int(info["memory"])),
         "CPU_LIMIT": f"{info['cpu']:g}",
     }
+    if policy.dask_group_for(groups) is not None:
+        env["DASK_LABEXTENSION__USE_GATEWAY"] = "True"
+    return env

@@ -135,6 +135,26 @@ def test_the_cockpit_shows_budgets_gpus_and_runs_dask_clusters(wb, browser):
         device = wait_for(lambda: browser.find_elements("css selector", ".wb-gpu"), 30, "the GPU line")[0]
         assert "utilisation 37%" in device.text and "12.0 GiB / 80.0 GiB" in device.text, device.text
 
+        # jupyter-resource-usage reports the profile's real limits (MEM_LIMIT, CPU_LIMIT from the spawner)
+        metrics = requests.get(
+            f"{wb.url}/user/researcher/api/metrics/v1", headers={"Authorization": f"token {researcher}"}, timeout=60
+        )
+        assert metrics.status_code == 200, metrics.text
+        assert metrics.json()["limits"]["memory"]["rss"] == 64 * 10**9, metrics.json()
+        assert metrics.json()["limits"]["cpu"]["cpu"] == 8, metrics.json()
+
+        # the spawn page of another user entitled to the H100 the researcher holds: disabled, with the reason
+        page = wb.login("startup").get(f"{wb.url}/hub/spawn", timeout=60)
+        assert page.status_code == 200, page.text
+        assert "Example Computing Centre" in page.text
+        h100 = re.search(r'<label class="wb-profile[^"]*" data-profile="h100-x1".*?</label>', page.text, re.S)
+        assert h100 and " disabled>" in h100.group(0), page.text
+        assert "no free GPU of type NVIDIA H100 80GB now (0 free, 1 needed)" in h100.group(0), h100.group(0)
+        assert "1 GPU-hours per hour (100 left in startup-acme" in h100.group(0), h100.group(0)
+        assert "Session limit: 8h" in h100.group(0), h100.group(0)
+        small = re.search(r'data-profile="cpu-small".*?</label>', page.text, re.S)
+        assert small and " disabled" not in small.group(0) and "checked" in small.group(0), small
+
         # a cluster from the form: the limits of the group are shown beside the fields
         form = panel.find_element("css selector", ".wb-new-cluster")
         assert "limit 1–1" in form.text, form.text  # worker_max_cores: 1
@@ -143,6 +163,12 @@ def test_the_cockpit_shows_budgets_gpus_and_runs_dask_clusters(wb, browser):
         name = row.get_attribute("data-name")
         [ours] = users.gateway("researcher", "GET", "/clusters/").json()
         assert ours == name
+        # dask-labextension's own panel lists the same cluster, from the gateway (dask-labextension-gateway)
+        dask_panel = requests.get(
+            f"{wb.url}/user/researcher/dask/clusters", headers={"Authorization": f"token {researcher}"}, timeout=60
+        )
+        assert dask_panel.status_code == 200, dask_panel.text
+        assert any(name in c["name"] for c in dask_panel.json()), dask_panel.json()
 
         # the student: only their own clusters, and no way to stop the researcher's
         wb.start_server(student, "student1", profile="cpu-small")
