@@ -130,8 +130,8 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "cleanup_proxy": True,
             # the platform's own pages (branding) and spawn form, JupyterHub's templates extended (workbench.spawnpage)
             "template_paths": [str(SPAWN_TEMPLATES)],
-            "template_vars": spawn_template_vars(policy),
             **auth["JupyterHub"],
+            "template_vars": {**auth["JupyterHub"].get("template_vars", {}), **spawn_template_vars(policy)},
         },
         "ConfigurableHTTPProxy": {
             "command": [runtime.proxy_command],

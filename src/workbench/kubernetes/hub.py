@@ -393,8 +393,8 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
         "cleanup_servers": False,
         # the platform's own pages (branding), JupyterHub's templates extended (workbench.spawnpage)
         "template_paths": [str(SPAWN_TEMPLATES)],
-        "template_vars": spawn_template_vars(policy),
         **auth["JupyterHub"],
+        "template_vars": {**auth["JupyterHub"].get("template_vars", {}), **spawn_template_vars(policy)},
     }
     if quota:
         hub["custom_scopes"] = dict(QUOTA_CUSTOM_SCOPES)

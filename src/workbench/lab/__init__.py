@@ -50,8 +50,23 @@ def _jupyter_labextension_paths():
     return [{"src": "../labextension", "dest": "workbench-notifications"}]
 
 
+def _track_cpu(serverapp) -> None:
+    """jupyter-resource-usage: report CPU use against ``$CPU_LIMIT`` (off by default there), unless configured.
+
+    Set on the config (for when it loads after this extension) and on its settings object (when before).
+    """
+    if "track_cpu_percent" in serverapp.config.get("ResourceUseDisplay", {}):
+        return
+    serverapp.config.ResourceUseDisplay.track_cpu_percent = True
+    display = serverapp.web_app.settings.get("jupyter_resource_usage_display_config")
+    if display is not None and hasattr(display, "track_cpu_percent"):
+        display.track_cpu_percent = True
+
+
 def _load_jupyter_server_extension(serverapp) -> None:
     from jupyter_server.utils import url_path_join
+
+    _track_cpu(serverapp)
 
     from workbench.lab.cockpit import WorkbenchCockpit, handlers
 
