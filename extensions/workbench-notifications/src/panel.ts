@@ -537,6 +537,7 @@ export const STYLE = `
 .wb-cockpit .wb-cluster-name { word-break: break-all; }
 .wb-cockpit .wb-cluster-actions { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; margin-top: 4px; }
 .wb-cockpit .wb-scale-count { width: 4em; }
+.wb-cockpit a.wb-dashboard { color: var(--jp-content-link-color); text-decoration: underline; margin-right: 4px; }
 .wb-cockpit .wb-field { display: grid; grid-template-columns: 1fr 6em; gap: 2px 6px; align-items: center; margin: 2px 0; }
 .wb-cockpit .wb-field small { grid-column: 1 / 3; color: var(--jp-ui-font-color2); }
 .wb-cockpit .wb-action-message.wb-level-critical { color: var(--jp-error-color1); }
