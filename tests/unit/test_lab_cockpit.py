@@ -274,3 +274,18 @@ def test_branding_is_validated_and_reaches_the_templates():
     data["branding"] = {"name": ""}
     with pytest.raises(PolicyError, match="branding.name"):
         parse_policy(data, "platform.yaml")
+
+
+def test_a_kubernetes_pod_carries_the_server_facts_and_its_node():
+    from workbench.spawn.kube import render_pod
+
+    centre = load_policy(Path(__file__).resolve().parents[2] / "hub_config" / "examples" / "centre.yaml")
+    pod = render_pod(centre, "ada", ["climate-lab"], "a100-x1")
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["WORKBENCH_NODE"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["WORKBENCH_ENGINE"]["value"] == "kubernetes"
+    assert env["MEM_LIMIT"]["value"] == str(
+        centre.profiles["a100-x1"].memory_limit or centre.profiles["a100-x1"].memory
+    )
+    info = json.loads(env["WORKBENCH_SERVER_INFO"]["value"])
+    assert (info["profile"], info["gpu"]["type"], info["charged_group"]) == ("a100-x1", "a100", "climate-lab")

@@ -360,6 +360,8 @@ class WorkbenchKubeSpawner(StopsDaskClustersMixin, KubeSpawner):
         if profile in self.policy.profiles:
             info = server_info_env(self.policy, self.user_groups, profile, "kubernetes")
             env.update({k: v for k, v in info.items() if k not in env})
+        # the node the pod runs on, for the cockpit (Kubernetes' downward API)
+        env.setdefault("WORKBENCH_NODE", {"valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
         return env
 
     async def load_user_options(self):
