@@ -243,6 +243,8 @@ class WorkbenchCockpit(LoggingConfigurable):
             raise GatewayError(599, f"not reachable: {e}") from None
         if r.code == 599:
             raise GatewayError(599, f"not reachable: {r.error}")
+        if r.code in (302, 404) and "/services/" in url:  # the hub's answer for a service it does not have
+            raise GatewayError(r.code, f"absent: this workbench does not run it (the hub answered {r.code})")
         if r.code != 200:
             raise GatewayError(r.code, f"answered {r.code}: {_reason(r)}")
         try:
@@ -368,6 +370,8 @@ class WorkbenchCockpit(LoggingConfigurable):
             raise GatewayError(502, f"the Dask Gateway is not reachable: {e}") from None
         if r.code == 599:
             raise GatewayError(502, f"the Dask Gateway is not reachable: {r.error}")
+        if 300 <= r.code < 400:  # the hub redirects for a service it does not have
+            raise GatewayError(502, f"the Dask Gateway is absent from this workbench (the hub answered {r.code})")
         if r.code >= 400:
             raise GatewayError(r.code, _reason(r))
         try:
