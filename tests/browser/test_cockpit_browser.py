@@ -137,6 +137,10 @@ def test_the_cockpit_shows_budgets_gpus_and_runs_dask_clusters(wb, browser):
         assert "wb-level-critical" in gpu_box.get_attribute("class")
         assert budget_box(browser, "cpu", "group").get_attribute("data-level") == "ok"
 
+        # the quota service's notice of the same budget (and the sessions service's, when due) above it
+        notices = browser.find_elements("css selector", '.wb-notice[data-level="critical"]')
+        assert any("GPU budget of group physics-lab" in n.text for n in notices), [n.text for n in notices]
+
         # the server's facts and its (pretend) GPU
         panel = browser.find_element("id", "workbench-cockpit")
         assert "One H100 (h100-x1)" in panel.text and "embedded" in panel.text, panel.text

@@ -295,6 +295,17 @@ export class CockpitPanel extends Widget {
         )
       );
     }
+    if (doc.notifications.length) {
+      parts.push(
+        this._section(
+          'Notices',
+          'wb-notices',
+          ...doc.notifications.map(n =>
+            el('p', { class: `wb-notice wb-level-${n.level}`, 'data-level': n.level }, n.message)
+          )
+        )
+      );
+    }
     parts.push(this._server(doc), this._budgets(doc), this._gpus(doc), this._dask(doc));
     parts.push(el('p', { class: 'wb-asof' }, `as of ${day(doc.as_of)}`));
     this.body.replaceChildren(...parts);
@@ -541,4 +552,7 @@ export const STYLE = `
 .wb-cockpit .wb-field { display: grid; grid-template-columns: 1fr 6em; gap: 2px 6px; align-items: center; margin: 2px 0; }
 .wb-cockpit .wb-field small { grid-column: 1 / 3; color: var(--jp-ui-font-color2); }
 .wb-cockpit .wb-action-message.wb-level-critical { color: var(--jp-error-color1); }
+.wb-cockpit .wb-notice { margin: 4px 0; padding: 4px 6px; border-left: 4px solid var(--jp-info-color1); background: var(--jp-layout-color2); }
+.wb-cockpit .wb-notice.wb-level-warning { border-left-color: var(--jp-warn-color1); }
+.wb-cockpit .wb-notice.wb-level-critical { border-left-color: var(--jp-error-color1); }
 `;
