@@ -10,6 +10,9 @@ answer (unknown), and the service never counts an unknown device as idle.
   utilisation for MIG slices, so they stay unknown.
 - :class:`FileUtilisation` reads a JSON file ``{"<device>": <percent>, ...}`` at each call: for
   ``workbench up --fake-gpus`` (pretend devices, ``<state>/fake-gpu-utilisation.json``) and tests.
+  A device's value may also be ``{"utilisation": <percent>, "memory_used": <bytes>, "memory_total": <bytes>}``.
+
+Both also answer ``memory(devices) -> {device: (used bytes, total bytes)}`` (the JupyterLab cockpit shows it).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class FileUtilisation:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def utilisation(self, devices: Iterable[str]) -> dict[str, float]:
+    def _read(self) -> Mapping:
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -52,12 +55,31 @@ class FileUtilisation:
         if not isinstance(data, Mapping):
             log.warning("%s: expected a JSON object {device: percent}", self.path)
             return {}
+        return data
+
+    def utilisation(self, devices: Iterable[str]) -> dict[str, float]:
+        data = self._read()
         out = {}
         for d in devices:
             v = data.get(d)
-            if isinstance(v, int | float) and not isinstance(v, bool):
+            if isinstance(v, Mapping):
+                v = v.get("utilisation")
+            if _number(v):
                 out[d] = float(v)
         return out
+
+    def memory(self, devices: Iterable[str]) -> dict[str, tuple[int, int]]:
+        data = self._read()
+        out = {}
+        for d in devices:
+            v = data.get(d)
+            if isinstance(v, Mapping) and _number(v.get("memory_used")) and _number(v.get("memory_total")):
+                out[d] = (int(v["memory_used"]), int(v["memory_total"]))
+        return out
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 class NvmlUtilisation:
@@ -81,6 +103,16 @@ class NvmlUtilisation:
                 out[d] = float(self.nvml.nvmlDeviceGetUtilizationRates(self._handle(d)).gpu)
             except self.nvml.NVMLError as e:  # MIG slices, lost devices: unknown
                 log.debug("no utilisation for GPU %s: %s", d, e)
+        return out
+
+    def memory(self, devices: Iterable[str]) -> dict[str, tuple[int, int]]:
+        out = {}
+        for d in devices:
+            try:
+                info = self.nvml.nvmlDeviceGetMemoryInfo(self._handle(d))
+                out[d] = (int(info.used), int(info.total))
+            except self.nvml.NVMLError as e:
+                log.debug("no memory figures for GPU %s: %s", d, e)
         return out
 
     def close(self) -> None:

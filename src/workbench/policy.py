@@ -647,10 +647,33 @@ class Storage(_Model):
         return value
 
 
+class Branding(_Model):
+    """The centre's name and logo on the hub's pages (the spawn page, the login page's title)."""
+
+    name: str = Field(min_length=1, max_length=80)
+    logo_url: str = ""
+
+    @field_validator("logo_url")
+    @classmethod
+    def _logo(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme == "https" and parts.hostname:
+            return value
+        if not parts.scheme and not parts.netloc and value.startswith("/") and not value.startswith("//"):
+            return value
+        raise ValueError(
+            f"must be an https:// URL or a path on the hub's own site starting with '/' "
+            f"(e.g. /hub/static/logo.png), got {value!r}"
+        )
+
+
 class Policy(_Model):
     """The whole platform policy. Collections are keyed by name so Helm values can merge."""
 
     name: str = "Workbench"
+    branding: Branding | None = None
     auth: Auth = Field(default_factory=Auth)
     culling: Culling = Field(default_factory=Culling)
     courses: Courses = Field(default_factory=Courses)

@@ -205,7 +205,14 @@ def test_jupyterhub_section(settings):
     assert hub["spawner_class"] == "workbench.spawn.local.WorkbenchLocalSpawner"
     assert hub["cleanup_servers"] is True
     assert hub["cleanup_proxy"] is True
-    assert hub["template_vars"] == {"announcement_login": "Workbench demo: log in with a demo account"}
+    assert hub["template_vars"] == {
+        "announcement_login": "Workbench demo: log in with a demo account",
+        "workbench_branding": {"name": "Workbench demo", "logo_url": ""},  # the policy's name without `branding`
+    }
+    # the platform's own pages: JupyterHub's templates extended (workbench.spawnpage), and its spawn form
+    [templates] = hub["template_paths"]
+    assert {p.name for p in Path(templates).glob("*.html")} == {"page.html", "spawn.html"}
+    assert settings["WorkbenchLocalSpawner"]["options_form"].__name__ == "spawn_form"
 
 
 def test_proxy_section(settings):

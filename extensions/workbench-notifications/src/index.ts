@@ -13,9 +13,16 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { Dialog, Notification, showDialog } from '@jupyterlab/apputils';
+import {
+  Dialog,
+  ICommandPalette,
+  Notification,
+  showDialog
+} from '@jupyterlab/apputils';
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
+
+import { CockpitPanel, STYLE } from './panel';
 
 const PLUGIN_ID = 'workbench-notifications:plugin';
 const POLL_MS = 60_000;
@@ -155,4 +162,30 @@ const plugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default plugin;
+/** The Workbench side panel (the cockpit): profile, session, budgets, GPUs, Dask clusters. */
+const cockpit: JupyterFrontEndPlugin<void> = {
+  id: 'workbench-notifications:cockpit',
+  description:
+    'A side panel with the server, its session, the budgets, the GPUs and the Dask clusters of the user.',
+  autoStart: true,
+  optional: [ICommandPalette],
+  activate: (app: JupyterFrontEnd, palette: ICommandPalette | null): void => {
+    const style = document.createElement('style');
+    style.textContent = STYLE;
+    document.head.append(style);
+    const panel = new CockpitPanel(app.serviceManager.serverSettings);
+    app.shell.add(panel, 'left', { rank: 50 });
+    const command = 'workbench:open-cockpit';
+    app.commands.addCommand(command, {
+      label: 'Workbench: show the cockpit (budgets, GPUs, Dask clusters)',
+      execute: () => {
+        app.shell.activateById(panel.id);
+        void panel.refresh();
+      }
+    });
+    palette?.addItem({ command, category: 'Workbench' });
+    void app.restored.then(() => panel.start());
+  }
+};
+
+export default [plugin, cockpit];

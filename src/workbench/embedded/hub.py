@@ -29,6 +29,9 @@ from workbench.services.rosters.rules import needs_service as needs_rosters_serv
 from workbench.services.sessions.rules import needs_service as needs_sessions_service
 from workbench.settings import apply_settings, roles
 from workbench.spawn.local import WorkbenchLocalSpawner
+from workbench.spawnpage import TEMPLATES as SPAWN_TEMPLATES
+from workbench.spawnpage import spawn_form
+from workbench.spawnpage import template_vars as spawn_template_vars
 
 
 def _cls(klass: type) -> str:
@@ -125,7 +128,10 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "load_roles": roles(policy),
             "cleanup_servers": True,
             "cleanup_proxy": True,
+            # the platform's own pages (branding) and spawn form, JupyterHub's templates extended (workbench.spawnpage)
+            "template_paths": [str(SPAWN_TEMPLATES)],
             **auth["JupyterHub"],
+            "template_vars": {**auth["JupyterHub"].get("template_vars", {}), **spawn_template_vars(policy)},
         },
         "ConfigurableHTTPProxy": {
             "command": [runtime.proxy_command],
@@ -153,6 +159,7 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "user_prefix": runtime.user_prefix,
             "homes_root": str(state / "homes"),
             "gpus": runtime.gpus,
+            "options_form": spawn_form,  # each profile: can it start now, its cost against the budget, its limit
             "gateway_api_url": f"http://127.0.0.1:{runtime.gateway_http_port}/services/{GATEWAY_SERVICE}/api/v1",
             "dask_env": {
                 "gateway_url": runtime.gateway_public_url,

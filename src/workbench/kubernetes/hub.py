@@ -67,6 +67,8 @@ from workbench.services.quota.wiring import quota_roles
 from workbench.services.sessions.rules import needs_service as needs_sessions_service
 from workbench.settings import apply_settings, roles
 from workbench.spawn.kube import kube_hub_settings
+from workbench.spawnpage import TEMPLATES as SPAWN_TEMPLATES
+from workbench.spawnpage import template_vars as spawn_template_vars
 
 __all__ = [
     "DEFAULT_PLATFORM",
@@ -426,7 +428,10 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
             services,
         ),
         "cleanup_servers": False,
+        # the platform's own pages (branding), JupyterHub's templates extended (workbench.spawnpage)
+        "template_paths": [str(SPAWN_TEMPLATES)],
         **auth["JupyterHub"],
+        "template_vars": {**auth["JupyterHub"].get("template_vars", {}), **spawn_template_vars(policy)},
     }
     if quota:
         hub["custom_scopes"] = dict(QUOTA_CUSTOM_SCOPES)

@@ -44,6 +44,7 @@ from traitlets import Bool, Instance, Unicode, default
 
 from workbench.courses.material import courses_of, material_pulls, materials_path, pull_env, pull_script, teaches
 from workbench.policy import Policy, cached_policy
+from workbench.serverinfo import server_info_env
 from workbench.spawn.common import (
     AdmittedOptionsMixin,
     QuotaAdmissionMixin,
@@ -403,6 +404,16 @@ class WorkbenchKubeSpawner(AdmittedOptionsMixin, QuotaAdmissionMixin, StopsDaskC
         PyTorch data loaders fail with the container runtime's 64 MiB). The chart sets it from
         ``gpu.devShm.enabled``.""",
     ).tag(config=True)
+
+    def get_env(self):
+        env = super().get_env()  # MEM_LIMIT and CPU_LIMIT from the profile's limits
+        profile = (self.user_options or {}).get("profile") or choose_profile(self.policy, self.user_groups, None)
+        if profile in self.policy.profiles:
+            info = server_info_env(self.policy, self.user_groups, profile, "kubernetes")
+            env.update({k: v for k, v in info.items() if k not in env})
+        # the node the pod runs on, for the cockpit (Kubernetes' downward API)
+        env.setdefault("WORKBENCH_NODE", {"valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
+        return env
 
     async def load_user_options(self):
         # raises web.HTTPError(403) naming the allowed profiles; stored options no longer entitled fall back

@@ -24,6 +24,7 @@ from workbench.courses.material import prepare_courses, unix_groups_of
 from workbench.gpus import GpuAllocator, NoFreeGpu
 from workbench.limits import Limiter, detect_cgroups, local_limits, own_cgroups
 from workbench.policy import Policy, Profile, cached_policy
+from workbench.serverinfo import server_info_env
 from workbench.spawn.common import (
     AdmittedOptionsMixin,
     QuotaAdmissionMixin,
@@ -170,6 +171,9 @@ class WorkbenchLocalSpawner(AdmittedOptionsMixin, QuotaAdmissionMixin, StopsDask
         env.update(profile.env)
         env.update(self._limits.env(self.limiter.mechanism))
         env["WORKBENCH_PROFILE"] = self.profile_name
+        env.update(
+            server_info_env(self.policy, self.user_groups, self.profile_name, "embedded", None, self.gpu_devices)
+        )
         if profile.gpu:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpu_devices)
             env["NVIDIA_VISIBLE_DEVICES"] = ",".join(self.gpu_devices)

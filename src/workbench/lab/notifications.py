@@ -1,4 +1,4 @@
-"""Notifications of the hub services in JupyterLab: a jupyter_server extension (``workbench.lab``).
+"""Notifications of the hub services in JupyterLab (part of the jupyter_server extension ``workbench.lab``).
 
 Two hub services publish per-user notifications as JSON, each behind a JupyterHub token
 (``Authorization: token ...``): the quota service (budget warnings, spent budgets and when running
@@ -40,7 +40,6 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from jupyter_server.base.handlers import APIHandler
-from jupyter_server.utils import url_path_join
 from tornado import httpclient, web
 from traitlets import Dict, Float, Unicode, default
 from traitlets.config import LoggingConfigurable
@@ -260,22 +259,3 @@ class NotificationsHandler(APIHandler):
         doc = await self.notifier.get()
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(doc))
-
-
-# ---------------------------------------------------------------------------
-# registration with jupyter_server and JupyterLab
-
-
-def _jupyter_server_extension_points():
-    return [{"module": "workbench.lab"}]
-
-
-def _jupyter_labextension_paths():
-    return [{"src": "labextension", "dest": "workbench-notifications"}]
-
-
-def _load_jupyter_server_extension(serverapp) -> None:
-    notifier = WorkbenchNotifications(parent=serverapp)
-    route = url_path_join(serverapp.web_app.settings["base_url"], ENDPOINT)
-    serverapp.web_app.add_handlers(".*$", [(route, NotificationsHandler, {"notifier": notifier})])
-    serverapp.log.info("workbench notifications at %s (services: %s)", route, notifier.base_url() or "unknown")
