@@ -175,6 +175,9 @@ class Auth(_Model):
     authorize_url: str = ""
     token_url: str = ""
     userdata_url: str = ""
+    #: generic-oauth: verify the provider's ID tokens (signature by a key of jwks_url, iss, aud, expiry)
+    jwks_url: str = ""
+    issuer: str = ""
     username_claim: str = "preferred_username"
     groups_claim: str = "groups"  # a claim name, or a dotted path into nested claims (realm_access.roles)
     #: github: GitHub Enterprise URL (default https://github.com) and group -> organisations / teams
@@ -194,6 +197,8 @@ _AUTH_FIELD_TYPES: dict[str, tuple[str, ...]] = {
     "authorize_url": ("generic-oauth",),
     "token_url": ("generic-oauth",),
     "userdata_url": ("generic-oauth",),
+    "jwks_url": ("generic-oauth",),
+    "issuer": ("generic-oauth",),
     "username_claim": ("generic-oauth",),
     "groups_claim": ("generic-oauth",),
     "github_url": ("github",),
@@ -296,10 +301,19 @@ def _auth_problems(p: Policy) -> list[tuple[str, str]]:
         if not s or any(c.isspace() for c in s):
             problems.append((f"auth.scope[{i}]", f"must be one scope name without spaces, got {s!r}"))
     if auth.type == "generic-oauth":
-        for field in ("authorize_url", "token_url", "userdata_url"):
+        for field in ("authorize_url", "token_url", "userdata_url", "jwks_url"):
             url = getattr(auth, field)
             if url and (why := _url_problem(url)):
                 problems.append((f"auth.{field}", why))
+        if bool(auth.jwks_url) != bool(auth.issuer):
+            missing, given = ("issuer", "jwks_url") if auth.jwks_url else ("jwks_url", "issuer")
+            problems.append(
+                (
+                    f"auth.{missing}",
+                    f"ID tokens are verified with both auth.jwks_url and auth.issuer; auth.{given} is set, so set "
+                    f"auth.{missing} too ('jwks_uri' and 'issuer' in the provider's /.well-known/openid-configuration)",
+                )
+            )
         for field in ("username_claim", "groups_claim"):
             if not getattr(auth, field).strip():
                 problems.append((f"auth.{field}", "must name a claim of the provider's user info (e.g. 'groups')"))

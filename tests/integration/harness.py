@@ -2,6 +2,12 @@
 
 Nothing is mocked: a real JupyterHub with configurable-http-proxy, real JupyterLab servers,
 a real dask-gateway-server with its local backend.
+
+The harness asserts the mode it expects. Run as root (as `make test` does), every workbench it starts must
+run each user as their own Unix account (``wb-<name>``): it passes ``--system-users`` (which makes
+`workbench up` stop rather than fall back to one shared account) and checks the runtime says so, so the
+per-user isolation checks always run and a fallback fails the test instead of skipping them. Not run as root,
+:meth:`Workbench.start` fails saying why, unless the caller explicitly asks for ``system_users=False``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +32,13 @@ DEMO = REPO / "hub_config" / "demo.yaml"
 PASSWORD = "integration-test-password"
 
 
+def state_dir(prefix: str = "wb-it-") -> Path:
+    """A fresh state folder under /tmp (not pytest's 0700 tmp_path), so per-user processes can traverse it."""
+    parent = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    parent.chmod(0o711)
+    return parent / "state"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,10 +46,23 @@ def free_port() -> int:
 
 
 class Workbench:
-    """One `workbench up` process on free ports with its own state folder."""
+    """One `workbench up` process on free ports with its own state folder.
 
-    def __init__(self, state_dir: Path, config: Path = DEMO, extra_args: tuple[str, ...] = (), env: dict | None = None):
+    ``system_users``: the mode the test expects. ``True`` (the default) requires per-user Unix accounts: the
+    harness must run as root, passes ``--system-users`` and checks the started workbench uses them. ``False``
+    passes ``--no-system-users`` (every server as the current user) for a test that wants that mode.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        config: Path = DEMO,
+        extra_args: tuple[str, ...] = (),
+        env: dict | None = None,
+        system_users: bool = True,
+    ):
         self.state_dir = Path(state_dir)
+        self.expect_system_users = system_users
         self.config = config
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,10 +84,16 @@ class Workbench:
             str(self.port),
             "--state-dir",
             str(self.state_dir),
+            "--system-users" if self.expect_system_users else "--no-system-users",
             *self.extra_args,
         ]
 
     def start(self, timeout: float = 180) -> Workbench:
+        if self.expect_system_users and os.geteuid() != 0:
+            raise RuntimeError(
+                "the integration tests check per-user isolation, which needs one Unix account per user: "
+                "run them as root (as `make test` does), or pass system_users=False for a test of the other mode"
+            )
         env = {**os.environ, "WORKBENCH_DEMO_PASSWORD": PASSWORD, **self.env}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -71,6 +104,10 @@ class Workbench:
             if "Workbench is ready" in self.output():
                 r = requests.get(f"{self.url}/hub/health", timeout=5)
                 assert r.status_code == 200, r.text
+                assert self.system_users is self.expect_system_users, (
+                    f"expected system_users={self.expect_system_users}, the workbench runs with "
+                    f"{self.runtime['system_users']}:\n{self.output()}"
+                )
                 self.snapshot()
                 return self
             time.sleep(0.3)
@@ -126,6 +163,25 @@ class Workbench:
             except psutil.Error:
                 pass
         return alive
+
+    def home(self, username: str) -> Path:
+        """The home folder of ``username``'s account (``wb-<name>``; the harness requires per-user accounts)."""
+        import pwd
+
+        assert self.expect_system_users, "homes of the --no-system-users mode live in the state folder"
+        return Path(pwd.getpwnam(f"{self.runtime.get('user_prefix', 'wb-')}{username}").pw_dir)
+
+    def server_process(self, username: str) -> psutil.Process:
+        """The single-user server of ``username`` started by this workbench (other runs may exist)."""
+        for p in self.snapshot():
+            try:
+                cmd = " ".join(p.cmdline())
+                env = p.environ()
+            except psutil.Error:
+                continue
+            if "jupyterhub-singleuser" in cmd and env.get("JUPYTERHUB_USER") == username:
+                return p
+        raise AssertionError(f"no single-user server process for {username}")
 
     # -- users -----------------------------------------------------------------------
 

@@ -26,8 +26,7 @@ import yaml
 from workbench.cli.main import main
 from workbench.courses.material import NOTE_NAME
 
-from .harness import DEMO, Workbench, free_port
-from .test_embedded import state_dir
+from .harness import DEMO, Workbench, free_port, state_dir
 
 pytestmark = pytest.mark.integration
 
@@ -119,9 +118,7 @@ class Env:
         return ("cm-teacher", "cm-student1", "cm-student2")
 
     def home(self, user: str) -> Path:
-        if self.wb.system_users:
-            return Path(pwd.getpwnam(f"wb-{user}").pw_dir)
-        return self.wb.state_dir / "homes" / user
+        return self.wb.home(user)
 
     def token(self, user: str) -> str:
         return self.wb.new_token(self.wb.login(user), user)
@@ -159,8 +156,8 @@ def test_material_is_pulled_at_spawn_and_the_students_edits_survive_upstream_cha
     wb.start_server(token, "cm-student1")
     folder = env.home("cm-student1") / COURSE
     assert (folder / "exercise.md").read_text() == EXERCISE
-    if wb.system_users:  # pulled as the student's own account
-        assert (folder / "exercise.md").stat().st_uid == pwd.getpwnam("wb-cm-student1").pw_uid
+    # pulled as the student's own account
+    assert (folder / "exercise.md").stat().st_uid == pwd.getpwnam("wb-cm-student1").pw_uid
     assert "Course material for" in wb.hub_log()
 
     # the student answers, through their server
@@ -209,8 +206,6 @@ def test_a_broken_repository_leaves_a_note_and_the_server_starts_anyway(env):
 
 def test_the_materials_folder_is_writable_by_instructors_only(env):
     wb = env.wb
-    if not wb.system_users:
-        pytest.skip("the materials folder's Unix permissions need per-user accounts (run as root)")
     teacher = env.token("cm-teacher")
     wb.start_server(teacher, "cm-teacher")
     try:

@@ -6,17 +6,14 @@ import pytest
 import requests
 
 from .harness import Workbench
-from .test_embedded import state_dir
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def wb():
-    w = Workbench(state_dir()).start()
-    yield w
-    assert w.stop() == 0
-    assert not w.leftovers()
+@pytest.fixture
+def wb(default_wb):
+    """The shared default workbench (tests/integration/conftest.py)."""
+    return default_wb
 
 
 def token(w: Workbench, name: str) -> str:

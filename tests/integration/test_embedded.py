@@ -7,56 +7,30 @@ backend) + idle culler, all started by `workbench up` on free ports.
 from __future__ import annotations
 
 import os
-import pwd
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import psutil
 import pytest
 import requests
 
-from .harness import DEMO, PASSWORD, VENV_BIN, Workbench
+from .harness import DEMO, PASSWORD, VENV_BIN, Workbench, state_dir
 
 pytestmark = pytest.mark.integration
 
 
-def run_as(w: Workbench, system_user: str) -> str | None:
-    """The account a user's processes run as in this workbench (None: this test's own user)."""
-    return system_user if w.system_users else None
-
-
-def state_dir() -> Path:
-    # under /tmp (not pytest's 0700 tmp_path) so per-user processes can traverse it
-    parent = Path(tempfile.mkdtemp(prefix="wb-it-", dir="/tmp"))
-    parent.chmod(0o711)
-    return parent / "state"
+@pytest.fixture
+def wb(default_wb):
+    """The shared default workbench (tests/integration/conftest.py)."""
+    return default_wb
 
 
 def server_process(w: Workbench, username: str) -> psutil.Process:
-    """The single-user server of ``username`` started by this workbench (other runs may exist)."""
-    for p in w.snapshot():
-        try:
-            cmd = " ".join(p.cmdline())
-            env = p.environ()
-        except psutil.Error:
-            continue
-        if "jupyterhub-singleuser" in cmd and env.get("JUPYTERHUB_USER") == username:
-            return p
-    raise AssertionError(f"no single-user server process for {username}")
-
-
-@pytest.fixture(scope="module")
-def wb():
-    """A shared workbench for the isolation tests."""
-    w = Workbench(state_dir()).start()
-    yield w
-    code = w.stop()
-    assert code == 0, w.output()
-    assert not w.leftovers(), w.leftovers()
+    return w.server_process(username)
 
 
 def test_full_flow_login_server_gateway_xarray_and_clean_stop():
@@ -81,7 +55,7 @@ def test_full_flow_login_server_gateway_xarray_and_clean_stop():
         assert status.status_code == 200, status.text
 
         proc = server_process(w, "researcher")
-        expected_user = "wb-researcher" if w.system_users else pwd.getpwuid(os.getuid()).pw_name
+        expected_user = "wb-researcher"
         assert proc.username() == expected_user
         env = proc.environ()
         assert env["DASK_GATEWAY__ADDRESS"] == f"{w.url}/services/dask-gateway"
@@ -101,7 +75,7 @@ def test_full_flow_login_server_gateway_xarray_and_clean_stop():
             capture_output=True,
             text=True,
             timeout=60,
-            user=run_as(w, expected_user),
+            user=expected_user,
         )
         assert probe.returncode == 0 and "clusters 0" in probe.stdout, probe.stderr
 
@@ -144,9 +118,9 @@ def test_full_flow_login_server_gateway_xarray_and_clean_stop():
     assert code == 0, w.output()
     assert "stopped; no processes left behind" in w.output()
     assert w.leftovers() == []
-    if w.system_users:
-        owned = [p.pid for p in psutil.process_iter(["username"]) if p.info["username"] == "wb-researcher"]
-        assert owned == []
+    # every process of the user's account is gone
+    owned = [p.pid for p in psutil.process_iter(["username"]) if p.info["username"] == "wb-researcher"]
+    assert owned == []
 
 
 def test_other_user_cannot_reach_server_or_cluster(wb):
@@ -154,25 +128,39 @@ def test_other_user_cannot_reach_server_or_cluster(wb):
     owner_token = wb.new_token(owner, "researcher")
     wb.start_server(owner_token, "researcher")
     cluster = wb.gateway(owner_token).new_cluster()
+    other = wb.login("student1")
+    other_token = wb.new_token(other, "student1")
     try:
-        other = wb.login("student1")
-        other_token = wb.new_token(other, "student1")
         wb.start_server(other_token, "student1")
         hdr = {"Authorization": f"token {other_token}"}
+        # the server knows the token's owner and refuses them (it needs access:servers!user=researcher)
         r = requests.get(f"{wb.url}/user/researcher/api/status", headers=hdr, timeout=30)
-        assert r.status_code in (403, 404), r.status_code
+        assert r.status_code == 403, r.status_code
         r = requests.get(f"{wb.url}/user/researcher/lab", headers=hdr, timeout=30, allow_redirects=False)
-        assert r.status_code in (302, 403, 404)  # redirected to log in, never the server
+        assert r.status_code == 403, (r.status_code, r.headers.get("Location"))
+        assert "JupyterLab" not in r.text
+        # the hub hides the user from them, and so refuses to start the user's server as "not found"
         assert wb.token_api(other_token, "GET", "/users/researcher").status_code == 404
-        assert wb.token_api(other_token, "POST", "/users/researcher/server").status_code in (403, 404)
+        r = wb.token_api(other_token, "POST", "/users/researcher/server")
+        assert r.status_code == 404, (r.status_code, r.text)
+        assert "No access to resources or resources not found" in r.text
 
         other_gw = wb.gateway(other_token)
         assert [c.name for c in other_gw.list_clusters()] == []
-        with pytest.raises(Exception, match="403|404|not found"):
+        with pytest.raises(aiohttp.ClientResponseError) as refused:
             other_gw.connect(cluster.name)
-        with pytest.raises(Exception):  # noqa: B017 - TODO(issue 16): assert the refusal itself
+        assert refused.value.status == 403, refused.value
+        with pytest.raises(aiohttp.ClientResponseError) as refused:
             other_gw.stop_cluster(cluster.name)
+        assert refused.value.status == 403, refused.value
         other_gw.close()
+        # the client keeps only the status line ("Forbidden"); the gateway's body says why
+        api = f"{wb.url}/services/dask-gateway/api/v1/clusters/{cluster.name}"
+        as_other = {"Authorization": f"jupyterhub {other_token}"}
+        r = requests.get(api, headers=as_other, timeout=30)
+        assert r.status_code == 403 and f"User student1 lacks permissions to view cluster {cluster.name}" in r.text
+        r = requests.delete(api, headers=as_other, timeout=30)
+        assert r.status_code == 403 and f"User student1 lacks permissions to stop cluster {cluster.name}" in r.text
         # the owner's view, over plain HTTP: starting yet another dask-gateway client loop here has been
         # seen to deadlock inside distributed's LoopRunner start
         listed = requests.get(
@@ -182,12 +170,12 @@ def test_other_user_cannot_reach_server_or_cluster(wb):
         ).json()
         assert list(listed) == [cluster.name]
 
-        if wb.system_users:  # homes are private
-            probe = subprocess.run(["ls", "/home/wb-researcher"], user="wb-student1", capture_output=True, text=True)
-            assert probe.returncode != 0 and "Permission denied" in probe.stderr
-        wb.stop_server(other_token, "student1")
+        # homes are private
+        probe = subprocess.run(["ls", "/home/wb-researcher"], user="wb-student1", capture_output=True, text=True)
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr
     finally:
         cluster.shutdown()
+        wb.stop_server(other_token, "student1")
         wb.stop_server(owner_token, "researcher")
 
 
@@ -310,7 +298,7 @@ def test_researcher_starter_notebook_runs_in_their_server_environment(wb):
 
     token = wb.new_token(wb.login("researcher"), "researcher")
     # a home left by an earlier run keeps its (older) copy: starters never overwrite
-    home = Path("/home/wb-researcher") if wb.system_users else wb.state_dir / "homes" / "researcher"
+    home = wb.home("researcher")
     (home / "climatology-with-dask.ipynb").unlink(missing_ok=True)
     wb.start_server(token, "researcher")
     try:
@@ -333,7 +321,7 @@ def test_researcher_starter_notebook_runs_in_their_server_environment(wb):
             capture_output=True,
             text=True,
             timeout=400,
-            user=run_as(wb, "wb-researcher"),
+            user="wb-researcher",
         )
         assert res.returncode == 0, res.stderr[-3000:]
         nb = json.loads((home / "executed.ipynb").read_text())

@@ -13,8 +13,7 @@ import pytest
 import requests
 import yaml
 
-from .harness import Workbench
-from .test_embedded import DEMO, state_dir
+from .harness import DEMO, Workbench, state_dir
 from .test_quota_enforcement import Users, wait_for
 
 pytestmark = pytest.mark.integration

@@ -1,11 +1,14 @@
 """Login -> groups through a real OpenID Connect flow, with a real hub and its proxy.
 
-A small OAuth2 / OIDC provider runs in this test process (a real HTTP server on 127.0.0.1):
-``/authorize`` logs in the user the test picked beforehand and redirects back with a code,
-``/token`` exchanges the code (client secret and PKCE checked) for an access token and an id
-token, ``/userinfo`` returns the picked claims. The workbench is started by ``workbench up`` with a
-platform YAML whose ``auth`` is ``generic-oauth`` pointing at that provider, and a browser-like
-``requests.Session`` follows the redirects ``/hub/oauth_login`` -> provider -> ``/hub/oauth_callback``.
+A stand-in OIDC provider that signs runs in this test process (a real HTTP server on 127.0.0.1; a mock
+only because an internet identity provider cannot be reached here): ``/authorize`` logs in the user the
+test picked beforehand and redirects back with a code, ``/token`` exchanges the code (client secret and
+PKCE checked) for an access token and an ID token signed with RS256 by the provider's own RSA key,
+``/jwks`` publishes that key (``/.well-known/openid-configuration`` names it), ``/userinfo`` returns the
+picked claims. The workbench is started by ``workbench up`` with a platform YAML whose ``auth`` is
+``generic-oauth`` pointing at that provider, with ``jwks_url`` and ``issuer`` so the hub verifies each ID
+token's signature, issuer and audience; a browser-like ``requests.Session`` follows the redirects
+``/hub/oauth_login`` -> provider -> ``/hub/oauth_callback``.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import re
 import secrets
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import jwt
 import pytest
 import requests
 import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from workbench.auth.oauth import NOT_ENTITLED
 
@@ -38,9 +44,13 @@ SECRET_ENV = "WORKBENCH_TEST_OIDC_SECRET"
 
 
 class Provider:
-    """A minimal OIDC provider: authorization code flow with PKCE, userinfo, unsigned id token."""
+    """A minimal OIDC provider: authorization code flow with PKCE, userinfo, RS256-signed ID tokens, JWKS."""
 
     def __init__(self) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = "stand-in-key-1"
+        #: what the next ID token gets wrong (set by a test): {"key": another private key, "iss": ..., "aud": ...}
+        self.forge: dict = {}
         self.claims: dict | None = None  # who logs in next (set by the test before each login)
         self.redirect_uri = ""  # the hub's registered callback
         self.codes: dict[str, tuple[dict, str, str]] = {}  # code -> (claims, redirect_uri, code_challenge)
@@ -83,6 +93,21 @@ class Provider:
                         provider.codes[code] = (provider.claims, q["redirect_uri"], q["code_challenge"])
                     target = f"{q['redirect_uri']}?{urlencode({'code': code, 'state': q.get('state', '')})}"
                     return self._send(302, {}, {"Location": target})
+                if url.path == "/jwks":
+                    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(provider.key.public_key()))
+                    return self._send(200, {"keys": [{**jwk, "kid": provider.kid, "use": "sig", "alg": "RS256"}]})
+                if url.path == "/.well-known/openid-configuration":
+                    return self._send(
+                        200,
+                        {
+                            "issuer": provider.issuer,
+                            "authorization_endpoint": f"{provider.issuer}/authorize",
+                            "token_endpoint": f"{provider.issuer}/token",
+                            "userinfo_endpoint": f"{provider.issuer}/userinfo",
+                            "jwks_uri": f"{provider.issuer}/jwks",
+                            "id_token_signing_alg_values_supported": ["RS256"],
+                        },
+                    )
                 if url.path == "/userinfo":
                     auth = self.headers.get("Authorization", "")
                     claims = (
@@ -118,12 +143,19 @@ class Provider:
                 token = secrets.token_urlsafe(24)
                 provider.tokens[token] = claims
                 sub = str(claims.get("sub", claims.get("preferred_username", "anonymous")))
-                id_token = (
-                    ".".join(
-                        base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
-                        for part in ({"alg": "none"}, {"iss": provider.issuer, "aud": CLIENT_ID, "sub": sub})
-                    )
-                    + "."
+                now = int(time.time())
+                forge = dict(provider.forge)
+                id_token = jwt.encode(
+                    {
+                        "iss": forge.get("iss", provider.issuer),
+                        "aud": forge.get("aud", CLIENT_ID),
+                        "sub": sub,
+                        "iat": now,
+                        "exp": now + 600,
+                    },
+                    forge.get("key", provider.key),
+                    algorithm="RS256",
+                    headers={"kid": provider.kid},
                 )
                 return self._send(
                     200,
@@ -166,6 +198,8 @@ def platform_yaml(provider: Provider, folder: Path) -> Path:
         "authorize_url": f"{provider.issuer}/authorize",
         "token_url": f"{provider.issuer}/token",
         "userdata_url": f"{provider.issuer}/userinfo",
+        "jwks_url": f"{provider.issuer}/jwks",
+        "issuer": provider.issuer,
         "scope": ["openid", "profile", "groups"],
         "login_service": "Test University SSO",
         "username_claim": "preferred_username",
@@ -296,6 +330,34 @@ def test_missing_user_name_gives_a_clear_403(wb, provider):
     _, r = oidc_login(wb, provider, {"sub": "5", "groups": ["physics-lab"]})
     assert r.status_code == 403, (r.status_code, r.text[-2000:])
     assert "did not send your user name (no usable 'preferred_username' claim)" in html.unescape(r.text)
+
+
+@pytest.mark.parametrize(
+    "forge, reason",
+    [
+        ({"key": "another"}, "Signature verification failed"),
+        ({"iss": "http://127.0.0.1:1/not-the-provider"}, "Invalid issuer"),
+        ({"aud": "another-client"}, "Audience doesn't match"),
+    ],
+    ids=["signed-by-another-key", "wrong-issuer", "wrong-audience"],
+)
+def test_an_id_token_not_signed_by_the_provider_for_this_hub_is_refused(wb, provider, admin_token, forge, reason):
+    """The user info would entitle the user; the ID token alone is wrong, and the login is refused (403)."""
+    if forge.get("key") == "another":
+        forge = {"key": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
+    name = "forged-" + secrets.token_hex(3)
+    provider.forge = forge
+    try:
+        _, r = oidc_login(wb, provider, {"sub": name, "preferred_username": name, "groups": ["physics-lab"]})
+    finally:
+        provider.forge = {}
+    assert r.status_code == 403, (r.status_code, r.text[-2000:])
+    text = html.unescape(r.text)
+    assert "Login refused: the identity provider's ID token is not valid" in text and reason in text, text[-2000:]
+    assert wb.token_api(admin_token, "GET", f"/users/{name}").status_code == 404  # nobody was created
+    # and the same user, with a genuine token, gets in
+    _, r = oidc_login(wb, provider, {"sub": name, "preferred_username": name, "groups": ["physics-lab"]})
+    assert r.status_code == 200 and r.url == f"{wb.url}/hub/home", (r.status_code, r.url)
 
 
 def test_refused_logins_never_reached_a_500(wb):

@@ -23,8 +23,7 @@ import yaml
 from workbench.policy import load_policy
 from workbench.services.quota.ledger import Ledger, default_db_url
 
-from .harness import Workbench
-from .test_embedded import DEMO, state_dir
+from .harness import DEMO, Workbench, state_dir
 
 pytestmark = pytest.mark.integration
 UTC = UTC

@@ -12,8 +12,7 @@ import yaml
 
 from workbench.cli.main import main
 
-from .harness import DEMO, Workbench
-from .test_embedded import state_dir
+from .harness import DEMO, Workbench, state_dir
 
 pytestmark = pytest.mark.integration
 

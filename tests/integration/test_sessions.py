@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .harness import Workbench
-from .test_embedded import state_dir
+from .harness import Workbench, state_dir
 
 pytestmark = pytest.mark.integration
 

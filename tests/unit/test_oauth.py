@@ -617,3 +617,146 @@ def test_admin_groups_must_be_policy_groups_for_oauth_too():
             "course-ml101, physics-lab, platform-admins, startup-acme",
         ),
     ]
+
+
+# ---------------------------------------------------------------------------
+# ID tokens: signature, issuer, audience (auth.jwks_url / auth.issuer)
+# ---------------------------------------------------------------------------
+
+ISSUER = "https://sso.example.edu/realms/uni"
+
+
+def _rsa_key():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _serve_jwks(key, kid: str = "k1"):
+    """A local HTTP server publishing ``key``'s public half as a JWKS (PyJWKClient reads http(s) only)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import jwt
+
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    body = json.dumps({"keys": [{**jwk, "kid": kid, "use": "sig", "alg": "RS256"}]}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/jwks"
+
+
+def _id_token(key, kid: str = "k1", **claims) -> str:
+    import time
+
+    import jwt
+
+    body = {"iss": ISSUER, "aud": "workbench", "sub": "u-1", "exp": int(time.time()) + 300, "iat": int(time.time())}
+    body.update(claims)
+    return jwt.encode(body, key, algorithm="RS256", headers={"kid": kid})
+
+
+@pytest.fixture
+def verifying(monkeypatch):
+    """The generic authenticator from a policy with auth.jwks_url (a file: URL of the test's key set) and issuer."""
+    monkeypatch.setenv(SECRET_ENV, "s3cret-value")
+    key = _rsa_key()
+    auth = {**GENERIC_AUTH, "jwks_url": "https://sso.example.edu/jwks", "issuer": ISSUER}
+    settings = auth_settings(policy_with(auth), runtime(), environ=ENV)
+    assert settings["WorkbenchGenericOAuthenticator"]["jwks_url"] == "https://sso.example.edu/jwks"
+    assert settings["WorkbenchGenericOAuthenticator"]["issuer"] == ISSUER
+    a = _authenticator_from_settings(settings, WorkbenchGenericOAuthenticator)
+    server, a.jwks_url = _serve_jwks(key)
+    yield a, key
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_token_signed_by_the_providers_key_for_this_client_is_accepted(verifying):
+    a, key = verifying
+    claims = a.verify_id_token(_id_token(key))
+    assert claims["sub"] == "u-1" and claims["iss"] == ISSUER and claims["aud"] == "workbench"
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["another key", "another issuer", "another audience", "expired", "unsigned", "no token", "another kid"],
+)
+def test_id_tokens_that_are_not_the_providers_for_this_client_are_refused(verifying, why):
+    import time
+
+    import jwt
+
+    a, key = verifying
+    token = {
+        "another key": lambda: _id_token(_rsa_key()),
+        "another issuer": lambda: _id_token(key, iss="https://evil.example.com"),
+        "another audience": lambda: _id_token(key, aud="some-other-client"),
+        "expired": lambda: _id_token(key, exp=int(time.time()) - 600),
+        "unsigned": lambda: jwt.encode({"iss": ISSUER, "aud": "workbench", "sub": "u"}, None, algorithm="none"),
+        "no token": lambda: None,
+        "another kid": lambda: _id_token(_rsa_key(), kid="k2"),
+    }[why]()
+    with pytest.raises(web.HTTPError) as info:
+        a.verify_id_token(token)
+    assert info.value.status_code == 403
+    message = info.value.log_message
+    expected = {
+        "another key": "Signature verification failed",
+        "another issuer": "Invalid issuer",
+        "another audience": "Audience doesn't match",
+        "expired": "Signature has expired",
+        "unsigned": "is not valid",
+        "no token": "sent no ID token",
+        "another kid": "Unable to find a signing key",
+    }[why]
+    assert message.startswith("Login refused:") and expected in message, message
+
+
+def test_the_login_verifies_the_id_token_before_reading_the_user_info(verifying):
+    """token_to_user refuses a bad ID token before it asks the userinfo endpoint (never reached here)."""
+    a, key = verifying
+    asked = []
+
+    async def fetch(*args, **kwargs):  # the userinfo request of OAuthenticator
+        asked.append(args)
+        return {"preferred_username": "alice", "groups": ["physics-lab"]}
+
+    a.httpfetch = fetch
+    info = {"access_token": "t", "token_type": "Bearer"}
+    with pytest.raises(web.HTTPError) as refused:
+        asyncio.run(a.token_to_user({**info, "id_token": _id_token(key, aud="another")}))
+    assert refused.value.status_code == 403 and asked == []
+    assert asyncio.run(a.token_to_user({**info, "id_token": _id_token(key)}))["preferred_username"] == "alice"
+    assert len(asked) == 1
+
+
+@pytest.mark.parametrize(
+    "auth, field, words",
+    [
+        ({"jwks_url": "https://sso.example.edu/jwks"}, "auth.issuer", "set auth.issuer too"),
+        ({"issuer": ISSUER}, "auth.jwks_url", "set auth.jwks_url too"),
+        ({"jwks_url": "sso/jwks", "issuer": ISSUER}, "auth.jwks_url", ""),
+    ],
+)
+def test_id_token_verification_needs_both_fields(auth, field, words):
+    problems = dict(problems_of({**GENERIC_AUTH, **auth}))
+    assert field in problems and words in problems[field], problems
+
+
+def test_id_token_fields_only_for_generic_oauth():
+    problems = dict(problems_of({**GITHUB_AUTH, "jwks_url": "https://x.example/jwks", "issuer": ISSUER}))
+    assert "only used with auth type 'generic-oauth'" in problems["auth.jwks_url"]

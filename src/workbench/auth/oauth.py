@@ -20,7 +20,12 @@ The contract of both OAuth authenticators (:class:`PolicyGroupsAuthenticator`):
   one (a string instead of a list, a list with something other than names, an object);
 - members of ``auth.admin_groups`` are hub admins (and lose admin when they leave the group);
 - the client secret is read from the environment variable named by ``auth.client_secret_env``;
-  it never appears in the policy, in these settings or in logs.
+  it never appears in the policy, in these settings or in logs;
+- generic-oauth with ``auth.jwks_url``: the provider's ID token must be there and is verified before
+  anything else (signature with the provider's published keys, ``iss`` = ``auth.issuer``, ``aud`` = the
+  client ID, expiry): OAuthenticator 17 never checks an ID token's signature or issuer (it only decodes
+  one, unverified but for audience and expiry, with ``userdata_from_id_token``). A refused token is a
+  403 page naming the reason.
 
 oauthenticator is imported when available; without it this module still imports (the demo mode
 does not need it) and ``auth_settings`` says what to install for an OAuth auth type.
@@ -28,6 +33,7 @@ does not need it) and ``auth_settings`` says what to install for an OAuth auth t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Mapping
@@ -37,6 +43,11 @@ from typing import Any
 from jupyterhub.auth import Authenticator
 from tornado import web
 from traitlets import Dict, List, Unicode, default
+
+try:  # PyJWT, a dependency of oauthenticator
+    import jwt
+except ImportError:  # pragma: no cover - only without oauthenticator
+    jwt = None  # type: ignore[assignment]
 
 from workbench.auth.demo import DemoAuthenticator
 from workbench.auth.groups import merge_roster_groups
@@ -316,9 +327,56 @@ class WorkbenchGenericOAuthenticator(PolicyGroupsAuthenticator, GenericOAuthenti
     groups are kept.
     """
 
+    jwks_url = Unicode(
+        "",
+        config=True,
+        help="""The provider's JSON Web Key Set ('jwks_uri' in its /.well-known/openid-configuration).
+
+        When set, every login needs an ID token signed by one of these keys, issued by :attr:`issuer` for
+        this client (``aud``) and not expired; anything else is refused with a 403 before the user info is
+        read. Empty: ID tokens are not checked (OAuthenticator's own behaviour).
+        """,
+    )
+    issuer = Unicode("", config=True, help="The provider's issuer identifier, the ID token's required ``iss``.")
+
+    #: signature algorithms accepted for ID tokens (never 'none', never HMAC with a public key)
+    id_token_algorithms = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+    _jwks_client = None
+
     @default("auth_state_groups_key")
     def _default_groups_key(self):
         return f"{self.user_auth_state_key}.groups"
+
+    def verify_id_token(self, id_token: str | None) -> dict:
+        """The verified claims of ``id_token`` (blocking: fetches the key set once, then caches it).
+
+        Raises a 403 naming what is wrong: no token, a signature by another key, another issuer, another
+        audience, an expired token.
+        """
+        if not id_token:
+            raise web.HTTPError(
+                403, "Login refused: the identity provider sent no ID token (is 'openid' in auth.scope?)"
+            )
+        if self._jwks_client is None:
+            self._jwks_client = jwt.PyJWKClient(self.jwks_url, cache_keys=True)
+        try:
+            key = self._jwks_client.get_signing_key_from_jwt(id_token).key
+            return jwt.decode(
+                id_token,
+                key,
+                algorithms=list(self.id_token_algorithms),
+                audience=self.client_id,
+                issuer=self.issuer,
+                options={"require": ["iss", "aud", "exp", "sub"]},
+            )
+        except jwt.PyJWTError as err:
+            self.log.warning("Refused an ID token from %s: %s", self.token_url, err)
+            raise web.HTTPError(403, f"Login refused: the identity provider's ID token is not valid ({err})") from None
+
+    async def token_to_user(self, token_info):
+        if self.jwks_url:
+            await asyncio.to_thread(self.verify_id_token, token_info.get("id_token"))
+        return await super().token_to_user(token_info)
 
     def _groups_claim(self) -> str:
         key = self.auth_state_groups_key
@@ -464,6 +522,8 @@ def auth_settings(policy: Policy, runtime: Runtime, environ: Mapping[str, str] |
             username_claim=auth.username_claim,
             auth_state_groups_key=f"{GenericOAuthenticator.user_auth_state_key}.{auth.groups_claim}",
         )
+        if getattr(auth, "jwks_url", ""):  # ID-token verification (policy fields auth.jwks_url and auth.issuer)
+            section.update(jwks_url=auth.jwks_url, issuer=auth.issuer)
     else:
         klass = WorkbenchGitHubOAuthenticator
         section["github_teams"] = {group: list(entries) for group, entries in auth.github_teams.items()}
