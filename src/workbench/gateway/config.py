@@ -37,6 +37,11 @@ def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None =
     c.DBBackendBase.db_url = f"sqlite:///{runtime.path('dask-gateway.sqlite')}"
     c.DBBackendBase.db_encrypt_keys = [secrets["gateway_db_key"]]
     c.DBBackendBase.stop_clusters_on_shutdown = True
+    # a busy machine (a class starting at 09:00, 2 cores) delays a scheduler's heartbeats and first start well past
+    # upstream's 30 s / 60 s: a cluster is given up only when it is really gone, not because the machine is loaded
+    c.DBBackendBase.cluster_heartbeat_timeout = 120
+    c.DBBackendBase.cluster_start_timeout = 180
+    c.DBBackendBase.worker_start_timeout = 180
     if not runtime.system_users:  # every cluster runs as this account: its folders stay in the state folder
         clusters = runtime.path("clusters")
         clusters.mkdir(mode=0o700, exist_ok=True)
