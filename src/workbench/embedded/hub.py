@@ -13,6 +13,7 @@ from pathlib import Path
 
 from workbench.auth.demo import DemoAuthExposed, check_demo_exposure
 from workbench.auth.oauth import auth_settings
+from workbench.jobs.wiring import add_jobs_service
 from workbench.names import (
     GATEWAY_SERVER_SERVICE,
     GATEWAY_SERVICE,
@@ -163,6 +164,7 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
         },
     }
     # the quota service, its roles and scopes (workbench.services.quota.wiring; only when runtime.quota_port is set)
+    add_jobs_service(settings, policy, runtime, secrets)  # notebook jobs (workbench.jobs.wiring)
     return add_quota_service(settings, policy, runtime, secrets)
 
 
