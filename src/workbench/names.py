@@ -61,3 +61,7 @@ SERVER_TOKEN_SCOPES = [
 
 #: the quota ledger's database URL (PostgreSQL in production; default SQLite in the state folder)
 QUOTA_DB_URL_ENV = "WORKBENCH_QUOTA_DB_URL"
+
+#: the jobs service (``/services/jobs``): notebooks run as batch jobs (workbench.jobs)
+JOBS_SERVICE = "jobs"
+JOBS_ACCESS_SCOPE = f"access:services!service={JOBS_SERVICE}"

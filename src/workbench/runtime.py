@@ -143,6 +143,7 @@ SECRET_NAMES = (
     "quota_api_token",
     "sessions_api_token",
     "rosters_api_token",
+    "jobs_api_token",
 )
 
 

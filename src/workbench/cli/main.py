@@ -225,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
         "roster service.",
     )
     add_course_arguments(course)
+
+    from workbench.cli.job import add_job_arguments
+
+    job = sub.add_parser(
+        "job",
+        help="notebook jobs: submit, list, cancel, logs, output, rerun",
+        description="Run a notebook of your home as a batch job (Slurm, or a local process) that survives logout, "
+        "charged to your group's budget, through the hub's jobs service.",
+    )
+    add_job_arguments(job)
     return parser
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from workbench.auth.demo import DemoAuthExposed, check_demo_exposure
 from workbench.auth.oauth import auth_settings
+from workbench.jobs.wiring import add_jobs_service
 from workbench.names import (
     GATEWAY_SERVER_SERVICE,
     GATEWAY_SERVICE,
@@ -170,6 +171,7 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
         },
     }
     # the quota service, its roles and scopes (workbench.services.quota.wiring; only when runtime.quota_port is set)
+    add_jobs_service(settings, policy, runtime, secrets)  # notebook jobs (workbench.jobs.wiring)
     settings = add_quota_service(settings, policy, runtime, secrets)
     if runtime.extra.get("spawner") == "slurm":  # supercomputer mode: servers as Slurm jobs (workbench.spawn.slurm)
         from workbench.gateway.slurm import resolve_slurm_conf

@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 
 UTC = UTC
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-KINDS = ("server", "dask-scheduler", "dask-worker")
+KINDS = ("server", "dask-scheduler", "dask-worker", "job")
 PeriodKind = Literal["month", "term", "total"]
 
 __all__ = [

@@ -142,7 +142,7 @@ class UsageRow(Base):
     closed_by: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (
-        CheckConstraint("kind IN ('server', 'dask-scheduler', 'dask-worker')", name="ck_quota_usage_kind"),
+        CheckConstraint("kind IN ('server', 'dask-scheduler', 'dask-worker', 'job')", name="ck_quota_usage_kind"),
         CheckConstraint("stop IS NULL OR stop >= start", name="ck_quota_usage_stop_after_start"),
         CheckConstraint("cpu >= 0 AND memory >= 0 AND gpu_count >= 0", name="ck_quota_usage_resources"),
         # one open interval per item: a second start of a running item cannot add a row

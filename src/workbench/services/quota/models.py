@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from workbench.services.quota.accounting import as_utc
 
-Kind = Literal["server", "dask-scheduler", "dask-worker"]
+Kind = Literal["server", "dask-scheduler", "dask-worker", "job"]  # job: a notebook job (workbench.jobs)
 Id = str  # documented constraints below: 1..255 characters
 
 __all__ = [
