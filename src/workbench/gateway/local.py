@@ -16,6 +16,7 @@ from dask_gateway_server.backends.local import LocalBackend, LocalClusterConfig,
 from traitlets import Integer as IntTrait
 from traitlets import Type, Unicode
 
+from workbench.gateway.fast_start import FastStartMixin
 from workbench.gateway.quota import ClusterCapMixin
 from workbench.sysusers import chown_tree, ensure_system_user, system_username
 
@@ -26,7 +27,7 @@ class WorkbenchLocalClusterConfig(LocalClusterConfig):
     ).tag(config=True)
 
 
-class WorkbenchLocalBackend(ClusterCapMixin, LocalBackend):
+class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
     """dask-gateway's LocalBackend, running each cluster as the hub user's Unix account (``wb-<name>``)."""
 
     cluster_config_class = Type(
@@ -67,7 +68,7 @@ class WorkbenchLocalBackend(ClusterCapMixin, LocalBackend):
         return env
 
 
-class WorkbenchUnsafeLocalBackend(ClusterCapMixin, UnsafeLocalBackend):
+class WorkbenchUnsafeLocalBackend(FastStartMixin, ClusterCapMixin, UnsafeLocalBackend):
     """All clusters run as the gateway's own user (the embedded mode when not root)."""
 
     cluster_config_class = Type(
