@@ -435,6 +435,79 @@ def xarray_reduction(client) -> float:
     return took
 
 
+# -- where the time of a gateway cluster goes ---------------------------------------------------
+
+# (step, where it is logged, pattern) in the order they happen; {c} is the cluster's name
+TIMELINE_STEPS = (
+    ("gateway: cluster created", "gw", r"Created cluster {c} "),
+    ("quota: scheduler admitted", "gw", r"Submitting cluster {c}\.\.\."),
+    ("scheduler process started", "gw", r"Cluster {c} submitted"),
+    ("scheduler listening", "sched", r"Scheduler at:"),
+    ("gateway: cluster running", "gw", r"Cluster {c} is running"),
+    ("client: new_cluster() returned", "client", "created"),
+    ("gateway: scale request", "gw", r"POST /api/v1/clusters/{c}/scale"),
+    ("gateway: workers created", "gw", r"Created worker \w+ for cluster {c}"),
+    ("gateway: workers submitting (quota admission, then start)", "gw", r"Submitting worker"),
+    ("worker processes started (admitted, spawned)", "gw", r"Worker \w+ submitted"),
+    ("workers registered", "sched", r"Register worker"),
+    ("client: wait_for_workers(2) returned", "client", "ready"),
+)
+_GW_TIME = re.compile(r"\[\w (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ")
+_DASK_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def _stamp(text: str, fmt: str) -> float:
+    from datetime import datetime
+
+    return datetime.strptime(text, fmt).timestamp()  # local time, as both logs write it
+
+
+def cluster_logs(wb: Workbench, name: str) -> str:
+    """The cluster's scheduler log (read before the cluster is shut down: its folder goes with it)."""
+    for folder in [wb.state_dir / "clusters" / name, *Path(tempfile.gettempdir()).glob(f"dask*{name}")]:
+        log = folder / "logs" / "scheduler.log"
+        if log.exists():
+            return log.read_text(errors="replace")
+    return ""
+
+
+def timeline(hub_log: str, sched_log: str, name: str, t0_wall: float, client: dict) -> list[tuple[str, float]]:
+    """Seconds from the client's request to the *last* occurrence of each step (the last worker, etc.)."""
+    gw = []
+    for line in hub_log.splitlines():
+        m = _GW_TIME.search(line)
+        if m and "DaskGateway" in line:
+            gw.append((_stamp(m.group(1), "%Y-%m-%d %H:%M:%S.%f"), line))
+    sched = []
+    for line in sched_log.splitlines():
+        m = _DASK_TIME.match(line)
+        if m:
+            sched.append((_stamp(m.group(1), "%Y-%m-%d %H:%M:%S,%f"), line))
+    worker_names = {
+        re.search(r"Created worker (\w+)", line).group(1) for _, line in gw if f"for cluster {name}" in line
+    }
+    out = []
+    for step, where, pattern in TIMELINE_STEPS:
+        if where == "client":
+            out.append((step, client[pattern]))
+            continue
+        rx = re.compile(pattern.format(c=name))
+        lines = gw if where == "gw" else sched
+        hits = [t for t, line in lines if rx.search(line)]
+        if where == "gw" and "worker" in step.lower() and "created" not in step:
+            hits = [t for t, line in lines if rx.search(line) and any(w in line for w in worker_names)]
+        if hits:
+            out.append((step, max(hits) - t0_wall))
+    return out
+
+
+def print_timeline(steps: list[tuple[str, float]]) -> None:
+    prev = 0.0
+    for step, t in steps:
+        say(f"    {t:6.3f}s  (+{t - prev:5.3f})  {step}")
+        prev = t
+
+
 def gateway_runs(wb: Workbench, token: str, runs: int) -> list[dict]:
     out = []
     gw = wb.gateway(token)
@@ -442,7 +515,7 @@ def gateway_runs(wb: Workbench, token: str, runs: int) -> list[dict]:
         for i in range(runs):
             cluster = client = None
             try:
-                t0 = time.perf_counter()
+                t0_wall, t0 = time.time(), time.perf_counter()
                 cluster = gw.new_cluster()
                 t_created = time.perf_counter()
                 cluster.scale(2)
@@ -450,6 +523,7 @@ def gateway_runs(wb: Workbench, token: str, runs: int) -> list[dict]:
                 client.wait_for_workers(2, timeout=READY_TIMEOUT)
                 t_ready = time.perf_counter()
                 wb.snapshot()
+                sched_log = cluster_logs(wb, cluster.name)
                 reduce_s = xarray_reduction(client)
             finally:
                 if client is not None:
@@ -463,10 +537,20 @@ def gateway_runs(wb: Workbench, token: str, runs: int) -> list[dict]:
                 "workers_s": t_ready - t_created,
                 "reduce_s": reduce_s,
             }
+            time.sleep(0.5)  # the hub log is written by another process
+            steps = timeline(
+                wb.hub_log(),
+                sched_log,
+                cluster.name,
+                t0_wall,
+                {"created": res["create_s"], "ready": res["total_s"]},
+            )
+            res["timeline"] = dict(steps)
             say(
                 f"workbench dask  run {i + 1}/{runs}: {res['total_s']:.2f}s  (new_cluster {res['create_s']:.2f}, "
                 f"scale(2) -> 2 workers {res['workers_s']:.2f}); xarray reduction {reduce_s:.2f}s"
             )
+            print_timeline(steps)
             out.append(res)
             wait_dask_gone(wb.proc.pid)
             deadline = time.monotonic() + 30

@@ -248,6 +248,8 @@ def test_sbatch_command_of_the_scheduler():
     assert not [a for a in cmd if a.startswith(("--gres", "--qos"))]
     assert "SLURM_CONF" not in env  # the default cluster: Slurm's default path
     assert script.splitlines()[-1].startswith("/venv/bin/dask scheduler --protocol tls")
+    # our preload (first heartbeat at once), with upstream's options
+    assert "--preload workbench.gateway.scheduler_preload --dg-api-address" in script
 
 
 def test_stop_and_status_commands_name_the_cluster():
@@ -332,8 +334,8 @@ def test_configure_for_the_cluster_of_slurm_up(tmp_path, demo, tools):
     assert b.api_url == "http://127.0.0.1:8011/services/dask-gateway/api"
     assert b.user_prefix == "wb-"
     cfg = c.WorkbenchSlurmClusterConfig
-    assert cfg.scheduler_cmd == ["/opt/venv/bin/dask", "scheduler"]
-    assert cfg.worker_cmd == ["/opt/venv/bin/dask", "worker"]
+    assert cfg.scheduler_cmd == ["/opt/venv/bin/python", "-m", "distributed.cli.dask_scheduler"]
+    assert cfg.worker_cmd == ["/opt/venv/bin/python", "-m", "distributed.cli.dask_worker"]
     assert cfg.staging_directory == "{home}/.dask-gateway/"
     assert cfg.gpu_partition == "gpu"
 

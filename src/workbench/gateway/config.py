@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from workbench.gateway.fast_start import WORKER_ENVIRONMENT, scheduler_command, worker_command
 from workbench.gateway.local import WorkbenchLocalBackend, WorkbenchUnsafeLocalBackend
 from workbench.gateway.options import cluster_options_for
 from workbench.names import GATEWAY_SERVICE
@@ -50,9 +51,10 @@ def configure_gateway(c, runtime: Runtime | None = None, policy: Policy | None =
     # and workers must reach their cluster's folder, so every cluster gets a fresh mkdtemp folder under /tmp
     # (random name, sticky /tmp), filled and handed to the user through descriptors (WorkbenchLocalBackend).
 
-    c.ClusterConfig.scheduler_cmd = [str(venv / "dask"), "scheduler"]
-    c.ClusterConfig.worker_cmd = [str(venv / "dask"), "worker"]
-    c.ClusterConfig.environment = {"PATH": f"{venv}:/usr/local/bin:/usr/bin:/bin"}
+    # see workbench.gateway.fast_start for why these commands and the workers' fork start method
+    c.ClusterConfig.scheduler_cmd = scheduler_command(venv)
+    c.ClusterConfig.worker_cmd = worker_command(venv)
+    c.ClusterConfig.environment = {"PATH": f"{venv}:/usr/local/bin:/usr/bin:/bin", **WORKER_ENVIRONMENT}
 
     c.ClusterCapMixin.policy_path = runtime.config
     if runtime.quota_port:  # clusters are admitted by, and accounted with, the quota service

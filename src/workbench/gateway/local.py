@@ -31,6 +31,7 @@ from dask_gateway_server.backends.local import LocalBackend, LocalClusterConfig,
 from traitlets import Integer as IntTrait
 from traitlets import Type, Unicode
 
+from workbench.gateway.fast_start import FastStartMixin
 from workbench.gateway.quota import ClusterCapMixin
 from workbench.limits import Limiter, LocalLimits, detect_cgroups, own_cgroups
 from workbench.sysusers import create_file_at, ensure_system_user, open_dir_nofollow, system_username
@@ -44,7 +45,7 @@ class WorkbenchLocalClusterConfig(LocalClusterConfig):
     ).tag(config=True)
 
 
-class WorkbenchLocalBackend(ClusterCapMixin, LocalBackend):
+class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
     """dask-gateway's LocalBackend, running each cluster as the hub user's Unix account (``wb-<name>``)."""
 
     cluster_config_class = Type(
@@ -176,7 +177,7 @@ class WorkbenchLocalBackend(ClusterCapMixin, LocalBackend):
         return env
 
 
-class WorkbenchUnsafeLocalBackend(ClusterCapMixin, UnsafeLocalBackend):
+class WorkbenchUnsafeLocalBackend(FastStartMixin, ClusterCapMixin, UnsafeLocalBackend):
     """All clusters run as the gateway's own user (the embedded mode when not root)."""
 
     cluster_config_class = Type(

@@ -27,6 +27,7 @@ from pathlib import Path
 from dask_gateway_server.backends.jobqueue.slurm import SlurmBackend, SlurmClusterConfig
 from traitlets import Integer, Type, Unicode
 
+from workbench.gateway.fast_start import FastStartMixin, scheduler_command, worker_command
 from workbench.gateway.quota import ClusterCapMixin
 from workbench.policy import DaskPolicy, Policy
 from workbench.runtime import Runtime
@@ -196,7 +197,7 @@ class WorkbenchSlurmClusterConfig(SlurmClusterConfig):
     ).tag(config=True)
 
 
-class WorkbenchSlurmBackend(ClusterCapMixin, SlurmBackend):
+class WorkbenchSlurmBackend(FastStartMixin, ClusterCapMixin, SlurmBackend):
     """dask-gateway's SlurmBackend, with every job submitted as the hub user's Unix account.
 
     Jobs carry the group's partition, account, QoS and walltime, and GPU worker jobs their GRES
@@ -313,8 +314,8 @@ def configure_slurm(c, policy: Policy, runtime: Runtime) -> None:
     backend.api_url = f"http://127.0.0.1:{runtime.gateway_http_port}{c.Proxy.prefix}/api"
 
     cfg = c.WorkbenchSlurmClusterConfig
-    cfg.scheduler_cmd = [str(venv / "dask"), "scheduler"]
-    cfg.worker_cmd = [str(venv / "dask"), "worker"]
+    cfg.scheduler_cmd = scheduler_command(venv)
+    cfg.worker_cmd = worker_command(venv)
     # per cluster, in the user's home (private, 0700): TLS key and certificate, job logs
     cfg.staging_directory = "{home}/.dask-gateway/"
     if written_by_slurm_up(conf):
