@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plot the median timeline of `bench_embedded.py --only dask --json` runs, before and after, next to LocalCluster.
 
-    .venv/bin/python benchmarks/plot_dask_timeline.py BEFORE.json AFTER.json benchmarks/dask_start.png
+.venv/bin/python benchmarks/plot_dask_timeline.py BEFORE.json AFTER.json benchmarks/dask_start.png
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ def main(before: str, after: str, out: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 5))
-    for row, (label, path) in enumerate((("before", before), ("after", after))):
+    for row, (_label, path) in enumerate((("before", before), ("after", after))):
         steps, stock = medians(path)
         prev = 0.0
         for i, (step, t) in enumerate(steps):
-            ax.barh(row, t - prev, left=prev, color=plt.cm.tab20(i % 20), edgecolor="white", label=step if row else None)
+            ax.barh(
+                row, t - prev, left=prev, color=plt.cm.tab20(i % 20), edgecolor="white", label=step if row else None
+            )
             prev = t
         ax.plot([stock, stock], [row - 0.4, row + 0.4], "k--")
         ax.plot([stock + 1, stock + 1], [row - 0.4, row + 0.4], "r:")
