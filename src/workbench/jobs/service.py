@@ -261,7 +261,7 @@ class JobsService:
         if not events:
             return
         try:
-            await self.quota._call("POST", "/events", {"events": events})
+            await self.quota.events(events)
         except QuotaUnavailable as e:
             log.warning("could not record job usage (next round retries): %s", e)
             return

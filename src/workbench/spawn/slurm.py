@@ -36,9 +36,14 @@ from traitlets import Bool, Dict, Float, Unicode, default
 
 from workbench.courses.material import prepare_courses
 from workbench.policy import Policy, cached_policy
-from workbench.services.quota.client import QuotaClient, QuotaUnavailable
-from workbench.services.quota.models import server_item_id
-from workbench.spawn.common import StopsDaskClustersMixin, choose_profile, dask_environment, options_form_html
+from workbench.services.quota.client import QuotaUnavailable
+from workbench.spawn.common import (
+    QuotaAdmissionMixin,
+    StopsDaskClustersMixin,
+    choose_profile,
+    dask_environment,
+    options_form_html,
+)
 from workbench.spawn.slurm_jobs import JobInfo, ServerJob, parse_scontrol, server_job
 from workbench.spawn.starters import install_starters
 from workbench.sysusers import (
@@ -108,7 +113,7 @@ def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-class WorkbenchSlurmSpawner(StopsDaskClustersMixin, SlurmSpawner):
+class WorkbenchSlurmSpawner(QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSpawner):
     """batchspawner's SlurmSpawner driven by the platform policy (see the module's docstring)."""
 
     policy_path = Unicode(help="Path of the platform YAML.").tag(config=True)
@@ -117,10 +122,6 @@ class WorkbenchSlurmSpawner(StopsDaskClustersMixin, SlurmSpawner):
     ).tag(config=True)
     user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
     dask_env = Dict(help="Gateway address settings added to every server's environment.").tag(config=True)
-    quota_api_url = Unicode(
-        "", help="The quota service's API; when set, every start is admitted by it before sbatch."
-    ).tag(config=True)
-    quota_api_token = Unicode("", help="A hub token with custom:workbench-quota:write.").tag(config=True)
     slurm_conf = Unicode("", help="slurm.conf for scontrol (SLURM_CONF); empty: Slurm's default.").tag(config=True)
     scontrol_command = Unicode("scontrol", help="scontrol, to read a job's state, reason and times.").tag(config=True)
 
@@ -165,14 +166,6 @@ class WorkbenchSlurmSpawner(StopsDaskClustersMixin, SlurmSpawner):
     @property
     def job(self) -> ServerJob:
         return server_job(self.policy, self.user_groups, self.profile_name)
-
-    @property
-    def quota(self) -> QuotaClient | None:
-        return QuotaClient(self.quota_api_url, self.quota_api_token) if self.quota_api_url else None
-
-    @property
-    def quota_item(self) -> str:
-        return server_item_id(self.user.name, self.name)
 
     # -- form --------------------------------------------------------------------
 
@@ -317,7 +310,7 @@ class WorkbenchSlurmSpawner(StopsDaskClustersMixin, SlurmSpawner):
 
     async def _send_events(self, events: list[dict]) -> None:
         try:
-            await self.quota._call("POST", "/events", {"events": events})
+            await self.quota.events(events)
         except QuotaUnavailable as e:
             self.log.warning("Could not record %s (the quota service's reconcile will): %s", self.quota_item, e)
 
@@ -352,21 +345,6 @@ class WorkbenchSlurmSpawner(StopsDaskClustersMixin, SlurmSpawner):
               "time": _iso(end)}]
         )  # fmt: skip
         self.log.info("Usage of %s's job %s recorded until %s", self.user.name, job_id or "(none)", _iso(end))
-
-    async def _admit(self) -> None:
-        job = self.job
-        try:
-            decision = await self.quota.admit(
-                item=self.quota_item, kind="server", user=self.user.name, group=job.group, profile=self.profile_name
-            )
-        except QuotaUnavailable as e:
-            self.log.error("Refusing %s's start: %s", self.user.name, e)
-            raise web.HTTPError(
-                503, "The quota service does not answer, so no server can start now; try again in a minute."
-            ) from None
-        if not decision.allowed:
-            self.log.info("Quota refused %s's start (%s): %s", self.user.name, decision.reason, decision.message)
-            raise web.HTTPError(403, decision.message)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -79,6 +79,11 @@ class QuotaClient:
             raise QuotaUnavailable(f"the quota service refused this sender: {doc.get('message')}")
         return Admission(bool(doc.get("allowed")), doc.get("reason"), doc.get("message", ""), item)
 
+    async def events(self, events: list[dict]) -> None:
+        """Record usage events as given (ids, types, items, times: the service's EventBatch); raises
+        :class:`QuotaUnavailable` when the service does not take them. Ids are unique, so a retry counts once."""
+        await self._call("POST", "/events", {"events": events})
+
     async def stop(self, item: str, tries: int = 3, delay: float = 1.0) -> bool:
         """Send a stop event for ``item``; False (logged) when the service never answered."""
         return await self.stop_many([item], tries, delay)
@@ -90,7 +95,7 @@ class QuotaClient:
         events = [{"id": f"stop:{i}:{uuid.uuid4().hex}", "type": "stop", "item": i} for i in items]
         for attempt in range(tries):
             try:
-                await self._call("POST", "/events", {"events": events})
+                await self.events(events)
                 return True
             except QuotaUnavailable as e:
                 if attempt == tries - 1:
