@@ -87,11 +87,18 @@ def budget_box(browser, resource: str, scope: str):
 
 def widen_the_side_bar(browser, pixels: int) -> None:
     """Drag the handle between the left side bar and the main area, as a user would (for the screenshot)."""
+    from selenium.common.exceptions import MoveTargetOutOfBoundsException
     from selenium.webdriver.common.action_chains import ActionChains
 
     handles = browser.find_elements("css selector", "#jp-main-split-panel > .lm-SplitPanel-handle")
-    if handles:
-        ActionChains(browser).drag_and_drop_by_offset(handles[0], pixels, 0).perform()
+    if not handles:
+        return
+    # as far as the window allows (Chromium refuses a drag whose end is outside the viewport)
+    room = browser.execute_script("return window.innerWidth") - handles[0].location["x"] - 20
+    try:
+        ActionChains(browser).drag_and_drop_by_offset(handles[0], max(0, min(pixels, room)), 0).perform()
+    except MoveTargetOutOfBoundsException:  # only the screenshot is narrower
+        pass
 
 
 def used_of(text: str) -> tuple[float, float]:
