@@ -236,8 +236,12 @@ def test_dask_processes_carry_the_cluster_limits_and_never_let_root_follow_the_u
                 if p.info["username"] == f"wb-{RESEARCHER}" and p.info["cwd"] == workdir
             ]
             workers = [p for p in procs if "worker" in " ".join(p.info["cmdline"] or [])]
+            # the nanny forks its worker (workbench.gateway.fast_start), which keeps the nanny's command line:
+            # count the nannies, those whose parent is not a worker process themselves
+            nannies = [p for p in workers if p.ppid() not in {w.pid for w in workers}]
             schedulers = [p for p in procs if "scheduler" in " ".join(p.info["cmdline"] or [])]
-            assert len(workers) == 1 and len(schedulers) == 1, [p.info for p in procs]
+            assert len(nannies) == 1 and len(schedulers) == 1, [p.info for p in procs]
+            assert all(p.ppid() == nannies[0].pid for p in workers if p is not nannies[0]), [p.info for p in workers]
             assert cgroup_limits(workers[0].pid) == (int(1.5 * GIB), 1.0)
             memory, cpus = cgroup_limits(schedulers[0].pid)
             assert cpus == 1.0 and memory > 0
