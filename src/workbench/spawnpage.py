@@ -93,6 +93,7 @@ def profile_rows(
                 "summary": describe_profile(policy, name),
                 "description": prof.description,
                 "group": group,
+                "group_title": (policy.groups[group].display_name or group) if group in policy.groups else str(group),
                 "can_start": not reasons,
                 "reason": "; ".join(reasons),
                 "cost": cost,
@@ -117,12 +118,15 @@ def _cost_line(row: Mapping, budgeted: bool) -> str:
 
 
 def form_html(rows: list[dict], problem: str = "") -> str:
-    """The options form: one radio button per profile, disabled with its reason when it cannot start (pure)."""
+    """The options form: one radio button per profile, grouped under the group it is charged to, disabled with its
+    reason when it cannot start (pure)."""
     out = []
     if problem:
         out.append(f'<p class="alert alert-warning wb-spawn-problem">{html.escape(problem)}</p>')
     first = next((r["name"] for r in rows if r["can_start"]), None)
+    sections: dict[str, list[str]] = {}
     for r in rows:
+        items = sections.setdefault(str(r.get("group_title") or r["group"]), [])
         disabled = not r["can_start"]
         attrs = " disabled" if disabled else (" checked" if r["name"] == first else "")
         lines = [html.escape(r["summary"])]
@@ -137,7 +141,7 @@ def form_html(rows: list[dict], problem: str = "") -> str:
             if disabled
             else ""
         )
-        out.append(
+        items.append(
             f'<label class="wb-profile{" wb-disabled text-muted" if disabled else ""}" '
             f'data-profile="{html.escape(r["name"])}" style="display:block;margin:0.6em 0">'
             f'<input type="radio" name="profile" value="{html.escape(r["name"])}"{attrs}> '
@@ -145,6 +149,8 @@ def form_html(rows: list[dict], problem: str = "") -> str:
             f'<span class="text-muted">({html.escape(r["name"])}, charged to {html.escape(str(r["group"]))})</span><br>'
             f"<small>{'<br>'.join(lines)}</small>{reason}</label>"
         )
+    for title, items in sections.items():
+        out.append(f'<fieldset class="wb-group"><legend>{html.escape(title)}</legend>{"".join(items)}</fieldset>')
     return "\n".join(out)
 
 
