@@ -12,11 +12,10 @@ import hmac
 import os
 
 from jupyterhub.auth import Authenticator
-from traitlets import Dict, List, Unicode, default
+from traitlets import Dict, Unicode, default
 
-from workbench.auth.groups import merge_roster_groups
+from workbench.auth.groups import RosterLoginMixin
 from workbench.runtime import is_loopback
-from workbench.sysusers import hub_username_problem
 
 PASSWORD_ENV = "WORKBENCH_DEMO_PASSWORD"
 ALLOW_FLAG = "--allow-demo-auth-on-network"
@@ -38,7 +37,7 @@ def check_demo_exposure(auth_type: str, bind: str, allowed: bool) -> None:
     )
 
 
-class DemoAuthenticator(Authenticator):
+class DemoAuthenticator(RosterLoginMixin, Authenticator):
     """Log in the demo accounts named in the policy (``auth.demo_users``) with one password.
 
     Each account's groups come from the policy, plus the courses whose roster lists it
@@ -54,14 +53,6 @@ class DemoAuthenticator(Authenticator):
     admin_group_names = Unicode(
         "",
         help="Comma-separated groups whose members are hub admins (``auth.admin_groups``).",
-    ).tag(config=True)
-
-    course_groups = List(
-        Unicode(),
-        default_value=None,
-        allow_none=True,
-        help="""The policy's course groups: a roster adds courses only to accounts in no other group
-        (None: rosters are merged unconditionally).""",
     ).tag(config=True)
 
     password = Unicode(
@@ -100,9 +91,7 @@ class DemoAuthenticator(Authenticator):
             return None
         groups = list(self.accounts[name].get("groups", []))
         # plus the courses whose roster lists the account (workbench.services.rosters.app), which manage_groups would drop
-        groups = merge_roster_groups(
-            getattr(handler, "db", None), self.normalize_username(name), groups, courses=self.course_groups
-        )
+        groups = self.groups_with_rosters(getattr(handler, "db", None), self.normalize_username(name), groups)
         return {
             "name": name,
             "groups": groups,
@@ -111,10 +100,3 @@ class DemoAuthenticator(Authenticator):
 
     def check_allowed(self, username, authentication=None):
         return username in self.accounts
-
-    def validate_username(self, username):
-        """JupyterHub's rules plus :func:`workbench.sysusers.hub_username_problem` (users made through the API too)."""
-        problem = hub_username_problem(username)
-        if problem:
-            self.log.warning("Refusing the user name %r: %s", username, problem)
-        return problem is None and super().validate_username(username)

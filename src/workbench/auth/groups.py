@@ -1,13 +1,19 @@
 """Groups at login: the identity provider's (or the demo's) groups plus the courses whose roster lists the user.
 
-Pure helpers and one read of the hub's own database; no service code (see :mod:`workbench.services.rosters`)."""
+Pure helpers, one read of the hub's own database, and :class:`RosterLoginMixin`, the part every Workbench
+authenticator shares (the ``course_groups`` setting, the roster merge, the user-name rule); no service code (see
+:mod:`workbench.services.rosters`)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
 
+from traitlets import List, Unicode
+from traitlets.config import LoggingConfigurable
+
 from workbench.names import ROSTER_PROPERTY
+from workbench.sysusers import hub_username_problem
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +84,31 @@ def merge_roster_groups(
             ", ".join(g for g in groups if courses is not None and g not in set(courses)),
         )
     return merged
+
+
+class RosterLoginMixin(LoggingConfigurable):
+    """What the demo and the OAuth authenticators share: put it before JupyterHub's ``Authenticator`` in the bases.
+
+    - ``course_groups``: the policy's course groups (see :func:`with_roster_groups`);
+    - :meth:`groups_with_rosters`: a user's groups at login plus their rostered courses;
+    - :meth:`validate_username`: JupyterHub's rules plus :func:`workbench.sysusers.hub_username_problem`, for users
+      made through the API too.
+    """
+
+    course_groups = List(
+        Unicode(),
+        default_value=None,
+        allow_none=True,
+        help="""The policy's course groups: a roster adds courses only to users in no other group
+        (None: rosters are merged unconditionally).""",
+    ).tag(config=True)
+
+    def groups_with_rosters(self, db, username: str, groups: Iterable[str], allowed: Iterable[str] | None = None):
+        """``groups`` plus the courses whose roster lists ``username`` (:func:`merge_roster_groups`)."""
+        return merge_roster_groups(db, username, groups, allowed, self.course_groups)
+
+    def validate_username(self, username):
+        problem = hub_username_problem(username)
+        if problem:
+            self.log.warning("Refusing the user name %r: %s", username, problem)
+        return problem is None and super().validate_username(username)

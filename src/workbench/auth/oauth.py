@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover - only without oauthenticator
     jwt = None  # type: ignore[assignment]
 
 from workbench.auth.demo import DemoAuthenticator
-from workbench.auth.groups import merge_roster_groups
+from workbench.auth.groups import RosterLoginMixin
 from workbench.policy import Policy, PolicyError
 from workbench.runtime import Runtime
 from workbench.sysusers import hub_username_problem
@@ -209,7 +209,7 @@ class WorkbenchOAuthCallbackHandler(OAuthCallbackHandler):
             self.log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))
 
 
-class PolicyGroupsAuthenticator(Authenticator):
+class PolicyGroupsAuthenticator(RosterLoginMixin, Authenticator):
     """Mixin for OAuthenticators: policy groups decide who logs in (see the module docstring).
 
     Subclasses implement :meth:`get_user_groups` (returning only policy groups, i.e. names in
@@ -218,14 +218,6 @@ class PolicyGroupsAuthenticator(Authenticator):
     """
 
     callback_handler = WorkbenchOAuthCallbackHandler
-
-    course_groups = List(
-        Unicode(),
-        default_value=None,
-        allow_none=True,
-        help="""The policy's course groups: a roster adds courses only to users in no other group
-        (None: rosters are merged unconditionally).""",
-    ).tag(config=True)
 
     client_secret_env = Unicode(
         help="""Name of the environment variable holding the OAuth client secret
@@ -277,13 +269,6 @@ class PolicyGroupsAuthenticator(Authenticator):
             )
         return name
 
-    def validate_username(self, username):
-        """JupyterHub's rules plus :func:`workbench.sysusers.hub_username_problem` (users made through the API too)."""
-        problem = hub_username_problem(username)
-        if problem:
-            self.log.warning("Refusing the user name %r: %s", username, problem)
-        return problem is None and super().validate_username(username)
-
     def refusal_message(self, auth_model: dict | None) -> str:
         raise NotImplementedError
 
@@ -293,8 +278,8 @@ class PolicyGroupsAuthenticator(Authenticator):
         Before ``check_allowed``, so a rostered student whose provider sends no course group logs in.
         """
         if isinstance(auth_model, dict) and self.manage_groups and "groups" in auth_model:
-            auth_model["groups"] = merge_roster_groups(
-                db, auth_model["name"], auth_model["groups"], self.allowed_groups, self.course_groups
+            auth_model["groups"] = self.groups_with_rosters(
+                db, auth_model["name"], auth_model["groups"], self.allowed_groups
             )
         return auth_model
 
