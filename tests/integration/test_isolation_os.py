@@ -11,7 +11,10 @@ outside the user's own tree was created, chowned or read:
 - the state folder (databases, logs, secrets) cannot be listed or read by a user, no file in it is
   readable by others, and the hub log holds no user's server token;
 - schedulers and workers run in a cgroup with the cluster's cores and memory, with umask 022, and
-  servers too.
+  servers too;
+- every loopback port of a cluster's scheduler and workers (comm, dashboards, the gateway's API) refuses
+  another user's connection (nftables ``meta skuid``, :mod:`workbench.gateway.portguard`) and answers the
+  owner's and the gateway's; the rules go when the cluster stops.
 
 Nothing is mocked. Skipped unless run as root (users get Unix accounts only then).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 import yaml
 
 from .harness import DEMO, Workbench
@@ -264,3 +269,84 @@ def test_dask_processes_carry_the_cluster_limits_and_never_let_root_follow_the_u
     # the gateway removes the folder (with the user's link in it) once the cluster has stopped
     wait_for(lambda: not glob.glob(f"/tmp/dask-*-{cluster.name}"), "the cluster's folder removed")
     assert snapshot(victim) == before
+
+
+_HTTP_PROBE = """
+import http.client, sys
+for port in sys.argv[1:]:
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", int(port), timeout=10)
+        c.request("GET", "/health")
+        print(port, c.getresponse().status)
+    except ConnectionRefusedError:
+        print(port, "refused")
+    except Exception as e:  # a TLS port answers plain HTTP with a close or an alert
+        print(port, type(e).__name__)
+"""
+
+
+def http_probe(account: str, ports) -> dict[int, str]:
+    """``GET /health`` on each loopback port, from a process of ``account``: port -> status or outcome."""
+    r = as_user(account, "/usr/bin/python3", "-c", _HTTP_PROBE, *map(str, sorted(ports)))
+    assert r.returncode == 0, r.stderr
+    return {int(port): outcome for port, outcome in (line.split(" ", 1) for line in r.stdout.splitlines())}
+
+
+def guarded_ports(table: str) -> set[int]:
+    """The ports in the gateway's nftables set ``guarded`` (empty when the table is gone)."""
+    out = subprocess.run(["nft", "-j", "list", "set", "inet", table, "guarded"], capture_output=True, text=True)
+    if out.returncode != 0:
+        return set()
+    import json
+
+    [the_set] = [o["set"] for o in json.loads(out.stdout)["nftables"] if "set" in o]
+    return set(the_set.get("elem", []))
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (scripts/system-deps.sh installs nftables)")
+def test_dask_ports_on_loopback_answer_only_the_owner_and_the_gateway(wb):
+    token = token_of(wb, RESEARCHER)
+    logs = lambda: (
+        wb.hub_log()
+        + "".join(  # noqa: E731
+            p.read_text(errors="replace") for p in (wb.state_dir / "logs").glob("*.log") if p.name != "hub.log"
+        )
+    )
+    [table] = wait_for(lambda: re.findall(r"Port guard on: nftables table inet (\S+)", logs()), "the port guard on")
+    with wb.gateway(token) as gw:
+        cluster = gw.new_cluster(worker_cores=1, worker_memory=1)
+        try:
+            cluster.scale(1)
+            client = cluster.get_client()
+            client.wait_for_workers(1, timeout=180)
+            [workdir] = glob.glob(f"/tmp/dask-*-{cluster.name}")
+            procs = [
+                p
+                for p in psutil.process_iter(["username", "cwd", "cmdline"])
+                if p.info["username"] == f"wb-{RESEARCHER}" and p.info["cwd"] == workdir
+            ]
+            listening = {
+                p.pid: {c.laddr.port for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+                for p in procs
+            }
+            scheduler = {port for p in procs if "scheduler" in " ".join(p.info["cmdline"]) for port in listening[p.pid]}
+            workers = {port for p in procs if "worker" in " ".join(p.info["cmdline"]) for port in listening[p.pid]}
+            assert len(scheduler) >= 3 and len(workers) >= 2, listening  # comm, dashboard, API; nanny, worker
+            ports = scheduler | workers
+            wait_for(lambda: ports <= guarded_ports(table), f"rules for {sorted(ports)}")
+
+            # another user's process: every port refuses (no HTTP answer, no TLS handshake)
+            assert http_probe(f"wb-{STUDENT}", ports) == dict.fromkeys(ports, "refused")
+            # the owner's: the scheduler's dashboard and the worker's answer
+            owner = http_probe(f"wb-{RESEARCHER}", ports)
+            assert "refused" not in owner.values(), owner
+            assert any(owner[p] == "200" for p in scheduler) and any(owner[p] == "200" for p in workers), owner
+            # the gateway's path (root): the proxied dashboard for its owner
+            dash = f"{wb.url}/services/dask-gateway/clusters/{cluster.name}/status"
+            r = requests.get(dash, headers={"Authorization": f"token {token}"}, timeout=30)
+            assert r.status_code == 200 and "Dask" in r.text, (r.status_code, r.text[:300])
+            client.close()
+        finally:
+            cluster.shutdown()
+    wait_for(lambda: not (ports & guarded_ports(table)), "the cluster's rules removed")
+    assert f"Port guard: cluster {cluster.name} ports []" in logs()
