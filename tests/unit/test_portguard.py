@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def test_listening_ports_finds_the_sockets_of_a_process_and_its_children_of_that
         [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {_CHILD_LISTENS!r}])"],
         stdout=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     try:
         child_port = int(parent.stdout.readline())
@@ -122,8 +124,9 @@ def test_listening_ports_finds_the_sockets_of_a_process_and_its_children_of_that
         assert listening_ports([parent.pid, os.getpid()], os.getuid() + 1) == set()  # another uid's: nothing
         assert listening_ports([2**22 + 12345], os.getuid()) == set()  # a pid that is gone
     finally:
-        parent.kill()
+        os.killpg(parent.pid, signal.SIGKILL)  # the parent and its listening child
         parent.wait()
+        parent.stdout.close()
         for s in (listener, connected):
             s.close()
 

@@ -164,9 +164,10 @@ class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
 
     def _limits_for(self, cluster, name: str) -> LocalLimits:
         cfg = cluster.config
+        # local schedulers and workers are never given a GPU: every GPU device is denied to them
         if name == "scheduler":
-            return LocalLimits(cpu=float(cfg.scheduler_cores), memory=int(cfg.scheduler_memory))
-        return LocalLimits(cpu=float(cfg.worker_cores), memory=int(cfg.worker_memory))
+            return LocalLimits(cpu=float(cfg.scheduler_cores), memory=int(cfg.scheduler_memory), gpus=frozenset())
+        return LocalLimits(cpu=float(cfg.worker_cores), memory=int(cfg.worker_memory), gpus=frozenset())
 
     @staticmethod
     def _cgroup_key(cluster_name: str, name: str) -> str:
