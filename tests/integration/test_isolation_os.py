@@ -22,6 +22,7 @@ Nothing is mocked. Skipped unless run as root (users get Unix accounts only then
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pwd
 import re
@@ -153,7 +154,9 @@ except OSError as e:
 def scheduler_ports_need_the_cluster_cert(scheduler: psutil.Process, attacker: str) -> bool:
     """Whether some listening port of ``scheduler`` speaks TLS and refuses ``attacker``'s handshake
     without the cluster's client certificate (dask-gateway's per-cluster TLS: the scheduler's comm port).
-    The dashboard port (plain HTTP) is not covered here: see the README's threat model."""
+    Probed from an account the port guard lets through (root, the gateway's), so that it is the TLS layer
+    that refuses: it still protects the comm port where the guard is off (no nft, not root). The port guard
+    itself is :func:`test_dask_ports_on_loopback_answer_only_the_owner_and_the_gateway`."""
     ports = [c.laddr.port for c in scheduler.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
     outcomes = {port: as_user(attacker, "/usr/bin/python3", "-c", _PROBE, str(port)).stdout.strip() for port in ports}
     # a plain HTTP port fails a handshake too (WRONG_VERSION_NUMBER, or a timeout while it waits for a request):
@@ -251,7 +254,7 @@ def test_dask_processes_carry_the_cluster_limits_and_never_let_root_follow_the_u
             memory, cpus = cgroup_limits(schedulers[0].pid)
             assert cpus == 1.0 and memory > 0
             assert umask_of(workers[0].pid) == "0022"
-            assert scheduler_ports_need_the_cluster_cert(schedulers[0], f"wb-{STUDENT}")
+            assert scheduler_ports_need_the_cluster_cert(schedulers[0], "root")
             logs = sorted(Path(workdir, "logs").iterdir())
             assert logs and all(os.lstat(p).st_uid == owner.pw_uid for p in logs), logs
             client.close()
@@ -293,14 +296,20 @@ def http_probe(account: str, ports) -> dict[int, str]:
 
 
 def guarded_ports(table: str) -> set[int]:
-    """The ports in the gateway's nftables set ``guarded`` (empty when the table is gone)."""
-    out = subprocess.run(["nft", "-j", "list", "set", "inet", table, "guarded"], capture_output=True, text=True)
-    if out.returncode != 0:
-        return set()
-    import json
-
-    [the_set] = [o["set"] for o in json.loads(out.stdout)["nftables"] if "set" in o]
-    return set(the_set.get("elem", []))
+    """Ports the gateway's nftables table guards on 127.0.0.1: its ``127.0.0.1 . port`` elements (set ``g4``)
+    and the ports of wildcard IPv4 listeners (set ``w4``); empty when the table is gone."""
+    ports = set()
+    for name in ("g4", "w4"):
+        out = subprocess.run(["nft", "-j", "list", "set", "inet", table, name], capture_output=True, text=True)
+        if out.returncode != 0:
+            return set()
+        [the_set] = [o["set"] for o in json.loads(out.stdout)["nftables"] if "set" in o]
+        for e in the_set.get("elem", []):
+            if isinstance(e, int):
+                ports.add(e)
+            elif e["concat"][0] == "127.0.0.1":
+                ports.add(e["concat"][1])
+    return ports
 
 
 @pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (scripts/system-deps.sh installs nftables)")

@@ -17,7 +17,8 @@ import pytest
 from workbench.gateway.portguard import (
     Guard,
     NftPortGuard,
-    listening_ports,
+    listening_endpoints,
+    parse_proc_address,
     process_tree,
     render_delete,
     render_ruleset,
@@ -31,33 +32,53 @@ ROOT_AND_NFT = pytest.mark.skipif(
 EXPECTED_TABLE = """table inet wb-gw-test {}
 delete table inet wb-gw-test
 table inet wb-gw-test {
-  set guarded { type inet_service; }
-  set allowed { typeof tcp dport . meta skuid; }
+  set g4 { typeof ip daddr . tcp dport; }
+  set a4 { typeof ip daddr . tcp dport . meta skuid; }
+  set g6 { typeof ip6 daddr . tcp dport; }
+  set a6 { typeof ip6 daddr . tcp dport . meta skuid; }
+  set w4 { typeof tcp dport; }
+  set aw4 { typeof tcp dport . meta skuid; }
+  set w6 { typeof tcp dport; }
+  set aw6 { typeof tcp dport . meta skuid; }
   chain output {
     type filter hook output priority filter; policy accept;
-    meta l4proto tcp fib daddr type local tcp dport @guarded tcp dport . meta skuid != @allowed counter reject with tcp reset
+    ip daddr . tcp dport @g4 ip daddr . tcp dport . meta skuid != @a4 counter reject with tcp reset
+    ip6 daddr . tcp dport @g6 ip6 daddr . tcp dport . meta skuid != @a6 counter reject with tcp reset
+    meta nfproto ipv4 fib daddr type local tcp dport @w4 tcp dport . meta skuid != @aw4 counter reject with tcp reset
+    meta nfproto ipv6 fib daddr type local tcp dport @w6 tcp dport . meta skuid != @aw6 counter reject with tcp reset
   }
 }
 """
 
 
-def test_ruleset_guards_each_port_for_its_owner_and_the_gateway():
+def E(*endpoints):  # noqa: N802 - reads like a literal
+    return frozenset(endpoints)
+
+
+def test_ruleset_guards_each_endpoint_for_its_owner_and_the_gateway():
     script = render_ruleset(
         "wb-gw-test",
         {
-            "c1": Guard(frozenset({40001, 40002}), frozenset({1001, 0})),
-            "c2": Guard(frozenset({40100}), frozenset({1002, 0})),
+            "c1": Guard(E(("127.0.0.1", 40001), ("127.0.0.1", 40002)), frozenset({1001, 0})),
+            "c2": Guard(E(("::1", 40100), ("0.0.0.0", 40200), ("::", 40300)), frozenset({1002, 0})),
         },
     )
     assert script == EXPECTED_TABLE + (
-        "add element inet wb-gw-test guarded { 40001, 40002, 40100 }\n"
-        "add element inet wb-gw-test allowed { 40001 . 0, 40001 . 1001, 40002 . 0, 40002 . 1001,"
-        " 40100 . 0, 40100 . 1002 }\n"
+        "add element inet wb-gw-test g4 { 127.0.0.1 . 40001, 127.0.0.1 . 40002 }\n"
+        "add element inet wb-gw-test a4 { 127.0.0.1 . 40001 . 0, 127.0.0.1 . 40001 . 1001,"
+        " 127.0.0.1 . 40002 . 0, 127.0.0.1 . 40002 . 1001 }\n"
+        "add element inet wb-gw-test g6 { ::1 . 40100 }\n"
+        "add element inet wb-gw-test a6 { ::1 . 40100 . 0, ::1 . 40100 . 1002 }\n"
+        "add element inet wb-gw-test w4 { 40200 }\n"
+        "add element inet wb-gw-test aw4 { 40200 . 0, 40200 . 1002 }\n"
+        "add element inet wb-gw-test w6 { 40300 }\n"
+        "add element inet wb-gw-test aw6 { 40300 . 0, 40300 . 1002 }\n"
     )
 
 
 def test_empty_ruleset_is_the_bare_table_and_delete_tolerates_a_missing_table():
     assert render_ruleset("wb-gw-test", {}) == EXPECTED_TABLE
+    assert render_ruleset("wb-gw-test", {"c": Guard(E(), frozenset({0}))}) == EXPECTED_TABLE
     assert render_delete("wb-gw-test") == "table inet wb-gw-test {}\ndelete table inet wb-gw-test\n"
 
 
@@ -65,20 +86,28 @@ def test_empty_ruleset_is_the_bare_table_and_delete_tolerates_a_missing_table():
     ("table", "guards", "message"),
     [
         ("bad name;", {}, "port guard table name 'bad name;': use letters, digits"),
-        ("t", {"c": Guard(frozenset({0}), frozenset({0}))}, "cluster c: port 0 is not a TCP port"),
-        ("t", {"c": Guard(frozenset({70000}), frozenset({0}))}, "cluster c: port 70000 is not a TCP port"),
-        ("t", {"c": Guard(frozenset({5}), frozenset({-1}))}, "cluster c: uid -1 is not a uid"),
-        ("t", {"c": Guard(frozenset({5}), frozenset())}, "cluster c: no uid may connect"),
+        ("t", {"c": Guard(E(("127.0.0.1", 0)), frozenset({0}))}, "cluster c: port 0 is not a TCP port"),
+        ("t", {"c": Guard(E(("127.0.0.1", 70000)), frozenset({0}))}, "cluster c: port 70000 is not a TCP port"),
+        ("t", {"c": Guard(E(("localhost", 5)), frozenset({0}))}, "cluster c: 'localhost' is not an IP address"),
+        ("t", {"c": Guard(E(("127.0.0.1", 5)), frozenset({-1}))}, "cluster c: uid -1 is not a uid"),
+        ("t", {"c": Guard(E(("127.0.0.1", 5)), frozenset())}, "cluster c: no uid may connect"),
         (
             "t",
-            {"a": Guard(frozenset({5}), frozenset({0})), "b": Guard(frozenset({5}), frozenset({1}))},
-            "cluster b: port 5 is guarded for another cluster too",
+            {"a": Guard(E(("127.0.0.1", 5)), frozenset({0})), "b": Guard(E(("127.0.0.1", 5)), frozenset({1}))},
+            "cluster b: 127.0.0.1 port 5 is guarded for another cluster too",
         ),
     ],
 )
 def test_ruleset_refuses_what_nft_would_misread(table, guards, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(")):
         render_ruleset(table, guards)
+
+
+def test_proc_addresses():
+    assert parse_proc_address("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert parse_proc_address("00000000:0016") == ("0.0.0.0", 22)
+    assert parse_proc_address("00000000000000000000000001000000:1F90") == ("::1", 8080)
+    assert parse_proc_address("00000000000000000000000000000000:0050") == ("::", 80)
 
 
 def test_table_name_is_stable_per_gateway_and_a_valid_nft_name():
@@ -89,7 +118,8 @@ def test_table_name_is_stable_per_gateway_and_a_valid_nft_name():
 
 @ROOT_AND_NFT
 def test_nft_accepts_the_script():
-    script = render_ruleset("wb-gw-check", {"c": Guard(frozenset({40001}), frozenset({0, 65534}))})
+    guard = Guard(E(("127.0.0.1", 40001), ("::1", 40001), ("0.0.0.0", 40002), ("::", 40003)), frozenset({0, 65534}))
+    script = render_ruleset("wb-gw-check", {"c": guard})
     r = subprocess.run(["nft", "-c", "-f", "-"], input=script, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
@@ -116,13 +146,13 @@ def test_listening_ports_finds_the_sockets_of_a_process_and_its_children_of_that
     )
     try:
         child_port = int(parent.stdout.readline())
-        own = listening_ports([os.getpid()], os.getuid())
-        assert listener.getsockname()[1] in own
-        assert connected.getsockname()[1] not in own
-        assert child_port in listening_ports([parent.pid], os.getuid())
+        own = listening_endpoints([os.getpid()], os.getuid())
+        assert ("127.0.0.1", listener.getsockname()[1]) in own
+        assert not any(port == connected.getsockname()[1] for _, port in own)
+        assert listening_endpoints([parent.pid], os.getuid()) == {("127.0.0.1", child_port)}
         assert len(process_tree([parent.pid])) == 2
-        assert listening_ports([parent.pid, os.getpid()], os.getuid() + 1) == set()  # another uid's: nothing
-        assert listening_ports([2**22 + 12345], os.getuid()) == set()  # a pid that is gone
+        assert listening_endpoints([parent.pid, os.getpid()], os.getuid() + 1) == set()  # another uid's: nothing
+        assert listening_endpoints([2**22 + 12345], os.getuid()) == set()  # a pid that is gone
     finally:
         os.killpg(parent.pid, signal.SIGKILL)  # the parent and its listening child
         parent.wait()
@@ -135,7 +165,7 @@ def test_without_nft_the_guard_says_so_once_and_stays_off(caplog):
     guard = NftPortGuard("wb-gw-test", logging.getLogger("portguard-test"), nft="nft-not-installed-here")
     with caplog.at_level(logging.WARNING):
         assert asyncio.run(guard.start()) is False
-        asyncio.run(guard.sync({"c": Guard(frozenset({5}), frozenset({0}))}))
+        asyncio.run(guard.sync({"c": Guard(E(("127.0.0.1", 5)), frozenset({0}))}))
     assert not guard.enabled
     [record] = caplog.records
     if os.geteuid() == 0:
@@ -148,38 +178,49 @@ def test_without_nft_the_guard_says_so_once_and_stays_off(caplog):
 _CONNECT = """
 import socket, sys
 try:
-    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10).close(); print("connected")
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).close(); print("connected")
 except OSError as e:
     print("refused" if isinstance(e, ConnectionRefusedError) else repr(e))
 """
 
 
-def _connect_as(user: str | None, port: int) -> str:
+def _connect_as(user: str | None, address: str, port: int) -> str:
     prefix = ["runuser", "-u", user, "--"] if user else []
     return subprocess.run(
-        [*prefix, "/usr/bin/python3", "-c", _CONNECT, str(port)], capture_output=True, text=True, timeout=30
+        [*prefix, "/usr/bin/python3", "-c", _CONNECT, address, str(port)], capture_output=True, text=True, timeout=30
     ).stdout.strip()
+
+
+def _listen(address: str, port: int = 0) -> socket.socket:
+    s = socket.socket()
+    s.bind((address, port))
+    s.listen(8)
+    return s
 
 
 @ROOT_AND_NFT
 def test_real_rules_refuse_other_uids_and_go_with_stop():
-    """Real nft rules (a table of this test's own) in front of a real listener owned by root."""
+    """Real nft rules (a table of this test's own) in front of real listeners owned by root: the guarded one
+    refuses `nobody`; a listener of someone else on the same port at another loopback address is untouched
+    (a user cannot shut others out of a port by listening on it at 127.0.0.2)."""
     table = table_name(f"unit-test-{os.getpid()}")
     guard = NftPortGuard(table, logging.getLogger("portguard-test"))
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
+    guarded = _listen("127.0.0.2")
+    port = guarded.getsockname()[1]
+    neighbour = _listen("127.0.0.1", port)
 
     async def scenario():
         assert await guard.start()
-        await guard.sync({"c": Guard(frozenset({port}), frozenset({0}))})
+        await guard.sync({"c": Guard(E(("127.0.0.2", port)), frozenset({0}))})
         listed = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True).stdout
-        assert f"elements = {{ {port} }}" in listed
-        assert _connect_as("nobody", port) == "refused"
-        assert _connect_as(None, port) == "connected"
+        assert f"elements = {{ 127.0.0.2 . {port} }}" in listed
+        assert _connect_as("nobody", "127.0.0.2", port) == "refused"
+        assert _connect_as(None, "127.0.0.2", port) == "connected"
+        assert _connect_as("nobody", "127.0.0.1", port) == "connected"  # the neighbour's socket
+        await guard.sync({"c": Guard(E(("0.0.0.0", port)), frozenset({0}))})  # a wildcard: every local address
+        assert _connect_as("nobody", "127.0.0.1", port) == "refused"
         await guard.sync({})
-        assert _connect_as("nobody", port) == "connected"
+        assert _connect_as("nobody", "127.0.0.2", port) == "connected"
         await guard.stop()
 
     try:
@@ -187,5 +228,6 @@ def test_real_rules_refuse_other_uids_and_go_with_stop():
         r = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True)
         assert r.returncode != 0  # the table is gone
     finally:
-        listener.close()
+        guarded.close()
+        neighbour.close()
         subprocess.run(["nft", "-f", "-"], input=render_delete(table), text=True, capture_output=True)

@@ -36,7 +36,7 @@ from traitlets import Bool, Float, Type, Unicode
 from traitlets import Integer as IntTrait
 
 from workbench.gateway.fast_start import FastStartMixin
-from workbench.gateway.portguard import Guard, NftPortGuard, listening_ports, table_name
+from workbench.gateway.portguard import Guard, NftPortGuard, listening_endpoints, table_name
 from workbench.gateway.quota import ClusterCapMixin
 from workbench.limits import Limiter, LocalLimits, detect_cgroups, own_cgroups
 from workbench.sysusers import create_file_at, ensure_system_user, open_dir_nofollow, system_username
@@ -96,7 +96,7 @@ class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
                 await self._guard.stop()
 
     def port_guards(self) -> dict[str, Guard]:
-        """Cluster name -> the ports its live processes listen on and the uids that may connect."""
+        """Cluster name -> where its live processes listen and the uids that may connect."""
         out = {}
         for cluster in self.db.active_clusters():
             try:
@@ -104,8 +104,8 @@ class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
             except KeyError:
                 continue
             pids = [cluster.state.get("pid")] + [w.state.get("pid") for w in cluster.workers.values()]
-            ports = listening_ports([p for p in pids if p], uid)
-            out[cluster.name] = Guard(frozenset(ports), frozenset({uid, os.geteuid()}))
+            endpoints = listening_endpoints([p for p in pids if p], uid)
+            out[cluster.name] = Guard(frozenset(endpoints), frozenset({uid, os.geteuid()}))
         return out
 
     async def sync_port_guard(self) -> None:

@@ -4,14 +4,15 @@ Local schedulers and workers listen on 127.0.0.1 (comm, dashboard, the gateway's
 the workers' nanny, comm and dashboard ports). The comm ports need the cluster's TLS client certificate;
 the HTTP ports do not, so without this any local account could read another user's dashboard. The guard
 keeps one nftables table per gateway with an ``output`` hook chain that rejects (TCP reset, so the
-client sees "connection refused") a connection to a local address on a guarded port unless the
-connecting socket's owner (``meta skuid``) is the cluster's owner or the gateway's account.
+client sees "connection refused") a connection to a guarded endpoint (the address and port a cluster's
+process listens on; a wildcard address stands for every local one) unless the connecting socket's owner
+(``meta skuid``) is the cluster's owner or the gateway's account.
 
 This module owns:
 
 - the pure part: :func:`render_ruleset` (guards → nft script, applied atomically by ``nft -f``),
-  :func:`table_name`, and the ``/proc`` readers :func:`listening_ports` and :func:`process_tree`
-  (which ports a cluster's processes listen on, given their pids);
+  :func:`table_name`, and the ``/proc`` readers :func:`listening_endpoints` and :func:`process_tree`
+  (where a cluster's processes listen, given their pids);
 - the edge: :class:`NftPortGuard`, the only code that runs ``nft``; it says once, clearly, when it
   cannot work (not root, ``nft`` missing or refused), and the cluster then runs without the guard.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -36,10 +38,20 @@ _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 @dataclass(frozen=True)
 class Guard:
-    """The ports of one cluster and the uids that may connect to them."""
+    """The listening endpoints (address, port) of one cluster and the uids that may connect to them.
 
-    ports: frozenset[int]
+    An address is the one the socket is bound to (``127.0.0.1``, ``::1``) or a wildcard (``0.0.0.0``, ``::``),
+    which stands for every local address of that family. Rules name the address, not just the port: a port
+    number alone would let a user who listens on ``127.0.0.2:P`` or ``[::1]:P`` shut everyone else out of
+    someone else's ``127.0.0.1:P`` (the hub's API, another user's server).
+    """
+
+    endpoints: frozenset[tuple[str, int]]
     uids: frozenset[int]
+
+    @property
+    def ports(self) -> list[int]:
+        return sorted({p for _, p in self.endpoints})
 
 
 def table_name(seed: str) -> str:
@@ -48,46 +60,77 @@ def table_name(seed: str) -> str:
     return "wb-gw-" + hashlib.sha256(seed.encode()).hexdigest()[:10]
 
 
+#: set name -> its nft type, and the rules using them; w4/w6 hold the ports of wildcard listeners
+_SETS = {
+    "g4": "typeof ip daddr . tcp dport",
+    "a4": "typeof ip daddr . tcp dport . meta skuid",
+    "g6": "typeof ip6 daddr . tcp dport",
+    "a6": "typeof ip6 daddr . tcp dport . meta skuid",
+    "w4": "typeof tcp dport",
+    "aw4": "typeof tcp dport . meta skuid",
+    "w6": "typeof tcp dport",
+    "aw6": "typeof tcp dport . meta skuid",
+}
+_REJECT = "counter reject with tcp reset"
+_RULES = [
+    f"ip daddr . tcp dport @g4 ip daddr . tcp dport . meta skuid != @a4 {_REJECT}",
+    f"ip6 daddr . tcp dport @g6 ip6 daddr . tcp dport . meta skuid != @a6 {_REJECT}",
+    f"meta nfproto ipv4 fib daddr type local tcp dport @w4 tcp dport . meta skuid != @aw4 {_REJECT}",
+    f"meta nfproto ipv6 fib daddr type local tcp dport @w6 tcp dport . meta skuid != @aw6 {_REJECT}",
+]
+
+
+def _elements(guards: Mapping[str, Guard]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {name: set() for name in _SETS}
+    seen: set[tuple[str, int]] = set()
+    for name, guard in sorted(guards.items()):
+        if not guard.uids:
+            raise ValueError(f"cluster {name}: no uid may connect; give at least the gateway's")
+        for uid in guard.uids:
+            if not 0 <= uid < 2**32:
+                raise ValueError(f"cluster {name}: uid {uid} is not a uid")
+        for address, port in sorted(guard.endpoints):
+            if not 0 < port < 65536:
+                raise ValueError(f"cluster {name}: port {port} is not a TCP port")
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"cluster {name}: {address!r} is not an IP address") from None
+            if (str(ip), port) in seen:
+                raise ValueError(f"cluster {name}: {ip} port {port} is guarded for another cluster too")
+            seen.add((str(ip), port))
+            fam = "4" if ip.version == 4 else "6"
+            if ip.is_unspecified:
+                out[f"w{fam}"].add(str(port))
+                out[f"aw{fam}"] |= {f"{port} . {uid}" for uid in guard.uids}
+            else:
+                out[f"g{fam}"].add(f"{ip} . {port}")
+                out[f"a{fam}"] |= {f"{ip} . {port} . {uid}" for uid in guard.uids}
+    return out
+
+
+def _sort_key(element: str) -> list:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in element.split(" . ")]
+
+
 def render_ruleset(table: str, guards: Mapping[str, Guard]) -> str:
     """The nft script that replaces ``table`` with one guarding exactly ``guards`` (pure).
 
     Creating, deleting and re-creating the table in one script is one nft transaction: there is
-    no moment without rules for the ports that stay guarded.
+    no moment without rules for the endpoints that stay guarded.
     """
     if not _NAME.match(table):
         raise ValueError(f"port guard table name {table!r}: use letters, digits, '-' and '_'")
-    ports: set[int] = set()
-    pairs: set[tuple[int, int]] = set()
-    for name, guard in sorted(guards.items()):
-        for port in guard.ports:
-            if not 0 < port < 65536:
-                raise ValueError(f"cluster {name}: port {port} is not a TCP port")
-            if port in ports:
-                raise ValueError(f"cluster {name}: port {port} is guarded for another cluster too")
-        for uid in guard.uids:
-            if not 0 <= uid < 2**32:
-                raise ValueError(f"cluster {name}: uid {uid} is not a uid")
-        if not guard.uids:
-            raise ValueError(f"cluster {name}: no uid may connect; give at least the gateway's")
-        ports |= guard.ports
-        pairs |= {(p, u) for p in guard.ports for u in guard.uids}
-    lines = [
-        f"table inet {table} {{}}",
-        f"delete table inet {table}",
-        f"table inet {table} {{",
-        "  set guarded { type inet_service; }",
-        "  set allowed { typeof tcp dport . meta skuid; }",
-        "  chain output {",
-        "    type filter hook output priority filter; policy accept;",
-        "    meta l4proto tcp fib daddr type local tcp dport @guarded"
-        " tcp dport . meta skuid != @allowed counter reject with tcp reset",
-        "  }",
-        "}",
-    ]
-    if ports:
-        lines.append(f"add element inet {table} guarded {{ {', '.join(str(p) for p in sorted(ports))} }}")
-        elems = ", ".join(f"{p} . {u}" for p, u in sorted(pairs))
-        lines.append(f"add element inet {table} allowed {{ {elems} }}")
+    elements = _elements(guards)
+    lines = [f"table inet {table} {{}}", f"delete table inet {table}", f"table inet {table} {{"]
+    lines += [f"  set {name} {{ {kind}; }}" for name, kind in _SETS.items()]
+    lines += ["  chain output {", "    type filter hook output priority filter; policy accept;"]
+    lines += [f"    {rule}" for rule in _RULES]
+    lines += ["  }", "}"]
+    for name in _SETS:
+        if elements[name]:
+            listed = ", ".join(sorted(elements[name], key=_sort_key))
+            lines.append(f"add element inet {table} {name} {{ {listed} }}")
     return "\n".join(lines) + "\n"
 
 
@@ -129,8 +172,17 @@ def _uid_of(pid: int, proc: Path) -> int | None:
     return None
 
 
-def _listening_inodes(proc: Path) -> dict[int, int]:
-    """socket inode -> port of every listening TCP socket (IPv4 and IPv6) in this network namespace."""
+def parse_proc_address(text: str) -> tuple[str, int]:
+    """``0100007F:1F90`` (``/proc/net/tcp``: 32-bit words in host order, here little-endian) -> ("127.0.0.1",
+    8080); the same for the 32 hex digits of ``/proc/net/tcp6`` (pure)."""
+    hexaddr, _, hexport = text.partition(":")
+    raw = bytes.fromhex(hexaddr)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(words)), int(hexport, 16)
+
+
+def _listening_inodes(proc: Path) -> dict[int, tuple[str, int]]:
+    """socket inode -> (address, port) of every listening TCP socket (IPv4 and IPv6) in this network namespace."""
     out = {}
     for name in ("tcp", "tcp6"):
         try:
@@ -140,18 +192,18 @@ def _listening_inodes(proc: Path) -> dict[int, int]:
         for row in rows:
             f = row.split()
             if len(f) > 9 and f[3] == _LISTEN:
-                out[int(f[9])] = int(f[1].rsplit(":", 1)[1], 16)
+                out[int(f[9])] = parse_proc_address(f[1])
     return out
 
 
-def listening_ports(pids: Iterable[int], uid: int, proc: Path = Path("/proc")) -> set[int]:
-    """The TCP ports that processes among ``pids`` (and their descendants) running as ``uid`` listen on.
+def listening_endpoints(pids: Iterable[int], uid: int, proc: Path = Path("/proc")) -> set[tuple[str, int]]:
+    """The (address, port) that processes among ``pids`` (and their descendants) running as ``uid`` listen on.
 
     Only processes of ``uid`` count: a pid the gateway remembers may have been reused by someone else.
     Read from ``/proc`` (kernel-made, nothing a user can redirect).
     """
     inodes = _listening_inodes(proc)
-    ports = set()
+    endpoints = set()
     for pid in process_tree(pids, proc):
         if _uid_of(pid, proc) != uid:
             continue
@@ -166,10 +218,10 @@ def listening_ports(pids: Iterable[int], uid: int, proc: Path = Path("/proc")) -
             except OSError:
                 continue
             if target.startswith("socket:["):
-                port = inodes.get(int(target[8:-1]))
-                if port is not None:
-                    ports.add(port)
-    return ports
+                endpoint = inodes.get(int(target[8:-1]))
+                if endpoint is not None:
+                    endpoints.add(endpoint)
+    return endpoints
 
 
 class NftPortGuard:
@@ -224,7 +276,7 @@ class NftPortGuard:
         if not self.enabled:
             return
         async with self._lock:
-            guards = {k: v for k, v in guards.items() if v.ports}
+            guards = {k: v for k, v in guards.items() if v.endpoints}
             if guards == self._applied:
                 return
             try:
@@ -242,7 +294,7 @@ class NftPortGuard:
                     self.log.info(
                         "Port guard: cluster %s ports %s answer only uids %s",
                         name,
-                        sorted(new.ports) if new else [],
+                        new.ports if new else [],
                         sorted(new.uids) if new else [],
                     )
             self._applied = dict(guards)
