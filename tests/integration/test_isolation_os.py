@@ -167,7 +167,19 @@ def scheduler_ports_need_the_cluster_cert(scheduler: psutil.Process, attacker: s
     return True
 
 
+def _drop_planted_links() -> None:
+    """Remove the links the starter test plants (as the users), also those an interrupted earlier run left."""
+    for account, name in ((f"wb-{STUDENT}", "exercise-1.ipynb"), (f"wb-{RESEARCHER}", "climatology-with-dask.ipynb")):
+        try:
+            path = Path(pwd.getpwnam(account).pw_dir) / name
+        except KeyError:
+            continue
+        if path.is_symlink():
+            as_user(account, "rm", "-f", str(path))
+
+
 def test_starters_replaced_by_symlinks_are_not_followed_at_restart(wb, victim):
+    _drop_planted_links()
     token = token_of(wb, STUDENT)
     wb.start_server(token, STUDENT)
     wb.stop_server(token, STUDENT)
@@ -175,24 +187,24 @@ def test_starters_replaced_by_symlinks_are_not_followed_at_restart(wb, victim):
     assert (home / "exercise-1.ipynb").is_file()
     etc_name = Path(f"/etc/wb-isolation-{victim.name}")  # a fresh name in the real /etc
     assert not etc_name.exists()
-    r = as_user(f"wb-{STUDENT}", "sh", "-c", f"rm ~/exercise-1.ipynb && ln -s {etc_name} ~/exercise-1.ipynb")
-    assert r.returncode == 0, r.stderr
-
     rtoken = token_of(wb, RESEARCHER)
-    wb.start_server(rtoken, RESEARCHER)
-    wb.stop_server(rtoken, RESEARCHER)
-    before = snapshot(victim)
-    r = as_user(
-        f"wb-{RESEARCHER}",
-        "sh",
-        "-c",
-        f"rm ~/climatology-with-dask.ipynb && ln -s {victim}/shadow ~/climatology-with-dask.ipynb",
-    )
-    assert r.returncode == 0, r.stderr
-
-    wb.start_server(token, STUDENT)  # the spawner (root) installs missing starters again
-    wb.start_server(rtoken, RESEARCHER)
     try:
+        r = as_user(f"wb-{STUDENT}", "sh", "-c", f"rm ~/exercise-1.ipynb && ln -s {etc_name} ~/exercise-1.ipynb")
+        assert r.returncode == 0, r.stderr
+
+        wb.start_server(rtoken, RESEARCHER)
+        wb.stop_server(rtoken, RESEARCHER)
+        before = snapshot(victim)
+        r = as_user(
+            f"wb-{RESEARCHER}",
+            "sh",
+            "-c",
+            f"rm ~/climatology-with-dask.ipynb && ln -s {victim}/shadow ~/climatology-with-dask.ipynb",
+        )
+        assert r.returncode == 0, r.stderr
+
+        wb.start_server(token, STUDENT)  # the spawner (root) installs missing starters again
+        wb.start_server(rtoken, RESEARCHER)
         assert not os.path.lexists(etc_name), "root followed the user's symlink into /etc"
         assert snapshot(victim) == before  # owner, mode and content of the root-owned file unchanged
         assert os.readlink(home / "exercise-1.ipynb") == str(etc_name)  # the user's own link, left alone
@@ -200,9 +212,7 @@ def test_starters_replaced_by_symlinks_are_not_followed_at_restart(wb, victim):
         assert umask_of(server_process(wb, RESEARCHER).pid) == "0022"
     finally:
         wb.stop_server(token, STUDENT)
-        as_user(f"wb-{STUDENT}", "rm", "-f", str(home / "exercise-1.ipynb"))
-        rhome = Path(pwd.getpwnam(f"wb-{RESEARCHER}").pw_dir)
-        as_user(f"wb-{RESEARCHER}", "rm", "-f", str(rhome / "climatology-with-dask.ipynb"))
+        _drop_planted_links()
 
 
 def test_state_folder_is_private_and_logs_hold_no_user_token(wb):
