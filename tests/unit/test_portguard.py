@@ -17,6 +17,7 @@ import pytest
 from workbench.gateway.portguard import (
     Guard,
     NftPortGuard,
+    ProcSnapshot,
     listening_endpoints,
     parse_proc_address,
     process_tree,
@@ -150,6 +151,11 @@ def test_listening_ports_finds_the_sockets_of_a_process_and_its_children_of_that
         assert ("127.0.0.1", listener.getsockname()[1]) in own
         assert not any(port == connected.getsockname()[1] for _, port in own)
         assert listening_endpoints([parent.pid], os.getuid()) == {("127.0.0.1", child_port)}
+        snapshot = ProcSnapshot.take()  # one pass over /proc, shared by the clusters of one sync
+        assert listening_endpoints([parent.pid], os.getuid(), snapshot=snapshot) == {("127.0.0.1", child_port)}
+        assert ("127.0.0.1", listener.getsockname()[1]) in listening_endpoints(
+            [os.getpid()], os.getuid(), snapshot=snapshot
+        )
         assert len(process_tree([parent.pid])) == 2
         assert listening_endpoints([parent.pid, os.getpid()], os.getuid() + 1) == set()  # another uid's: nothing
         assert listening_endpoints([2**22 + 12345], os.getuid()) == set()  # a pid that is gone

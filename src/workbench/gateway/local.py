@@ -36,7 +36,7 @@ from traitlets import Bool, Float, Type, Unicode
 from traitlets import Integer as IntTrait
 
 from workbench.gateway.fast_start import FastStartMixin
-from workbench.gateway.portguard import Guard, NftPortGuard, listening_endpoints, table_name
+from workbench.gateway.portguard import Guard, NftPortGuard, ProcSnapshot, listening_endpoints, table_name
 from workbench.gateway.quota import ClusterCapMixin
 from workbench.limits import Limiter, LocalLimits, detect_cgroups, own_cgroups
 from workbench.sysusers import create_file_at, ensure_system_user, open_dir_nofollow, system_username
@@ -98,13 +98,15 @@ class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
     def port_guards(self) -> dict[str, Guard]:
         """Cluster name -> where its live processes listen and the uids that may connect."""
         out = {}
-        for cluster in self.db.active_clusters():
+        clusters = list(self.db.active_clusters())
+        snapshot = ProcSnapshot.take() if clusters else None  # one pass over /proc for all clusters
+        for cluster in clusters:
             try:
                 uid = pwd.getpwnam(self._unix_name(cluster.username)).pw_uid
             except KeyError:
                 continue
             pids = [cluster.state.get("pid")] + [w.state.get("pid") for w in cluster.workers.values()]
-            endpoints = listening_endpoints([p for p in pids if p], uid)
+            endpoints = listening_endpoints([p for p in pids if p], uid, snapshot=snapshot)
             out[cluster.name] = Guard(frozenset(endpoints), frozenset({uid, os.geteuid()}))
         return out
 

@@ -139,8 +139,8 @@ def render_delete(table: str) -> str:
     return f"table inet {table} {{}}\ndelete table inet {table}\n"
 
 
-def process_tree(pids: Iterable[int], proc: Path = Path("/proc")) -> set[int]:
-    """``pids`` and all their descendants that are alive (a nanny forks its worker)."""
+def _children(proc: Path) -> dict[int, list[int]]:
+    """pid -> its children's pids, from every ``/proc/<pid>/stat``."""
     children: dict[int, list[int]] = {}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
@@ -151,15 +151,33 @@ def process_tree(pids: Iterable[int], proc: Path = Path("/proc")) -> set[int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
-    alive = {int(e.name) for e in proc.iterdir() if e.name.isdigit()}
+    return children
+
+
+def process_tree(pids: Iterable[int], proc: Path = Path("/proc"), children: dict | None = None) -> set[int]:
+    """``pids`` and all their descendants that are alive (a nanny forks its worker)."""
+    children = _children(proc) if children is None else children
     out: set[int] = set()
-    todo = [p for p in pids if p in alive]
+    todo = [p for p in pids if (proc / str(p)).is_dir()]
     while todo:
         pid = todo.pop()
         if pid not in out:
             out.add(pid)
             todo.extend(children.get(pid, ()))
     return out
+
+
+@dataclass(frozen=True)
+class ProcSnapshot:
+    """One pass over ``/proc`` (process tree, listening sockets), shared by every cluster of one sync."""
+
+    proc: Path
+    children: dict[int, list[int]]
+    inodes: dict[int, tuple[str, int]]
+
+    @classmethod
+    def take(cls, proc: Path = Path("/proc")) -> ProcSnapshot:
+        return cls(proc, _children(proc), _listening_inodes(proc))
 
 
 def _uid_of(pid: int, proc: Path) -> int | None:
@@ -196,15 +214,19 @@ def _listening_inodes(proc: Path) -> dict[int, tuple[str, int]]:
     return out
 
 
-def listening_endpoints(pids: Iterable[int], uid: int, proc: Path = Path("/proc")) -> set[tuple[str, int]]:
+def listening_endpoints(
+    pids: Iterable[int], uid: int, proc: Path = Path("/proc"), snapshot: ProcSnapshot | None = None
+) -> set[tuple[str, int]]:
     """The (address, port) that processes among ``pids`` (and their descendants) running as ``uid`` listen on.
 
     Only processes of ``uid`` count: a pid the gateway remembers may have been reused by someone else.
     Read from ``/proc`` (kernel-made, nothing a user can redirect).
     """
-    inodes = _listening_inodes(proc)
+    snap = snapshot or ProcSnapshot.take(proc)
+    proc = snap.proc
+    inodes = snap.inodes
     endpoints = set()
-    for pid in process_tree(pids, proc):
+    for pid in process_tree(pids, proc, snap.children):
         if _uid_of(pid, proc) != uid:
             continue
         fd_dir = proc / str(pid) / "fd"
