@@ -8,6 +8,9 @@ need=()
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v useradd >/dev/null 2>&1 || need+=(passwd)
+# nft: as root the Dask gateway lets only a cluster's owner reach its loopback ports (workbench.gateway.portguard);
+# without root it is of no use (clusters run as the gateway's own account), so it is not asked for then
+if [ "$(id -u)" = 0 ] && ! PATH="$PATH:/usr/sbin:/sbin" command -v nft >/dev/null 2>&1; then need+=(nftables); fi
 if [ "${1:-}" = --browser ]; then  # `make test`: a real browser for tests/browser (Debian's, no download)
   need=()
   command -v chromium >/dev/null 2>&1 || need+=(chromium)

@@ -6,6 +6,12 @@ hierarchy this process may write (v2 with the cpu and memory controllers, or v1'
 the child into it before it drops privileges. Without writable cgroups, the child gets
 ``RLIMIT_DATA`` (memory) and thread-count variables (CPU is then advisory); the spawner logs
 which mechanism it used and exports it as ``WORKBENCH_LIMITS``.
+
+GPUs: ``LocalLimits.gpus`` names the minors of the ``/dev/nvidia<N>`` devices the process may open (``None``:
+no device control). Every other GPU device present is denied in the same cgroup, with cgroup v1's ``devices``
+controller or, on v2, an eBPF device program (:mod:`workbench.devcgroup`). Profiles without a GPU get none
+(:func:`local_limits`); a GPU server gets its allocated devices through :meth:`LocalLimits.with_gpus`. Without
+writable cgroups there is no device control: ``CUDA_VISIBLE_DEVICES`` is then advice, not a boundary.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from __future__ import annotations
 import math
 import os
 import resource
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from workbench.devcgroup import attach_device_program, denied_gpus, minors_by_uuid, nvidia_minors, v1_deny_lines
 from workbench.policy import Profile
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -27,6 +35,13 @@ CFS_PERIOD = 100_000
 class LocalLimits:
     cpu: float
     memory: int  # bytes (the hard limit)
+    gpus: frozenset[int] | None = None  # minors of the /dev/nvidia<N> it may open; None: no device control
+
+    def with_gpus(self, uuids: Iterable[str], by_uuid: dict[str, int] | None = None) -> LocalLimits:
+        """These limits, allowing only the GPUs ``uuids`` (for a MIG slice, pass its parent GPU's UUID: slices
+        share the parent's device node and are told apart by ``/dev/nvidia-caps``, which is not controlled here)."""
+        by_uuid = minors_by_uuid() if by_uuid is None else by_uuid
+        return replace(self, gpus=frozenset(by_uuid[u] for u in uuids if u in by_uuid))
 
     @property
     def threads(self) -> int:
@@ -46,7 +61,11 @@ class LocalLimits:
 
 def local_limits(profile: Profile) -> LocalLimits:
     """The limits a local server of this profile gets (pure)."""
-    return LocalLimits(cpu=profile.cpu, memory=profile.memory_limit or profile.memory)
+    return LocalLimits(
+        cpu=profile.cpu,
+        memory=profile.memory_limit or profile.memory,
+        gpus=frozenset() if profile.gpu is None else None,  # no GPU profile: no GPU device at all
+    )
 
 
 def cgroup_files(mode: str, limits: LocalLimits) -> dict[str, str]:
@@ -107,10 +126,13 @@ def detect_cgroups(root: Path = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgro
 class Limiter:
     """Create, join and remove per-server cgroups."""
 
-    def __init__(self, mode: str | None, root: Path = CGROUP_ROOT, own: dict[str, str] | None = None):
+    def __init__(
+        self, mode: str | None, root: Path = CGROUP_ROOT, own: dict[str, str] | None = None, dev: Path = Path("/dev")
+    ):
         self.mode = mode
         self.root = root
         self.own = own if own is not None else {}
+        self.dev = dev  # where the GPU device nodes are looked for
 
     @property
     def mechanism(self) -> str:
@@ -122,7 +144,9 @@ class Limiter:
     def _dirs(self, name: str) -> list[Path]:
         if self.mode == "v2":
             return [self._dir("", name)]
-        return [self._dir(c, name) for c in ("memory", "cpu")]
+        dirs = [self._dir(c, name) for c in ("memory", "cpu")]
+        devices = self._dir("devices", name)
+        return dirs + [devices] if devices.is_dir() else dirs
 
     def prepare(self, name: str, limits: LocalLimits) -> list[Path]:
         """Create the cgroup(s) of one server and write its limits; returns the folders to join."""
@@ -151,7 +175,25 @@ class Limiter:
             except OSError:
                 if not rel.endswith("swap.max"):  # swap accounting may be off; the rest must work
                     raise
-        return dirs
+        return dirs + self._deny_gpus(name, limits, dirs)
+
+    def _deny_gpus(self, name: str, limits: LocalLimits, dirs: list[Path]) -> list[Path]:
+        """Deny the GPU devices present that ``limits`` does not allow; returns extra folders to join (v1).
+
+        Fails (OSError) rather than starting a process that could open GPUs it was not given."""
+        if limits.gpus is None:
+            return []
+        denied = denied_gpus(nvidia_minors(self.dev), limits.gpus)
+        if not denied:
+            return []
+        if self.mode == "v2":
+            attach_device_program(dirs[0], denied)
+            return []
+        d = self._dir("devices", name)
+        d.mkdir(parents=True, exist_ok=True)
+        for line in v1_deny_lines(denied):
+            (d / "devices.deny").write_text(line)
+        return [d]
 
     def remove(self, name: str) -> None:
         for d in self._dirs(name) if self.mode else []:

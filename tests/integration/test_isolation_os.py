@@ -11,7 +11,10 @@ outside the user's own tree was created, chowned or read:
 - the state folder (databases, logs, secrets) cannot be listed or read by a user, no file in it is
   readable by others, and the hub log holds no user's server token;
 - schedulers and workers run in a cgroup with the cluster's cores and memory, with umask 022, and
-  servers too.
+  servers too;
+- every loopback port of a cluster's scheduler and workers (comm, dashboards, the gateway's API) refuses
+  another user's connection (nftables ``meta skuid``, :mod:`workbench.gateway.portguard`) and answers the
+  owner's and the gateway's; the rules go when the cluster stops.
 
 Nothing is mocked. Skipped unless run as root (users get Unix accounts only then).
 """
@@ -19,8 +22,10 @@ Nothing is mocked. Skipped unless run as root (users get Unix accounts only then
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 import yaml
 
 from .harness import DEMO, Workbench
@@ -148,7 +154,9 @@ except OSError as e:
 def scheduler_ports_need_the_cluster_cert(scheduler: psutil.Process, attacker: str) -> bool:
     """Whether some listening port of ``scheduler`` speaks TLS and refuses ``attacker``'s handshake
     without the cluster's client certificate (dask-gateway's per-cluster TLS: the scheduler's comm port).
-    The dashboard port (plain HTTP) is not covered here: see the README's threat model."""
+    Probed from an account the port guard lets through (root, the gateway's), so that it is the TLS layer
+    that refuses: it still protects the comm port where the guard is off (no nft, not root). The port guard
+    itself is :func:`test_dask_ports_on_loopback_answer_only_the_owner_and_the_gateway`."""
     ports = [c.laddr.port for c in scheduler.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
     outcomes = {port: as_user(attacker, "/usr/bin/python3", "-c", _PROBE, str(port)).stdout.strip() for port in ports}
     # a plain HTTP port fails a handshake too (WRONG_VERSION_NUMBER, or a timeout while it waits for a request):
@@ -159,7 +167,19 @@ def scheduler_ports_need_the_cluster_cert(scheduler: psutil.Process, attacker: s
     return True
 
 
+def _drop_planted_links() -> None:
+    """Remove the links the starter test plants (as the users), also those an interrupted earlier run left."""
+    for account, name in ((f"wb-{STUDENT}", "exercise-1.ipynb"), (f"wb-{RESEARCHER}", "climatology-with-dask.ipynb")):
+        try:
+            path = Path(pwd.getpwnam(account).pw_dir) / name
+        except KeyError:
+            continue
+        if path.is_symlink():
+            as_user(account, "rm", "-f", str(path))
+
+
 def test_starters_replaced_by_symlinks_are_not_followed_at_restart(wb, victim):
+    _drop_planted_links()
     token = token_of(wb, STUDENT)
     wb.start_server(token, STUDENT)
     wb.stop_server(token, STUDENT)
@@ -167,24 +187,24 @@ def test_starters_replaced_by_symlinks_are_not_followed_at_restart(wb, victim):
     assert (home / "exercise-1.ipynb").is_file()
     etc_name = Path(f"/etc/wb-isolation-{victim.name}")  # a fresh name in the real /etc
     assert not etc_name.exists()
-    r = as_user(f"wb-{STUDENT}", "sh", "-c", f"rm ~/exercise-1.ipynb && ln -s {etc_name} ~/exercise-1.ipynb")
-    assert r.returncode == 0, r.stderr
-
     rtoken = token_of(wb, RESEARCHER)
-    wb.start_server(rtoken, RESEARCHER)
-    wb.stop_server(rtoken, RESEARCHER)
-    before = snapshot(victim)
-    r = as_user(
-        f"wb-{RESEARCHER}",
-        "sh",
-        "-c",
-        f"rm ~/climatology-with-dask.ipynb && ln -s {victim}/shadow ~/climatology-with-dask.ipynb",
-    )
-    assert r.returncode == 0, r.stderr
-
-    wb.start_server(token, STUDENT)  # the spawner (root) installs missing starters again
-    wb.start_server(rtoken, RESEARCHER)
     try:
+        r = as_user(f"wb-{STUDENT}", "sh", "-c", f"rm ~/exercise-1.ipynb && ln -s {etc_name} ~/exercise-1.ipynb")
+        assert r.returncode == 0, r.stderr
+
+        wb.start_server(rtoken, RESEARCHER)
+        wb.stop_server(rtoken, RESEARCHER)
+        before = snapshot(victim)
+        r = as_user(
+            f"wb-{RESEARCHER}",
+            "sh",
+            "-c",
+            f"rm ~/climatology-with-dask.ipynb && ln -s {victim}/shadow ~/climatology-with-dask.ipynb",
+        )
+        assert r.returncode == 0, r.stderr
+
+        wb.start_server(token, STUDENT)  # the spawner (root) installs missing starters again
+        wb.start_server(rtoken, RESEARCHER)
         assert not os.path.lexists(etc_name), "root followed the user's symlink into /etc"
         assert snapshot(victim) == before  # owner, mode and content of the root-owned file unchanged
         assert os.readlink(home / "exercise-1.ipynb") == str(etc_name)  # the user's own link, left alone
@@ -192,9 +212,7 @@ def test_starters_replaced_by_symlinks_are_not_followed_at_restart(wb, victim):
         assert umask_of(server_process(wb, RESEARCHER).pid) == "0022"
     finally:
         wb.stop_server(token, STUDENT)
-        as_user(f"wb-{STUDENT}", "rm", "-f", str(home / "exercise-1.ipynb"))
-        rhome = Path(pwd.getpwnam(f"wb-{RESEARCHER}").pw_dir)
-        as_user(f"wb-{RESEARCHER}", "rm", "-f", str(rhome / "climatology-with-dask.ipynb"))
+        _drop_planted_links()
 
 
 def test_state_folder_is_private_and_logs_hold_no_user_token(wb):
@@ -246,7 +264,7 @@ def test_dask_processes_carry_the_cluster_limits_and_never_let_root_follow_the_u
             memory, cpus = cgroup_limits(schedulers[0].pid)
             assert cpus == 1.0 and memory > 0
             assert umask_of(workers[0].pid) == "0022"
-            assert scheduler_ports_need_the_cluster_cert(schedulers[0], f"wb-{STUDENT}")
+            assert scheduler_ports_need_the_cluster_cert(schedulers[0], "root")
             logs = sorted(Path(workdir, "logs").iterdir())
             assert logs and all(os.lstat(p).st_uid == owner.pw_uid for p in logs), logs
             client.close()
@@ -264,3 +282,90 @@ def test_dask_processes_carry_the_cluster_limits_and_never_let_root_follow_the_u
     # the gateway removes the folder (with the user's link in it) once the cluster has stopped
     wait_for(lambda: not glob.glob(f"/tmp/dask-*-{cluster.name}"), "the cluster's folder removed")
     assert snapshot(victim) == before
+
+
+_HTTP_PROBE = """
+import http.client, sys
+for port in sys.argv[1:]:
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", int(port), timeout=10)
+        c.request("GET", "/health")
+        print(port, c.getresponse().status)
+    except ConnectionRefusedError:
+        print(port, "refused")
+    except Exception as e:  # a TLS port answers plain HTTP with a close or an alert
+        print(port, type(e).__name__)
+"""
+
+
+def http_probe(account: str, ports) -> dict[int, str]:
+    """``GET /health`` on each loopback port, from a process of ``account``: port -> status or outcome."""
+    r = as_user(account, "/usr/bin/python3", "-c", _HTTP_PROBE, *map(str, sorted(ports)))
+    assert r.returncode == 0, r.stderr
+    return {int(port): outcome for port, outcome in (line.split(" ", 1) for line in r.stdout.splitlines())}
+
+
+def guarded_ports(table: str) -> set[int]:
+    """Ports the gateway's nftables table guards on 127.0.0.1: its ``127.0.0.1 . port`` elements (set ``g4``)
+    and the ports of wildcard IPv4 listeners (set ``w4``); empty when the table is gone."""
+    ports = set()
+    for name in ("g4", "w4"):
+        out = subprocess.run(["nft", "-j", "list", "set", "inet", table, name], capture_output=True, text=True)
+        if out.returncode != 0:
+            return set()
+        [the_set] = [o["set"] for o in json.loads(out.stdout)["nftables"] if "set" in o]
+        for e in the_set.get("elem", []):
+            if isinstance(e, int):
+                ports.add(e)
+            elif e["concat"][0] == "127.0.0.1":
+                ports.add(e["concat"][1])
+    return ports
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (scripts/system-deps.sh installs nftables)")
+def test_dask_ports_on_loopback_answer_only_the_owner_and_the_gateway(wb):
+    token = token_of(wb, RESEARCHER)
+    logs = lambda: (
+        wb.hub_log()
+        + "".join(  # noqa: E731
+            p.read_text(errors="replace") for p in (wb.state_dir / "logs").glob("*.log") if p.name != "hub.log"
+        )
+    )
+    [table] = wait_for(lambda: re.findall(r"Port guard on: nftables table inet (\S+)", logs()), "the port guard on")
+    with wb.gateway(token) as gw:
+        cluster = gw.new_cluster(worker_cores=1, worker_memory=1)
+        try:
+            cluster.scale(1)
+            client = cluster.get_client()
+            client.wait_for_workers(1, timeout=180)
+            [workdir] = glob.glob(f"/tmp/dask-*-{cluster.name}")
+            procs = [
+                p
+                for p in psutil.process_iter(["username", "cwd", "cmdline"])
+                if p.info["username"] == f"wb-{RESEARCHER}" and p.info["cwd"] == workdir
+            ]
+            listening = {
+                p.pid: {c.laddr.port for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+                for p in procs
+            }
+            scheduler = {port for p in procs if "scheduler" in " ".join(p.info["cmdline"]) for port in listening[p.pid]}
+            workers = {port for p in procs if "worker" in " ".join(p.info["cmdline"]) for port in listening[p.pid]}
+            assert len(scheduler) >= 3 and len(workers) >= 2, listening  # comm, dashboard, API; nanny, worker
+            ports = scheduler | workers
+            wait_for(lambda: ports <= guarded_ports(table), f"rules for {sorted(ports)}")
+
+            # another user's process: every port refuses (no HTTP answer, no TLS handshake)
+            assert http_probe(f"wb-{STUDENT}", ports) == dict.fromkeys(ports, "refused")
+            # the owner's: the scheduler's dashboard and the worker's answer
+            owner = http_probe(f"wb-{RESEARCHER}", ports)
+            assert "refused" not in owner.values(), owner
+            assert any(owner[p] == "200" for p in scheduler) and any(owner[p] == "200" for p in workers), owner
+            # the gateway's path (root): the proxied dashboard for its owner
+            dash = f"{wb.url}/services/dask-gateway/clusters/{cluster.name}/status"
+            r = requests.get(dash, headers={"Authorization": f"token {token}"}, timeout=30)
+            assert r.status_code == 200 and "Dask" in r.text, (r.status_code, r.text[:300])
+            client.close()
+        finally:
+            cluster.shutdown()
+    wait_for(lambda: not (ports & guarded_ports(table)), "the cluster's rules removed")
+    assert f"Port guard: cluster {cluster.name} ports []" in logs()

@@ -1,4 +1,4 @@
-"""workbench.gateway.dashguard: the pure parts, then the guard in-process in front of a stand-in gateway.
+"""workbench.gateway.dashguard and its pure half workbench.gateway.dashroutes: the pure parts, then the guard in-process in front of a stand-in gateway.
 
 The stand-in answers the gateway's ``GET /api/v1/clusters/<name>`` like dask-gateway-server
 (200 to the owner's token, 404 to anyone else), the hub's ``GET /hub/api/user`` (403 to a bad
@@ -19,17 +19,13 @@ from tornado import httputil, web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketHandler, websocket_connect
 
-from workbench.gateway.dashguard import (
+from workbench.gateway.dashguard import DecisionCache, Guard, derive_cookie_secret, make_app, make_hub_auth
+from workbench.gateway.dashroutes import (
     CLUSTER_NAME,
-    DecisionCache,
-    Guard,
     Route,
     classify,
     cross_site,
-    derive_cookie_secret,
     gateway_segments,
-    make_app,
-    make_hub_auth,
     strip_cookies,
     token_from_authorization,
     upstream_headers,

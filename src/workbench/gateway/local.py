@@ -17,21 +17,26 @@ to ``/etc`` would make root create files there with the worker's output). Here:
 - each scheduler and worker opens its own log file *after* becoming the user (in the child, before
   exec), so root never opens a path in the user's folder; the child gets umask 022;
 - schedulers and workers join a cgroup (or get rlimits) with the cluster's cores and memory, the same
-  :class:`workbench.limits.Limiter` the notebook servers use.
+  :class:`workbench.limits.Limiter` the notebook servers use;
+- the ports the cluster's processes listen on answer only the owner's uid and the gateway's
+  (:mod:`workbench.gateway.portguard`, nftables): synced when a scheduler reports its addresses, every
+  ``port_guard_period`` while clusters run, and at every stop; stale rules are flushed at start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import tempfile
 from pathlib import Path
 
 from dask_gateway_server.backends.local import LocalBackend, LocalClusterConfig, UnsafeLocalBackend
+from traitlets import Bool, Float, Type, Unicode
 from traitlets import Integer as IntTrait
-from traitlets import Type, Unicode
 
 from workbench.gateway.fast_start import FastStartMixin
+from workbench.gateway.portguard import Guard, NftPortGuard, ProcSnapshot, listening_endpoints, table_name
 from workbench.gateway.quota import ClusterCapMixin
 from workbench.limits import Limiter, LocalLimits, detect_cgroups, own_cgroups
 from workbench.sysusers import create_file_at, ensure_system_user, open_dir_nofollow, system_username
@@ -57,8 +62,71 @@ class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
 
     user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
 
+    port_guard = Bool(
+        True,
+        help="Let only a cluster's owner and the gateway connect to its loopback ports (nftables; needs root "
+        "and nft, otherwise a warning is logged and the ports answer every local account).",
+    ).tag(config=True)
+
+    port_guard_period = Float(
+        1.0, help="Seconds between two looks at the ports of running clusters (new workers, restarted ones)."
+    ).tag(config=True)
+
+    nft_command = Unicode("nft", help="The nft command (found on PATH).").tag(config=True)
+
     def _unix_name(self, hub_name: str) -> str:
         return system_username(hub_name, self.user_prefix)
+
+    _guard: NftPortGuard | None = None
+
+    async def do_setup(self):
+        await super().do_setup()
+        if not self.port_guard:
+            self.log.warning("Port guard disabled by configuration (port_guard = False)")
+            return
+        self._guard = NftPortGuard(table_name(self.db_url), self.log, self.nft_command)
+        if await self._guard.start():
+            self.task_pool.spawn(self._port_guard_loop())
+
+    async def do_cleanup(self):
+        try:
+            await super().do_cleanup()
+        finally:
+            if self._guard is not None:
+                await self._guard.stop()
+
+    def port_guards(self) -> dict[str, Guard]:
+        """Cluster name -> where its live processes listen and the uids that may connect."""
+        out = {}
+        clusters = list(self.db.active_clusters())
+        snapshot = ProcSnapshot.take() if clusters else None  # one pass over /proc for all clusters
+        for cluster in clusters:
+            try:
+                uid = pwd.getpwnam(self._unix_name(cluster.username)).pw_uid
+            except KeyError:
+                continue
+            pids = [cluster.state.get("pid")] + [w.state.get("pid") for w in cluster.workers.values()]
+            endpoints = listening_endpoints([p for p in pids if p], uid, snapshot=snapshot)
+            out[cluster.name] = Guard(frozenset(endpoints), frozenset({uid, os.geteuid()}))
+        return out
+
+    async def sync_port_guard(self) -> None:
+        if self._guard is not None and self._guard.enabled:
+            await self._guard.sync(self.port_guards())
+
+    async def _port_guard_loop(self):
+        while True:
+            await asyncio.sleep(self.port_guard_period)
+            try:
+                await self.sync_port_guard()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.warning("Port guard: could not sync", exc_info=exc)
+
+    async def on_cluster_heartbeat(self, cluster_name, msg):
+        await super().on_cluster_heartbeat(cluster_name, msg)
+        await self.sync_port_guard()  # the scheduler has just said where it listens
 
     _limiter: Limiter | None = None
 
@@ -98,9 +166,10 @@ class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
 
     def _limits_for(self, cluster, name: str) -> LocalLimits:
         cfg = cluster.config
+        # local schedulers and workers are never given a GPU: every GPU device is denied to them
         if name == "scheduler":
-            return LocalLimits(cpu=float(cfg.scheduler_cores), memory=int(cfg.scheduler_memory))
-        return LocalLimits(cpu=float(cfg.worker_cores), memory=int(cfg.worker_memory))
+            return LocalLimits(cpu=float(cfg.scheduler_cores), memory=int(cfg.scheduler_memory), gpus=frozenset())
+        return LocalLimits(cpu=float(cfg.worker_cores), memory=int(cfg.worker_memory), gpus=frozenset())
 
     @staticmethod
     def _cgroup_key(cluster_name: str, name: str) -> str:
@@ -162,12 +231,14 @@ class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
             await super().do_stop_worker(worker)
         finally:
             self.limiter.remove(self._cgroup_key(worker.cluster.name, f"worker-{worker.name}"))
+            await self.sync_port_guard()
 
     async def do_stop_cluster(self, cluster):
         try:
             await super().do_stop_cluster(cluster)
         finally:
             self.limiter.remove(self._cgroup_key(cluster.name, "scheduler"))
+            await self.sync_port_guard()
 
     def get_env(self, cluster):
         env = super().get_env(cluster)
@@ -179,6 +250,13 @@ class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
 
 class WorkbenchUnsafeLocalBackend(FastStartMixin, ClusterCapMixin, UnsafeLocalBackend):
     """All clusters run as the gateway's own user (the embedded mode when not root)."""
+
+    async def do_setup(self):
+        await super().do_setup()
+        self.log.warning(
+            "Port guard off: clusters run as the gateway's own account (not root), so their dashboards and "
+            "worker ports on 127.0.0.1 answer every local account; see docs/security.md"
+        )
 
     cluster_config_class = Type(
         "workbench.gateway.local.WorkbenchLocalClusterConfig",
