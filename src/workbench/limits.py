@@ -43,6 +43,16 @@ class LocalLimits:
         by_uuid = minors_by_uuid() if by_uuid is None else by_uuid
         return replace(self, gpus=frozenset(by_uuid[u] for u in uuids if u in by_uuid))
 
+    def for_devices(self, uuids: Iterable[str], by_uuid: dict[str, int]) -> tuple[LocalLimits, list[str]]:
+        """These limits for a server given the GPUs ``uuids`` (pure): only those GPUs' devices when the driver knows
+        every one of them; unchanged (no device control) and the unknown ones when it does not (MIG slices and pretend
+        GPUs have no ``/dev/nvidia<N>`` of their own)."""
+        uuids = list(uuids)
+        missing = [u for u in uuids if u not in by_uuid]
+        if not uuids or missing:
+            return self, missing
+        return self.with_gpus(uuids, by_uuid), []
+
     @property
     def threads(self) -> int:
         return max(1, math.ceil(self.cpu))

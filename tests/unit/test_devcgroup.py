@@ -96,6 +96,19 @@ def test_profiles_without_a_gpu_get_no_gpu_device_and_gpu_profiles_wait_for_thei
     assert local_limits(policy.profiles["gpu"]).gpus is None
 
 
+def test_a_gpu_server_may_open_only_its_allocated_gpus_when_the_driver_knows_them():
+    """What the local spawner does with the devices it allocated (``LocalLimits.for_devices``)."""
+    gpu = LocalLimits(cpu=1, memory=2**30)
+    by_uuid = {"GPU-a": 0, "GPU-b": 1, "GPU-c": 2}
+    limits, unknown = gpu.for_devices(["GPU-b", "GPU-c"], by_uuid)
+    assert (limits.gpus, unknown) == (frozenset({1, 2}), [])
+    assert denied_gpus([0, 1, 2], limits.gpus) == [(195, 0)]
+    # a MIG slice or a pretend GPU has no device node of its own: no device control, and the spawner is told which
+    limits, unknown = gpu.for_devices(["GPU-a", "MIG-1"], by_uuid)
+    assert (limits.gpus, unknown) == (None, ["MIG-1"])
+    assert gpu.for_devices([], by_uuid) == (gpu, [])
+
+
 @ROOT
 def test_nvidia_minors_counts_char_devices_of_major_195_only(tmp_path):
     os.mknod(tmp_path / "nvidia0", 0o666 | 0o020000, os.makedev(195, 0))

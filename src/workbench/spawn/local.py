@@ -21,6 +21,7 @@ from tornado import web
 from traitlets import Bool, Dict, Unicode, default
 
 from workbench.courses.material import prepare_courses, unix_groups_of
+from workbench.devcgroup import minors_by_uuid
 from workbench.gpus import GpuAllocator, NoFreeGpu
 from workbench.limits import Limiter, detect_cgroups, local_limits, own_cgroups
 from workbench.policy import Policy, Profile, cached_policy
@@ -247,6 +248,15 @@ class WorkbenchLocalSpawner(AdmittedOptionsMixin, QuotaAdmissionMixin, StopsDask
             install_starters(self.home, kinds)
         await prepare_courses(self)  # course material pulled as the user, course folders (never blocks the start)
         self._limits = local_limits(profile)
+        if self.gpu_devices:  # only the GPUs allocated to this server may be opened (device cgroup)
+            self._limits, unknown = self._limits.for_devices(self.gpu_devices, minors_by_uuid())
+            if unknown:  # MIG slices and pretend GPUs have no /dev/nvidia<N> of their own
+                self.log.warning(
+                    "No GPU device control for %s's server: %s not among the driver's GPUs (MIG slices and "
+                    "pretend GPUs are told apart only by CUDA_VISIBLE_DEVICES)",
+                    self.user.name,
+                    ", ".join(unknown),
+                )
         self._cgroup_dirs = self.limiter.prepare(self.server_key, self._limits)
         self.log.info(
             "Starting %s's server: profile %s, as %s, limits %s (%g CPU, %d bytes)%s",
