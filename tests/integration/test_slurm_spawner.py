@@ -324,13 +324,22 @@ def test_a_gpu_job_whose_own_reports_say_its_gpus_are_idle_is_culled(wb):
     stopped_at = time.time()
     assert stopped_at >= idle_from + GPU_IDLE - 1, (idle_from, stopped_at)  # counted from the idle reports
     wait_for(lambda: not server_jobs(), 30, "the job to leave the queue")
-    assert scontrol_job(job["id"])["JobState"] == "CANCELLED"
+    assert final_state(job["id"]) == "CANCELLED"
     r = requests.get(
         f"{w.url}/services/sessions/api/notifications", headers={"Authorization": f"token {token}"}, timeout=30
     )
     [note] = [n for n in r.json()["notifications"] if "GPUs were idle" in n["message"]]
     assert f"the limit for h100-x2 is {GPU_IDLE}s" in note["message"], note
     assert not [r for r in ledger_rows(w) if r.stop is None]
+
+
+def final_state(job_id: str) -> str:
+    """The job's state once Slurm has finished ending it (past COMPLETING)."""
+    return wait_for(
+        lambda: (state := scontrol_job(job_id)["JobState"]) not in ("RUNNING", "COMPLETING") and state,
+        60,
+        f"job {job_id} to finish ending",
+    )
 
 
 def hub_time(value: str) -> float:
@@ -368,7 +377,7 @@ def test_a_job_servers_session_limit_warns_then_stops_it_and_its_dask_cluster(wb
         assert f"session limit is {SESSION // 60}m" in note["message"], note
         wait_for(lambda: user_server(w, token, "brief") is None, SESSION + 60, "the stop at the session limit")
         assert time.time() >= started + SESSION - 1
-        assert scontrol_job(job["id"])["JobState"] == "CANCELLED"  # stopped by the platform, not Slurm's TIMEOUT
+        assert final_state(job["id"]) == "CANCELLED"  # stopped by the platform, not Slurm's TIMEOUT
         wait_for(lambda: not gw.list_clusters(), 60, "the cluster to stop with the server")
     wait_for(lambda: not squeue("wb-brief"), 60, "no job of wb-brief left")
     notes = notes_of(w, token)
@@ -392,7 +401,7 @@ def test_a_server_cap_refuses_a_second_job_before_sbatch_and_an_idle_job_is_cull
     last = hub_time(user_server(w, one, "capped1")["last_activity"])
     wait_for(lambda: user_server(w, one, "capped1") is None, IDLE + 90, "the idle server to be culled")
     assert time.time() >= last + IDLE - 1
-    assert scontrol_job(job["id"])["JobState"] == "CANCELLED"
+    assert final_state(job["id"]) == "CANCELLED"
     [note] = [n for n in notes_of(w, one) if n["level"] == "info"]
     assert "idle" in note["message"], note
 

@@ -41,6 +41,10 @@ def test_remembered_ports_are_reused_when_free_and_replaced_with_a_note_when_tak
         "sessions_port": 20003,
     }
     assert notes == ["hub_port 18081 is in use now"]
+    # the public port (--port) is never an internal one, even when remembered as one
+    ports, notes = up.choose_ports({"hub_port": 8000}, names=("hub_port",), in_use=lambda p: False,
+                                   pick=lambda: 20100, reserved=(8000,))  # fmt: skip
+    assert ports == {"hub_port": 20100}
 
 
 def test_stable_ports_survive_a_restart_of_the_same_state_folder(tmp_path, capsys):

@@ -104,15 +104,20 @@ PORTS_FILE = "ports.json"
 
 
 def choose_ports(
-    remembered: dict, names=PORT_NAMES, in_use: Callable[[int], bool] | None = None, pick: Callable[[], int] = free_port
+    remembered: dict,
+    names=PORT_NAMES,
+    in_use: Callable[[int], bool] | None = None,
+    pick: Callable[[], int] = free_port,
+    reserved: tuple[int, ...] = (),
 ) -> tuple[dict[str, int], list[str]]:
     """Ports for ``names``: the remembered one when it is free, else a new free one (pure but for the two callables).
+    ``reserved`` ports (the public ``--port``) are never given to a name.
 
     Returns the ports and one note per port that could not be reused (what runs from the previous start and
     talks to it, such as a server's ``JUPYTERHUB_API_URL``, will not reach it).
     """
     in_use = in_use or (lambda port: port_in_use("127.0.0.1", port))
-    ports, notes, taken = {}, [], set()
+    ports, notes, taken = {}, [], set(reserved)
     for name in names:
         old = remembered.get(name)
         if isinstance(old, int) and not isinstance(old, bool) and 0 < old < 65536 and old not in taken:
@@ -129,7 +134,7 @@ def choose_ports(
     return ports, notes
 
 
-def stable_ports(state: Path) -> dict[str, int]:
+def stable_ports(state: Path, public_port: int = 0) -> dict[str, int]:
     """The internal ports of the workbench of ``state``: those of its previous start when free (logged), saved."""
     path = state / PORTS_FILE
     try:
@@ -138,7 +143,7 @@ def stable_ports(state: Path) -> dict[str, int]:
         remembered = {}
     if not isinstance(remembered, dict):
         remembered = {}
-    ports, notes = choose_ports(remembered)
+    ports, notes = choose_ports(remembered, reserved=(public_port,) if public_port else ())
     reused = [n for n in PORT_NAMES if remembered.get(n) == ports[n]]
     if reused:
         say(
@@ -325,7 +330,7 @@ class Supervisor:
         os.umask(SERVICES_UMASK)
         state = make_private_state_dir(Path(opts.state_dir).resolve())
         load_or_create_secrets(state)
-        ports = stable_ports(state)
+        ports = stable_ports(state, opts.port)
         runtime = Runtime(
             config=str(config),
             state_dir=str(state),
