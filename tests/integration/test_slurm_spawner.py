@@ -3,7 +3,9 @@
 A real `workbench up --spawner slurm --gateway-backend slurm` (hub, proxy, quota service, gateway) against the
 real one-node Slurm of scripts/slurm-up.sh (partitions cpu and gpu; four PRETEND H100s as GRES: character
 devices stand in for GPUs, which these machines lack). Each server is a job read back with `scontrol show job`;
-JupyterLab answers through the proxy; the usage ledger is read from the quota service's database.
+JupyterLab answers through the proxy; the usage ledger is read from the quota service's database. Mocked: the GPUs
+only (pretend GRES devices, and their utilisation read by the jobs from a JSON file instead of NVML). Some tests
+kill -9 the hub of a second workbench and start it again on the same state folder.
 """
 
 from __future__ import annotations
@@ -375,6 +377,16 @@ def test_a_job_servers_session_limit_warns_then_stops_it_and_its_dask_cluster(wb
         [note] = notes
         assert note["level"] == "critical" and "will be stopped in" in note["message"], note
         assert f"session limit is {SESSION // 60}m" in note["message"], note
+
+        def in_lab() -> list[dict]:  # the job's JupyterLab (through the proxy) shows it too (it caches briefly)
+            r = requests.get(f"{w.url}/user/brief/workbench/notifications", headers=auth, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["problems"] == [], r.json()  # it reached the services from the compute node
+            return [n for n in r.json()["notifications"] if n["source"] == "sessions"]
+
+        auth = {"Authorization": f"token {token}"}
+        [lab_note] = wait_for(in_lab, 30, "the warning in the job's JupyterLab")
+        assert lab_note["level"] == "critical" and "will be stopped in" in lab_note["message"], lab_note
         wait_for(lambda: user_server(w, token, "brief") is None, SESSION + 60, "the stop at the session limit")
         assert time.time() >= started + SESSION - 1
         assert final_state(job["id"]) == "CANCELLED"  # stopped by the platform, not Slurm's TIMEOUT
