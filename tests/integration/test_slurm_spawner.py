@@ -13,6 +13,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -544,3 +545,33 @@ def test_a_job_that_ended_while_the_hub_was_down_is_recorded_stopped_at_slurms_e
         assert a.stop <= b.start, rows
     assert sum((r.stop - r.start).total_seconds() for r in rows) <= (info.end - info.start).total_seconds() + 1.5
     assert all(r.stop < restarted_at for r in rows)
+
+
+def test_course_material_reaches_a_students_job(slurm):  # noqa: F811
+    """test_course_material's course (a real git repository behind `git daemon`) with `--spawner slurm`: the
+    material is pulled into the student's home as the student before the job starts, and the job's JupyterLab
+    serves it."""
+    from .test_course_material import COURSE, EXERCISE, Env
+
+    env = Env()
+    env.wb.extra_args = ("--spawner", "slurm", "--gateway-backend", "slurm")
+    try:
+        env.wb.start()
+        token = env.token("cm-student1")
+        env.wb.start_server(token, "cm-student1", timeout=240)
+        [job] = squeue("wb-cm-student1")
+        folder = env.home("cm-student1") / COURSE
+        assert (folder / "exercise.md").read_text() == EXERCISE
+        assert (folder / "exercise.md").stat().st_uid == pwd.getpwnam("wb-cm-student1").pw_uid
+        r = requests.get(
+            f"{env.wb.url}/user/cm-student1/api/contents/{COURSE}/exercise.md",
+            headers={"Authorization": f"token {token}"},
+            timeout=30,
+        )
+        assert r.status_code == 200 and r.json()["content"] == EXERCISE, r.text
+        env.wb.stop_server(token, "cm-student1")
+        assert final_state(job["id"]) == "CANCELLED"
+        assert env.wb.stop() == 0
+    finally:
+        env.wb.stop()
+        env.close()
