@@ -67,6 +67,7 @@ unit: install
 
 bench: install
 	$(VENV)/bin/python benchmarks/bench_embedded.py
+	$(VENV)/bin/python benchmarks/bench_slurm_spawn.py  # supercomputer mode vs stock batchspawner (root + make slurm; else skipped)
 
 check: install
 	$(VENV)/bin/workbench check hub_config/demo.yaml

@@ -1,7 +1,9 @@
 """``workbench up``: run the embedded workbench in the foreground.
 
 Order of work: validate the policy (nothing starts if it is broken), refuse demo auth on a
-network address, prepare the state folder and secrets, pick ports, then start JupyterHub (which
+network address, prepare the state folder and secrets, pick ports (the internal ones are remembered in
+``<state>/ports.json`` and reused by the next start of the same state folder when free, so servers that
+outlive a hub crash, e.g. Slurm jobs, still reach the hub's API: :func:`stable_ports`), then start JupyterHub (which
 starts its proxy, the Dask Gateway and the idle culler as managed services) and wait for
 ``/hub/health``. On Ctrl-C or SIGTERM the hub is asked to stop (it stops servers, services and
 the proxy); anything still alive after that is killed. This process is a Linux child
@@ -11,6 +13,7 @@ subreaper, so processes orphaned by a crashed hub or gateway come back to it and
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import secrets as pysecrets
 import shutil
@@ -18,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +85,77 @@ class UpOptions:
     spawner: str = "local"  # "local" or "slurm" (notebook servers as Slurm jobs: workbench.spawn.slurm)
     quota_every: float = 30.0  # seconds between budget enforcement rounds (quota service, gateway)
     quota: bool = True  # run the quota service (budgets enforced, usage recorded)
+
+
+#: the internal ports of one workbench, remembered in ``<state>/ports.json`` (the public one is ``--port``)
+PORT_NAMES = (
+    "hub_port",
+    "proxy_api_port",
+    "gateway_port",
+    "gateway_http_port",
+    "gateway_tcp_port",
+    "gateway_guard_port",
+    "quota_port",
+    "sessions_port",
+    "rosters_port",
+    "jobs_port",
+)
+PORTS_FILE = "ports.json"
+
+
+def choose_ports(
+    remembered: dict,
+    names=PORT_NAMES,
+    in_use: Callable[[int], bool] | None = None,
+    pick: Callable[[], int] = free_port,
+    reserved: tuple[int, ...] = (),
+) -> tuple[dict[str, int], list[str]]:
+    """Ports for ``names``: the remembered one when it is free, else a new free one (pure but for the two callables).
+    ``reserved`` ports (the public ``--port``) are never given to a name.
+
+    Returns the ports and one note per port that could not be reused (what runs from the previous start and
+    talks to it, such as a server's ``JUPYTERHUB_API_URL``, will not reach it).
+    """
+    in_use = in_use or (lambda port: port_in_use("127.0.0.1", port))
+    ports, notes, taken = {}, [], set(reserved)
+    for name in names:
+        old = remembered.get(name)
+        if isinstance(old, int) and not isinstance(old, bool) and 0 < old < 65536 and old not in taken:
+            if not in_use(old):
+                ports[name] = old
+                taken.add(old)
+                continue
+            notes.append(f"{name} {old} is in use now")
+        new = pick()
+        while new in taken:
+            new = pick()
+        ports[name] = new
+        taken.add(new)
+    return ports, notes
+
+
+def stable_ports(state: Path, public_port: int = 0) -> dict[str, int]:
+    """The internal ports of the workbench of ``state``: those of its previous start when free (logged), saved."""
+    path = state / PORTS_FILE
+    try:
+        remembered = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        remembered = {}
+    if not isinstance(remembered, dict):
+        remembered = {}
+    ports, notes = choose_ports(remembered, reserved=(public_port,) if public_port else ())
+    reused = [n for n in PORT_NAMES if remembered.get(n) == ports[n]]
+    if reused:
+        say(
+            f"reusing the ports of the previous start from {path} (hub API {ports['hub_port']}, proxy API "
+            f"{ports['proxy_api_port']}), so servers still running from it keep reaching the hub"
+        )
+    for note in notes:
+        say(f"WARNING: {note}: picked another; servers still running from the previous start cannot reach it")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(ports, f, indent=2)
+    return ports
 
 
 def local_gpus(policy: Policy, fake: str = "") -> dict[str, list[str]]:
@@ -255,6 +330,7 @@ class Supervisor:
         os.umask(SERVICES_UMASK)
         state = make_private_state_dir(Path(opts.state_dir).resolve())
         load_or_create_secrets(state)
+        ports = stable_ports(state, opts.port)
         runtime = Runtime(
             config=str(config),
             state_dir=str(state),
@@ -263,21 +339,24 @@ class Supervisor:
             proxy_command=proxy,
             bind=opts.bind,
             port=opts.port,
-            hub_port=free_port(),
-            proxy_api_port=free_port(),
-            gateway_port=free_port(),
-            gateway_http_port=free_port(),
-            gateway_tcp_port=free_port(),
-            gateway_guard_port=free_port(),
-            quota_port=free_port() if opts.quota else 0,  # workbench.services.quota as a hub service (0: not run)
+            hub_port=ports["hub_port"],
+            proxy_api_port=ports["proxy_api_port"],
+            gateway_port=ports["gateway_port"],
+            gateway_http_port=ports["gateway_http_port"],
+            gateway_tcp_port=ports["gateway_tcp_port"],
+            gateway_guard_port=ports["gateway_guard_port"],
+            quota_port=ports["quota_port"]
+            if opts.quota
+            else 0,  # workbench.services.quota as a hub service (0: not run)
             quota_every=opts.quota_every,
-            sessions_port=free_port(),  # workbench.services.sessions.app (session limits, idle culling) as a hub service
-            rosters_port=free_port(),  # workbench.services.rosters.app (course rosters loaded by instructors) as a hub service
+            sessions_port=ports["sessions_port"],  # workbench.services.sessions.app (session limits, idle culling)
+            rosters_port=ports["rosters_port"],  # workbench.services.rosters.app (course rosters loaded by instructors)
             system_users=system_users,
             allow_demo_auth_on_network=opts.allow_demo_auth_on_network,
             gpus=gpus,
             gateway_backend=opts.gateway_backend,
-            extra=(
+            extra={"jobs_port": ports["jobs_port"]}
+            | (
                 {"slurm_conf": os.environ.get("SLURM_CONF", "")}
                 if "slurm" in (opts.gateway_backend, opts.spawner)
                 else {}

@@ -16,6 +16,8 @@ what the policy and the other engines guarantee:
   pending job that is abandoned or outlives ``start_timeout`` is cancelled (``scancel``);
 - after a hub restart the job is found again from the hub's state (job id) and Slurm's; a job that
   ended meanwhile is recorded as stopped;
+- GPU jobs run :mod:`workbench.services.sessions.report` next to the server, which reports the GPUs'
+  utilisation to the sessions service, so GPU-idle culling works for servers on compute nodes;
 - the user's Dask clusters stop with the server, and servers get their group folders (same paths
   as the other engines) and course material.
 """
@@ -26,13 +28,16 @@ import asyncio
 import grp
 import os
 import pwd
+import shlex
+import sys
+import time
 from datetime import UTC, datetime
 
 from batchspawner import JobStatus, SlurmSpawner
 from batchspawner.api import BatchSpawnerAPIHandler
 from jupyterhub import apihandlers
 from tornado import web
-from traitlets import Bool, Dict, Float, Unicode, default
+from traitlets import Bool, Dict, Float, List, Unicode, default
 
 from workbench.courses.material import prepare_courses
 from workbench.policy import Policy, cached_policy
@@ -65,7 +70,8 @@ BATCH_SCRIPT = """#!/bin/bash
 {% for option in sbatch_options %}#SBATCH {{option}}
 {% endfor %}
 export PATH={{path}}
-{% if not gres %}export CUDA_VISIBLE_DEVICES=  # no GPU profile: no device, even on a GPU node
+{% if gres %}{{gpu_reporter}} &  # the GPUs' utilisation, for GPU-idle culling (workbench.services.sessions.report)
+{% else %}export CUDA_VISIBLE_DEVICES=  # no GPU profile: no device, even on a GPU node
 {% endif %}exec {{cmd}}
 """
 
@@ -109,6 +115,10 @@ apihandlers.default_handlers[:] = [
 ]
 
 
+#: stop events waiting for the quota service (kept referenced until delivered)
+_pending_stops: set[asyncio.Future] = set()
+
+
 def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
@@ -131,9 +141,27 @@ class WorkbenchSlurmSpawner(QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSp
     exec_prefix = Unicode("sudo -E -u {{username}}").tag(config=True)
     req_srun = Unicode("").tag(config=True)
     startup_poll_interval = Float(1.0, help="Seconds between job state checks while it starts.").tag(config=True)
+    queue_margin = Float(
+        5.0,
+        help="A job still pending this many seconds before start_timeout is cancelled with Slurm's reason.",
+    ).tag(config=True)
+    gpu_reporter_cmd = List(
+        Unicode(),
+        help="What a GPU job runs next to its server to report the GPUs' utilisation for GPU-idle culling "
+        "(the sessions service cannot read a compute node's GPUs); --every=<seconds> is appended.",
+    ).tag(config=True)
+
+    @default("gpu_reporter_cmd")
+    def _default_gpu_reporter_cmd(self):
+        return [sys.executable, "-m", "workbench.services.sessions.report"]
+
+    stop_delivery_timeout = Float(
+        900.0, help="How long the end of a job that the quota service could not take is retried (seconds)."
+    ).tag(config=True)
 
     profile_name: str = ""
     job_info: JobInfo | None = None
+    _queue_deadline: float | None = None  # while starting: when a job still pending is given up (monotonic)
     admitted_at: datetime | None = None
     job_started: bool = False
 
@@ -211,6 +239,8 @@ class WorkbenchSlurmSpawner(QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSp
         subvars["gres"] = self.job.gres or ""
         subvars["job_name"] = f"jupyter-{self.system_user}"
         subvars["path"] = self.get_env().get("PATH", "/usr/local/bin:/usr/bin:/bin")
+        every = min(float(self.policy.culling.every), 20.0)
+        subvars["gpu_reporter"] = " ".join(shlex.quote(a) for a in [*self.gpu_reporter_cmd, f"--every={every:g}"])
         return subvars
 
     # -- Slurm's view of the job -------------------------------------------------------
@@ -256,6 +286,12 @@ class WorkbenchSlurmSpawner(QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSp
                 await self._record_job_start(info)
             return JobStatus.RUNNING
         if info.pending:
+            if self._queue_deadline is not None and time.monotonic() > self._queue_deadline:
+                raise web.HTTPError(
+                    503,
+                    f"{info.describe()}: still waiting in Slurm's queue after {self.start_timeout} s (the start "
+                    "timeout), so it was cancelled and nothing was charged; try again later or pick another profile",
+                )
             return JobStatus.PENDING
         return JobStatus.NOTFOUND  # ended (COMPLETED, CANCELLED, TIMEOUT, FAILED, ...)
 
@@ -308,11 +344,13 @@ class WorkbenchSlurmSpawner(QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSp
 
     # -- accounting ----------------------------------------------------------------------
 
-    async def _send_events(self, events: list[dict]) -> None:
+    async def _send_events(self, events: list[dict]) -> list[dict] | None:
+        """The quota service's results for ``events``; None (logged) when it does not answer."""
         try:
-            await self.quota.events(events)
+            return await self.quota.events(events)
         except QuotaUnavailable as e:
             self.log.warning("Could not record %s (the quota service's reconcile will): %s", self.quota_item, e)
+            return None
 
     async def _record_job_start(self, info: JobInfo) -> None:
         """Charge from the job's real start: the admission's row ends unused, a row opens at Slurm's StartTime."""
@@ -340,11 +378,52 @@ class WorkbenchSlurmSpawner(QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSp
             end = info.end if info is not None and info.ended and info.end else datetime.now(UTC)
         else:
             end = admitted_at or datetime.now(UTC)
-        await self._send_events(
-            [{"id": f"slurm-stop:{self.quota_item}:{job_id or _iso(end)}", "type": "stop", "item": self.quota_item,
-              "time": _iso(end)}]
-        )  # fmt: skip
+        stop = {"id": f"slurm-stop:{self.quota_item}:{job_id or _iso(end)}", "type": "stop", "item": self.quota_item,
+                "time": _iso(end)}  # fmt: skip
+        resume = None
+        if started and job_id and info is not None and info.start:
+            job = self.job
+            resume = {"id": f"slurm-resume:{self.quota_item}:{job_id}", "type": "start", "item": self.quota_item,
+                      "time": _iso(info.start), "kind": "server", "user": self.user.name, "group": job.group,
+                      "profile": self.profile_name}  # fmt: skip
+        if not await self._deliver_stop(stop, resume):
+            # the hub checks its servers before it starts its services: after a restart, a job that ended while
+            # the hub was down is polled before the quota service answers. Deliver it when it does.
+            task = asyncio.ensure_future(self._deliver_stop_later(stop, resume))
+            _pending_stops.add(task)
+            task.add_done_callback(_pending_stops.discard)
+            return
         self.log.info("Usage of %s's job %s recorded until %s", self.user.name, job_id or "(none)", _iso(end))
+
+    async def _deliver_stop(self, stop: dict, resume: dict | None) -> bool:
+        """Send ``stop``; False when the quota service does not answer.
+
+        When the row was closed already (``not-open``: the quota service's reconcile closed it at the last time
+        it knew the server alive, e.g. when the hub was down as the job ended), the job's remaining run is
+        recorded as its own row: ``resume`` (a start at Slurm's StartTime, which the ledger moves to the end of
+        the item's last row, so nothing counts twice) and ``stop`` again at Slurm's EndTime.
+        """
+        results = await self._send_events([stop])
+        if results is None:
+            return False
+        if resume is not None and results and results[0].get("status") == "not-open":
+            again = {**stop, "id": stop["id"].replace("slurm-stop:", "slurm-end:", 1)}
+            if await self._send_events([resume, again]) is None:
+                return False
+            self.log.info("Usage of %s until Slurm's EndTime %s recorded after the reconcile", self.user.name,
+                          stop["time"])  # fmt: skip
+        return True
+
+    async def _deliver_stop_later(self, stop: dict, resume: dict | None) -> None:
+        delay, deadline = 1.0, asyncio.get_running_loop().time() + self.stop_delivery_timeout
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(delay)
+            if await self._deliver_stop(stop, resume):
+                self.log.info("Usage of %s recorded until %s (delivered late)", self.user.name, stop["time"])
+                return
+            delay = min(delay * 2, 15.0)
+        self.log.error("Could not record the end of %s at %s: the quota service never answered", self.quota_item,
+                       stop["time"])  # fmt: skip
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -364,10 +443,15 @@ class WorkbenchSlurmSpawner(QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSp
             self._prepare_shared_folders()
             await prepare_courses(self)
             self.log.info("Submitting %s's server as a Slurm job: %s", self.user.name, " ".join(self.job.sbatch_args()))
+            # a job still queued shortly before the hub's start_timeout will not make it: give up with Slurm's
+            # reason (the hub's own timeout would only say "timeout")
+            self._queue_deadline = time.monotonic() + max(1.0, self.start_timeout - self.queue_margin)
             return await super().start()
         except BaseException:
             await self._abandon()
             raise
+        finally:
+            self._queue_deadline = None
 
     async def _abandon(self) -> None:
         """A start that failed, timed out or was abandoned: cancel the job, charge only what it ran."""
@@ -390,6 +474,10 @@ class WorkbenchSlurmSpawner(QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSp
 
     async def stop(self, now=False):
         job_id, started, admitted = self.job_id, self.job_started, self.admitted_at
+        if not job_id:  # no job (its end was recorded when poll found it gone): only the clusters to stop
+            if self._owns_dask_clusters():
+                await self._stop_dask_clusters()
+            return
         try:
             await super().stop(now=now)
         finally:

@@ -79,10 +79,12 @@ class QuotaClient:
             raise QuotaUnavailable(f"the quota service refused this sender: {doc.get('message')}")
         return Admission(bool(doc.get("allowed")), doc.get("reason"), doc.get("message", ""), item)
 
-    async def events(self, events: list[dict]) -> None:
+    async def events(self, events: list[dict]) -> list[dict]:
         """Record usage events as given (ids, types, items, times: the service's EventBatch); raises
-        :class:`QuotaUnavailable` when the service does not take them. Ids are unique, so a retry counts once."""
-        await self._call("POST", "/events", {"events": events})
+        :class:`QuotaUnavailable` when the service does not take them. Ids are unique, so a retry counts once.
+        Returns one ``{"id", "status", "row"}`` per event (status: recorded, duplicate, already-open, not-open)."""
+        _, doc = await self._call("POST", "/events", {"events": events})
+        return list(doc.get("results") or [])
 
     async def stop(self, item: str, tries: int = 3, delay: float = 1.0) -> bool:
         """Send a stop event for ``item``; False (logged) when the service never answered."""

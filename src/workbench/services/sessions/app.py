@@ -8,7 +8,8 @@
    ``read:users:name``, ``read:users:groups``, ``read:servers``, ``admin:server_state`` for the
    profile and GPU devices in the spawner state, ``delete:servers``);
 2. samples the utilisation of the servers' GPUs (:mod:`workbench.gpu_utilisation`: NVML, or a JSON
-   file for ``--fake-gpus`` and tests);
+   file for ``--fake-gpus`` and tests); servers whose GPUs are not on this machine (Slurm jobs) report
+   their own (``POST /services/sessions/api/gpu-utilisation``, :mod:`workbench.services.sessions.report`);
 3. asks :func:`workbench.services.sessions.rules.decide` what to do, warns users of session limits ahead and
    stops servers through the hub (the spawner then stops the user's Dask clusters too).
 
@@ -41,6 +42,7 @@ from workbench.names import SESSIONS_SERVICE as SERVICE_NAME
 from workbench.policy import Policy
 from workbench.services.base import HubClient as BaseHubClient
 from workbench.services.base import JsonHandler, add_common_args, serve_until_signal, service_setup
+from workbench.services.sessions.report import REPORT_PATH, Reports, parse_report
 from workbench.services.sessions.rules import (
     DEFAULT_GPU_IDLE_THRESHOLD,
     Action,
@@ -83,6 +85,7 @@ class SessionsService:
         clock: Callable[[], datetime] = utcnow,
         keep: float = 86400.0,
         max_per_user: int = 50,
+        report_max_age: float = 120.0,
     ):
         self.policy = policy
         self.hub = hub
@@ -96,6 +99,7 @@ class SessionsService:
         self.stopping: set[str] = set()
         self.servers: list[Server] = []
         self.notes: dict[str, list[dict]] = {}
+        self.reports = Reports(max_age=report_max_age)  # GPU utilisation sent by servers themselves
 
     # -- notifications --------------------------------------------------------------
 
@@ -127,6 +131,7 @@ class SessionsService:
         now = self.clock()
         servers = servers_of(self.policy, users)
         samples = await self.sample_gpus(servers)
+        servers, samples = self.reports.apply(servers, samples, now)
         self.gpu_idle_since = update_gpu_idle(self.gpu_idle_since, servers, samples, now, self.threshold)
         actions = decide(self.policy, servers, now, warned=self.warned, gpu_idle_since=self.gpu_idle_since)
         done = []
@@ -177,6 +182,7 @@ class SessionsService:
             [
                 (rf"{p}api/health", HealthHandler, settings),
                 (rf"{p}(?:api/notifications)?", NotificationsHandler, settings),
+                (rf"{p}{REPORT_PATH}", GpuReportHandler, settings),
             ]
         )
 
@@ -201,6 +207,28 @@ class NotificationsHandler(BaseHandler):
         if not scopes & {ACCESS_SCOPE, "access:services"}:
             raise web.HTTPError(403, f"this token lacks the scope {ACCESS_SCOPE}")
         self.write_json({"notifications": self.svc.notifications(model["name"])})
+
+
+class GpuReportHandler(BaseHandler):
+    """A server's own GPU utilisation (:mod:`workbench.services.sessions.report`), for its user's servers only."""
+
+    async def post(self):
+        model = await self.token_model(self.hub_auth)
+        if model.get("kind", "user") != "user":
+            raise web.HTTPError(403, "GPU reports come from a server: use its token ($JUPYTERHUB_API_TOKEN)")
+        scopes = set(model.get("scopes") or ())
+        if not scopes & {ACCESS_SCOPE, "access:services"}:
+            raise web.HTTPError(403, f"this token lacks the scope {ACCESS_SCOPE}")
+        try:
+            report = parse_report(self.body_json())
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
+        user = model["name"]  # the token's user: a report never speaks for another user's server
+        if self.svc.reports.add(user, report, self.svc.clock(), self.svc.threshold):
+            idle = all(v < self.svc.threshold for v in report.utilisation.values())
+            log.info("GPU report of %s's server %r: %s %s", user, report.server, "idle" if idle else "busy",
+                     report.utilisation)  # fmt: skip
+        self.write_json({"recorded": sorted(report.utilisation)})
 
 
 # ---------------------------------------------------------------------------
@@ -251,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     def build():
         hub_auth = HubAuth(api_url=setup.api_url, api_token=setup.token, cache_max_age=60, access_scopes={ACCESS_SCOPE})
         svc = SessionsService(
-            policy, HubClient(setup.api_url, setup.token), gpu, threshold=args.gpu_idle_threshold, keep=args.keep
+            policy,
+            HubClient(setup.api_url, setup.token),
+            gpu,
+            threshold=args.gpu_idle_threshold,
+            keep=args.keep,
+            report_max_age=max(3 * interval, 60.0),  # reporters send every culling.every (at least every 20 s)
         )
         return svc.make_app(hub_auth, setup.prefix), lambda: svc.run(interval)
 
