@@ -29,10 +29,14 @@ from workbench.services.quota.wiring import add_quota_service, pass_db_url
 from workbench.services.rosters.rules import needs_service as needs_rosters_service
 from workbench.services.sessions.rules import needs_service as needs_sessions_service
 from workbench.settings import apply_settings, roles
+from workbench.spawn.concurrency import hub_start_timeout
 from workbench.spawn.local import WorkbenchLocalSpawner
 from workbench.spawnpage import TEMPLATES as SPAWN_TEMPLATES
 from workbench.spawnpage import spawn_form
 from workbench.spawnpage import template_vars as spawn_template_vars
+
+START_QUEUE_TIMEOUT = 900.0  # seconds a start may wait for a start slot
+SLOT_START_TIMEOUT = 120.0  # seconds from the slot until the server answers
 
 
 def _cls(klass: type) -> str:
@@ -150,11 +154,15 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "server_token_scopes": list(SERVER_TOKEN_SCOPES)
             + ([SESSIONS_ACCESS_SCOPE] if needs_sessions_service(policy) else [])
             + ([ROSTERS_ACCESS_SCOPE] if needs_rosters_service(policy) else []),
-            "start_timeout": 120,
+            # a start waits for its slot (workbench.spawn.concurrency), then has slot_start_timeout to answer: the
+            # hub's own timer covers both, so that a queued start is not killed by it
+            "start_timeout": hub_start_timeout(START_QUEUE_TIMEOUT, SLOT_START_TIMEOUT),
             "http_timeout": 90,
             "poll_interval": 10,  # also how soon a crashed managed service (the gateway) is restarted
         },
         "WorkbenchLocalSpawner": {
+            "start_queue_timeout": START_QUEUE_TIMEOUT,
+            "slot_start_timeout": SLOT_START_TIMEOUT,
             "policy_path": runtime.config,
             "system_users": runtime.system_users,
             "user_prefix": runtime.user_prefix,
