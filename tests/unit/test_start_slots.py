@@ -5,13 +5,26 @@ process (a stand-in for JupyterLab, whose start-up is what the slots ration)."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from tornado import web
+from traitlets.config import Config
 
+from workbench.embedded.hub import configure_hub
+from workbench.runtime import Runtime
 from workbench.spawn import concurrency
-from workbench.spawn.concurrency import StartSlotMixin, StartSlots, hub_start_timeout, machine_capacity
+from workbench.spawn.concurrency import (
+    StartSlotMixin,
+    StartSlots,
+    StartSlotsError,
+    hub_start_timeout,
+    machine_capacity,
+    start_slots_from_env,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_capacity_follows_cores_and_memory():
@@ -134,3 +147,65 @@ def test_server_that_never_answers_times_out_after_its_slot_and_frees_it(fresh_s
 
 def test_hub_timer_covers_queue_and_start():
     assert hub_start_timeout(900, 120) > 900 + 120
+
+
+def test_start_slots_from_env():
+    assert start_slots_from_env({}) is None
+    assert start_slots_from_env({"WORKBENCH_START_SLOTS": " "}) is None
+    assert start_slots_from_env({"WORKBENCH_START_SLOTS": "0"}) == 0  # from the machine
+    assert start_slots_from_env({"WORKBENCH_START_SLOTS": "4"}) == 4
+    for bad in ("four", "-1", "2.5"):
+        with pytest.raises(StartSlotsError) as e:
+            start_slots_from_env({"WORKBENCH_START_SLOTS": bad})
+        msg = str(e.value)
+        assert f"WORKBENCH_START_SLOTS={bad!r}" in msg
+        assert "whole number of servers that may start at once (e.g. 4)" in msg and "or 0 to follow the machine" in msg
+
+
+def _runtime(tmp_path) -> Runtime:
+    return Runtime(
+        config=str(REPO / "hub_config" / "demo.yaml"),
+        state_dir=str(tmp_path),
+        hub_config_dir=str(REPO / "hub_config"),
+        venv_bin="/srv/wb/.venv/bin",
+        proxy_command="/usr/bin/configurable-http-proxy",
+        sessions_port=18015,
+        rosters_port=18016,
+    )
+
+
+def test_hub_takes_the_limit_from_its_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_START_SLOTS", "3")
+    c = Config()
+    configure_hub(c, _runtime(tmp_path))
+    assert c.WorkbenchLocalSpawner.start_slots == 3
+    assert c.JupyterHub.concurrent_spawn_limit >= 1000  # the slots queue; no 429 for a class
+
+    monkeypatch.delenv("WORKBENCH_START_SLOTS")
+    c = Config()
+    configure_hub(c, _runtime(tmp_path))
+    assert "start_slots" not in c.WorkbenchLocalSpawner  # 0, the trait's default: from the machine
+
+
+def test_hub_refuses_a_bad_limit_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORKBENCH_START_SLOTS", "lots")
+    with pytest.raises(SystemExit) as e:
+        configure_hub(Config(), _runtime(tmp_path))
+    assert e.value.code == 2
+    assert "workbench: WORKBENCH_START_SLOTS='lots': must be a whole number" in capsys.readouterr().err
+
+
+def test_next_start_of_the_same_spawner_takes_a_new_ticket(fresh_slots):
+    async def main():
+        app = web.Application([(r"/user/u/.*", type("H", (web.RequestHandler,), {"get": lambda self: None}))])
+        server = app.listen(0, address="127.0.0.1")
+        port = next(iter(server._sockets.values())).getsockname()[1]
+        s = _Spawner(port, 0, {"now": 0, "max": 0}, start_slots=1)
+        await s.start()
+        assert s._slot_ticket is None  # an old, granted ticket would make progress() report the next start granted
+        await s.start()
+        server.stop()
+        return concurrency._SLOTS[0]
+
+    slots = asyncio.run(main())
+    assert slots.granted == 2 and slots.running == 0

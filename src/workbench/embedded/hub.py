@@ -29,13 +29,15 @@ from workbench.services.quota.wiring import add_quota_service, pass_db_url
 from workbench.services.rosters.rules import needs_service as needs_rosters_service
 from workbench.services.sessions.rules import needs_service as needs_sessions_service
 from workbench.settings import apply_settings, roles
-from workbench.spawn.concurrency import hub_start_timeout
+from workbench.spawn.concurrency import StartSlotsError, hub_start_timeout, start_slots_from_env
 from workbench.spawn.local import WorkbenchLocalSpawner
 from workbench.spawnpage import TEMPLATES as SPAWN_TEMPLATES
 from workbench.spawnpage import spawn_form
 from workbench.spawnpage import template_vars as spawn_template_vars
 
 START_QUEUE_TIMEOUT = 900.0  # seconds a start may wait for a start slot
+# starts pending at once before the hub answers 429: the start slots queue them instead (a class logs in together)
+CONCURRENT_SPAWN_LIMIT = 1000
 SLOT_START_TIMEOUT = 120.0  # seconds from the slot until the server answers
 
 
@@ -133,6 +135,9 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "load_roles": roles(policy),
             "cleanup_servers": True,
             "cleanup_proxy": True,
+            # the start slots (workbench.spawn.concurrency) queue what the machine cannot start at once, with places
+            # on the spawn page; JupyterHub's default 100 would answer 429 to the rest of a large class instead
+            "concurrent_spawn_limit": CONCURRENT_SPAWN_LIMIT,
             # the platform's own pages (branding) and spawn form, JupyterHub's templates extended (workbench.spawnpage)
             "template_paths": [str(SPAWN_TEMPLATES)],
             **auth["JupyterHub"],
@@ -198,8 +203,11 @@ def configure_hub(c, runtime: Runtime | None = None, policy: Policy | None = Non
     try:
         policy = policy or load_policy(runtime.config)
         settings = hub_settings(policy, runtime, load_or_create_secrets(runtime.state_dir))
-    except (PolicyError, DemoAuthExposed) as e:  # make the hub's own log say what is wrong, then stop
+        slots = start_slots_from_env(os.environ)  # $WORKBENCH_START_SLOTS (unset: from the machine)
+    except (PolicyError, DemoAuthExposed, StartSlotsError) as e:  # make the hub's own log say what is wrong, then stop
         print(f"workbench: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if slots is not None:
+        settings["WorkbenchLocalSpawner"]["start_slots"] = slots
     pass_db_url(settings, os.environ)  # $WORKBENCH_QUOTA_DB_URL of the hub's environment to the quota service
     apply_settings(c, settings)

@@ -11,6 +11,24 @@ when the slot is granted. The hub times the whole ``start()`` with ``Spawner.sta
 the hub's ``start_timeout`` must cover :attr:`~StartSlotMixin.start_queue_timeout` + ``slot_start_timeout``
 (:func:`hub_start_timeout`); when ``start()`` returns the server already answers, so ``http_timeout`` is not
 reached.
+
+Order with the admission mixins (:class:`~workbench.spawn.common.AdmittedOptionsMixin`,
+:class:`~workbench.spawn.common.QuotaAdmissionMixin`): a start is **admitted first, then waits for its slot**. The
+engine's own ``start()`` (e.g. ``WorkbenchLocalSpawner.start``) checks the profile and asks the quota service,
+then calls ``super().start()``, which is this mixin's ``start()``. Why this way round:
+
+- a refusal (unentitled profile 403, no budget or a cap 403, quota service down 503) answers at once, instead of
+  after minutes in line for a start that was never going to happen;
+- a group's concurrency cap counts the queued starts, so draining the line can never start more servers than
+  the cap allows (admitting after the slot would let the whole line pass the check one by one);
+- admission takes milliseconds, so it does not hold up the line; the slot is held only for the CPU-heavy part.
+
+The price: the ledger row opens at admission, so time spent in the line (at most ``start_queue_timeout``, in
+practice seconds to a few minutes at a class start) is charged as server time, and a start that gives up in the
+line closes its row (the engines' failure path sends the stop).
+
+The limit: :attr:`StartSlotMixin.start_slots`, 0 (the default) meaning :func:`machine_capacity`; the embedded hub
+takes ``$WORKBENCH_START_SLOTS`` (:func:`start_slots_from_env`) to set it by hand.
 """
 
 from __future__ import annotations
@@ -123,6 +141,32 @@ class StartSlots:
         self._moved()
 
 
+START_SLOTS_ENV = "WORKBENCH_START_SLOTS"
+
+
+class StartSlotsError(ValueError):
+    """A start-slot setting an admin got wrong (the message names it and the fix)."""
+
+
+def start_slots_from_env(environ) -> int | None:
+    """``$WORKBENCH_START_SLOTS`` as a number of slots (None when unset; 0: from the machine); raises
+    :class:`StartSlotsError` naming the variable and the fix for anything else than a whole number ≥ 0."""
+    raw = environ.get(START_SLOTS_ENV)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise StartSlotsError(
+            f"{START_SLOTS_ENV}={raw!r}: must be a whole number of servers that may start at once (e.g. 4), "
+            f"or 0 to follow the machine (now {machine_capacity()}: one per core and per 512 MiB available); "
+            f"fix or unset it"
+        )
+    return value
+
+
 _SLOTS: dict[int, StartSlots] = {}
 
 
@@ -141,8 +185,10 @@ def hub_start_timeout(start_queue_timeout: float, slot_start_timeout: float) -> 
 class StartSlotMixin(LoggingConfigurable):
     """Spawner mixin: ``start()`` waits for a start slot, then starts and waits until the server answers HTTP.
 
-    Put it first in the bases (``class S(StartSlotMixin, ..., LocalProcessSpawner)``). Needs the spawner's
-    ``server`` (its URL path) and ``start()`` returning ``(ip, port)`` or a URL, as JupyterHub's spawners do.
+    Put it first in the bases (``class S(StartSlotMixin, AdmittedOptionsMixin, QuotaAdmissionMixin, ...,
+    LocalProcessSpawner)``) and let the engine's own ``start()`` admit the start before it calls ``super().start()``
+    (admission first, then the slot: see the module's docstring for why). Needs the spawner's ``server`` (its URL
+    path) and ``start()`` returning ``(ip, port)`` or a URL, as JupyterHub's spawners do.
     """
 
     start_slots = Integer(
@@ -195,6 +241,7 @@ class StartSlotMixin(LoggingConfigurable):
             ) from None
         finally:
             slots.release()
+            self._slot_ticket = None  # the next start of this spawner takes a new ticket
 
     async def _start_until_up(self):
         from jupyterhub.utils import wait_for_http_server
