@@ -197,7 +197,9 @@ class StartSlotMixin(LoggingConfigurable):
         "see their place on the spawn page. 0: from the machine (one per core and per 512 MiB available memory).",
     ).tag(config=True)
     start_queue_timeout = Float(
-        900.0, help="Seconds a start may wait for its slot before it fails with a message saying so."
+        3600.0,
+        help="Seconds a start may wait for its slot before it fails with a message saying so. The line always "
+        "moves (each holder answers or fails within slot_start_timeout), so this only caps a very long line.",
     ).tag(config=True)
     slot_start_timeout = Float(
         120.0,
