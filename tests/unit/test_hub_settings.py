@@ -250,11 +250,13 @@ def test_spawner_sections(settings):
             "access:services!service=sessions",
             "access:services!service=rosters",
         ],
-        "start_timeout": 120,
+        "start_timeout": 3930.0,  # start_queue_timeout 3600 + slot_start_timeout 300 + 30
         "http_timeout": 90,
         "poll_interval": 10,
     }
     expected = {
+        "start_queue_timeout": 3600.0,  # a start waits in line for its slot (workbench.spawn.concurrency)
+        "slot_start_timeout": 300.0,
         "policy_path": "/srv/wb/platform.yaml",
         "system_users": False,
         "user_prefix": "wb-",

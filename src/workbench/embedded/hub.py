@@ -29,10 +29,21 @@ from workbench.services.quota.wiring import add_quota_service, pass_db_url
 from workbench.services.rosters.rules import needs_service as needs_rosters_service
 from workbench.services.sessions.rules import needs_service as needs_sessions_service
 from workbench.settings import apply_settings, roles
+from workbench.spawn.concurrency import StartSlotsError, hub_start_timeout, start_slots_from_env
 from workbench.spawn.local import WorkbenchLocalSpawner
 from workbench.spawnpage import TEMPLATES as SPAWN_TEMPLATES
 from workbench.spawnpage import spawn_form
 from workbench.spawnpage import template_vars as spawn_template_vars
+
+# seconds a start may wait for a start slot: the line always moves (each holder answers or fails within
+# SLOT_START_TIMEOUT), so this only caps a very long line (a class of 40 on a 2-core machine loaded by other work
+# needed more than the 900 s this was: benchmarks/README.md, class start)
+START_QUEUE_TIMEOUT = 3600.0
+# starts pending at once before the hub answers 429: the start slots queue them instead (a class logs in together)
+CONCURRENT_SPAWN_LIMIT = 1000
+# seconds from the slot until the server answers: one JupyterLab start-up takes 5-10 s alone, but past 100 s in a
+# 1-core cgroup on a 2-core machine at load 25 (the first N=40 class start lost 21 of 40 to the 120 s this was)
+SLOT_START_TIMEOUT = 300.0
 
 
 def _cls(klass: type) -> str:
@@ -129,6 +140,9 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "load_roles": roles(policy),
             "cleanup_servers": True,
             "cleanup_proxy": True,
+            # the start slots (workbench.spawn.concurrency) queue what the machine cannot start at once, with places
+            # on the spawn page; JupyterHub's default 100 would answer 429 to the rest of a large class instead
+            "concurrent_spawn_limit": CONCURRENT_SPAWN_LIMIT,
             # the platform's own pages (branding) and spawn form, JupyterHub's templates extended (workbench.spawnpage)
             "template_paths": [str(SPAWN_TEMPLATES)],
             **auth["JupyterHub"],
@@ -150,11 +164,15 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             "server_token_scopes": list(SERVER_TOKEN_SCOPES)
             + ([SESSIONS_ACCESS_SCOPE] if needs_sessions_service(policy) else [])
             + ([ROSTERS_ACCESS_SCOPE] if needs_rosters_service(policy) else []),
-            "start_timeout": 120,
+            # a start waits for its slot (workbench.spawn.concurrency), then has slot_start_timeout to answer: the
+            # hub's own timer covers both, so that a queued start is not killed by it
+            "start_timeout": hub_start_timeout(START_QUEUE_TIMEOUT, SLOT_START_TIMEOUT),
             "http_timeout": 90,
             "poll_interval": 10,  # also how soon a crashed managed service (the gateway) is restarted
         },
         "WorkbenchLocalSpawner": {
+            "start_queue_timeout": START_QUEUE_TIMEOUT,
+            "slot_start_timeout": SLOT_START_TIMEOUT,
             "policy_path": runtime.config,
             "system_users": runtime.system_users,
             "user_prefix": runtime.user_prefix,
@@ -190,8 +208,11 @@ def configure_hub(c, runtime: Runtime | None = None, policy: Policy | None = Non
     try:
         policy = policy or load_policy(runtime.config)
         settings = hub_settings(policy, runtime, load_or_create_secrets(runtime.state_dir))
-    except (PolicyError, DemoAuthExposed) as e:  # make the hub's own log say what is wrong, then stop
+        slots = start_slots_from_env(os.environ)  # $WORKBENCH_START_SLOTS (unset: from the machine)
+    except (PolicyError, DemoAuthExposed, StartSlotsError) as e:  # make the hub's own log say what is wrong, then stop
         print(f"workbench: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if slots is not None:
+        settings["WorkbenchLocalSpawner"]["start_slots"] = slots
     pass_db_url(settings, os.environ)  # $WORKBENCH_QUOTA_DB_URL of the hub's environment to the quota service
     apply_settings(c, settings)

@@ -34,6 +34,7 @@ from workbench.spawn.common import (
     dask_environment,
     options_form_html,
 )
+from workbench.spawn.concurrency import StartSlotMixin
 from workbench.spawn.starters import install_starters
 from workbench.sysusers import (
     ensure_folder,
@@ -47,13 +48,16 @@ _ALLOCATORS: dict[str, GpuAllocator] = {}
 _LIMITERS: dict[str, Limiter] = {}
 
 
-class WorkbenchLocalSpawner(AdmittedOptionsMixin, QuotaAdmissionMixin, StopsDaskClustersMixin, LocalProcessSpawner):
+class WorkbenchLocalSpawner(
+    StartSlotMixin, AdmittedOptionsMixin, QuotaAdmissionMixin, StopsDaskClustersMixin, LocalProcessSpawner
+):
     """LocalProcessSpawner driven by the platform policy.
 
     - the spawn form lists only the user's entitled profiles; ``user_options["profile"]`` from the
       form or the REST API is checked against the policy (403 otherwise) before anything starts;
     - CPU and memory limits of the profile are applied (cgroups where available, rlimits otherwise);
-    - GPU profiles get devices of their GPU type via ``CUDA_VISIBLE_DEVICES``, never shared.
+    - GPU profiles get devices of their GPU type via ``CUDA_VISIBLE_DEVICES``, never shared;
+    - at most ``start_slots`` servers start at once, the others wait in line (:mod:`workbench.spawn.concurrency`).
     """
 
     policy_path = Unicode(help="Path of the platform YAML.").tag(config=True)
