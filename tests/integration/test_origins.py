@@ -134,6 +134,8 @@ def test_services_stay_on_the_hubs_host_and_notebooks_still_reach_them(wb):
         env = wb.server_process("researcher").environ()
         assert env["JUPYTERHUB_PUBLIC_URL"] == f"http://researcher.localhost:{wb.port}/user/researcher/"
         assert env["DASK_GATEWAY__ADDRESS"] == f"http://localhost:{wb.port}/services/dask-gateway"
+        # dask-gateway's dashboard_link (dask-labextension shows it) is built on the public address
+        assert env["DASK_GATEWAY__PUBLIC_ADDRESS"] == env["DASK_GATEWAY__ADDRESS"]
         assert env["WORKBENCH_SERVICES_URL"] == f"{wb.url}/services/"
         # the server asks the quota and sessions services itself (its own token): no problem reported
         r = host_get(wb, "researcher.localhost", "/user/researcher/workbench/notifications", researcher)
