@@ -101,3 +101,16 @@ def test_the_cockpits_dashboard_links_and_the_notifications_use_the_hubs_origin(
     assert hub_prefix(env) == "http://localhost:8000/"
     assert services_base_url(env) == "http://localhost:8000/services/"
     assert hub_prefix({"JUPYTERHUB_BASE_URL": "/jh/", "JUPYTERHUB_PUBLIC_HUB_URL": ""}) == "/jh"
+
+
+def test_the_hub_pod_refuses_a_subdomain_host_that_cannot_work():
+    """The chart checks hub.subdomainHost at render time; the hub checks WORKBENCH_SUBDOMAIN_HOST once more."""
+    from workbench.kubernetes.hub import K8sConfigError, k8s_hub_settings
+
+    from .test_k8s_hub import CENTRE, HUB
+
+    centre = load_policy(CENTRE)
+    with pytest.raises(K8sConfigError, match=r"hub\.subdomainHost \(WORKBENCH_SUBDOMAIN_HOST\): .* is an IP address"):
+        k8s_hub_settings(centre, {**HUB, "WORKBENCH_SUBDOMAIN_HOST": "https://10.0.0.5"})
+    ok = k8s_hub_settings(centre, {**HUB, "WORKBENCH_SUBDOMAIN_HOST": "https://workbench.example.edu/"})
+    assert ok["JupyterHub"]["subdomain_host"] == "https://workbench.example.edu"
