@@ -188,6 +188,24 @@ and wrong types; the hub checks the whole policy again at start-up (workbench.po
 {{- if and $v.ingress.enabled (not $v.ingress.host) -}}
 {{- $problems = append $problems "ingress.host: ingress.enabled needs the host name (workbench.example.edu)" -}}
 {{- end -}}
+{{- with $v.hub.subdomainHost -}}
+{{- $sub := urlParse . -}}
+{{- $subHost := regexReplaceAll ":[0-9]+$" $sub.host "" -}}
+{{- if or (not (has $sub.scheme (list "http" "https"))) (not $subHost) (not (has $sub.path (list "" "/"))) $sub.query $sub.fragment -}}
+{{- $problems = append $problems (printf "hub.subdomainHost: %q is not an origin (scheme://host[:port], nothing after); set it to the hub's origin, e.g. https://workbench.example.edu (users at https://<user>.workbench.example.edu)" .) -}}
+{{- else if regexMatch "^[0-9.]+$" $subHost -}}
+{{- $problems = append $problems (printf "hub.subdomainHost: %q is an IP address, which has no subdomains; use the DNS name whose wildcard *.<name> points at the proxy, e.g. https://workbench.example.edu" .) -}}
+{{- end -}}
+{{- if and $v.ingress.enabled $v.ingress.host (ne $subHost $v.ingress.host) -}}
+{{- $problems = append $problems (printf "hub.subdomainHost: its host %q is not ingress.host %q; the Ingress serves <ingress.host> and *.<ingress.host>: make them the same name" $subHost $v.ingress.host) -}}
+{{- end -}}
+{{- if $v.publicUrl -}}
+{{- $pub := urlParse $v.publicUrl -}}
+{{- if or (ne $pub.scheme $sub.scheme) (ne $pub.host $sub.host) -}}
+{{- $problems = append $problems (printf "hub.subdomainHost: %q and publicUrl %q are different origins; the hub lives at subdomainHost: set publicUrl to %s://%s (or leave it empty)" . $v.publicUrl $sub.scheme $sub.host) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- toJson $problems -}}
 {{- end -}}
 

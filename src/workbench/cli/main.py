@@ -64,6 +64,8 @@ def cmd_up(args) -> int:
         spawner=args.spawner,
         quota_every=args.quota_every,
         quota=args.quota,
+        subdomains=args.subdomains,
+        subdomain_host=args.subdomain_host,
     )
     if args.hub_config_dir:
         opts.hub_config_dir = args.hub_config_dir
@@ -157,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="run without the quota service: budgets and caps are not enforced and usage is not recorded "
         "(for comparisons and for machines where nobody is accounted)",
+    )
+    up.add_argument(
+        "--subdomains",
+        action="store_true",
+        help="serve each user's server from its own origin, http://<user>.localhost:<port>/user/<user>/ (the hub "
+        "at http://localhost:<port>), so a page a user serves cannot act with another user's hub login; browsers "
+        "resolve *.localhost, Python clients do not (see the README)",
+    )
+    up.add_argument(
+        "--subdomain-host",
+        default="",
+        metavar="URL",
+        help="with subdomains, the hub's origin (e.g. https://workbench.example.edu, whose *.workbench.example.edu "
+        "resolves to this machine); implies --subdomains (default: http://localhost:<port>)",
     )
     up.set_defaults(func=cmd_up)
 

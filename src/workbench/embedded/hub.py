@@ -23,6 +23,7 @@ from workbench.names import (
     SESSIONS_ACCESS_SCOPE,
     SESSIONS_SERVICE,
 )
+from workbench.origins import merge_settings, subdomain_settings
 from workbench.policy import Policy, PolicyError, load_policy
 from workbench.runtime import Runtime, free_port, load_or_create_secrets
 from workbench.services.quota.wiring import add_quota_service, pass_db_url
@@ -191,6 +192,8 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
     # the quota service, its roles and scopes (workbench.services.quota.wiring; only when runtime.quota_port is set)
     add_jobs_service(settings, policy, runtime, secrets)  # notebook jobs (workbench.jobs.wiring)
     settings = add_quota_service(settings, policy, runtime, secrets)
+    if runtime.extra.get("subdomain_host"):  # `workbench up --subdomains`: each server on its own origin
+        add_subdomains(settings, runtime)
     if runtime.extra.get("spawner") == "slurm":  # supercomputer mode: servers as Slurm jobs (workbench.spawn.slurm)
         from workbench.gateway.slurm import resolve_slurm_conf
         from workbench.spawn.slurm import WorkbenchSlurmSpawner, slurm_spawner_settings
@@ -200,6 +203,23 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             settings["WorkbenchLocalSpawner"], runtime.venv_bin, resolve_slurm_conf(runtime)
         )
     return settings
+
+
+def add_subdomains(settings: dict[str, dict], runtime: Runtime) -> None:
+    """Serve each user's server from its own origin, ``http://<user>.localhost:<port>/user/<user>/`` (in place).
+
+    The hub and its services stay at ``runtime.extra["subdomain_host"]`` (``http://localhost:<port>``:
+    browsers resolve every ``*.localhost`` to loopback by themselves) and, for the platform's own
+    processes (glibc resolves no ``*.localhost``), at ``runtime.public_url`` too (``127.0.0.1``: extra proxy
+    routes, see :mod:`workbench.origins`). Notebooks reach the services at the latter
+    (``WORKBENCH_SERVICES_URL``); Dask Gateway at the hub's origin, so dashboard links open where the
+    guard's login cookie lives.
+    """
+    host = runtime.extra["subdomain_host"]
+    merge_settings(settings, subdomain_settings(host, settings["JupyterHub"]["services"], [runtime.connect_host]))
+    spawner = settings["WorkbenchLocalSpawner"]
+    spawner["environment"] = {**spawner["environment"], "WORKBENCH_SERVICES_URL": f"{runtime.public_url}/services/"}
+    spawner["dask_env"] = {**spawner["dask_env"], "gateway_url": f"{host}/services/{GATEWAY_SERVICE}"}
 
 
 def configure_hub(c, runtime: Runtime | None = None, policy: Policy | None = None) -> None:

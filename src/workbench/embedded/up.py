@@ -30,12 +30,14 @@ import requests
 
 from workbench.auth.demo import PASSWORD_ENV, DemoAuthExposed, check_demo_exposure
 from workbench.gpus import detect_devices, inventory, parse_fake_gpus
+from workbench.origins import SubdomainHostError, check_subdomain_host
 from workbench.policy import Policy, PolicyError, load_policy
 from workbench.runtime import (
     RUNTIME_ENV,
     SERVICES_UMASK,
     Runtime,
     free_port,
+    is_loopback,
     load_or_create_secrets,
     make_private_state_dir,
     port_in_use,
@@ -85,6 +87,8 @@ class UpOptions:
     spawner: str = "local"  # "local" or "slurm" (notebook servers as Slurm jobs: workbench.spawn.slurm)
     quota_every: float = 30.0  # seconds between budget enforcement rounds (quota service, gateway)
     quota: bool = True  # run the quota service (budgets enforced, usage recorded)
+    subdomains: bool = False  # each user's server on its own origin (workbench.origins)
+    subdomain_host: str = ""  # with subdomains: the hub's origin (default http://localhost:<port>)
 
 
 #: the internal ports of one workbench, remembered in ``<state>/ports.json`` (the public one is ``--port``)
@@ -217,6 +221,20 @@ def decide_system_users(opts: UpOptions, venv_bin: Path) -> tuple[bool, str]:
     return True, ""
 
 
+def subdomain_host_for(opts: UpOptions) -> str:
+    """The hub's origin with ``--subdomains`` ('' without): ``--subdomain-host``, else ``http://localhost:<port>``."""
+    if opts.subdomain_host:
+        return check_subdomain_host(opts.subdomain_host, "--subdomain-host")
+    if not opts.subdomains:
+        return ""
+    if not is_loopback(opts.bind):
+        raise SubdomainHostError(
+            f"--subdomains on --bind {opts.bind}: *.localhost names reach this machine only from its own browser; "
+            "pass --subdomain-host https://<name> whose wildcard *.<name> resolves to this machine"
+        )
+    return f"http://localhost:{opts.port}"
+
+
 class Supervisor:
     def __init__(self, opts: UpOptions):
         self.opts = opts
@@ -295,6 +313,11 @@ class Supervisor:
         if port_in_use(opts.bind, opts.port):
             return fail(f"{opts.bind}:{opts.port} is already in use; stop what uses it or pass --port")
 
+        try:
+            subdomain_host = subdomain_host_for(opts)
+        except SubdomainHostError as e:
+            return fail(str(e))
+
         system_users, warning = decide_system_users(opts, venv_bin)
         if warning:
             say(f"WARNING: {warning}")
@@ -361,7 +384,8 @@ class Supervisor:
                 if "slurm" in (opts.gateway_backend, opts.spawner)
                 else {}
             )
-            | ({"spawner": "slurm"} if opts.spawner == "slurm" else {}),
+            | ({"spawner": "slurm"} if opts.spawner == "slurm" else {})
+            | ({"subdomain_host": subdomain_host} if subdomain_host else {}),
         )
         runtime_file = runtime.write()
 
@@ -461,6 +485,7 @@ class Supervisor:
 
     def _banner(self, policy: Policy, runtime: Runtime, password: str, generated: bool, log_path: Path) -> None:
         url = f"http://{runtime.bind if runtime.bind not in ('0.0.0.0', '::') else runtime.connect_host}:{runtime.port}"
+        url = runtime.extra.get("subdomain_host") or url  # --subdomains: the hub's origin, servers on <user>.<host>
         lines = ["", f"  Workbench is ready:  {url}/", ""]
         if policy.auth.type == "demo":
             src = "generated for this run" if generated else f"from ${PASSWORD_ENV}"

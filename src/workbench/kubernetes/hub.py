@@ -46,6 +46,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from workbench.auth.demo import DemoAuthExposed
 from workbench.auth.oauth import auth_settings
@@ -62,6 +63,7 @@ from workbench.names import (
     SESSIONS_ACCESS_SCOPE,
     SESSIONS_SERVICE,
 )
+from workbench.origins import SubdomainHostError, check_subdomain_host, subdomain_settings
 from workbench.policy import Policy, PolicyError, load_policy
 from workbench.services.quota.wiring import quota_roles
 from workbench.services.sessions.rules import needs_service as needs_sessions_service
@@ -102,6 +104,7 @@ HUB_ENV: dict[str, str] = {
     "WORKBENCH_NAMESPACE": "* namespace of the release: notebook pods and their volumes go there",
     "WORKBENCH_RELEASE": "* Helm release name: the app.kubernetes.io/instance label of notebook pods",
     "WORKBENCH_PUBLIC_URL": "public URL of the workbench (https://workbench.example.edu); required for OAuth",
+    "WORKBENCH_SUBDOMAIN_HOST": "hub.subdomainHost: each user's server on <user>.<host> (JupyterHub's subdomain_host)",
     "WORKBENCH_HUB_CONNECT_URL": "* URL at which pods reach the hub API (http://<release>-hub:8081)",
     "WORKBENCH_PROXY_API_URL": "* configurable-http-proxy's API (http://<release>-proxy-api:8001)",
     "WORKBENCH_DB_URL": "* hub database (sqlite:////srv/jupyterhub/jupyterhub.sqlite or a PostgreSQL URL)",
@@ -437,9 +440,24 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
         hub["custom_scopes"] = dict(QUOTA_CUSTOM_SCOPES)
     if public_url:
         hub["public_url"] = f"{public_url}/"
+    subdomain_host = (env.get("WORKBENCH_SUBDOMAIN_HOST") or "").strip()
+    if subdomain_host:  # hub.subdomainHost: each user's server on its own origin (workbench.origins)
+        try:
+            subdomain_host = check_subdomain_host(subdomain_host, "hub.subdomainHost (WORKBENCH_SUBDOMAIN_HOST)")
+        except SubdomainHostError as e:
+            raise K8sConfigError(f"hub: {e}") from None
+        # notebooks reach the services through the proxy's in-cluster Service: that host gets their routes too
+        internal = [urlsplit(_services_url(env)).hostname or ""] if _services_url(env) else []
+        origins = subdomain_settings(subdomain_host, services, internal)
+        hub.update(origins["JupyterHub"])
+        proxy_routes = origins["ConfigurableHTTPProxy"]
+        # dashboards open on the hub's origin, where the guard's login lives (a relative link would be the server's)
+        spawner["environment"]["DASK_GATEWAY__PUBLIC_ADDRESS"] = f"{subdomain_host}{GATEWAY_PREFIX}"
+    else:
+        proxy_routes = {}
     return {
         "JupyterHub": hub,
-        "ConfigurableHTTPProxy": {"should_start": False, "api_url": env["WORKBENCH_PROXY_API_URL"]},
+        "ConfigurableHTTPProxy": {"should_start": False, "api_url": env["WORKBENCH_PROXY_API_URL"], **proxy_routes},
         **{section: values for section, values in auth.items() if section != "JupyterHub"},
         "Spawner": {
             "cmd": ["jupyterhub-singleuser"],

@@ -36,7 +36,7 @@ import socket
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import httpclient, web
@@ -135,6 +135,17 @@ def _float(v: str | None) -> float | None:
         return float(v) if v else None
     except ValueError:
         return None
+
+
+def hub_prefix(env: Mapping[str, str]) -> str:
+    """The hub's base URL as the browser sees it (pure): a path, or with the hub's origin when the hub says it.
+
+    With subdomains (``JupyterHub.subdomain_host``) this server is on its own origin, and the hub's services
+    (the dashboard guard) are on the hub's: ``$JUPYTERHUB_PUBLIC_HUB_URL`` gives it (``http://localhost:8000/hub/``).
+    """
+    base = "/" + (env.get("JUPYTERHUB_BASE_URL") or "/").strip("/")
+    hub = urlsplit((env.get("JUPYTERHUB_PUBLIC_HUB_URL") or "").strip())
+    return f"{hub.scheme}://{hub.netloc}{base}" if hub.scheme and hub.netloc else base
 
 
 def cluster_view(model: Mapping, identity: Mapping | None, now: float, public_prefix: str = "/") -> dict:
@@ -323,7 +334,7 @@ class WorkbenchCockpit(LoggingConfigurable):
 
         identities = await asyncio.gather(*(identity(m) for m in models))
         now = time.time()
-        prefix = "/" + (os.environ.get("JUPYTERHUB_BASE_URL") or "/").strip("/")
+        prefix = hub_prefix(os.environ)
         views = [cluster_view(m, i, now, prefix) for m, i in zip(models, identities, strict=True)]
         views.sort(key=lambda c: str(c["name"]))
         return {"available": True, "clusters": views, "options": options_view(options)}

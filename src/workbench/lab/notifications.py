@@ -153,7 +153,7 @@ def services_base_url(env: Mapping[str, str]) -> str:
     """Where the hub's services are reached from this server: ``<proxy>/<hub base_url>services/``.
 
     ``$WORKBENCH_SERVICES_URL`` when set; else the proxy's public origin, from
-    ``$JUPYTERHUB_PUBLIC_URL`` / ``$JUPYTERHUB_PUBLIC_HUB_URL`` (JupyterHub sets them when its
+    ``$JUPYTERHUB_PUBLIC_HUB_URL`` / ``$JUPYTERHUB_PUBLIC_URL`` (JupyterHub sets them when its
     ``public_url`` is configured) or, in the embedded workbench, from ``$DASK_GATEWAY__ADDRESS``
     (``<proxy>/services/dask-gateway``); empty when none is known.
     """
@@ -162,7 +162,8 @@ def services_base_url(env: Mapping[str, str]) -> str:
         return explicit.rstrip("/") + "/"
     base = "/" + (env.get("JUPYTERHUB_BASE_URL") or "/").strip("/")
     base = base.rstrip("/") + "/"
-    for name in ("JUPYTERHUB_PUBLIC_URL", "JUPYTERHUB_PUBLIC_HUB_URL"):
+    # the hub's URL first: with subdomains this server's own URL is on another host than the services
+    for name in ("JUPYTERHUB_PUBLIC_HUB_URL", "JUPYTERHUB_PUBLIC_URL"):
         u = urlsplit((env.get(name) or "").strip())
         if u.scheme and u.netloc:
             return f"{u.scheme}://{u.netloc}{base}services/"
