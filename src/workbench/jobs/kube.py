@@ -37,6 +37,8 @@ __all__ = [
     "LABEL_USER",
     "job_manifest",
     "job_object_name",
+    "job_spawner_config",
+    "kubernetes_parts",
     "label_value",
     "render_job_async",
 ]
@@ -333,6 +335,7 @@ def kubernetes_parts(policy: Policy, args, env):
             namespace = f.read().strip()
     if not namespace:
         raise ValueError("WORKBENCH_NAMESPACE: set it to the namespace the Jobs run in (the chart sets the release's)")
+    spawner_config = job_spawner_config(env)
     quota = (env.get("WORKBENCH_QUOTA_URL") or "").strip().rstrip("/")
     quota_url = f"{quota}/services/quota/api" if quota else ""
     ttl = args.ttl if args.ttl is not None else DEFAULT_TTL_SECONDS
@@ -343,7 +346,27 @@ def kubernetes_parts(policy: Policy, args, env):
         config.load_incluster_config()
         api = client.ApiClient()
         return KubeEngine(
-            policy, namespace, client.BatchV1Api(api), client.CoreV1Api(api), hub.user_groups, ttl_seconds=ttl
+            policy,
+            namespace,
+            client.BatchV1Api(api),
+            client.CoreV1Api(api),
+            hub.user_groups,
+            ttl_seconds=ttl,
+            spawner_config=spawner_config,
         )
 
     return args.state_dir, quota_url, make_engine, KubeEngine.account
+
+
+def job_spawner_config(env) -> dict:
+    """The WorkbenchKubeSpawner traits the hub sets from its environment that shape a pod, from the jobs pod's
+    (the chart gives both the same ``WORKBENCH_RELEASE``, pull secrets and GPU settings): the release label that
+    the chart's NetworkPolicy for job pods selects, image pulls, the GPU runtime class and ``/dev/shm`` (pure)."""
+    release = (env.get("WORKBENCH_RELEASE") or "").strip()
+    return {
+        **({"extra_labels": {"app.kubernetes.io/instance": release}} if release else {}),
+        "image_pull_policy": "IfNotPresent",
+        "image_pull_secrets": [s.strip() for s in env.get("WORKBENCH_IMAGE_PULL_SECRETS", "").split(",") if s.strip()],
+        "gpu_runtime_class": (env.get("WORKBENCH_GPU_RUNTIME_CLASS") or "").strip(),
+        "gpu_dev_shm": (env.get("WORKBENCH_GPU_DEV_SHM") or "").strip().lower() in ("1", "true", "yes"),
+    }
