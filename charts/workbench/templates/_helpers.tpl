@@ -166,6 +166,9 @@ checksum/secret: {{ include "workbench.secretData" . | sha256sum }}
 {{- if include "workbench.rostersEnabled" . -}}
 {{- $_ := set $keys "rosters-api-token" .Values.secrets.rostersApiToken -}}
 {{- end -}}
+{{- if .Values.jobs.enabled -}}
+{{- $_ := set $keys "jobs-api-token" .Values.secrets.jobsApiToken -}}
+{{- end -}}
 {{- if eq (include "workbench.authType" .) "demo" -}}
 {{- $_ := set $keys "demo-password" .Values.secrets.demoPassword -}}
 {{- end -}}

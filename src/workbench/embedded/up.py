@@ -6,7 +6,8 @@ network address, prepare the state folder and secrets, pick ports (the internal 
 outlive a hub crash, e.g. Slurm jobs, still reach the hub's API: :func:`stable_ports`), then start JupyterHub (which
 starts its proxy, the Dask Gateway and the idle culler as managed services) and wait for
 ``/hub/health``. On Ctrl-C or SIGTERM the hub is asked to stop (it stops servers, services and
-the proxy); anything still alive after that is killed. This process is a Linux child
+the proxy); anything still alive after that is killed, except running notebook jobs (they outlive it and the
+next `workbench up` on the same state folder follows them again). This process is a Linux child
 subreaper, so processes orphaned by a crashed hub or gateway come back to it and are reaped.
 """
 
@@ -245,8 +246,13 @@ class Supervisor:
     # -- process bookkeeping ------------------------------------------------------
 
     def track(self) -> list[psutil.Process]:
+        """Descendants to stop with the workbench: all but running notebook jobs, which outlive it (the next
+        ``workbench up`` on this state folder follows them again; see :func:`workbench.jobs.engines.local_job_processes`)."""
+        from workbench.jobs.engines import local_job_processes
+
         try:
-            kids = psutil.Process().children(recursive=True)
+            jobs = local_job_processes(Path(self.opts.state_dir).resolve())
+            kids = [p for p in psutil.Process().children(recursive=True) if p.pid not in jobs]
         except psutil.Error:
             return []
         for p in kids:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from workbench.jobs.model import SlurmPlacement, execute_command, parse_scontrol, sbatch_args, sbatch_script
 
-__all__ = ["Observation", "LocalEngine", "SlurmEngine", "run_as", "Account"]
+__all__ = ["Observation", "LocalEngine", "SlurmEngine", "run_as", "Account", "find_process", "local_job_processes"]
 
 _FINAL = {
     "COMPLETED": "completed",
@@ -177,15 +177,82 @@ class SlurmEngine:
         return out
 
 
+def _process_key(pid: int) -> str:
+    """``<pid>@<start time>``: a process named so that a reused pid never matches (psutil's create time)."""
+    import psutil
+
+    return f"{pid}@{psutil.Process(pid).create_time():.2f}"
+
+
+def find_process(engine_id: str | None):
+    """The live (not zombie) process an ``<pid>@<start time>`` engine id names, or None."""
+    import psutil
+
+    pid, _, created = (engine_id or "").partition("@")
+    if not pid.isdigit() or not created:
+        return None
+    try:
+        p = psutil.Process(int(pid))
+        if abs(p.create_time() - float(created)) > 0.05 or p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return p
+    except (psutil.Error, ValueError):
+        return None
+
+
+def local_job_processes(state_dir: str | os.PathLike) -> set[int]:
+    """Pids of the embedded engine's running notebook jobs (each job's process and its descendants, e.g. the
+    kernel), found from the jobs service's table (written only by the platform: a user cannot add a pid).
+
+    ``workbench up`` leaves these alone when it stops or when the hub crashes, so a job outlives the platform
+    (its ``timeout`` ends it at its time limit) and the next ``workbench up`` follows it again.
+    """
+    import sqlite3
+
+    import psutil
+
+    path = Path(state_dir, "jobs.sqlite")
+    if not path.is_file():
+        return set()
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            rows = db.execute(
+                "SELECT engine_id FROM jobs WHERE engine = 'local' AND state IN ('queued', 'running')"
+            ).fetchall()
+    except sqlite3.Error:
+        return set()
+    pids: set[int] = set()
+    for (engine_id,) in rows:
+        p = find_process(engine_id)
+        if p is None:
+            continue
+        pids.add(p.pid)
+        try:
+            pids.update(c.pid for c in p.children(recursive=True))
+        except psutil.Error:
+            pass
+    return pids
+
+
 class LocalEngine:
-    """Jobs as local processes of the user's account under the profile's CPU and memory limits (embedded)."""
+    """Jobs as local processes of the user's account under the profile's CPU and memory limits (embedded).
+
+    Each job runs in its own session under coreutils' ``timeout`` (its time limit, enforced even while the
+    jobs service or the whole platform is down); its engine id is ``<pid>@<start time>``. A restarted service
+    follows the jobs its predecessor started (:func:`find_process`); a job that ended while no service
+    watched reports the exit status ``execute`` wrote into its run folder (``job.exit``, read as the user),
+    and its end is counted from when it was last seen alive onwards no earlier than that file's time.
+    """
 
     name = "local"
 
-    def __init__(self, python_bin: str, poll_every: float = 1.0):
+    def __init__(self, python_bin: str, poll_every: float = 1.0, accounts=None):
         self.python_bin = python_bin
+        self.accounts = accounts  # hub name -> Account, to read job.exit of jobs adopted after a restart
         self.procs: dict[str, subprocess.Popen] = {}
-        self.started: dict[str, float] = {}
+        self.adopted: dict[str, object] = {}  # job id -> psutil.Process of a job a predecessor started
+        self.seen: dict[str, float] = {}  # job id -> when this service last saw an adopted job alive
+        self.started: dict[str, float] = {}  # job id -> when this service started it
         self.cancelled: set[str] = set()
         self.timed_out: set[str] = set()
         self._limiter = None
@@ -222,7 +289,7 @@ class LocalEngine:
             str(Path(self.python_bin, "python")), str(Path(account.home, job["notebook"])), job["run_dir"], params
         )
         proc = subprocess.Popen(
-            [*cmd, "--log"],
+            [*local_timeout(job["time_limit"]), *cmd, "--log"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -233,53 +300,124 @@ class LocalEngine:
         )
         self.procs[job["id"]] = proc
         self.started[job["id"]] = time.time()
-        return str(proc.pid)
+        try:
+            return _process_key(proc.pid)
+        except Exception:  # it ended already: poll() reports it from the Popen
+            return f"{proc.pid}@0"
 
-    def _signal(self, job_id: str, sig: int) -> None:
-        proc = self.procs.get(job_id)
-        if proc is not None and proc.poll() is None:
+    def _adopted(self, job: dict):
+        """The live process of a job a predecessor started (its pid and start time still match), or None."""
+        import psutil
+
+        p = self.adopted.get(job["id"])
+        try:
+            if p is not None and p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                return p
+        except psutil.Error:
+            pass
+        p = find_process(job.get("engine_id"))
+        if p is None:
+            self.adopted.pop(job["id"], None)
+        else:
+            self.adopted[job["id"]] = p
+        return p
+
+    def _pgid(self, job: dict) -> int | None:
+        proc = self.procs.get(job["id"])
+        if proc is not None:
+            return proc.pid if proc.poll() is None else None
+        p = self._adopted(job)
+        return p.pid if p is not None else None
+
+    def _signal(self, job: dict, sig: int) -> None:
+        pgid = self._pgid(job)
+        if pgid is not None:
             try:
-                os.killpg(proc.pid, sig)
+                os.killpg(pgid, sig)
             except ProcessLookupError:
                 pass
 
     async def cancel(self, job: dict) -> None:
         self.cancelled.add(job["id"])
-        self._signal(job["id"], signal.SIGTERM)
-        proc = self.procs.get(job["id"])
+        self._signal(job, signal.SIGTERM)
+        proc = self.procs.get(job["id"]) or self._adopted(job)
         if proc is not None:
             try:
                 await asyncio.to_thread(proc.wait, 10)
-            except subprocess.TimeoutExpired:
-                self._signal(job["id"], signal.SIGKILL)
+            except Exception:  # subprocess.TimeoutExpired / psutil.TimeoutExpired
+                self._signal(job, signal.SIGKILL)
+
+    def _exit_status(self, job: dict) -> tuple[int | None, float | None]:
+        """The exit code and time ``execute`` wrote into the run folder (read as the job's user), or Nones."""
+        if self.accounts is None:
+            return None, None
+        try:
+            res = run_as(self.accounts(job["user"]), ["cat", "--", f"{job['run_dir']}/job.exit"], timeout=30)
+            if res.returncode != 0:
+                return None, None
+            code, at = res.stdout.decode().split()[:2]
+            return int(code), float(at)
+        except (ValueError, IndexError, OSError, subprocess.SubprocessError):
+            return None, None
+
+    def _poll_adopted(self, job: dict, now: float) -> Observation:
+        jid = job["id"]
+        started = job.get("started") or job["submitted"]
+        p = self._adopted(job)
+        if p is not None:
+            self.seen[jid] = now
+            if now - started > job["time_limit"] + 60:  # its timeout should have ended it
+                self.timed_out.add(jid)
+                self._signal(job, signal.SIGKILL)
+            return Observation("running", "", started)
+        self.adopted.pop(jid, None)
+        self.limiter.remove(f"job-{jid}")
+        code, at = self._exit_status(job)
+        # it ended after it was last seen alive and before now; the user's own file says when (a file the user
+        # can write: it is believed only within those bounds)
+        last_seen = self.seen.pop(jid, None) or started
+        ended = min(max(at or now, last_seen), now)
+        state = self._final_state(jid, code)
+        if code is None and jid not in self.cancelled:
+            reason = "ended while the jobs service was down; no exit status"
+            return Observation("timeout" if now - started >= job["time_limit"] else "failed", reason, started, ended)
+        return Observation(state, "", started, ended, code)
+
+    def _final_state(self, jid: str, code: int | None) -> str:
+        if jid in self.cancelled:
+            return "cancelled"
+        if jid in self.timed_out or code == TIMEOUT_EXIT:
+            return "timeout"
+        return "completed" if code == 0 else "failed"
 
     async def poll(self, jobs: list[dict]) -> dict[str, Observation]:
         out, now = {}, time.time()
         for job in jobs:
             jid = job["id"]
             proc = self.procs.get(jid)
-            if proc is None:  # the service restarted: the process is not ours any more
-                out[jid] = Observation("failed", "lost when the jobs service restarted", None, now)
+            if proc is None:  # started by the service before a restart: follow it by pid and start time
+                out[jid] = await asyncio.to_thread(self._poll_adopted, job, now)
                 continue
-            started = self.started[jid]
+            started = self.started.get(jid) or job.get("started") or job["submitted"]
             code = proc.poll()
-            if code is None and now - started > job["time_limit"]:
+            if code is None and now - started > job["time_limit"] + 60:  # its timeout should have ended it
                 self.timed_out.add(jid)
-                self._signal(jid, signal.SIGKILL)
+                self._signal(job, signal.SIGKILL)
                 code = proc.wait()
             if code is None:
                 out[jid] = Observation("running", "", started)
                 continue
             self.procs.pop(jid, None)
+            self.started.pop(jid, None)
             self.limiter.remove(f"job-{jid}")
-            state = (
-                "cancelled"
-                if jid in self.cancelled
-                else "timeout"
-                if jid in self.timed_out
-                else "completed"
-                if code == 0
-                else "failed"
-            )
-            out[jid] = Observation(state, "", started, now, code)
+            out[jid] = Observation(self._final_state(jid, code), "", started, now, code)
         return out
+
+
+#: the exit status of coreutils' ``timeout`` when the time limit ended the command
+TIMEOUT_EXIT = 124
+
+
+def local_timeout(seconds: int) -> list[str]:
+    """The ``timeout`` prefix of a local job (pure): SIGTERM at the limit, SIGKILL 30 s later."""
+    return ["timeout", "--signal=TERM", "--kill-after=30", f"{int(seconds)}s"]

@@ -4,7 +4,8 @@
 2. reads the notebook, injects the parameters papermill's way: a cell tagged ``injected-parameters`` after the
    cell tagged ``parameters`` (or first, without one), so the notebook's defaults are overridden;
 3. executes it with nbclient in the run folder (files the notebook writes land there), and writes the executed
-   notebook, with its outputs, into the run folder even when a cell fails (exit 1 then).
+   notebook, with its outputs, into the run folder even when a cell fails (exit 1 then);
+4. writes ``job.exit`` (exit code and time) into the run folder.
 
 Runs only as the user (never as root): everything it opens is the user's own.
 """
@@ -77,7 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(fd, 2)
         os.close(fd)
     os.chdir(args.run_dir)
-    return run(args.notebook, args.run_dir, json.loads(args.parameters))
+    code = 1
+    try:
+        code = run(args.notebook, args.run_dir, json.loads(args.parameters))
+    finally:
+        write_exit(args.run_dir, code)
+    return code
+
+
+def write_exit(run_dir: str, code: int) -> None:
+    """``job.exit`` in the run folder: ``<exit code> <unix time>``, for an engine that did not start this
+    process (the embedded engine after a restart of the jobs service)."""
+    fd = os.open(os.path.join(run_dir, "job.exit"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{code} {time.time():.3f}\n")
 
 
 if __name__ == "__main__":

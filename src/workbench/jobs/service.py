@@ -227,10 +227,10 @@ class JobsService:
                     start = values.get("started") or job["started"]
                     values["ended"] = max(obs.ended or time.time(), start or 0) if start else None
                     values["exit_code"] = obs.exit_code
-                    if job["reason"] and job["reason"].startswith("budget"):
-                        values["reason"] = job["reason"]
-                if (job["state"], job["reason"]) != (obs.state, obs.reason):
-                    log.info("job %s of %s: %s %s", jid, job["user"], obs.state, obs.reason)
+                if job["reason"] and job["reason"].startswith("budget"):  # kept while the cancel takes effect
+                    values["reason"] = job["reason"]
+                if (job["state"], job["reason"]) != (values["state"], values["reason"]):
+                    log.info("job %s of %s: %s %s", jid, job["user"], values["state"], values["reason"])
                 self.store.update(jid, **values)
             await self.charge()
 
@@ -405,45 +405,65 @@ def main(argv: list[str] | None = None) -> int:
 
     p = add_common_args(argparse.ArgumentParser(prog="python -m workbench.jobs", description=__doc__.splitlines()[0]))
     p.add_argument(
-        "--engine", choices=["slurm", "local"], help="default: slurm with --gateway-backend slurm, else local"
+        "--engine",
+        choices=["slurm", "local", "kubernetes"],
+        help="default: slurm with --gateway-backend slurm, else local; kubernetes: the chart's jobs pod",
     )
     p.add_argument("--every", type=float, default=2.0, help="seconds between looks at the engine's jobs")
+    p.add_argument("--state-dir", help="kubernetes: the folder of jobs.sqlite (the chart's volume)")
+    p.add_argument("--ttl", type=int, help="kubernetes: seconds a finished Job is kept (ttlSecondsAfterFinished)")
     args = p.parse_args(argv)
     setup = service_setup(JOBS_SERVICE, args, 8016)
     if isinstance(setup, int):
         return setup
     rt = setup.runtime
-    if rt is None:
+    if args.engine == "kubernetes":
+        from workbench.jobs.kube import kubernetes_parts
+
+        try:
+            state_dir, quota_url, make_engine, accounts = kubernetes_parts(setup.policy, args, os.environ)
+        except ValueError as e:
+            print(f"jobs: {e}", file=sys.stderr)
+            return 2
+        engine_name = "kubernetes"
+    elif rt is None:
         print(
-            "jobs: needs the embedded workbench's $WORKBENCH_RUNTIME (state folder, engine, accounts)", file=sys.stderr
+            "jobs: needs the embedded workbench's $WORKBENCH_RUNTIME (state folder, engine, accounts), "
+            "or --engine kubernetes",
+            file=sys.stderr,
         )
         return 2
-    venv = rt.venv_bin
-    engine_name = args.engine or rt.extra.get("jobs_engine") or ("slurm" if rt.gateway_backend == "slurm" else "local")
-    if engine_name == "slurm":
-        conf = resolve_slurm_conf(rt)
-        engine = SlurmEngine(conf, venv, SLURM_UP_GPU_PARTITION if written_by_slurm_up(conf) else "")
     else:
-        engine = LocalEngine(venv)
+        state_dir = rt.state_dir
+        quota_url = f"http://127.0.0.1:{rt.quota_port}/services/{QUOTA_SERVICE}/api" if rt.quota_port else ""
+        venv = rt.venv_bin
+        engine_name = (
+            args.engine or rt.extra.get("jobs_engine") or ("slurm" if rt.gateway_backend == "slurm" else "local")
+        )
+        if engine_name == "slurm":
+            conf = resolve_slurm_conf(rt)
+            engine = SlurmEngine(conf, venv, SLURM_UP_GPU_PARTITION if written_by_slurm_up(conf) else "")
+        else:
+            engine = LocalEngine(venv, accounts=lambda user: accounts(user))
 
-    def accounts(user: str) -> Account:
-        if rt.system_users:
-            from workbench.sysusers import ensure_system_user
+        def make_engine(hub):
+            return engine
 
-            e = ensure_system_user(system_username(user, rt.user_prefix), comment=f"Workbench user {user}")
-            return Account(e.pw_name, e.pw_dir, e.pw_uid)
-        home = Path(rt.state_dir, "homes", user)
-        home.mkdir(parents=True, exist_ok=True)
-        return Account(os.environ.get("USER", "workbench"), str(home))
+        def accounts(user: str) -> Account:
+            if rt.system_users:
+                from workbench.sysusers import ensure_system_user
+
+                e = ensure_system_user(system_username(user, rt.user_prefix), comment=f"Workbench user {user}")
+                return Account(e.pw_name, e.pw_dir, e.pw_uid)
+            home = Path(rt.state_dir, "homes", user)
+            home.mkdir(parents=True, exist_ok=True)
+            return Account(os.environ.get("USER", "workbench"), str(home))
 
     def build():
         hub = HubClient(setup.api_url, setup.token)
-        quota = (
-            QuotaClient(f"http://127.0.0.1:{rt.quota_port}/services/{QUOTA_SERVICE}/api", setup.token)
-            if rt.quota_port
-            else None
-        )
-        svc = JobsService(setup.policy, JobStore(Path(rt.state_dir, "jobs.sqlite")), engine, hub, quota, accounts)
+        quota = QuotaClient(quota_url, setup.token) if quota_url else None
+        store = JobStore(Path(state_dir, "jobs.sqlite"))
+        svc = JobsService(setup.policy, store, make_engine(hub), hub, quota, accounts)
         hub_auth = HubAuth(
             api_url=setup.api_url, api_token=setup.token, cache_max_age=60, access_scopes={JOBS_ACCESS_SCOPE}
         )

@@ -8,6 +8,9 @@
 - roles: every policy group may call it (each sees their own jobs; instructors their course's);
   the service may read users' groups and course groups, and (with the quota service) write the ledger;
 - ``access:services!service=jobs`` in single-user servers' tokens, so ``workbench job`` works in a terminal.
+
+:func:`jobs_roles_for` gives the same roles to the Kubernetes hub (:mod:`workbench.kubernetes.hub`), where the
+service runs in its own pod (the chart's ``jobs.enabled``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ def jobs_service(runtime: Runtime, secrets: Mapping[str, str]) -> dict:
 
 
 def jobs_roles(policy: Policy, runtime: Runtime) -> list[dict]:
+    return jobs_roles_for(policy, bool(runtime.quota_port))
+
+
+def jobs_roles_for(policy: Policy, quota: bool) -> list[dict]:
+    """The jobs service's roles (pure): every policy group may call it; the service reads users' groups and
+    (``quota``: with a quota service) writes the ledger. Used by the embedded hub and on Kubernetes."""
     return [
         {
             "name": "workbench-jobs-users",
@@ -46,7 +55,7 @@ def jobs_roles(policy: Policy, runtime: Runtime) -> list[dict]:
         {
             "name": "workbench-jobs-service",
             "description": "The jobs service: users' groups, course members, usage of jobs in the quota ledger",
-            "scopes": SERVICE_SCOPES + ([QUOTA_WRITE_SCOPE] if runtime.quota_port else []),
+            "scopes": SERVICE_SCOPES + ([QUOTA_WRITE_SCOPE] if quota else []),
             "services": [JOBS_SERVICE],
         },
     ]

@@ -50,10 +50,13 @@ from urllib.parse import urlsplit
 
 from workbench.auth.demo import DemoAuthExposed
 from workbench.auth.oauth import auth_settings
+from workbench.jobs.wiring import jobs_roles_for
 from workbench.names import (
     CULLER_SCOPES,
     CULLER_SERVICE,
     GATEWAY_SERVICE,
+    JOBS_ACCESS_SCOPE,
+    JOBS_SERVICE,
     QUOTA_ACCESS_SCOPE,
     QUOTA_CUSTOM_SCOPES,
     QUOTA_SERVICE,
@@ -123,6 +126,9 @@ HUB_ENV: dict[str, str] = {
     "WORKBENCH_ROSTERS_URL": "the rosters service (http://<release>-rosters:8015): the hub service rosters, which "
     "loads course rosters for instructors; unset: none",
     "WORKBENCH_ROSTERS_API_TOKEN": "API token of the hub service rosters (required with WORKBENCH_ROSTERS_URL)",
+    "WORKBENCH_JOBS_URL": "the notebook jobs service (http://<release>-jobs:8016): the hub service jobs, which runs "
+    "notebooks as Kubernetes Jobs (workbench.jobs.kube); unset: none",
+    "WORKBENCH_JOBS_API_TOKEN": "API token of the hub service jobs (required with WORKBENCH_JOBS_URL)",
     "WORKBENCH_GPU_RUNTIME_CLASS": "RuntimeClass of GPU notebook pods (gpu.runtimeClassName); unset: the node's default",
     "WORKBENCH_GPU_DEV_SHM": "'true': GPU notebook pods get a memory-backed /dev/shm of their memory limit",
     "WORKBENCH_ALLOW_DEMO_AUTH": "'true' to accept auth.type demo (the chart sets it only when not exposed)",
@@ -280,7 +286,18 @@ def _services(policy: Policy, env: Mapping[str, str]) -> list[dict[str, Any]]:
     rosters_url = _rosters_url(env)
     if rosters_url:
         services.append({"name": ROSTERS_SERVICE, "url": rosters_url, "api_token": env["WORKBENCH_ROSTERS_API_TOKEN"]})
+    jobs_url = _jobs_url(env)
+    if jobs_url:
+        services.append({"name": JOBS_SERVICE, "url": jobs_url, "api_token": env["WORKBENCH_JOBS_API_TOKEN"]})
     return services
+
+
+def _jobs_url(env: Mapping[str, str]) -> str:
+    """The notebook jobs service's URL, when the chart runs it (``WORKBENCH_JOBS_URL``: ``jobs.enabled``), else ''."""
+    url = (env.get("WORKBENCH_JOBS_URL") or "").strip()
+    if url and not env.get("WORKBENCH_JOBS_API_TOKEN"):
+        raise K8sConfigError("hub: WORKBENCH_JOBS_URL is set but WORKBENCH_JOBS_API_TOKEN is not")
+    return url.rstrip("/")
 
 
 def _rosters_url(env: Mapping[str, str]) -> str:
@@ -355,7 +372,8 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
       demo auth only when ``WORKBENCH_ALLOW_DEMO_AUTH`` is true;
     - services: ``dask-gateway`` (the dashboard guard in front of the gateway's Traefik proxy), with
       ``WORKBENCH_QUOTA_URL`` ``quota`` (its own pod; the spawner then asks it to admit every start), with ``WORKBENCH_SESSIONS_URL`` ``sessions`` (its
-      own pod) and else the idle culler (in the hub pod); roles from :func:`workbench.embedded.hub.roles` and
+      own pod) and else the idle culler (in the hub pod), with ``WORKBENCH_JOBS_URL`` ``jobs`` (notebook jobs, its
+      own pod: :func:`workbench.jobs.wiring.jobs_roles_for`); roles from :func:`workbench.embedded.hub.roles` and
       :func:`workbench.services.quota.wiring.quota_roles`, the quota service's custom scopes, and
       ``access:services!service=quota`` / ``access:services!service=sessions`` in notebook servers' tokens;
     - the external configurable-http-proxy (not started by the hub), the database, and
@@ -414,6 +432,7 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
         spawner["quota_api_token"] = env["WORKBENCH_QUOTA_API_TOKEN"]
     sessions = bool(_sessions_url(env))
     rosters = bool(_rosters_url(env))
+    jobs = bool(_jobs_url(env))
     services = _services(policy, env)
     hub = {
         **settings["JupyterHub"],
@@ -427,6 +446,7 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
                 *culler_roles(policy),
                 *(quota_roles(policy) if quota else []),
                 *(_sessions_roles(policy) if sessions else []),
+                *(jobs_roles_for(policy, quota) if jobs else []),
             ],
             services,
         ),
@@ -467,6 +487,7 @@ def k8s_hub_settings(policy: Policy, env: Mapping[str, str]) -> dict[str, dict[s
                 *([QUOTA_ACCESS_SCOPE] if quota else []),
                 *([SESSIONS_ACCESS_SCOPE] if sessions else []),
                 *([ROSTERS_ACCESS_SCOPE] if rosters else []),
+                *([JOBS_ACCESS_SCOPE] if jobs else []),
             ],
             "start_timeout": 600,  # first pull of a multi-GB GPU image on a fresh node
             "http_timeout": 120,

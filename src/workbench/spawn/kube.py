@@ -519,18 +519,20 @@ class _RenderHub:
     api_url = "http://hub:8081/hub/api"
 
 
-async def render_pod_async(policy: Policy, username: str, user_groups: Iterable[str], profile: str | None) -> dict:
+async def render_pod_async(
+    policy: Policy, username: str, user_groups: Iterable[str], profile: str | None, config: dict | None = None
+) -> dict:
     """The pod manifest KubeSpawner would create for ``username`` with ``profile`` (None: default).
 
-    Builds a real :class:`WorkbenchKubeSpawner` with :func:`kubespawner_settings`, runs its
-    ``load_user_options`` (the policy check, then the profile's overrides) and
-    ``get_pod_manifest``; no API call is made. Raises ``tornado.web.HTTPError(403)`` when the
-    user's groups may not use ``profile``.
+    Builds a real :class:`WorkbenchKubeSpawner` with :func:`kubespawner_settings` (and ``config``, more of its
+    traits, as the hub sets them), runs its ``load_user_options`` (the policy check, then the profile's
+    overrides) and ``get_pod_manifest``; no API call is made. Raises ``tornado.web.HTTPError(403)`` when the
+    user's groups may not use ``profile``. Notebook jobs build their pods with it (:mod:`workbench.jobs.kube`).
     """
     from kubernetes_asyncio.client import ApiClient
     from traitlets.config import Config
 
-    config = Config({"WorkbenchKubeSpawner": kubespawner_settings(policy)})
+    config = Config({"WorkbenchKubeSpawner": {**kubespawner_settings(policy), **(config or {})}})
     with _offline_kube_config():
         spawner = WorkbenchKubeSpawner(
             policy=policy,

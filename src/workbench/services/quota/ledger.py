@@ -49,7 +49,6 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    inspect,
     literal,
     or_,
     select,
@@ -76,6 +75,7 @@ from workbench.services.quota.accounting import (
     iso,
 )
 from workbench.services.quota.enforce import StopItem, stop_plan
+from workbench.services.quota.migrate import migrate
 from workbench.services.quota.models import AdmitRequest, Resources, RunningItem, UsageEvent
 
 log = logging.getLogger("workbench.services.quota")
@@ -364,11 +364,7 @@ class Ledger:
 
     def create_schema(self) -> None:
         Base.metadata.create_all(self.engine)
-        # ledgers made before the ``seen`` column (last known alive) get it: nullable, no rewrite
-        if "seen" not in {c["name"] for c in inspect(self.engine).get_columns("quota_usage")}:
-            kind = DateTime().compile(dialect=self.engine.dialect)
-            with self.engine.begin() as c:
-                c.exec_driver_sql(f"ALTER TABLE quota_usage ADD COLUMN seen {kind}")
+        migrate(self.engine, UsageRow.__table__)  # ledgers made by older versions: see quota.migrate
 
     def close(self) -> None:
         self.engine.dispose()

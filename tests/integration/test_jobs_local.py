@@ -1,0 +1,333 @@
+"""Notebook jobs on the embedded engine (no Slurm): a real `workbench up` (hub, proxy, quota service, jobs service
+as root, local engine), jobs submitted with users' hub tokens and run as local processes of wb-<user>.
+
+Nothing is mocked. The policy is hub_config/demo.yaml plus a budget on the course (so course-wide runs are charged
+to it) and a research group `lab-budget` (user `spender`) whose CPU budget the test spends while a job runs,
+with a 15 s grace. Usage a group "already had" is written to the ledger as events with the gateway's service
+token, as in test_quota_enforcement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import sqlite3
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import nbformat
+import psutil
+import pytest
+import requests
+import yaml
+
+from workbench.sysusers import ensure_system_user
+
+from .harness import DEMO, Workbench, state_dir
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="jobs run as per-user accounts: needs root"),
+]
+
+NOTEBOOK = nbformat.v4.new_notebook(
+    cells=[
+        nbformat.v4.new_code_cell("n = 1\nsleep = 0", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import os, time, getpass\ntime.sleep(sleep)\nopen('result.txt', 'w').write(str(n * 2))\n"
+            "print('result', n * 2, getpass.getuser())"
+        ),
+    ],
+    metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+)
+GRACE = 15
+
+
+def policy_data() -> dict:
+    data = yaml.safe_load(DEMO.read_text())
+    data["auth"]["demo_users"]["spender"] = {"groups": ["lab-budget"]}
+    data["groups"]["course-ml101"]["budget"] = {"cpu_hours": 1000, "period": "month"}
+    data["groups"]["lab-budget"] = {
+        "kind": "research",
+        "profiles": ["cpu-small"],
+        "budget": {"cpu_hours": 5, "period": "month", "grace": f"{GRACE}s"},
+    }
+    return data
+
+
+@pytest.fixture(scope="module")
+def wb():
+    sd = state_dir("wb-jobs-local-")
+    config = sd.parent / "platform.yaml"
+    config.write_text(yaml.safe_dump(policy_data()))
+    w = Workbench(sd, config=config).start()
+    assert w.runtime.get("gateway_backend", "local") != "slurm"
+    yield w
+    w.stop()
+    assert not w.leftovers(), w.leftovers()
+
+
+class Api:
+    def __init__(self, wb: Workbench):
+        self.wb = wb
+        self.tokens: dict[str, str] = {}
+
+    def token(self, user: str) -> str:
+        if user not in self.tokens:
+            self.tokens[user] = self.wb.new_token(self.wb.login(user), user)
+        return self.tokens[user]
+
+    def jobs(self, user: str, method: str = "GET", path: str = "", **kw) -> requests.Response:
+        return requests.request(
+            method,
+            f"{self.wb.url}/services/jobs/api/jobs{path}",
+            headers={"Authorization": f"token {self.token(user)}"},
+            timeout=60,
+            **kw,
+        )
+
+    def submit(self, user: str, **body) -> dict:
+        r = self.jobs(user, "POST", json=body)
+        assert r.status_code == 201, r.text
+        return r.json()["jobs"][0]
+
+    def wait(self, user: str, job_id: str, states, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        doc = None
+        while time.monotonic() < deadline:
+            doc = self.jobs(user, path=f"/{job_id}").json()
+            if doc["state"] in states:
+                return doc
+            time.sleep(1)
+        raise TimeoutError(f"job {job_id} not {states}: {doc}\n{self.wb.hub_log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def api(wb):
+    return Api(wb)
+
+
+def put_notebook(user: str, name: str = "calc.ipynb") -> None:
+    e = ensure_system_user(f"wb-{user}")
+    path = os.path.join(e.pw_dir, name)
+    nbformat.write(NOTEBOOK, path)
+    os.chown(path, e.pw_uid, e.pw_gid)
+
+
+def ledger_rows(wb: Workbench, item: str) -> list[tuple]:
+    with sqlite3.connect(wb.state_dir / "quota.sqlite") as db:
+        return db.execute(
+            "SELECT start, stop, cpu, group_name, kind FROM quota_usage WHERE item = ?", (item,)
+        ).fetchall()
+
+
+def closed_row(wb: Workbench, item: str, timeout: float = 60) -> tuple:
+    deadline = time.monotonic() + timeout
+    while not (rows := ledger_rows(wb, item)) or rows[0][1] is None:
+        assert time.monotonic() < deadline, f"no closed ledger row for {item}: {rows}"
+        time.sleep(1)
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def seconds(row: tuple) -> float:
+    return datetime.fromisoformat(str(row[1])).timestamp() - datetime.fromisoformat(str(row[0])).timestamp()
+
+
+def output_text(api: Api, user: str, job_id: str) -> str:
+    r = api.jobs(user, path=f"/{job_id}/output")
+    assert r.status_code == 200, r.text
+    out = nbformat.reads(r.text, as_version=4)
+    return "".join(o.get("text", "") for c in out.cells for o in c.get("outputs", []))
+
+
+def job_processes(job: dict) -> list[psutil.Process]:
+    pid, _, _ = job["engine_id"].partition("@")
+    try:
+        p = psutil.Process(int(pid))
+        return [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def test_a_parameterised_notebook_runs_as_the_user_in_their_home_and_is_charged_its_run_time(wb, api):
+    put_notebook("researcher")
+    job = api.submit("researcher", notebook="calc.ipynb", profile="cpu-large", parameters={"n": 21, "sleep": 2})
+    assert job["engine"] == "local"
+    procs = job_processes(job)
+    assert procs and {p.username() for p in procs} == {"wb-researcher"}, [(p.pid, p.username()) for p in procs]
+    done = api.wait("researcher", job["id"], ("completed", "failed"))
+    assert done["state"] == "completed", api.jobs("researcher", path=f"/{job['id']}/log").text
+    assert "result 42 wb-researcher" in output_text(api, "researcher", job["id"])
+    home = pwd.getpwnam("wb-researcher").pw_dir
+    run_dir = os.path.join(home, "jobs", "calc", done["run"])
+    assert done["folder"] == f"jobs/calc/{done['run']}"
+    assert open(os.path.join(run_dir, "result.txt")).read() == "42"
+    assert os.stat(os.path.join(run_dir, "calc.ipynb")).st_uid == pwd.getpwnam("wb-researcher").pw_uid
+    row = closed_row(wb, f"job:researcher/{job['id']}")
+    assert row[2:] == (4.0, "physics-lab", "job")
+    assert abs(seconds(row) - done["duration_seconds"]) < 1.5
+    assert done["duration_seconds"] >= 2
+
+
+def test_a_job_survives_its_users_server_stopping(wb, api):
+    put_notebook("student1")
+    token = api.token("student1")
+    wb.start_server(token, "student1", profile="cpu-small")
+    job = api.submit("student1", notebook="calc.ipynb", profile="cpu-small", parameters={"n": 5, "sleep": 20})
+    api.wait("student1", job["id"], ("running",))
+    wb.stop_server(token, "student1")
+    assert job_processes(job), "the job died with the server"
+    done = api.wait("student1", job["id"], ("completed", "failed", "cancelled"))
+    assert done["state"] == "completed", api.jobs("student1", path=f"/{job['id']}/log").text
+    assert "result 10 wb-student1" in output_text(api, "student1", job["id"])
+    row = closed_row(wb, f"job:student1/{job['id']}")
+    assert abs(seconds(row) - done["duration_seconds"]) < 1.5 and done["duration_seconds"] >= 20
+
+
+def test_a_cancelled_job_stops_and_is_charged_what_it_ran_and_others_cannot_touch_it(wb, api):
+    put_notebook("student2")
+    job = api.submit("student2", notebook="calc.ipynb", profile="cpu-small", parameters={"sleep": 600})
+    api.wait("student2", job["id"], ("running",))
+    procs = job_processes(job)
+    assert procs
+    # another student neither sees nor cancels it
+    assert api.jobs("student1", "DELETE", path=f"/{job['id']}").status_code == 404
+    assert api.jobs("student1", path=f"/{job['id']}").status_code == 404
+    assert job["id"] not in [j["id"] for j in api.jobs("student1").json()["jobs"]]
+    assert all(p.is_running() for p in procs)
+    r = api.jobs("student2", "DELETE", path=f"/{job['id']}")
+    assert r.status_code == 200, r.text
+    done = api.wait("student2", job["id"], ("cancelled",))
+    gone, alive = psutil.wait_procs(procs, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    row = closed_row(wb, f"job:student2/{job['id']}")
+    assert abs(seconds(row) - done["duration_seconds"]) < 1.5 and done["duration_seconds"] < 300
+
+
+def test_an_instructor_runs_a_notebook_for_each_student_charged_to_the_course(wb, api):
+    for user in ("student1", "student2"):
+        put_notebook(user)
+    r = api.jobs("student1", "POST", json={"notebook": "calc.ipynb", "profile": "cpu-small", "course": "course-ml101"})
+    assert r.status_code == 403 and "only instructors of course-ml101" in r.json()["message"], r.text
+    r = api.jobs(
+        "instructor",
+        "POST",
+        json={"notebook": "calc.ipynb", "profile": "cpu-small", "parameters": {"n": 3}, "course": "course-ml101"},
+    )
+    assert r.status_code == 201, r.text
+    made = r.json()["jobs"]
+    assert sorted(j["user"] for j in made) == ["student1", "student2"]
+    assert {j["submitter"] for j in made} == {"instructor"} and {j["group"] for j in made} == {"course-ml101"}
+    for j in made:
+        done = api.wait("instructor", j["id"], ("completed", "failed"))
+        assert done["state"] == "completed", api.jobs("instructor", path=f"/{j['id']}/log").text
+        # run as the student, in the student's home
+        assert f"result 6 wb-{j['user']}" in output_text(api, j["user"], j["id"])
+        home = pwd.getpwnam(f"wb-{j['user']}").pw_dir
+        assert open(os.path.join(home, done["folder"], "result.txt")).read() == "6"
+        row = closed_row(wb, f"job:{j['user']}/{j['id']}")
+        assert row[3] == "course-ml101" and abs(seconds(row) - done["duration_seconds"]) < 1.5
+    # each student sees their own job only; the instructor sees both
+    by = {j["user"]: j["id"] for j in made}
+    for student, other in (("student1", "student2"), ("student2", "student1")):
+        seen = [j["id"] for j in api.jobs(student).json()["jobs"]]
+        assert by[student] in seen and by[other] not in seen
+        assert api.jobs(student, path=f"/{by[other]}").status_code == 404
+        assert api.jobs(student, path=f"/{by[other]}/output").status_code == 404
+    seen = [j["id"] for j in api.jobs("instructor").json()["jobs"]]
+    assert set(by.values()) <= set(seen)
+
+
+def spend(wb: Workbench, group: str, user: str, cpu: float, secs: float = 60) -> None:
+    """Record usage the group already had: one closed interval ending a few seconds ago."""
+    token = json.loads((wb.state_dir / "secrets.json").read_text())["gateway_api_token"]
+    stop = datetime.now(UTC) - timedelta(seconds=5)
+    start = stop - timedelta(seconds=secs)
+    item = f"dask-worker:earlier/{uuid.uuid4().hex}"
+    events = [
+        {
+            "id": f"s-{item}",
+            "type": "start",
+            "item": item,
+            "kind": "dask-worker",
+            "user": user,
+            "group": group,
+            "time": start.isoformat(),
+            "cpu": cpu,
+            "gpu_count": 0,
+        },
+        {"id": f"e-{item}", "type": "stop", "item": item, "time": stop.isoformat()},
+    ]
+    r = requests.post(
+        f"{wb.url}/services/quota/api/events",
+        json={"events": events},
+        headers={"Authorization": f"token {token}"},
+        timeout=30,
+    )
+    assert r.status_code == 200 and [x["status"] for x in r.json()["results"]] == ["recorded", "recorded"], r.text
+
+
+def test_a_job_whose_budget_runs_out_is_cancelled_and_charged_only_what_it_ran(wb, api):
+    put_notebook("spender")
+    job = api.submit("spender", notebook="calc.ipynb", profile="cpu-small", parameters={"sleep": 600})
+    api.wait("spender", job["id"], ("running",))
+    item = f"job:spender/{job['id']}"
+    deadline = time.monotonic() + 60
+    while not ledger_rows(wb, item):  # the run's row is open: it draws on the budget
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    r = requests.get(
+        f"{wb.url}/services/quota/api/usage/groups/lab-budget",
+        headers={"Authorization": f"token {api.token('spender')}"},
+        timeout=30,
+    )
+    used = r.json()["usage"]["cpu_hours"]
+    spend(wb, "lab-budget", "spender", cpu=(5 - used) * 60 + 0.01)  # spent, a core-second past the limit, now
+    spent_at = time.time()
+    done = api.wait("spender", job["id"], ("cancelled", "completed", "failed"), timeout=120)
+    assert done["state"] == "cancelled" and done["reason"].startswith("budget:"), done
+    assert "budget of group lab-budget is spent" in done["reason"]
+    assert not job_processes(job) or all(p.status() == psutil.STATUS_ZOMBIE for p in job_processes(job))
+    row = closed_row(wb, item)
+    ended = datetime.fromisoformat(str(row[1])).timestamp()
+    assert ended >= spent_at + GRACE - 4  # it ran on through the grace (ran out ~1 s before spent_at)
+    assert abs(seconds(row) - done["duration_seconds"]) < 1.5 and done["duration_seconds"] < 300
+
+
+def test_a_job_survives_a_hub_killed_mid_run_and_is_charged_once(wb, api):
+    """kill -9 the hub while a job runs: `workbench up` stops everything else but leaves the job running; a new
+    `workbench up` on the same state folder follows it to completion and charges its run once."""
+    wb.stop()  # the module's workbench: this test needs one it can crash (same policy, same state folder)
+    put_notebook("researcher")
+    w = Workbench(wb.state_dir, config=wb.config).start()
+    try:
+        a = Api(w)
+        job = a.submit("researcher", notebook="calc.ipynb", profile="cpu-large", parameters={"n": 4, "sleep": 45})
+        a.wait("researcher", job["id"], ("running",))
+        procs = job_processes(job)
+        hub = next(p for p in w.snapshot() if any(part.endswith("/jupyterhub") for part in p.cmdline()))
+        hub.kill()
+        assert w.proc.wait(120) != 0
+    finally:
+        w.stop()
+    # everything but the job is gone; the job still runs
+    left = w.leftovers()
+    assert left and all(p.is_running() for p in procs[:1]), (left, procs)
+    assert {int(x.split()[0]) for x in left} <= {p.pid for p in procs} | {
+        c.pid for p in procs if p.is_running() for c in p.children(recursive=True)
+    }, left
+
+    again = Workbench(wb.state_dir, config=wb.config).start()
+    try:
+        a = Api(again)
+        done = a.wait("researcher", job["id"], ("completed", "failed", "timeout"), timeout=300)
+        assert done["state"] == "completed", (done, a.jobs("researcher", path=f"/{job['id']}/log").text)
+        assert "result 8 wb-researcher" in output_text(a, "researcher", job["id"])
+        row = closed_row(again, f"job:researcher/{job['id']}")  # one row: charged once
+        assert seconds(row) >= 45 and abs(seconds(row) - done["duration_seconds"]) < 1.5
+    finally:
+        assert again.stop() == 0
+    assert not again.leftovers(), again.leftovers()
