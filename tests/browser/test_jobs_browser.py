@@ -42,6 +42,16 @@ def browser():
     driver.quit()
 
 
+@pytest.fixture
+def page_on_failure(browser, request):
+    """Saves the page's HTML as a test artefact when the test fails (what the form showed)."""
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before:  # the call's failure is counted before the teardown
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "notebook-job-failure.html").write_text(browser.page_source)
+
+
 @pytest.fixture(scope="module")
 def wb(browser):  # after the browser: no workbench is started where the test skips
     sd = state_dir("wb-it-jobs-browser-")
@@ -54,9 +64,27 @@ def wb(browser):  # after the browser: no workbench is started where the test sk
     w.stop()
 
 
-def click(browser, el) -> None:
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
-    el.click()
+def click(browser, el, timeout: float = 30) -> None:
+    """Click as a user would, waiting while a closing menu's backdrop or an animation is in the way.
+
+    ``el``: an element, or a function that finds it (again, after React re-rendered it)."""
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        ElementNotInteractableException,
+        StaleElementReferenceException,
+    )
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            target = el() if callable(el) else el
+            browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", target)
+            target.click()
+            return
+        except (ElementClickInterceptedException, ElementNotInteractableException, StaleElementReferenceException):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def field(browser, name: str):
@@ -64,7 +92,7 @@ def field(browser, name: str):
     return found[0] if found else None
 
 
-def test_a_notebook_job_from_the_jupyterlab_form_completes_with_its_result_in_the_home(wb, browser):
+def test_a_notebook_job_from_the_jupyterlab_form_completes_with_its_result_in_the_home(wb, browser, page_on_failure):
     from selenium.webdriver.common.keys import Keys
 
     put_notebook("researcher")
@@ -80,27 +108,41 @@ def test_a_notebook_job_from_the_jupyterlab_form_completes_with_its_result_in_th
     browser.get(f"{wb.url}/user/researcher/lab/tree/calc.ipynb")
 
     # the notebook toolbar's "Create a notebook job" button (jupyter-scheduler's toolbar item "create-job")
-    button = wait_for(
-        lambda: (
+    def button():
+        return (
             browser.find_elements("css selector", '.jp-NotebookPanel-toolbar [data-jp-item-name="create-job"] button')
             or browser.find_elements("css selector", '.jp-NotebookPanel-toolbar [data-jp-item-name="create-job"]')
-        ),
+        )[0]
+
+    wait_for(
+        lambda: browser.find_elements("css selector", '.jp-NotebookPanel-toolbar [data-jp-item-name="create-job"]'),
         180,
         "the notebook toolbar's Create a notebook job button",
-    )[0]
+    )
+    # the notebook must be the current widget: the button reads its path from it
+    wait_for(lambda: browser.find_elements("css selector", ".jp-NotebookPanel .jp-Cell"), 60, "the cells")
+    click(browser, lambda: browser.find_elements("css selector", ".jp-NotebookPanel .jp-Cell")[-1])
+    wait_for(
+        lambda: browser.execute_script(
+            "const t = document.querySelector('.lm-TabBar-tab.lm-mod-current .lm-TabBar-tabLabel');"
+            "return t && t.textContent === 'calc.ipynb';"
+        ),
+        30,
+        "calc.ipynb as the current tab",
+    )
     click(browser, button)
     name = wait_for(lambda: field(browser, "jobName"), 60, "the Create Job form")
-    assert name.get_attribute("value") == "calc", name.get_attribute("value")
+    assert wait_for(lambda: field(browser, "inputFile").get_attribute("value"), 30, "the input file") == "calc.ipynb"
     name.send_keys(Keys.CONTROL, "a")
     name.send_keys("calc-from-lab")
 
     # Environment: the profiles the researcher may run jobs with (GPU ones need Slurm: not on this engine)
-    select = wait_for(
-        lambda: [e for e in browser.find_elements("css selector", '[id$="environment"]') if e.tag_name == "div"],
+    wait_for(
+        lambda: browser.find_elements("css selector", '#jp-create-job-environment[aria-haspopup="listbox"]'),
         60,
         "the Environment list",
-    )[0]
-    click(browser, select)
+    )
+    click(browser, lambda: browser.find_element("css selector", "#jp-create-job-environment"))
     options = wait_for(lambda: browser.find_elements("css selector", 'li[role="option"]'), 30, "the profiles")
     offered = {o.get_attribute("data-value") for o in options}
     assert offered == {"cpu-large", "cpu-small"}, offered
@@ -115,7 +157,20 @@ def test_a_notebook_job_from_the_jupyterlab_form_completes_with_its_result_in_th
     wait_for(lambda: field(browser, "parameter-0-name"), 30, "the parameter's fields").send_keys("n")
     field(browser, "parameter-0-value").send_keys("21")
 
-    create = next(b for b in browser.find_elements("css selector", "button") if b.text.strip() == "Create")
+    field(browser, "parameter-0-name").click()  # leave the value field: the form checks a field when it is left
+    name.click()
+
+    def enabled_create():
+        found = [b for b in browser.find_elements("css selector", "button") if b.text.strip() == "Create"]
+        return [b for b in found if b.is_enabled()]
+
+    try:
+        create = wait_for(enabled_create, 30, "the Create button enabled")[0]
+    except AssertionError:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "notebook-job-form.png"))
+        errors = [e.text for e in browser.find_elements("css selector", ".Mui-error, .MuiFormHelperText-root")]
+        raise AssertionError(f"the form has errors: {errors}") from None
     click(browser, create)
 
     # the form's job list: our job, until it is Completed (the list refreshes itself; reload it if not)
