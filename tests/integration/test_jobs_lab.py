@@ -267,3 +267,34 @@ def test_a_job_definition_with_a_cron_schedule_submits_a_run_when_due(wb, tokens
     assert r.status_code == 500 and "no job definition" in r.json()["message"]
     assert lab(wb, tokens, "student1", "DELETE", f"job_definitions/{def_id}").status_code == 204
     assert lab(wb, tokens, "student1", "GET", "job_definitions").json()["job_definitions"] == []
+
+
+def test_the_cli_schedules_lists_and_unschedules(wb, tokens, tmp_path):
+    """`workbench job submit … --schedule`, `job schedules`, `job unschedule` against the real service."""
+    import subprocess
+
+    from .harness import VENV_BIN
+
+    put_notebook("student1")
+    token_file = tmp_path / "token"
+    token_file.write_text(tokens["student1"])
+
+    def cli(*args):
+        return subprocess.run(
+            [str(VENV_BIN / "workbench"), "job", "--hub-url", wb.url, "--token-file", str(token_file), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    r = cli("submit", "calc.ipynb", "--profile", "cpu-small", "-p", "n=2", "--schedule", "0 3 * * *", "--name", "night")
+    assert r.returncode == 0, r.stderr
+    def_id = r.stdout.split()[0]
+    assert "night  0 3 * * * (UTC)  next " in r.stdout and "T03:00:00Z" in r.stdout, r.stdout
+    r = cli("schedules")
+    assert r.returncode == 0 and def_id in r.stdout, r.stdout + r.stderr
+    r = cli("submit", "calc.ipynb", "--profile", "cpu-large", "--schedule", "0 3 * * *")
+    assert r.returncode == 2 and "profile: 'cpu-large' is not one student1 may use" in r.stderr, r.stderr
+    r = cli("unschedule", def_id)
+    assert r.returncode == 0, r.stderr
+    assert def_id not in cli("schedules").stdout

@@ -214,3 +214,16 @@ def test_the_server_config_uses_the_workbench_backend_and_never_runs_jobs_itself
     assert features["job_definition"] and features["stop_job"] and features["parameters"]
     with pytest.raises(SchedulerError, match="run through the hub's jobs service"):
         lab.WorkbenchExecution.execute(None)
+
+
+def test_cli_checks_the_schedule_before_anything_is_sent(capsys, monkeypatch):
+    from workbench.cli.main import main
+
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "not-used")
+    assert main(["job", "submit", "a.ipynb", "--profile", "cpu-small", "--schedule", "3 * *"]) == 2
+    err = capsys.readouterr().err
+    assert "schedule: '3 * *' has 3 fields" in err and "'0 3 * * *'" in err, err
+    assert main(["job", "submit", "a.ipynb", "--profile", "cpu-small", "--schedule", "0 3 * * *", "--course", "c"]) == 2
+    assert "--schedule: scheduled jobs run for yourself" in capsys.readouterr().err
+    assert main(["job", "submit", "a.ipynb", "--profile", "p", "--schedule", "0 3 * * *", "--timezone", "Nowhere"]) == 2
+    assert "timezone: 'Nowhere' is not a known time zone" in capsys.readouterr().err
