@@ -10,7 +10,10 @@ Checks: the form's environments are the user's entitled profiles (the GPU profil
 engine), a job created through the server runs as the user through the service (never in the server's own
 process), completes with the parameter's result in `~/jobs/<name>/<run>`, and the job's file link points
 there; another user's server neither lists nor stops it; a running job is stopped from the API; a job
-definition with a cron schedule submits a run when due and is deleted; a bad cron is a 422 naming the field.
+definition with a cron schedule submits a run when due and is deleted; a bad cron is a 422 naming the field;
+the CLI schedules, lists and unschedules. On the real one-node Slurm (`make slurm`; a second workbench with
+`--gateway-backend slurm`): the form offers the GPU profiles and a job from it runs as a Slurm job of
+`wb-researcher` with its GRES (the GPU is pretend, Slurm's scheduling of it real).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import requests
 from workbench.sysusers import ensure_system_user
 
 from .harness import Workbench, state_dir
+from .test_slurm import slurm  # noqa: F401  (the slurm fixture)
 
 pytestmark = [
     pytest.mark.integration,
@@ -298,3 +302,48 @@ def test_the_cli_schedules_lists_and_unschedules(wb, tokens, tmp_path):
     r = cli("unschedule", def_id)
     assert r.returncode == 0, r.stderr
     assert def_id not in cli("schedules").stdout
+
+
+@pytest.fixture(scope="module")
+def slurm_wb(slurm):  # noqa: F811
+    """`workbench up --gateway-backend slurm`: the jobs service submits to the real one-node Slurm; physics-lab
+    gets `h100-small` (1 core, 1 GiB, one pretend H100 GRES: the GPU is pretend, Slurm's scheduling of it real)."""
+    import yaml
+
+    from .harness import DEMO
+
+    sd = state_dir("wb-it-jobs-lab-slurm-")
+    policy = yaml.safe_load(DEMO.read_text())
+    policy["profiles"]["h100-small"] = {"cpu": 1, "memory": "1G", "gpu": {"type": "h100", "count": 1}, "image": "base"}
+    policy["groups"]["physics-lab"]["profiles"].append("h100-small")
+    config = sd.parent / "platform.yaml"
+    config.write_text(yaml.safe_dump(policy))
+    w = Workbench(sd, config=config, extra_args=("--gateway-backend", "slurm")).start()
+    yield w
+    w.stop()
+
+
+def test_on_slurm_the_form_offers_gpu_profiles_and_the_job_runs_as_a_slurm_job_with_its_gres(slurm_wb):
+    wb = slurm_wb
+    tokens = {"researcher": wb.new_token(wb.login("researcher"), "researcher")}
+    wb.start_server(tokens["researcher"], "researcher", profile="cpu-large")
+    r = lab(wb, tokens, "researcher", "GET", "runtime_environments")
+    assert r.status_code == 200, r.text
+    assert {e["name"] for e in r.json()} == {"cpu-large", "h100-x1", "h100-small"}, r.json()
+    put_notebook("researcher")
+    job_id = create(wb, tokens, "researcher", runtime_environment_name="h100-small", compute_type="30m")
+    doc = requests.get(
+        f"{wb.url}/services/jobs/api/jobs/{job_id[3:]}",
+        headers={"Authorization": f"token {tokens['researcher']}"},
+        timeout=60,
+    ).json()
+    assert doc["engine"] == "slurm" and doc["time_limit"] == 1800, doc
+    job = wait_status(wb, tokens, "researcher", job_id, {"COMPLETED", "FAILED"})
+    assert job["status"] == "COMPLETED", job
+    run = wb.home("researcher") / job["job_files"][0]["file_path"].rsplit("/", 1)[0]
+    assert (run / "result.txt").read_text() == "42"
+    from .test_slurm import scontrol_job
+
+    info = scontrol_job(doc["engine_id"])
+    assert "gres/gpu:h100=1" in info.get("TRES", "") or "gpu:h100:1" in str(info), info
+    assert info.get("UserId", "").startswith("wb-researcher("), info
