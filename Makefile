@@ -32,6 +32,7 @@ $(STAMP): pyproject.toml requirements-lock.txt scripts/system-deps.sh
 	@# an editable install skips pyproject's data-files: link the JupyterLab notifications in (see README)
 	@mkdir -p $(VENV)/etc/jupyter/jupyter_server_config.d $(VENV)/share/jupyter/labextensions
 	@ln -sfn $(CURDIR)/jupyter-config/jupyter_server_config.d/workbench.json $(VENV)/etc/jupyter/jupyter_server_config.d/workbench.json
+	@ln -sfn $(CURDIR)/jupyter-config/jupyter_jupyter_scheduler_config.json $(VENV)/etc/jupyter/jupyter_jupyter_scheduler_config.json
 	@ln -sfn $(CURDIR)/$(LAB_EXTENSION_OUT) $(VENV)/share/jupyter/labextensions/workbench-notifications
 	@echo "[workbench] installing configurable-http-proxy into $(VENV) …"
 	@npm install --prefix $(VENV) --no-audit --no-fund --loglevel=error configurable-http-proxy@4 >/dev/null

@@ -1,4 +1,4 @@
-"""`workbench job …`: submit, list, cancel notebook jobs and read their logs, through the hub's jobs service.
+"""`workbench job …`: submit (now or on a cron schedule), list, cancel notebook jobs and read their logs, through the hub's jobs service.
 
 The token is the user's own: ``$JUPYTERHUB_API_TOKEN`` (set in every notebook server) or ``--token-file``; a
 token is never taken on the command line (it would show in ``ps`` and the shell's history).
@@ -32,7 +32,11 @@ def add_job_arguments(parser) -> None:
     s.add_argument("--time", help="time limit, e.g. 2h or 90m (default 1h, at most your group's limit)")
     s.add_argument("--name", help="folder name under ~/jobs (default: the notebook's name)")
     s.add_argument("--course", help="instructors: run it for every student of COURSE, charged to the course")
+    s.add_argument("--schedule", metavar="CRON", help="run it at each time of a cron schedule, e.g. '0 3 * * *'")
+    s.add_argument("--timezone", help="the schedule's IANA time zone (default UTC), e.g. Europe/Zurich")
     sub.add_parser("list", help="your jobs: state, duration, GPU-hours")
+    sub.add_parser("schedules", help="your scheduled jobs (job definitions): schedule, next run, last error")
+    sub.add_parser("unschedule", help="delete a scheduled job (runs already submitted stay)").add_argument("job_id")
     for action, text in (("cancel", "cancel a job"), ("logs", "print a job's log"), ("rerun", "run a job again")):
         sub.add_parser(action, help=text).add_argument("job_id")
     o = sub.add_parser("output", help="download the executed notebook")
@@ -90,14 +94,24 @@ def cmd_job(args) -> int:
             }
             if args.course:
                 body["course"] = args.course
+            if args.schedule or args.timezone:
+                from workbench.jobs.schedules import check_schedule, check_timezone
+
+                if args.course:
+                    raise JobError("--schedule: scheduled jobs run for yourself; leave out --course")
+                body["schedule"] = check_schedule(args.schedule)
+                body["timezone"] = check_timezone(args.timezone)
         token = read_token(args.token_file)
     except (JobError, ValueError) as e:
         print(f"workbench job: {e}", file=sys.stderr)
         return 2
     headers = {"Authorization": f"token {token}"}
     c = args.job_command
+    defs = jobs_url(args.hub_url).removesuffix("/jobs") + "/definitions"
     method, url = {
-        "submit": ("POST", jobs_url(args.hub_url)),
+        "submit": ("POST", defs if body and "schedule" in body else jobs_url(args.hub_url)),
+        "schedules": ("GET", defs),
+        "unschedule": ("DELETE", f"{defs}/{getattr(args, 'job_id', '')}"),
         "list": ("GET", jobs_url(args.hub_url)),
         "cancel": ("DELETE", jobs_url(args.hub_url, getattr(args, "job_id", ""))),
         "logs": ("GET", jobs_url(args.hub_url, getattr(args, "job_id", ""), "log")),
@@ -115,8 +129,15 @@ def cmd_job(args) -> int:
         except ValueError:
             message = r.text[:300]
         print(f"workbench job {c}: {r.status_code}: {message}", file=sys.stderr)
-        return 2 if r.status_code in (400, 403) else 3
-    if c == "logs":
+        return 2 if r.status_code in (400, 403, 422) else 3
+    if c == "schedules" or (c == "submit" and body and "schedule" in body):
+        doc = r.json()
+        for d in doc.get("definitions", [doc]):
+            note = f"  last error: {d['last_error']}" if d["last_error"] else ""
+            print(f"{d['id']}  {d['name']}  {d['schedule']} ({d['timezone']})  next {d['next_run']}{note}")
+    elif c == "unschedule":
+        print(f"schedule {args.job_id} deleted")
+    elif c == "logs":
         sys.stdout.write(r.text)
     elif c == "output":
         out = args.output or r.headers.get("Content-Disposition", 'filename="output.ipynb"').split('"')[1]

@@ -11,6 +11,10 @@ REST API takes the caller's hub token (HubAuth, ``access:services!service=jobs``
 - ``GET api/jobs`` — the caller's jobs (and those they submitted for students; admins: all): state, Slurm's
   pending reason, duration, GPU- and CPU-hours; ``GET/DELETE api/jobs/<id>`` one job / cancel it;
   ``POST api/jobs/<id>/rerun``; ``GET api/jobs/<id>/log`` and ``.../output`` (the executed notebook).
+- ``GET api/profiles`` — the profiles the caller may run jobs with, each with its time limits (JupyterLab's form).
+- ``GET/POST api/definitions``, ``GET/PATCH/DELETE api/definitions/<id>``, ``POST api/definitions/<id>/jobs`` —
+  scheduled jobs (a job request plus a cron ``schedule``; a bad one is a 422 naming the field), run when due by
+  :func:`workbench.jobs.schedules.run_due`, admitted and charged like any job.
 
 Results land in the user's home, ``~/jobs/<name>/<run>``. The run is charged for its real run time (Slurm's
 ``StartTime``..``EndTime``; a local process's start and exit) as the ledger item ``job:<user>/<id>``; jobs of
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from tornado import web
 
+from workbench.jobs import schedules
 from workbench.jobs.engines import Account, LocalEngine, SlurmEngine, run_as
 from workbench.jobs.model import (
     JobError,
@@ -40,9 +45,11 @@ from workbench.jobs.model import (
     check_parameters,
     job_item_id,
     job_name,
+    max_job_seconds,
     resolve_time_limit,
     run_id,
 )
+from workbench.jobs.schedules import DefinitionStore, ScheduleError, definition_doc
 from workbench.jobs.store import FINAL_STATES, JobStore
 from workbench.names import JOBS_ACCESS_SCOPE, JOBS_SERVICE, QUOTA_SERVICE
 from workbench.services.base import HubClient, JsonHandler, add_common_args, log_request, service_setup
@@ -89,7 +96,10 @@ def job_doc(job: dict, now: float | None = None) -> dict:
 
 
 class JobsService:
-    def __init__(self, policy, store: JobStore, engine, hub: HubClient, quota: QuotaClient | None, accounts):
+    def __init__(
+        self, policy, store: JobStore, engine, hub: HubClient, quota: QuotaClient | None, accounts, definitions=None
+    ):
+        self.definitions: DefinitionStore | None = definitions  # scheduled jobs (workbench.jobs.schedules)
         self.policy = policy
         self.store = store
         self.engine = engine
@@ -126,7 +136,8 @@ class JobsService:
             jobs.append(await self.submit_one(user, caller["name"], groups, body, course))
         return jobs
 
-    async def submit_one(self, user: str, submitter: str, groups: list[str], body: dict, course: str | None) -> dict:
+    def checked(self, user: str, groups: list[str], body: dict, course: str | None = None) -> tuple:
+        """A job request's (notebook, params, profile, group, seconds, name), or the HTTP error naming the field."""
         try:
             notebook = check_notebook_path(body.get("notebook"))
             params = check_parameters(body.get("parameters"))
@@ -142,6 +153,10 @@ class JobsService:
             name = job_name(body.get("name"), notebook)
         except JobError as e:
             raise web.HTTPError(400, str(e)) from None
+        return notebook, params, profile, group, seconds, name
+
+    async def submit_one(self, user: str, submitter: str, groups: list[str], body: dict, course: str | None) -> dict:
+        notebook, params, profile, group, seconds, name = self.checked(user, groups, body, course)
         prof = self.policy.profiles[profile]
         if self.engine.name == "local" and prof.gpu:
             raise web.HTTPError(
@@ -212,6 +227,12 @@ class JobsService:
         if not decision.allowed:
             raise web.HTTPError(403, decision.message)
         await self.quota.stop(item)
+
+    async def submit_definition(self, d: dict) -> dict:
+        """One run of a job definition (:mod:`workbench.jobs.schedules`), as its user, checked and admitted
+        like any job (the user's groups are asked again: entitlements are those of the run's time)."""
+        groups = await self.hub.user_groups(d["user"]) or []
+        return await self.submit_one(d["user"], d["user"], groups, json.loads(d["request"]), None)
 
     # -- following the jobs ----------------------------------------------------------------
 
@@ -327,7 +348,12 @@ class JobsHandler(BaseHandler):
         caller = await self.caller()
         await self.svc.tick()
         jobs = self.svc.store.visible_to(caller["name"], bool(caller.get("admin")))
-        self.write_json({"jobs": [job_doc(j) for j in jobs]})
+        docs = [job_doc(j) for j in jobs]
+        if self.svc.definitions is not None:  # scheduled runs name their definition
+            of = self.svc.definitions.definition_of([d["id"] for d in docs])
+            for d in docs:
+                d["definition"] = of.get(d["id"])
+        self.write_json({"jobs": docs})
 
     async def post(self):
         caller = await self.caller()
@@ -376,6 +402,112 @@ class ResultHandler(BaseHandler):
         self.finish(data)
 
 
+class ProfilesHandler(BaseHandler):
+    """``GET api/profiles``: the profiles the caller may run jobs with (the JupyterLab form's environments)."""
+
+    async def get(self):
+        caller = await self.caller()
+        policy, out = self.svc.policy, []
+        for name in policy.profiles_for(caller["groups"]):
+            prof = policy.profiles[name]
+            if self.svc.engine.name == "local" and prof.gpu:
+                continue  # refused at submission on this engine (GPU jobs need Slurm)
+            group = charge_group(policy, caller["groups"], name)
+            out.append(
+                {
+                    "name": name,
+                    "display_name": prof.display_name or name,
+                    "description": prof.description,
+                    "group": group,
+                    "cpu": prof.cpu,
+                    "memory": prof.memory,
+                    "gpu": {"type": prof.gpu.type, "count": prof.gpu.count} if prof.gpu else None,
+                    "max_seconds": max_job_seconds(policy, group, name),
+                    "default_seconds": resolve_time_limit(None, policy, group, name),
+                }
+            )
+        self.write_json({"profiles": out, "engine": self.svc.engine.name})
+
+
+class DefinitionsBase(BaseHandler):
+    @property
+    def defs(self) -> DefinitionStore:
+        if self.svc.definitions is None:
+            raise web.HTTPError(404, "scheduled jobs are not enabled on this jobs service")
+        return self.svc.definitions
+
+    async def definition(self, def_id: str) -> tuple[dict, dict]:
+        caller = await self.caller()
+        d = self.defs.get(def_id)
+        if d is None or not (caller.get("admin") or caller["name"] == d["user"]):
+            raise web.HTTPError(404, f"no job definition {def_id} of yours")
+        return caller, d
+
+    def schedule_of(self, body: dict) -> tuple[str, str]:
+        try:
+            return schedules.check_schedule(body.get("schedule")), schedules.check_timezone(body.get("timezone"))
+        except ScheduleError as e:
+            raise web.HTTPError(422, str(e)) from None
+
+
+class DefinitionsHandler(DefinitionsBase):
+    """``GET api/definitions`` (the caller's; admins: all); ``POST``: a job request + ``schedule``, ``timezone``."""
+
+    async def get(self):
+        caller = await self.caller()
+        rows = self.defs.of_user(caller["name"], bool(caller.get("admin")))
+        self.write_json({"definitions": [definition_doc(d, self.defs.jobs_of(d["id"])) for d in rows]})
+
+    async def post(self):
+        caller = await self.caller()
+        body = self.body_json()
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the body must be a JSON object with notebook, profile, schedule")
+        elif body.get("course"):
+            raise web.HTTPError(400, "course: scheduled jobs run for their own user; submit course jobs one by one")
+        schedule, tz = self.schedule_of(body)
+        notebook, params, profile, _group, seconds, name = self.svc.checked(caller["name"], caller["groups"], body)
+        request = {"notebook": notebook, "profile": profile, "parameters": params, "time": seconds, "name": name}
+        d = self.defs.add(caller["name"], request, schedule, tz)
+        log.info("definition %s of %s: %s (%s) runs %s", d["id"], caller["name"], notebook, profile, schedule)
+        self.write_json(definition_doc(d), 201)
+
+
+class DefinitionHandler(DefinitionsBase):
+    """``GET``/``PATCH`` (``active``, ``schedule``, ``timezone``)/``DELETE api/definitions/<id>``."""
+
+    async def get(self, def_id):
+        _, d = await self.definition(def_id)
+        self.write_json(definition_doc(d, self.defs.jobs_of(def_id)))
+
+    async def patch(self, def_id):
+        _, d = await self.definition(def_id)
+        try:
+            values = schedules.definition_changes(d, self.body_json(), time.time())
+        except ScheduleError as e:
+            raise web.HTTPError(422, str(e)) from None
+        except JobError as e:
+            raise web.HTTPError(400, str(e)) from None
+        self.defs.update(def_id, **values)
+        self.write_json(definition_doc(self.defs.get(def_id), self.defs.jobs_of(def_id)))
+
+    async def delete(self, def_id):
+        await self.definition(def_id)
+        self.defs.delete(def_id)
+        self.set_status(204)
+        self.finish()
+
+
+class DefinitionRunHandler(DefinitionsBase):
+    """``POST api/definitions/<id>/jobs``: one run now, as a scheduled run would be."""
+
+    async def post(self, def_id):
+        await self.definition(def_id)
+        doc = await self.svc.submit_definition(self.defs.get(def_id))
+        self.defs.link(def_id, doc["id"])
+        self.write_json({"jobs": [doc]}, 201)
+
+
 class HealthHandler(web.RequestHandler):
     def get(self):
         self.finish({"status": "ok"})
@@ -390,6 +522,10 @@ def make_app(svc: JobsService, hub_auth, prefix: str) -> web.Application:
             (rf"{p}api/jobs/([0-9a-f]+)", JobHandler),
             (rf"{p}api/jobs/([0-9a-f]+)/rerun", RerunHandler),
             (rf"{p}api/jobs/([0-9a-f]+)/(log|output)", ResultHandler),
+            (rf"{p}api/profiles", ProfilesHandler),
+            (rf"{p}api/definitions", DefinitionsHandler),
+            (rf"{p}api/definitions/([0-9a-f]+)", DefinitionHandler),
+            (rf"{p}api/definitions/([0-9a-f]+)/jobs", DefinitionRunHandler),
         ],
         svc=svc,
         hub_auth=hub_auth,
@@ -463,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         hub = HubClient(setup.api_url, setup.token)
         quota = QuotaClient(quota_url, setup.token) if quota_url else None
         store = JobStore(Path(state_dir, "jobs.sqlite"))
-        svc = JobsService(setup.policy, store, make_engine(hub), hub, quota, accounts)
+        definitions = DefinitionStore(Path(state_dir, "job_schedules.sqlite"))
+        svc = JobsService(setup.policy, store, make_engine(hub), hub, quota, accounts, definitions)
         hub_auth = HubAuth(
             api_url=setup.api_url, api_token=setup.token, cache_max_age=60, access_scopes={JOBS_ACCESS_SCOPE}
         )
@@ -472,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             await asyncio.gather(
                 every(args.every, svc.tick, "following jobs"),
                 every(max(args.every, 5.0), svc.enforce, "budget enforcement of jobs"),
+                every(args.every, lambda: schedules.run_due(definitions, svc.submit_definition), "scheduled jobs"),
             )
 
         log.info("jobs engine: %s", engine_name)
