@@ -15,10 +15,11 @@ from tornado import web
 from traitlets import HasTraits, Unicode
 
 from workbench.names import GATEWAY_ACCESS_SCOPE
-from workbench.policy import Policy, Profile
+from workbench.policy import Policy, Profile, cached_policy
 from workbench.services.quota.client import QuotaClient, QuotaUnavailable
 from workbench.services.quota.models import server_item_id
 from workbench.services.quota.views import charge_group
+from workbench.sysusers import system_username
 
 
 def choose_profile(policy: Policy, user_groups: list[str], requested: str | None) -> str:
@@ -95,6 +96,28 @@ def options_form_html(policy: Policy, user_groups: list[str]) -> str:
             title = html.escape(group.display_name or gname)
             sections.append(f'<fieldset class="wb-group"><legend>{title}</legend>{"".join(items)}</fieldset>')
     return "\n".join(sections)
+
+
+class PolicySpawnerMixin(HasTraits):
+    """Who and what, for the spawners that run servers as the user's own Unix account (local and Slurm): the policy
+    from ``policy_path``, the user's hub groups and the account ``wb-<name>`` (:func:`workbench.sysusers.system_username`).
+    """
+
+    policy_path = Unicode(help="Path of the platform YAML.").tag(config=True)
+
+    user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
+
+    @property
+    def policy(self) -> Policy:
+        return cached_policy(self.policy_path)
+
+    @property
+    def user_groups(self) -> list[str]:
+        return [g.name for g in self.user.groups]
+
+    @property
+    def system_user(self) -> str:
+        return system_username(self.user.name, self.user_prefix)
 
 
 class StopsDaskClustersMixin(HasTraits):

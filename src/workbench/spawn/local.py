@@ -24,10 +24,11 @@ from workbench.courses.material import prepare_courses, unix_groups_of
 from workbench.devcgroup import minors_by_uuid
 from workbench.gpus import GpuAllocator, NoFreeGpu
 from workbench.limits import Limiter, detect_cgroups, local_limits, own_cgroups
-from workbench.policy import Policy, Profile, cached_policy
+from workbench.policy import Profile
 from workbench.serverinfo import server_info_env
 from workbench.spawn.common import (
     AdmittedOptionsMixin,
+    PolicySpawnerMixin,
     QuotaAdmissionMixin,
     StopsDaskClustersMixin,
     choose_profile,
@@ -40,7 +41,6 @@ from workbench.sysusers import (
     ensure_folder,
     ensure_system_user,
     sync_group_memberships,
-    system_username,
     unix_group_name,
 )
 
@@ -49,7 +49,12 @@ _LIMITERS: dict[str, Limiter] = {}
 
 
 class WorkbenchLocalSpawner(
-    StartSlotMixin, AdmittedOptionsMixin, QuotaAdmissionMixin, StopsDaskClustersMixin, LocalProcessSpawner
+    PolicySpawnerMixin,
+    StartSlotMixin,
+    AdmittedOptionsMixin,
+    QuotaAdmissionMixin,
+    StopsDaskClustersMixin,
+    LocalProcessSpawner,
 ):
     """LocalProcessSpawner driven by the platform policy.
 
@@ -60,15 +65,11 @@ class WorkbenchLocalSpawner(
     - at most ``start_slots`` servers start at once, the others wait in line (:mod:`workbench.spawn.concurrency`).
     """
 
-    policy_path = Unicode(help="Path of the platform YAML.").tag(config=True)
-
     system_users = Bool(
         False,
         help="""Run each user's server as their own Unix account (created on first spawn).
         Needs root. When False, servers run as the hub's user with homes under `homes_root`.""",
     ).tag(config=True)
-
-    user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
 
     homes_root = Unicode(
         help="Where homes live when `system_users` is False (one folder per hub user).",
@@ -82,18 +83,6 @@ class WorkbenchLocalSpawner(
     profile_name: str = ""
 
     # -- policy ----------------------------------------------------------------
-
-    @property
-    def policy(self) -> Policy:
-        return cached_policy(self.policy_path)
-
-    @property
-    def user_groups(self) -> list[str]:
-        return [g.name for g in self.user.groups]
-
-    @property
-    def system_user(self) -> str:
-        return system_username(self.user.name, self.user_prefix)
 
     @property
     def home(self) -> str:

@@ -40,9 +40,9 @@ from tornado import web
 from traitlets import Bool, Dict, Float, List, Unicode, default
 
 from workbench.courses.material import prepare_courses
-from workbench.policy import Policy, cached_policy
 from workbench.services.quota.client import QuotaUnavailable
 from workbench.spawn.common import (
+    PolicySpawnerMixin,
     QuotaAdmissionMixin,
     StopsDaskClustersMixin,
     choose_profile,
@@ -55,7 +55,6 @@ from workbench.sysusers import (
     ensure_folder,
     ensure_group_membership,
     ensure_system_user,
-    system_username,
     unix_group_name,
 )
 
@@ -123,14 +122,12 @@ def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-class WorkbenchSlurmSpawner(QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSpawner):
+class WorkbenchSlurmSpawner(PolicySpawnerMixin, QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSpawner):
     """batchspawner's SlurmSpawner driven by the platform policy (see the module's docstring)."""
 
-    policy_path = Unicode(help="Path of the platform YAML.").tag(config=True)
     system_users = Bool(
         True, help="Jobs run as each user's own Unix account (needs root; the only supported mode)."
     ).tag(config=True)
-    user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
     dask_env = Dict(help="Gateway address settings added to every server's environment.").tag(config=True)
     slurm_conf = Unicode("", help="slurm.conf for scontrol (SLURM_CONF); empty: Slurm's default.").tag(config=True)
     scontrol_command = Unicode("scontrol", help="scontrol, to read a job's state, reason and times.").tag(config=True)
@@ -166,18 +163,6 @@ class WorkbenchSlurmSpawner(QuotaAdmissionMixin, StopsDaskClustersMixin, SlurmSp
     job_started: bool = False
 
     # -- who and what ------------------------------------------------------------
-
-    @property
-    def policy(self) -> Policy:
-        return cached_policy(self.policy_path)
-
-    @property
-    def user_groups(self) -> list[str]:
-        return [g.name for g in self.user.groups]
-
-    @property
-    def system_user(self) -> str:
-        return system_username(self.user.name, self.user_prefix)
 
     @property
     def home(self) -> str:
