@@ -179,21 +179,40 @@ def service_process(wb: Workbench, marker: str) -> psutil.Process | None:
     return None
 
 
-def kill_9(wb: Workbench, marker: str) -> int:
-    """SIGKILL the service process (a crash: no chance to clean up); returns its pid once it is gone."""
+def kill_9(wb: Workbench, marker: str) -> psutil.Process:
+    """SIGKILL the service process (a crash: no chance to clean up); returns it once it is dead.
+
+    Dead, not gone: the hub reaps its service only at its next poll (``Spawner.poll_interval``, 30 s) and
+    restarts it right then, so while :func:`unreaped` is true the service is certainly down and not yet
+    restarted. Waiting for the pid to disappear would wait for that restart."""
     proc = service_process(wb, marker)
     assert proc is not None, f"no process of {marker} running"
     proc.kill()
-    psutil.wait_procs([proc], timeout=30)  # not our child: poll until it is gone (the hub reaps it)
-    return proc.pid
+    wait_for(lambda: not _alive(proc), 30, f"{marker} to die", every=0.05)
+    return proc
 
 
-def wait_back(wb: Workbench, marker: str, health: str, old_pid: int, timeout: float = 180) -> psutil.Process:
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def unreaped(proc: psutil.Process) -> bool:
+    """Whether the killed ``proc`` is still a zombie: the hub has not noticed, so it has not restarted it."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_back(wb: Workbench, marker: str, health: str, old: psutil.Process, timeout: float = 180) -> psutil.Process:
     """Wait for JupyterHub to restart the service (a new process) and for its health to answer 200."""
 
     def back():
         proc = service_process(wb, marker)
-        if proc is None or proc.pid == old_pid:
+        if proc is None or proc.pid == old.pid:
             return None
         try:
             ok = requests.get(f"{wb.url}{health}", timeout=5).status_code == 200
@@ -360,6 +379,12 @@ def cluster_processes(wb: Workbench, name: str, role: str) -> list[psutil.Proces
     return out
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 16): the restarted gateway's first reconcile marks every worker its database calls "
+    "running as seen alive, and the stop event it sends once the scheduler's heartbeat shows the worker gone is "
+    "recorded at its own time, so the worker is charged through the downtime and until the restarted gateway has stopped it (two runs: closed 30 s after the restart)",
+)
 def test_a_worker_that_dies_while_the_gateway_is_down_is_charged_until_it_was_last_seen(wb, users):
     """kill -9 the gateway, then the cluster's worker while no gateway runs: after the restart the worker's row is
     closed at the last time a reconcile saw it alive (before it died), never at the restart; the scheduler's row,
@@ -380,7 +405,8 @@ def test_a_worker_that_dies_while_the_gateway_is_down_is_charged_until_it_was_la
             assert workers, "no worker process found"
             for p in workers:
                 p.kill()
-            psutil.wait_procs(workers, timeout=30)
+            # dead once a zombie: orphans of the killed gateway wait for a reaper (which may take its time)
+            wait_for(lambda: not any(_alive(p) for p in workers), 30, "the worker to die", every=0.05)
             worker_died_at = datetime.now(UTC)
             wait_back(wb, GATEWAY, "/services/dask-gateway/api/health", killed)
             back_at = datetime.now(UTC)
