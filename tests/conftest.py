@@ -38,3 +38,30 @@ if _caret_anchors is not None:
             return None
 
     traceback._extract_caret_anchors_from_line_segment = _guarded_caret_anchors
+
+
+# ---------------------------------------------------------------------------
+# Where the suite's time goes: the slowest test files (setup + call + teardown of their tests)
+
+_FILE_SECONDS: dict[str, float] = {}
+_FILE_TESTS: dict[str, set[str]] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Adds each phase's duration (setup, call, teardown) to the test's file."""
+    path = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + float(getattr(report, "duration", 0.0) or 0.0)
+    _FILE_TESTS.setdefault(path, set()).add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The 15 slowest test files (setup + call + teardown seconds, module and session fixtures included where
+    they ran), after pytest's own ``--durations`` list."""
+    if not _FILE_SECONDS:
+        return
+    slowest = sorted(_FILE_SECONDS.items(), key=lambda kv: kv[1], reverse=True)[:15]
+    total = sum(_FILE_SECONDS.values())
+    terminalreporter.write_sep("=", "slowest 15 test files (setup + call + teardown)")
+    for path, seconds in slowest:
+        terminalreporter.write_line(f"{seconds:9.1f}s  {len(_FILE_TESTS[path]):4d} tests  {path}")
+    terminalreporter.write_line(f"{total:9.1f}s  in all test phases of {len(_FILE_SECONDS)} files")

@@ -28,7 +28,7 @@ from .harness import DEMO, Workbench, state_dir
 pytestmark = pytest.mark.integration
 UTC = UTC
 CAPPED = [f"cap{i}" for i in range(1, 51)]  # 50 users spawning at once against a cap of 5
-GRACE = 15  # seconds
+GRACE = 10  # seconds: budget.grace of lab-grace
 
 
 def policy_data() -> dict:
@@ -170,7 +170,7 @@ def test_a_gpu_server_run_becomes_one_row_with_its_gpu_seconds(wb, users):
     r = users.spawn("researcher", profile="h100-x1")
     assert r.status_code in (201, 202), r.text
     wait_ready(users, "researcher")
-    time.sleep(3)
+    # no pause: the row runs from the admission to the stop event, and the usage must be exactly its length
     wb.stop_server(users.token("researcher"), "researcher")
     t1 = datetime.now(UTC)
     rows = [r for r in ledger(wb).rows(group="physics-lab") if r.item == "server:researcher/"]
@@ -187,7 +187,7 @@ def test_a_gpu_server_run_becomes_one_row_with_its_gpu_seconds(wb, users):
     assert t0 <= row.start < row.stop <= t1  # opened at admission, closed by the stop event
     doc = users.usage("researcher", "/usage/users/researcher")
     ran = (row.stop - row.start).total_seconds()
-    assert ran >= 3
+    assert ran > 0
     assert doc["by_kind"]["server"]["gpu_seconds"] == pytest.approx(ran, abs=0.01)
     assert doc["by_kind"]["server"]["gpu_hours_by_type"] == {"h100": pytest.approx(ran / 3600, abs=1e-5)}
     assert doc["running"]["servers"] == 0
@@ -283,20 +283,29 @@ def test_warnings_then_servers_and_clusters_stop_after_the_grace(wb, users):
     assert [n["level"] for n in notes] == ["warning"], notes
     assert "CPU budget of group lab-grace: 4.3 of 5 CPU-hours used this month (85%)" in notes[0]["message"]
 
-    # spend the rest, a few core-seconds past the limit, so the budget ran out just now
+    # spend the rest, a hair past the limit (0.06 core-seconds), so the budget runs out between the read of
+    # `used` (not spent then) and the notification (spent)
+    before_read = datetime.now(UTC)
     used = users.usage("warned", "/usage/groups/lab-grace")["usage"]["cpu_hours"]
-    users.spend("lab-grace", "warned", cpu=(5 - used) * 60 + 0.1)
-    spent_at = time.monotonic()
+    assert used < 5
+    users.spend("lab-grace", "warned", cpu=(5 - used) * 60 + 0.001)
     note = users.usage("warned", "/notifications")["notifications"][0]
+    after_note = datetime.now(UTC)
     assert note["level"] == "critical" and "exhausted" in note["message"] and note["stops_at"], note
     assert "stop at" in note["message"]
     stops_at = datetime.fromisoformat(note["stops_at"])
-    assert timedelta(seconds=GRACE - 10) < stops_at - datetime.now(UTC) <= timedelta(seconds=GRACE + 1)
+    # the deadline is GRACE after the budget ran out (workbench.services.quota.enforce.exhausted_since: the
+    # overdraft over the group's burn rate, here the server and the scheduler that ran all along): not before
+    # the read that found it unspent (1 s for the 6-decimal rounding of `used`), not after the notification
+    grace = timedelta(seconds=GRACE)
+    assert before_read + grace - timedelta(seconds=1) <= stops_at <= after_note + grace, (before_read, stops_at)
 
-    time.sleep(max(0.0, GRACE - 8 - (time.monotonic() - spent_at)))
-    assert users.server("warned") is not None  # within the grace period it keeps running
-    wait_for(lambda: users.server("warned") is None, GRACE + 60, "the quota service to stop the server")
-    assert time.monotonic() - spent_at >= GRACE - 6
+    wait_for(lambda: users.server("warned") is None, GRACE + 90, "the quota service to stop the server")
+    # within the grace it kept running: the server's row (closed by the spawner's stop event) ends after the
+    # deadline, and the stop came from the quota service's enforcement (its log line names the budget)
+    [row] = [r for r in ledger(wb).rows(group="lab-grace") if r.item == "server:warned/"]
+    assert row.stop is not None and row.stop >= stops_at, (row.stop, stops_at)
+    assert "stopping server:warned/: " in wb.hub_log()
 
     def cluster_stopped():
         r = users.gateway("warned2", "GET", f"/clusters/{cluster}")
