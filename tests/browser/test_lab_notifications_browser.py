@@ -16,7 +16,6 @@ import time
 import pytest
 
 from ..integration.harness import PASSWORD
-from ..integration.test_lab_notifications import budget_workbench
 from ..integration.test_quota_enforcement import Users, wait_for
 
 pytestmark = pytest.mark.integration
@@ -65,8 +64,10 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def wb(browser):  # after the browser: no workbench is started where the test skips
-    yield from budget_workbench(USER, GROUP)
+def wb(browser, request):
+    """The shared workbench (demo policy, pretend GPUs) with a budget group for USER (tests/conftest.py), asked for after the browser so
+    that none is started where the test skips."""
+    return request.getfixturevalue("demo_gpus_wb")
 
 
 def toasts(driver) -> list[tuple[str, str]]:

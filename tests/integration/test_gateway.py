@@ -130,7 +130,7 @@ def test_other_user_cannot_see_scale_stop_or_open_dashboard(wb):
                 # dask_gateway_server.routes: the cluster exists, so 403 "User startup lacks permissions ..."
                 # (404 only for a name no cluster has)
                 assert r.status_code == 403, (method, path, r.status_code)
-                assert "User startup lacks permissions to" in r.reason, (method, path, r.reason)
+                assert "User startup lacks permissions to" in r.json()["error"], (method, path, r.text)
             # the dashboard is behind the guard (workbench.gateway.dashguard): another user's token gets nothing
             dash = f"{wb.url}/services/dask-gateway/clusters/{name}/status"
             r = requests.get(dash, headers=auth(other), timeout=30, allow_redirects=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .harness import Workbench, state_dir
+from .harness import Workbench
 
 pytestmark = pytest.mark.integration
 
@@ -21,13 +21,11 @@ def wb(default_wb):
     return default_wb
 
 
-@pytest.fixture(scope="module")
-def wb_gpus():
-    """PRETEND GPUs (a mock of the GPU, which these machines lack): one H100, one MIG slice."""
-    w = Workbench(state_dir(), extra_args=("--fake-gpus", "h100:1,h100-mig-1g:1")).start()
-    yield w
-    assert w.stop() == 0
-    assert not w.leftovers()
+@pytest.fixture
+def wb_gpus(demo_gpus_wb):
+    """PRETEND GPUs (a mock of the GPU, which these machines lack): one H100, one MIG slice; the demo policy's
+    profiles (the shared ``demo_gpus_wb`` of tests/conftest.py)."""
+    return demo_gpus_wb
 
 
 def user_model(w: Workbench, token: str, name: str) -> dict:
