@@ -45,7 +45,7 @@ up: install
 	$(VENV)/bin/workbench up $(ARGS)
 
 test: install slurm postgres browser lint
-	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests
+	$(VENV)/bin/python -m pytest -ra --durations=25 $(PYTEST_ARGS) tests
 
 .PHONY: slurm
 slurm:  # a real one-node Slurm for the Slurm backend's tests and `workbench up --gateway-backend slurm`

@@ -1,4 +1,4 @@
-"""Suite-wide pytest set-up.
+"""Suite-wide pytest set-up: the CPython 3.11.2 ast guard, a time summary per test file, shared workbenches.
 
 Debian bookworm's CPython 3.11.2 (the interpreter the test venv is built from, so that per-user
 servers can run it) has a bug fixed in 3.11.5: ``ast.parse`` can raise
@@ -6,12 +6,29 @@ servers can run it) has a bug fixed in 3.11.5: ``ast.parse`` can raise
 formats a failing test's traceback, and that SystemError aborts the whole session with an
 INTERNALERROR that hides *which* test failed. These two guards turn the interpreter bug into the
 fallbacks pytest and ``traceback`` already have for unparsable source, so failures are reported.
+
+Reporting: after pytest's own ``--durations`` list, the 15 slowest test files with the seconds of their
+tests' setup + call + teardown (:func:`pytest_terminal_summary`).
+
+Fixtures (here, not in tests/integration/conftest.py, because tests/browser uses them too)
+----------------------------------------------------------------------------------------------
+``demo_gpus_wb`` (session)
+    One real embedded workbench on the demo policy with PRETEND GPUs (``--fake-gpus h100:1,h100-mig-1g:1``, a
+    mock of the GPU, which these machines lack; tests/integration/test_profiles.py: devices exclusive between
+    servers, MIG slices), plus one-member research groups with a budget (10 CPU-hours, 1 GPU-hour a month)
+    and no ``dask`` section: ``noted`` in ``lab-noted`` (tests/integration/test_lab_notifications.py),
+    ``toasted`` in ``lab-toasted`` (tests/browser/test_lab_notifications_browser.py), ``nodask`` in
+    ``lab-nodask`` (tests/integration/test_embedded.py: no gateway access without a dask policy). Each module
+    spends only its own group's budget and stops the servers it starts. At the end of the session it must stop
+    with exit code 0 and leave no process behind. (``demo_wb`` in tests/integration/conftest.py is the demo
+    policy as shipped, without GPUs.)
 """
 
 from __future__ import annotations
 
 import traceback
 
+import pytest
 from _pytest._code import code as _pytest_code
 from _pytest._code import source as _pytest_source
 
@@ -38,3 +55,72 @@ if _caret_anchors is not None:
             return None
 
     traceback._extract_caret_anchors_from_line_segment = _guarded_caret_anchors
+
+
+# ---------------------------------------------------------------------------
+# Where the suite's time goes: the slowest test files (setup + call + teardown of their tests)
+
+_FILE_SECONDS: dict[str, float] = {}
+_FILE_TESTS: dict[str, set[str]] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Adds each phase's duration (setup, call, teardown) to the test's file."""
+    path = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + float(getattr(report, "duration", 0.0) or 0.0)
+    _FILE_TESTS.setdefault(path, set()).add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The 15 slowest test files (setup + call + teardown seconds, module and session fixtures included where
+    they ran), after pytest's own ``--durations`` list."""
+    if not _FILE_SECONDS:
+        return
+    slowest = sorted(_FILE_SECONDS.items(), key=lambda kv: kv[1], reverse=True)[:15]
+    total = sum(_FILE_SECONDS.values())
+    terminalreporter.write_sep("=", "slowest 15 test files (setup + call + teardown)")
+    for path, seconds in slowest:
+        terminalreporter.write_line(f"{seconds:9.1f}s  {len(_FILE_TESTS[path]):4d} tests  {path}")
+    terminalreporter.write_line(f"{total:9.1f}s  in all test phases of {len(_FILE_SECONDS)} files")
+
+
+# ---------------------------------------------------------------------------
+# Workbenches shared between modules (tests/integration and tests/browser)
+
+#: user -> group of :func:`demo_gpus_wb`: each a one-member research group with a budget and no dask policy
+BUDGET_GROUPS = {"noted": "lab-noted", "toasted": "lab-toasted", "nodask": "lab-nodask"}
+
+
+def budget_policy_data() -> dict:
+    """The demo policy plus the groups of :data:`BUDGET_GROUPS` (10 CPU-hours and 1 GPU-hour a month each)."""
+    import yaml
+
+    from tests.integration.harness import DEMO
+
+    data = yaml.safe_load(DEMO.read_text())
+    for user, group in BUDGET_GROUPS.items():
+        data["auth"]["demo_users"][user] = {"groups": [group]}
+        data["groups"][group] = {
+            "kind": "research",
+            "profiles": ["cpu-small"],
+            "budget": {"cpu_hours": 10, "gpu_hours": 1, "period": "month"},
+        }
+    return data
+
+
+@pytest.fixture(scope="session")
+def demo_gpus_wb():
+    import yaml
+
+    from tests.integration.harness import Workbench, state_dir
+
+    sd = state_dir()
+    config = sd.parent / "platform.yaml"
+    config.write_text(yaml.safe_dump(budget_policy_data()))
+    w = Workbench(sd, config=config, extra_args=("--fake-gpus", "h100:1,h100-mig-1g:1")).start()
+    try:
+        yield w
+    finally:
+        code = w.stop()
+    assert code == 0, w.output()[-3000:]
+    assert not w.leftovers(), w.leftovers()

@@ -16,7 +16,6 @@ import time
 import pytest
 
 from ..integration.harness import PASSWORD
-from ..integration.test_lab_notifications import budget_workbench
 from ..integration.test_quota_enforcement import Users, wait_for
 
 pytestmark = pytest.mark.integration
@@ -65,8 +64,10 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def wb(browser):  # after the browser: no workbench is started where the test skips
-    yield from budget_workbench(USER, GROUP)
+def wb(browser, request):
+    """The shared workbench (demo policy, pretend GPUs) with a budget group for USER (tests/conftest.py), asked for after the browser so
+    that none is started where the test skips."""
+    return request.getfixturevalue("demo_gpus_wb")
 
 
 def toasts(driver) -> list[tuple[str, str]]:
@@ -114,9 +115,27 @@ def test_the_user_sees_budget_toasts_in_jupyterlab(wb, browser):
             "return Object.keys(localStorage).filter(k => k.startsWith('workbench-notifications:seen:'))"
         )
         assert remembered, "the ids shown are not remembered"
+        # a marker among the remembered ids: the extension's first poll after the reload drops it (it keeps only
+        # ids its answer still reports), so its disappearance says that poll has run and shown what it would show
+        [key] = remembered
+        browser.execute_script(
+            "const k = arguments[0]; const ids = JSON.parse(localStorage.getItem(k));"
+            "ids.push('test-marker:gone-after-the-next-poll'); localStorage.setItem(k, JSON.stringify(ids));",
+            key,
+        )
         browser.refresh()
         wait_for(lambda: browser.find_elements("css selector", ".jp-LabShell"), 120, "JupyterLab after the reload")
-        time.sleep(10)  # the extension asks at once when JupyterLab is restored
+        wait_for(
+            lambda: (
+                "test-marker:" not in (browser.execute_script("return localStorage.getItem(arguments[0])", key) or "")
+            ),
+            150,
+            "the extension's first poll after the reload",
+        )
+        # the toasts of that poll are rendered by React: let two frames pass before looking
+        browser.execute_async_script(
+            "const done = arguments[0]; requestAnimationFrame(() => requestAnimationFrame(() => done(true)));"
+        )
         assert not [t for _, t in toasts(browser) if "budget" in t], toasts(browser)
     finally:
         wb.stop_server(token, USER)

@@ -310,13 +310,21 @@ def _check_running_workbench(url, env, logs, procs, upstream):
     )
     assert notes.status_code == 200 and notes.json() == {"notifications": []}, notes.text[:500]
     assert requests.get(f"{url}/services/sessions/api/notifications", timeout=10).status_code == 401
+
     # ... and its checks list the servers with its own token and role (one check a second; the first ones
-    # may have run before the hub was up)
-    time.sleep(2.5)
-    seen = len((logs / "sessions.log").read_text())
-    time.sleep(3)
-    later = (logs / "sessions.log").read_text()[seen:]
-    assert "check failed" not in later, later[-2000:]
+    # may have failed before the hub was up): its own counters (api/health with a valid token) show checks
+    # that succeed, and none failing once the hub answers
+    def counters() -> dict:
+        r = requests.get(f"{url}/services/sessions/api/health", headers={"Authorization": f"token {token}"}, timeout=10)
+        assert r.status_code == 200, r.text[:500]
+        return r.json()
+
+    first = counters()
+    deadline = time.monotonic() + 60
+    while (now := counters())["checks"] < first["checks"] + 3:
+        assert time.monotonic() < deadline, (first, now, (logs / "sessions.log").read_text()[-2000:])
+        time.sleep(0.3)
+    assert now["failed_checks"] == first["failed_checks"], (first, now)
 
     # the dashboard guard is the hub service dask-gateway: the API passes, dashboards only to their owner
     FakeGatewayProxy.owner_token = token

@@ -14,6 +14,10 @@ Fixtures
 ``admin_token`` (session)
     An API token of the demo admin (hub admin) on ``demo_wb``.
 
+``demo_gpus_wb`` (session, in tests/conftest.py because tests/browser uses it too)
+    The demo policy plus one-member budget groups, with pretend GPUs: test_profiles (GPU devices),
+    test_lab_notifications, test_embedded (a group without a dask policy), the notifications browser test.
+
 Modules that need another policy or other options (quota, sessions, Slurm, OIDC, course material, rosters)
 start their own :class:`~tests.integration.harness.Workbench` in a module fixture.
 """

@@ -11,41 +11,17 @@ from __future__ import annotations
 
 import pytest
 import requests
-import yaml
 
-from .harness import DEMO, Workbench, state_dir
 from .test_quota_enforcement import Users, wait_for
 
 pytestmark = pytest.mark.integration
 USER, GROUP = "noted", "lab-noted"
 
 
-def policy_data(user: str, group: str) -> dict:
-    """The demo policy plus ``user``, the one member of ``group``: 10 CPU-hours and 1 GPU-hour a month."""
-    data = yaml.safe_load(DEMO.read_text())
-    data["auth"]["demo_users"][user] = {"groups": [group]}
-    data["groups"][group] = {
-        "kind": "research",
-        "profiles": ["cpu-small"],
-        "budget": {"cpu_hours": 10, "gpu_hours": 1, "period": "month"},
-    }
-    return data
-
-
-def budget_workbench(user: str, group: str):
-    """A started workbench of :func:`policy_data` (a generator for module fixtures); checks nothing is left."""
-    sd = state_dir()
-    config = sd.parent / "platform.yaml"
-    config.write_text(yaml.safe_dump(policy_data(user, group)))
-    w = Workbench(sd, config=config).start()
-    yield w
-    assert w.stop() == 0, w.output()
-    assert not w.leftovers(), w.leftovers()
-
-
 @pytest.fixture(scope="module")
-def wb():
-    yield from budget_workbench(USER, GROUP)
+def wb(demo_gpus_wb):
+    """The shared workbench (demo policy, pretend GPUs) with a budget group for USER (tests/conftest.py)."""
+    return demo_gpus_wb
 
 
 def test_a_budget_past_80_percent_reaches_the_users_jupyterlab_server(wb):

@@ -4,13 +4,12 @@ the pretend GPU devices of `--fake-gpus`, named as such: these machines have no 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from .harness import Workbench, state_dir
+from .harness import Workbench
 
 pytestmark = pytest.mark.integration
 
@@ -22,13 +21,11 @@ def wb(default_wb):
     return default_wb
 
 
-@pytest.fixture(scope="module")
-def wb_gpus():
-    """PRETEND GPUs (a mock of the GPU, which these machines lack): one H100, one MIG slice."""
-    w = Workbench(state_dir(), extra_args=("--fake-gpus", "h100:1,h100-mig-1g:1")).start()
-    yield w
-    assert w.stop() == 0
-    assert not w.leftovers()
+@pytest.fixture
+def wb_gpus(demo_gpus_wb):
+    """PRETEND GPUs (a mock of the GPU, which these machines lack): one H100, one MIG slice; the demo policy's
+    profiles (the shared ``demo_gpus_wb`` of tests/conftest.py)."""
+    return demo_gpus_wb
 
 
 def user_model(w: Workbench, token: str, name: str) -> dict:
@@ -56,7 +53,8 @@ def test_api_request_for_a_profile_not_entitled_is_refused_and_nothing_starts(wb
     r = wb.token_api(token, "POST", "/users/student1/server", json={"profile": "h100-x1"})
     assert r.status_code == 403, r.text
     assert "h100-x1" in r.json()["message"] and "cpu-small, mig-1g" in r.json()["message"]
-    time.sleep(1)
+    # the refusal happens in the spawn the POST waited for: by the time the 403 is answered, the hub has
+    # cleaned up after it (jupyterhub.user.User.spawn), so there is nothing to wait for
     model = user_model(wb, token, "student1")
     assert model["servers"] == {} and not model.get("pending")
     with pytest.raises(AssertionError):
@@ -81,9 +79,9 @@ def test_unknown_profile_is_refused(wb):
 
 def test_gpu_profile_without_gpu_gives_clear_error_and_clears_pending(wb):
     token = wb.new_token(wb.login("researcher"), "researcher")
-    t0 = time.monotonic()
     r = wb.token_api(token, "POST", "/users/researcher/server", json={"profile": "h100-x1"})
-    assert time.monotonic() - t0 < 15, "must fail fast, not hang"
+    # an answer, not 202 (a spawn still pending after the hub's slow_spawn_timeout): the refusal came from the
+    # spawn itself, before anything started
     assert r.status_code == 409, r.text
     assert "No free GPU of type h100" in r.json()["message"] and "this machine has none" in r.json()["message"]
     model = user_model(wb, token, "researcher")

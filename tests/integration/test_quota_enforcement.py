@@ -28,7 +28,7 @@ from .harness import DEMO, Workbench, state_dir
 pytestmark = pytest.mark.integration
 UTC = UTC
 CAPPED = [f"cap{i}" for i in range(1, 51)]  # 50 users spawning at once against a cap of 5
-GRACE = 15  # seconds
+GRACE = 10  # seconds: budget.grace of lab-grace
 
 
 def policy_data() -> dict:
@@ -170,7 +170,7 @@ def test_a_gpu_server_run_becomes_one_row_with_its_gpu_seconds(wb, users):
     r = users.spawn("researcher", profile="h100-x1")
     assert r.status_code in (201, 202), r.text
     wait_ready(users, "researcher")
-    time.sleep(3)
+    # no pause: the row runs from the admission to the stop event, and the usage must be exactly its length
     wb.stop_server(users.token("researcher"), "researcher")
     t1 = datetime.now(UTC)
     rows = [r for r in ledger(wb).rows(group="physics-lab") if r.item == "server:researcher/"]
@@ -187,7 +187,7 @@ def test_a_gpu_server_run_becomes_one_row_with_its_gpu_seconds(wb, users):
     assert t0 <= row.start < row.stop <= t1  # opened at admission, closed by the stop event
     doc = users.usage("researcher", "/usage/users/researcher")
     ran = (row.stop - row.start).total_seconds()
-    assert ran >= 3
+    assert ran > 0
     assert doc["by_kind"]["server"]["gpu_seconds"] == pytest.approx(ran, abs=0.01)
     assert doc["by_kind"]["server"]["gpu_hours_by_type"] == {"h100": pytest.approx(ran / 3600, abs=1e-5)}
     assert doc["running"]["servers"] == 0
@@ -195,14 +195,11 @@ def test_a_gpu_server_run_becomes_one_row_with_its_gpu_seconds(wb, users):
 
 def test_a_cluster_accounts_its_scheduler_and_workers_and_closes_them_at_shutdown(wb, users):
     r = users.gateway("researcher", "POST", "/clusters/", json={"cluster_options": {}})
-    assert r.status_code in (200, 201), r.text
+    assert r.status_code == 201, r.text  # dask_gateway_server.routes.create_cluster
     name = r.json()["name"]
     try:
         assert users.gateway("researcher", "GET", f"/clusters/{name}?wait").json()["status"] == "RUNNING"
-        assert users.gateway("researcher", "POST", f"/clusters/{name}/scale", json={"count": 2}).status_code in (
-            200,
-            204,
-        )
+        assert users.gateway("researcher", "POST", f"/clusters/{name}/scale", json={"count": 2}).status_code == 200
         led = ledger(wb)
 
         def open_items():
@@ -253,12 +250,28 @@ def test_fifty_concurrent_spawns_against_a_cap_of_five_leave_exactly_five(wb, us
         list(pool.map(users.token, CAPPED))
     with ThreadPoolExecutor(len(CAPPED)) as pool:
         codes = dict(zip(CAPPED, pool.map(lambda u: users.spawn(u), CAPPED)))
-    allowed = [u for u, r in codes.items() if r.status_code in (201, 202)]
-    refused = [u for u, r in codes.items() if r.status_code == 403]
-    assert len(allowed) == 5 and len(refused) == len(CAPPED) - 5, {u: r.status_code for u, r in codes.items()}
+
+    def outcome(user: str) -> str:
+        """201 started, 403 refused; 202 (still pending after the hub's slow_spawn_timeout, which a loaded machine
+        reaches before the admission answers): wait until it runs (admitted) or is gone (refused)."""
+        code = codes[user].status_code
+        if code != 202:
+            return {201: "started", 403: "refused"}.get(code, str(code))
+        found = wait_for(lambda: (users.server(user) or {"ready": "gone"}).get("ready"), 180, f"{user}'s spawn")
+        return "refused" if found == "gone" else "started"
+
+    outcomes = {u: outcome(u) for u in CAPPED}
+    allowed = [u for u, o in outcomes.items() if o == "started"]
+    refused = [u for u, o in outcomes.items() if o == "refused"]
+    assert len(allowed) == 5 and len(refused) == len(CAPPED) - 5, outcomes
+    rows = ledger(wb).rows(group="capped")
     for u in refused:
-        assert "Group capped already runs 5 of at most 5 servers at once" in codes[u].json()["message"]
+        if codes[u].status_code == 403:
+            assert "Group capped already runs 5 of at most 5 servers at once" in codes[u].json()["message"]
         assert users.server(u) is None  # nothing left pending
+        assert not [r for r in rows if r.item == f"server:{u}/"], f"{u} was admitted"  # refused, not failed
+    if any(codes[u].status_code == 202 for u in refused):
+        assert "Group capped already runs 5 of at most 5 servers at once" in wb.hub_log()
     for u in allowed:
         wait_ready(users, u)
     assert len([row for row in ledger(wb).open_rows(group="capped") if row.kind == "server"]) == 5
@@ -274,7 +287,7 @@ def test_warnings_then_servers_and_clusters_stop_after_the_grace(wb, users):
     assert users.spawn("warned").status_code in (201, 202)
     wait_ready(users, "warned")
     r = users.gateway("warned2", "POST", "/clusters/", json={"cluster_options": {}})
-    assert r.status_code in (200, 201), r.text
+    assert r.status_code == 201, r.text  # dask_gateway_server.routes.create_cluster
     cluster = r.json()["name"]
     assert users.usage("warned", "/notifications")["notifications"] == []
 
@@ -283,20 +296,29 @@ def test_warnings_then_servers_and_clusters_stop_after_the_grace(wb, users):
     assert [n["level"] for n in notes] == ["warning"], notes
     assert "CPU budget of group lab-grace: 4.3 of 5 CPU-hours used this month (85%)" in notes[0]["message"]
 
-    # spend the rest, a few core-seconds past the limit, so the budget ran out just now
+    # spend the rest, a hair past the limit (0.06 core-seconds), so the budget runs out between the read of
+    # `used` (not spent then) and the notification (spent)
+    before_read = datetime.now(UTC)
     used = users.usage("warned", "/usage/groups/lab-grace")["usage"]["cpu_hours"]
-    users.spend("lab-grace", "warned", cpu=(5 - used) * 60 + 0.1)
-    spent_at = time.monotonic()
+    assert used < 5
+    users.spend("lab-grace", "warned", cpu=(5 - used) * 60 + 0.001)
     note = users.usage("warned", "/notifications")["notifications"][0]
+    after_note = datetime.now(UTC)
     assert note["level"] == "critical" and "exhausted" in note["message"] and note["stops_at"], note
     assert "stop at" in note["message"]
     stops_at = datetime.fromisoformat(note["stops_at"])
-    assert timedelta(seconds=GRACE - 10) < stops_at - datetime.now(UTC) <= timedelta(seconds=GRACE + 1)
+    # the deadline is GRACE after the budget ran out (workbench.services.quota.enforce.exhausted_since: the
+    # overdraft over the group's burn rate, here the server and the scheduler that ran all along): not before
+    # the read that found it unspent (1 s for the 6-decimal rounding of `used`), not after the notification
+    grace = timedelta(seconds=GRACE)
+    assert before_read + grace - timedelta(seconds=1) <= stops_at <= after_note + grace, (before_read, stops_at)
 
-    time.sleep(max(0.0, GRACE - 8 - (time.monotonic() - spent_at)))
-    assert users.server("warned") is not None  # within the grace period it keeps running
-    wait_for(lambda: users.server("warned") is None, GRACE + 60, "the quota service to stop the server")
-    assert time.monotonic() - spent_at >= GRACE - 6
+    wait_for(lambda: users.server("warned") is None, GRACE + 90, "the quota service to stop the server")
+    # within the grace it kept running: the server's row (closed by the spawner's stop event) ends after the
+    # deadline, and the stop came from the quota service's enforcement (its log line names the budget)
+    [row] = [r for r in ledger(wb).rows(group="lab-grace") if r.item == "server:warned/"]
+    assert row.stop is not None and row.stop >= stops_at, (row.stop, stops_at)
+    assert "stopping server:warned/: " in wb.hub_log()
 
     def cluster_stopped():
         r = users.gateway("warned2", "GET", f"/clusters/{cluster}")

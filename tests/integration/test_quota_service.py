@@ -242,7 +242,10 @@ def test_kill_9_mid_run_loses_nothing_and_counts_nothing_twice(quota):
     thread = threading.Thread(target=sender)
     thread.start()
     try:
-        time.sleep(1.5)
+        deadline = time.monotonic() + 60
+        while len(results) < 30:  # mid-run: events are flowing (the sender's own count of accepted ones)
+            assert time.monotonic() < deadline and thread.is_alive(), "no events accepted"
+            time.sleep(0.01)
         os.kill(first.pid, signal.SIGKILL)  # mid-run: no chance to finish a request or a transaction
         psutil.wait_procs([first], timeout=10)
         deadline = time.monotonic() + 60  # the hub restarts its managed service (poll every 10 s)
@@ -255,7 +258,11 @@ def test_kill_9_mid_run_loses_nothing_and_counts_nothing_twice(quota):
             time.sleep(0.5)
         else:
             pytest.fail("the quota service did not come back")
-        time.sleep(1.0)
+        after_restart = len(results)
+        deadline = time.monotonic() + 60
+        while len(results) < after_restart + 20 and thread.is_alive():  # and flowing again after the restart
+            assert time.monotonic() < deadline, "no events accepted after the restart"
+            time.sleep(0.01)
     finally:
         stop_flag.set()
         thread.join(120)
@@ -279,11 +286,18 @@ def test_kill_9_mid_run_loses_nothing_and_counts_nothing_twice(quota):
             assert (row.stop is not None) == (item in stopped), item
         still = [r for r in rows if r.stop is None]
         assert still, "some workers run across the crash"
+
         # running usage is still counted: the running rows keep growing
-        before = quota.get("/usage/users/researcher", "researcher").json()["usage"]["gpu_hours_by_type"]
-        time.sleep(1.1)
-        after = quota.get("/usage/users/researcher", "researcher").json()["usage"]["gpu_hours_by_type"]
-        assert after["h100-mig-1g"] > before["h100-mig-1g"]
+        def mig_hours() -> float:
+            doc = quota.get("/usage/users/researcher", "researcher").json()
+            return doc["usage"]["gpu_hours_by_type"]["h100-mig-1g"]
+
+        before = mig_hours()
+        deadline = time.monotonic() + 60
+        while (after := mig_hours()) <= before:  # 6-decimal hours: it grows within a few seconds
+            assert time.monotonic() < deadline, f"the running rows' usage stays at {before} GPU-hours"
+            time.sleep(0.25)
+        assert after > before
     finally:
         ledger.close()
     quota.events([stop(r.item) for r in still])

@@ -167,7 +167,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_services(calls: list[str]) -> tuple[web.Application, int]:
+def run_services(calls: list[str], released: asyncio.Event | None = None) -> tuple[web.Application, int]:
+    """Stand-ins of the quota service (answers at once) and of a service that never answers until
+    ``released`` is set (it outlasts any timeout, however loaded the machine)."""
+
     class Quota(web.RequestHandler):
         def get(self):
             calls.append(self.request.headers.get("Authorization", ""))
@@ -175,7 +178,8 @@ def run_services(calls: list[str]) -> tuple[web.Application, int]:
 
     class Slow(web.RequestHandler):
         async def get(self):
-            await asyncio.sleep(3)
+            if released is not None:
+                await released.wait()
             self.finish({"notifications": []})
 
     app = web.Application([(r"/services/quota/api/notifications", Quota), (r"/services/slow/api/notifications", Slow)])
@@ -186,19 +190,21 @@ def run_services(calls: list[str]) -> tuple[web.Application, int]:
 def test_asking_the_services_tolerates_absent_and_slow_ones_and_caches():
     async def main():
         calls: list[str] = []
-        app, port = run_services(calls)
+        released = asyncio.Event()
+        app, port = run_services(calls, released)
         server = app.listen(port, address="127.0.0.1")
         try:
             n = WorkbenchNotifications(
                 services_url=f"http://127.0.0.1:{port}/services",
                 token="secret-token",
-                timeout=0.5,
+                timeout=2,  # the stand-in that answers does so in milliseconds; "slow" never does
                 cache_seconds=60,
                 sources={"quota": "api/notifications", "sessions": "api/notifications", "slow": "api/notifications"},
             )
             first, second = await asyncio.gather(n.get(), n.get())
             return calls, first, second
         finally:
+            released.set()
             server.stop()
 
     calls, first, second = asyncio.run(main())

@@ -21,6 +21,19 @@ Users read their own notifications (warnings, and why a server was stopped) as J
 
 The token must carry ``access:services!service=sessions`` (every policy group's members have it);
 a user sees only their own notifications, which are kept in memory for ``--keep`` seconds.
+
+What the checks have done, for tests and operators (hub admins only, 403 for anyone else)::
+
+    GET /services/sessions/api/status
+    {"checks": 42, "failed_checks": 0, "last_check": "2026-05-04T10:00:00Z", "last_error": null,
+     "servers": {"gus/": {"profile": "gpu-watch", "started": "...", "first_checked": "...",
+                          "last_checked": "...", "checks": 17, "gpu_utilisation": {"0": 90.0},
+                          "gpu_idle_since": null, "last_action": null}}}
+
+``servers`` lists the servers of the last check (``user/server``): when this run of the server was first and
+last checked, how many checks looked at it, its GPUs' last samples, since when they are idle (``null``: busy
+or no GPUs) and the last action taken on it (``warn`` or ``stop``). ``GET api/health`` with a valid token adds
+the counters (``checks``, ``failed_checks``, ``last_check``).
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ from workbench.services.sessions.rules import (
     Action,
     Server,
     decide,
+    iso,
     next_due,
     servers_of,
     update_gpu_idle,
@@ -100,6 +114,12 @@ class SessionsService:
         self.servers: list[Server] = []
         self.notes: dict[str, list[dict]] = {}
         self.reports = Reports(max_age=report_max_age)  # GPU utilisation sent by servers themselves
+        # what the checks have done (api/status, api/health): counters and the last check of each server
+        self.checks = 0
+        self.failed_checks = 0
+        self.last_check: datetime | None = None
+        self.last_error: str | None = None
+        self.seen: dict[str, dict] = {}
 
     # -- notifications --------------------------------------------------------------
 
@@ -155,7 +175,45 @@ class SessionsService:
         self.warned = {w for w in self.warned if w[0] in live}
         self.stopping &= live
         self.servers = servers
+        self.record(servers, samples, done, now)
         return done
+
+    def record(self, servers: list[Server], samples: dict[str, float], done: list[Action], now: datetime) -> None:
+        """Remember what this check saw and did, per server (``api/status``), and count it."""
+        acted = {a.key: a.kind for a in done}
+        seen = {}
+        for s in servers:
+            before = self.seen.get(s.key) or {"first_checked": iso(now), "checks": 0, "last_action": None}
+            idle = self.gpu_idle_since.get(s.key)
+            seen[s.key] = {
+                "user": s.user,
+                "server": s.name,
+                "profile": s.profile,
+                "started": iso(s.started),
+                "first_checked": before["first_checked"],
+                "last_checked": iso(now),
+                "checks": before["checks"] + 1,
+                "gpu_utilisation": {d: samples[d] for d in s.gpu_devices if d in samples},
+                "gpu_idle_since": iso(idle) if idle else None,
+                "last_action": acted.get(s.key, before["last_action"]),
+            }
+        self.seen = seen
+        self.checks += 1
+        self.last_check = now
+
+    def counters(self) -> dict:
+        """How many checks ran and failed, and when the last one ran."""
+        return {
+            "checks": self.checks,
+            "failed_checks": self.failed_checks,
+            "last_check": iso(self.last_check) if self.last_check else None,
+            "last_error": self.last_error,
+        }
+
+    def status(self) -> dict:
+        """:meth:`counters` and the servers of the last check, keyed ``user/server``."""
+        servers = {f"{v['user']}/{v['server']}": v for v in self.seen.values()}
+        return {**self.counters(), "servers": servers}
 
     def delay(self, interval: float) -> float:
         """Seconds until the next check: ``interval``, or sooner when a limit falls due earlier."""
@@ -170,6 +228,8 @@ class SessionsService:
             try:
                 await self.check()
             except Exception as e:  # the hub may be starting or restarting; the next check retries
+                self.failed_checks += 1
+                self.last_error = str(e)
                 log.warning("check failed: %s", e)
             await asyncio.sleep(self.delay(interval))
 
@@ -181,6 +241,7 @@ class SessionsService:
         return web.Application(
             [
                 (rf"{p}api/health", HealthHandler, settings),
+                (rf"{p}api/status", StatusHandler, settings),
                 (rf"{p}(?:api/notifications)?", NotificationsHandler, settings),
                 (rf"{p}{REPORT_PATH}", GpuReportHandler, settings),
             ]
@@ -195,7 +256,20 @@ class BaseHandler(JsonHandler):
 
 class HealthHandler(BaseHandler):
     async def get(self):
-        await self.write_health(self.hub_auth)
+        async def counters() -> dict:
+            return self.svc.counters()
+
+        await self.write_health(self.hub_auth, counters)
+
+
+class StatusHandler(BaseHandler):
+    """What the checks saw and did (hub admins only: it names every user with a server)."""
+
+    async def get(self):
+        model = await self.token_model(self.hub_auth)
+        if not model.get("admin"):
+            raise web.HTTPError(403, "the sessions status is for hub admins: use an admin's token")
+        self.write_json(self.svc.status())
 
 
 class NotificationsHandler(BaseHandler):
