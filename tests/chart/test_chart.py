@@ -360,10 +360,10 @@ EXPECTED_RULES = {
         ([""], ["secrets", "services"], ["get", "create", "delete"]),
         (["traefik.io"], ["ingressroutes", "ingressroutetcps"], ["get", "create", "delete"]),
     ],
-    "jobs": [  # notebook jobs: its Jobs and their pods (logs, state) in the namespace, nothing else
-        (["batch"], ["jobs"], ["create", "get", "list", "watch", "patch", "delete"]),
+    "jobs": [  # the calls of workbench.jobs.kube: create/patch/delete a Job, read its status, list its pods
+        (["batch"], ["jobs"], ["create", "patch", "delete"]),
         (["batch"], ["jobs/status"], ["get"]),
-        ([""], ["pods"], ["get", "list", "watch"]),
+        ([""], ["pods"], ["list"]),
     ],
 }
 

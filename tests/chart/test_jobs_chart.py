@@ -69,9 +69,9 @@ def test_every_object_is_valid_and_the_role_is_namespaced_to_jobs_and_pods(jobs_
     assert not find(jobs_objects, "ClusterRole") and not find(jobs_objects, "ClusterRoleBinding")
     role = one(jobs_objects, "Role", f"{RELEASE}-jobs")
     assert [(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in role["rules"]] == [
-        (["batch"], ["jobs"], ["create", "delete", "get", "list", "patch", "watch"]),
+        (["batch"], ["jobs"], ["create", "delete", "patch"]),
         (["batch"], ["jobs/status"], ["get"]),
-        ([""], ["pods"], ["get", "list", "watch"]),
+        ([""], ["pods"], ["list"]),
     ]
     binding = one(jobs_objects, "RoleBinding", f"{RELEASE}-jobs")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-jobs", "namespace": NAMESPACE}]
