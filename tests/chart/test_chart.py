@@ -48,7 +48,7 @@ OAUTH_SECRET = {
     ("workbench-quota-db", "url"): "postgresql+psycopg://quota@db/quota",
 }
 #: components whose pods use the Kubernetes API, and so get a service account token
-API_USERS = {"hub", "gateway-api", "gateway-controller", "gateway-proxy"}
+API_USERS = {"hub", "gateway-api", "gateway-controller", "gateway-proxy", "jobs"}
 TRAEFIK_KINDS = {"IngressRoute", "Middleware"}
 
 
@@ -217,6 +217,7 @@ def test_pods_are_locked_down(objects):
         "quota",
         "sessions",
         "rosters",
+        "jobs",
     }
 
 
@@ -288,7 +289,7 @@ def test_notebook_pods_from_the_chart(production_objects):
     hub = settings["JupyterHub"]
     assert hub["hub_connect_url"] == f"http://{RELEASE}-hub:8081"
     # no idle culler; the demo policy has a course, so the rosters service runs too
-    assert [s["name"] for s in hub["services"]] == ["dask-gateway", "quota", "sessions", "rosters"]
+    assert [s["name"] for s in hub["services"]] == ["dask-gateway", "quota", "sessions", "rosters", "jobs"]
     assert hub["services"][0]["url"] == guard
     [quota_port] = one(objects, "Service", f"{RELEASE}-quota")["spec"]["ports"]
     assert hub["services"][1]["url"] == f"http://{RELEASE}-quota:{quota_port['port']}"
@@ -358,6 +359,11 @@ EXPECTED_RULES = {
         ([""], ["endpoints"], ["get", "list", "watch"]),
         ([""], ["secrets", "services"], ["get", "create", "delete"]),
         (["traefik.io"], ["ingressroutes", "ingressroutetcps"], ["get", "create", "delete"]),
+    ],
+    "jobs": [  # the calls of workbench.jobs.kube: create/patch/delete a Job, read its status, list its pods
+        (["batch"], ["jobs"], ["create", "patch", "delete"]),
+        (["batch"], ["jobs/status"], ["get"]),
+        ([""], ["pods"], ["list"]),
     ],
 }
 
@@ -447,6 +453,7 @@ def _peer_components(peers: list[dict], objects, dns: bool = False) -> set[str]:
             "quota",
             "sessions",
             "rosters",
+            "jobs",
         )
     }
     labels["singleuser"] = singleuser_labels(RELEASE)
@@ -509,6 +516,8 @@ def test_every_component_has_a_network_policy(objects):
         "quota",
         "sessions",
         "rosters",
+        "jobs",
+        "notebook-job",
     }
 
 
@@ -578,7 +587,16 @@ def test_schedulers_are_reached_through_the_gateway_proxy_only(objects):
     hub_sources = set().union(
         *(_peer_components(r["from"], objects) for r in _core(policies["hub"]["ingress"], "from"))
     )
-    assert hub_sources == {"proxy", "singleuser", "gateway-api", "gateway-guard", "quota", "sessions", "rosters"}
+    assert hub_sources == {
+        "proxy",
+        "singleuser",
+        "gateway-api",
+        "gateway-guard",
+        "quota",
+        "sessions",
+        "rosters",
+        "jobs",
+    }
     gw_proxy = {}
     for rule in _core(policies["gateway-proxy"]["ingress"], "from"):
         for comp in _peer_components(rule["from"], objects):
@@ -626,6 +644,7 @@ def test_secrets_are_kept_across_upgrades(helm, default_objects):
         "sessions-api-token",
         "quota-api-token",
         "rosters-api-token",
+        "jobs-api-token",
         "guard-cookie-secret",
         "demo-password",
     }
@@ -642,6 +661,7 @@ def test_secrets_are_kept_across_upgrades(helm, default_objects):
         "guard-cookie-secret": "guardCookieSecret",
         "demo-password": "demoPassword",
         "rosters-api-token": "rostersApiToken",
+        "jobs-api-token": "jobsApiToken",
     }
     args = [a for key, value in first.items() for a in ("--set", f"secrets.{names[key]}={value}")]
     second = secret_data(helm_template(helm, *args))
@@ -667,7 +687,8 @@ def test_sso_secrets_come_from_the_operators_secret(production_objects, default_
     assert env["WORKBENCH_OAUTH_CLIENT_SECRET"] == "s3cret"
     assert env["WORKBENCH_DB_URL"] == "postgresql+psycopg://x"
     assert "WORKBENCH_ALLOW_DEMO_AUTH" not in env and "demo-password" not in secret_data(production_objects)
-    assert not find(production_objects, "PersistentVolumeClaim")  # postgres, claims made by the platform team
+    # postgres, claims made by the platform team; the jobs service's table has no PostgreSQL option (SQLite, kept)
+    assert {c["metadata"]["name"] for c in find(production_objects, "PersistentVolumeClaim")} == {f"{RELEASE}-jobs-db"}
     assert container_env(production_objects, f"{RELEASE}-quota", OAUTH_SECRET)["WORKBENCH_QUOTA_DB_URL"] == (
         "postgresql+psycopg://quota@db/quota"
     )
@@ -678,6 +699,7 @@ def test_sso_secrets_come_from_the_operators_secret(production_objects, default_
     assert claims == {
         f"{RELEASE}-hub-db",
         f"{RELEASE}-quota-db",
+        f"{RELEASE}-jobs-db",
         "workbench-datasets",
         "workbench-group-research-lab",
         "workbench-group-course-demo",
@@ -705,6 +727,7 @@ def test_images_come_from_values(helm, default_objects):
         "quota": "registry.example.edu/workbench/hub:0.1.0",
         "sessions": "registry.example.edu/workbench/hub:0.1.0",
         "rosters": "registry.example.edu/workbench/hub:0.1.0",
+        "jobs": "registry.example.edu/workbench/hub:0.1.0",
         "proxy": "quay.io/jupyterhub/configurable-http-proxy:5.3.0",
         "gateway-proxy": "docker.io/library/traefik:v3.3.5",
     }
@@ -720,7 +743,7 @@ def test_images_come_from_values(helm, default_objects):
         "images.pullSecrets={regcred}",
     )
     images = _images(objects)
-    assert images["hub"] == "harbor.example.org/wb/hub:2025.1"
+    assert images["hub"] == images["jobs"] == "harbor.example.org/wb/hub:2025.1"
     assert images["gateway-proxy"] == "mirror.example.org/library/traefik:v3.3.5"
     assert platform_policy(objects).images["base"].image == "harbor.example.org/wb/base:2025.1"
     for _, spec in pod_specs(objects):
@@ -1023,12 +1046,13 @@ def test_the_quota_ledger_on_postgresql_comes_from_the_operators_secret(helm):
     assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec
 
 
-def test_the_quota_service_is_reached_by_the_hub_the_proxy_and_the_gateway_only(objects):
+def test_the_quota_service_is_reached_by_the_hub_the_proxy_the_gateway_and_the_jobs_service_only(objects):
     policies = _policies(objects)
     spec = policies["quota"]
     [ingress] = _core(spec["ingress"], "from")
-    # notebook pods ask through the proxy (WORKBENCH_SERVICES_URL), never the pod directly
-    assert _peer_components(ingress["from"], objects) == {"hub", "proxy", "gateway-api"}
+    # notebook pods ask through the proxy (WORKBENCH_SERVICES_URL), never the pod directly; the jobs service
+    # asks for admission and records its runs' usage
+    assert _peer_components(ingress["from"], objects) == {"hub", "proxy", "gateway-api", "jobs"}
     assert _ports(ingress) == {8013}
     if "egress" in spec:  # SQLite: the hub API and DNS only (PostgreSQL: see the test above)
         reached = {}
@@ -1059,7 +1083,7 @@ def test_quota_disabled_renders_nothing_of_it(helm):
     assert "quota" not in set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
     assert all("quota" not in _peer_components(r["to"], objects) for r in policies["proxy"]["egress"])
     settings = k8s_hub_settings(platform_policy(objects), env)
-    assert [s["name"] for s in settings["JupyterHub"]["services"]] == ["dask-gateway", "sessions", "rosters"]
+    assert [s["name"] for s in settings["JupyterHub"]["services"]] == ["dask-gateway", "sessions", "rosters", "jobs"]
     assert "custom_scopes" not in settings["JupyterHub"]
     assert QUOTA_ACCESS_SCOPE not in settings["Spawner"]["server_token_scopes"]
     assert not [r for r in settings["JupyterHub"]["load_roles"] if r["name"].startswith("workbench-quota")]
@@ -1169,7 +1193,7 @@ def test_sessions_disabled_brings_back_the_idle_culler(helm):
     assert all("sessions" not in _peer_components(r["to"], objects) for r in policies["proxy"]["egress"])
     settings = k8s_hub_settings(platform_policy(objects), env)
     hub = settings["JupyterHub"]
-    assert [s["name"] for s in hub["services"]] == ["idle-culler", "dask-gateway", "quota", "rosters"]
+    assert [s["name"] for s in hub["services"]] == ["idle-culler", "dask-gateway", "quota", "rosters", "jobs"]
     assert [r for r in hub["load_roles"] if r.get("services") == ["idle-culler"]]
     assert not [r for r in hub["load_roles"] if r["name"] == "workbench-sessions"]
     assert SESSIONS_ACCESS_SCOPE not in settings["Spawner"]["server_token_scopes"]
@@ -1178,9 +1202,17 @@ def test_sessions_disabled_brings_back_the_idle_culler(helm):
         _peer_components(r["to"], objects) == {"proxy"} and _ports(r) == {8000}
         for r in policies["singleuser"]["egress"]
     )
-    # neither quota nor sessions: notebooks need not reach the proxy, and have no services URL
+    # no service at all: notebooks need not reach the proxy, and have no services URL
     bare = helm_template(
-        helm, "--set", "sessions.enabled=false", "--set", "quota.enabled=false", "--set", "rosters.enabled=false"
+        helm,
+        "--set",
+        "sessions.enabled=false",
+        "--set",
+        "quota.enabled=false",
+        "--set",
+        "rosters.enabled=false",
+        "--set",
+        "jobs.enabled=false",
     )
     assert "WORKBENCH_SERVICES_URL" not in container_env(bare, f"{RELEASE}-hub")
     assert not any("proxy" in _peer_components(r["to"], bare) for r in _policies(bare)["singleuser"]["egress"])

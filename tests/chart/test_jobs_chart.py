@@ -17,8 +17,18 @@ from workbench.jobs.kube import job_spawner_config, render_job_async
 from workbench.kubernetes.hub import k8s_hub_settings
 from workbench.names import JOBS_ACCESS_SCOPE, JOBS_SERVICE
 
-from .conftest import K8S_VERSION, NAMESPACE, PRODUCTION, RELEASE, container_env, find, helm_template, one
-from .test_chart import OAUTH_SECRET, platform_policy
+from .conftest import (
+    K8S_VERSION,
+    NAMESPACE,
+    PRODUCTION,
+    RELEASE,
+    container_env,
+    find,
+    helm_template,
+    one,
+    secret_data,
+)
+from .test_chart import OAUTH_SECRET, _core, _peer_components, _policies, platform_policy
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +40,27 @@ def mine(objects, kind):
     return [o for o in find(objects, kind) if o["metadata"]["labels"].get("app.kubernetes.io/component") == "jobs"]
 
 
-def test_off_by_default_renders_nothing_of_it(default_objects):
-    assert not [o for o in default_objects if "jobs" in o["metadata"]["name"]]
-    env = container_env(default_objects, f"{RELEASE}-hub")
-    assert "WORKBENCH_JOBS_URL" not in env
+def test_on_by_default(default_objects):
+    assert one(default_objects, "Deployment", f"{RELEASE}-jobs")
+    assert container_env(default_objects, f"{RELEASE}-hub")["WORKBENCH_JOBS_URL"] == f"http://{RELEASE}-jobs:8016"
+
+
+def test_disabled_renders_nothing_of_it(helm):
+    objects = helm_template(helm, "--values", str(PRODUCTION), "--set", "jobs.enabled=false")
+    for obj in objects:
+        assert "jobs" not in obj["metadata"]["name"], obj["metadata"]["name"]
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/component") not in ("jobs", "notebook-job"), obj["metadata"]["name"]
+    assert "jobs-api-token" not in secret_data(objects)
+    env = container_env(objects, f"{RELEASE}-hub", OAUTH_SECRET)
+    assert not [k for k in env if "JOBS" in k]
+    policies = _policies(objects)
+    assert "jobs" not in set().union(*(_peer_components(r["from"], objects) for r in policies["hub"]["ingress"]))
+    assert "jobs" not in set().union(*(_peer_components(r["from"], objects) for r in policies["quota"]["ingress"]))
+    assert all("jobs" not in _peer_components(r.get("to", []), objects) for r in policies["proxy"]["egress"])
+    settings = k8s_hub_settings(platform_policy(objects), env)
+    assert JOBS_SERVICE not in [s["name"] for s in settings["JupyterHub"]["services"]]
+    assert JOBS_ACCESS_SCOPE not in settings["Spawner"]["server_token_scopes"]
 
 
 def test_every_object_is_valid_and_the_role_is_namespaced_to_jobs_and_pods(jobs_objects):
@@ -42,9 +69,9 @@ def test_every_object_is_valid_and_the_role_is_namespaced_to_jobs_and_pods(jobs_
     assert not find(jobs_objects, "ClusterRole") and not find(jobs_objects, "ClusterRoleBinding")
     role = one(jobs_objects, "Role", f"{RELEASE}-jobs")
     assert [(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in role["rules"]] == [
-        (["batch"], ["jobs"], ["create", "delete", "get", "list", "patch", "watch"]),
+        (["batch"], ["jobs"], ["create", "delete", "patch"]),
         (["batch"], ["jobs/status"], ["get"]),
-        ([""], ["pods"], ["get", "list", "watch"]),
+        ([""], ["pods"], ["list"]),
     ]
     binding = one(jobs_objects, "RoleBinding", f"{RELEASE}-jobs")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-jobs", "namespace": NAMESPACE}]
@@ -107,9 +134,16 @@ def test_job_pods_get_a_policy_of_their_own_and_the_services_links_are_added(job
                 assert "169.254.0.0/16" in peer["ipBlock"]["except"]
     service = policies[f"{RELEASE}-jobs"]
     assert [p["port"] for r in service["ingress"] for p in r["ports"]] == [8016]
-    assert policies[f"{RELEASE}-proxy-to-jobs"]["egress"][0]["ports"] == [{"port": 8016, "protocol": "TCP"}]
-    assert policies[f"{RELEASE}-jobs-to-hub"]["ingress"][0]["ports"] == [{"port": 8081, "protocol": "TCP"}]
-    assert policies[f"{RELEASE}-jobs-to-quota"]["ingress"][0]["ports"] == [{"port": 8013, "protocol": "TCP"}]
+    # the other ends of its links are in the peers' own policies (one NetworkPolicy per component)
+    by_component = _policies(jobs_objects)
+    assert [
+        r["ports"] for r in by_component["proxy"]["egress"] if _peer_components(r["to"], jobs_objects) == {"jobs"}
+    ] == [[{"port": 8016, "protocol": "TCP"}]]
+    for peer, port in (("hub", 8081), ("quota", 8013)):
+        rules = _core(by_component[peer]["ingress"], "from")  # without the operator's metrics scrapers
+        [rule] = [r for r in rules if "jobs" in _peer_components(r["from"], jobs_objects)]
+        assert [p["port"] for p in rule["ports"]] == [port], peer
+    assert by_component["notebook-job"] == pods
 
     # a Job the service renders with the jobs pod's environment is selected by the job pods' policy
     env = container_env(jobs_objects, f"{RELEASE}-jobs")
@@ -130,3 +164,17 @@ def test_job_pods_get_a_policy_of_their_own_and_the_services_links_are_added(job
     assert pods["podSelector"]["matchLabels"].items() <= labels.items()
     singleuser = policies[f"{RELEASE}-singleuser"]["podSelector"]["matchLabels"]
     assert not singleuser.items() <= labels.items()  # not taken for a notebook server (no proxy traffic to it)
+
+
+def test_jobs_alone_give_notebooks_the_services_url_and_the_way_to_the_proxy(helm):
+    """The lab's job form and `workbench job` reach the jobs service at WORKBENCH_SERVICES_URL (the hub's proxy),
+    so with every other service off the notebook pods still get that URL and an egress rule to the proxy."""
+    objects = helm_template(
+        helm, "--set", "sessions.enabled=false", "--set", "quota.enabled=false", "--set", "rosters.enabled=false"
+    )
+    assert (
+        container_env(objects, f"{RELEASE}-hub")["WORKBENCH_SERVICES_URL"]
+        == f"http://{RELEASE}-proxy-public:80/services/"
+    )
+    singleuser = _policies(objects)["singleuser"]["egress"]
+    assert any("proxy" in _peer_components(r.get("to", []), objects) for r in singleuser)

@@ -113,7 +113,13 @@ def test_a_changed_secret_rolls_every_reader_together(helm, default_objects):
     """z2jh's checksum/secret: the hub and its proxy restart together when the proxy token changes (else they
     disagree on it); every pod reading the Secret carries the checksum of the Secret as rendered."""
     readers = _readers_of_the_secret(default_objects)
-    assert {f"{RELEASE}-hub", f"{RELEASE}-proxy", f"{RELEASE}-gateway-api", f"{RELEASE}-gateway-guard"} <= readers
+    assert {
+        f"{RELEASE}-hub",
+        f"{RELEASE}-proxy",
+        f"{RELEASE}-gateway-api",
+        f"{RELEASE}-gateway-guard",
+        f"{RELEASE}-jobs",  # its hub API token (jobs-api-token)
+    } <= readers
 
     def checksums(objects):
         return {
@@ -135,6 +141,7 @@ def test_a_changed_secret_rolls_every_reader_together(helm, default_objects):
         "sessions-api-token": "sessionsApiToken",
         "quota-api-token": "quotaApiToken",
         "rosters-api-token": "rostersApiToken",
+        "jobs-api-token": "jobsApiToken",
         "guard-cookie-secret": "guardCookieSecret",
         "demo-password": "demoPassword",
     }

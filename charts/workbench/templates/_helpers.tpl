@@ -246,7 +246,7 @@ Service inside the cluster, which routes /services/<name>/ to each. */}}
 
 {{/* "true" when notebook pods ask hub services (quota, sessions, rosters) through the proxy. */}}
 {{- define "workbench.anyService" -}}
-{{- if or .Values.quota.enabled .Values.sessions.enabled (include "workbench.rostersEnabled" .) }}true{{ end -}}
+{{- if or .Values.quota.enabled .Values.sessions.enabled (include "workbench.rostersEnabled" .) .Values.jobs.enabled }}true{{ end -}}
 {{- end -}}
 
 {{/* The quota ledger's database: "url" (the operator's Secret) or "sqlite-pvc" (the default). */}}
