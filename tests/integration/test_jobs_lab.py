@@ -157,7 +157,8 @@ def test_a_job_from_the_lab_api_runs_as_the_user_through_the_service_and_lands_i
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "result 42 wb-researcher" in text, text
     # run by the service's engine, not by the server: the kernel's parent is the process the service started
-    assert doc["engine"] == "local" and int(text.split()[-1]) == int(doc["engine_id"])
+    # the local engine's id is "<pid>@<start time>" (a reused pid is never taken for the job)
+    assert doc["engine"] == "local" and int(text.split()[-1]) == int(doc["engine_id"].split("@")[0])
     assert (run / "calc.ipynb").stat().st_uid == ensure_system_user("wb-researcher").pw_uid
     # the job list of the form shows it; "download" has nothing to copy and answers 204
     listed = lab(wb, tokens, "researcher", "GET", "jobs").json()["jobs"]
@@ -182,7 +183,7 @@ def test_a_running_job_is_stopped_from_the_lab_api(wb, tokens):
         headers={"Authorization": f"token {tokens['researcher']}"},
         timeout=60,
     )
-    proc = psutil.Process(int(r.json()["engine_id"]))
+    proc = psutil.Process(int(r.json()["engine_id"].split("@")[0]))  # "<pid>@<start time>"
     assert proc.username() == "wb-researcher" and "workbench.jobs.execute" in " ".join(proc.cmdline())
     assert "workbench.jobs" in " ".join(proc.parent().cmdline()), proc.parent().cmdline()
     server = wb.server_process("researcher")
