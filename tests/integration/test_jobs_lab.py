@@ -157,8 +157,12 @@ def test_a_job_from_the_lab_api_runs_as_the_user_through_the_service_and_lands_i
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "result 42 wb-researcher" in text, text
     # run by the service's engine, not by the server: the kernel's parent is the process the service started
-    # the local engine's id is "<pid>@<start time>" (a reused pid is never taken for the job)
-    assert doc["engine"] == "local" and int(text.split()[-1]) == int(doc["engine_id"].split("@")[0])
+    # the local engine's id is "<pid>@<start time>": coreutils' timeout (the time limit), whose child runs the notebook;
+    # the kernel's parent is that child, never the user's server or one of its processes
+    kernel_parent = int(text.split()[-1])
+    assert doc["engine"] == "local" and int(doc["engine_id"].split("@")[0]) < kernel_parent
+    server = wb.server_process("researcher")
+    assert kernel_parent not in {server.pid, *(p.pid for p in server.children(recursive=True))}
     assert (run / "calc.ipynb").stat().st_uid == ensure_system_user("wb-researcher").pw_uid
     # the job list of the form shows it; "download" has nothing to copy and answers 204
     listed = lab(wb, tokens, "researcher", "GET", "jobs").json()["jobs"]
