@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from workbench.jobs.model import JobError
+from workbench.jobs.store import private_sqlite
 
 log = logging.getLogger("workbench.jobs")
 
@@ -110,10 +110,7 @@ class DefinitionStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
-        self.db = sqlite3.connect(self.path)
-        self.db.row_factory = sqlite3.Row
+        self.db = private_sqlite(self.path)
         self.db.execute(f"CREATE TABLE IF NOT EXISTS definitions ({', '.join(COLUMNS)})")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS definition_jobs (definition TEXT NOT NULL, job TEXT PRIMARY KEY, at REAL)"

@@ -36,13 +36,19 @@ COLUMNS = (
 FINAL_STATES = ("completed", "failed", "cancelled", "timeout")
 
 
+def private_sqlite(path: Path) -> sqlite3.Connection:
+    """The service's SQLite file at ``path``: created 0600 and never through a symbolic link, rows as
+    :class:`sqlite3.Row`."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    return db
+
+
 class JobStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
-        self.db = sqlite3.connect(self.path)
-        self.db.row_factory = sqlite3.Row
+        self.db = private_sqlite(self.path)
         self.db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({', '.join(COLUMNS)})")
         self.db.commit()
 
