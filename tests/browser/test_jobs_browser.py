@@ -24,7 +24,7 @@ import requests
 import yaml
 
 from ..integration.harness import DEMO, PASSWORD, Workbench, state_dir
-from ..integration.test_jobs_lab import put_notebook
+from ..integration.jobs_notebook import put_notebook
 from ..integration.test_quota_enforcement import wait_for
 from .test_lab_notifications_browser import chrome_or_skip
 

@@ -19,33 +19,14 @@ import pytest
 import requests
 import yaml
 
-from workbench.sysusers import ensure_system_user
-
 from .harness import DEMO, Workbench
+from .jobs_notebook import put_notebook
 from .test_slurm import scontrol_job, slurm, squeue  # noqa: F401  (the slurm fixture)
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="jobs run as per-user accounts through Slurm: needs root"),
 ]
-
-NOTEBOOK = nbformat.v4.new_notebook(
-    cells=[
-        nbformat.v4.new_code_cell("n = 1\nsleep = 0", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(
-            "import os, time, getpass\ntime.sleep(sleep)\nopen('result.txt', 'w').write(str(n * 2))\n"
-            "print('result', n * 2, getpass.getuser(), os.environ.get('CUDA_VISIBLE_DEVICES'))"
-        ),
-    ],
-    metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-)
-
-
-def put_notebook(user: str, name: str = "calc.ipynb") -> None:
-    e = ensure_system_user(f"wb-{user}")
-    path = os.path.join(e.pw_dir, name)
-    nbformat.write(NOTEBOOK, path)
-    os.chown(path, e.pw_uid, e.pw_gid)
 
 
 @pytest.fixture(scope="module")

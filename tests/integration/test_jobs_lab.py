@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import nbformat
 import psutil
@@ -30,31 +29,13 @@ import requests
 from workbench.sysusers import ensure_system_user
 
 from .harness import Workbench, state_dir
+from .jobs_notebook import put_notebook
 from .test_slurm import slurm  # noqa: F401  (the slurm fixture)
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="jobs run as per-user accounts: needs root"),
 ]
-
-NOTEBOOK = nbformat.v4.new_notebook(
-    cells=[
-        nbformat.v4.new_code_cell("n = 1\nsleep = 0", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(
-            "import os, time, getpass\ntime.sleep(sleep)\nopen('result.txt', 'w').write(str(n * 2))\n"
-            "print('result', n * 2, getpass.getuser(), os.getppid())"
-        ),
-    ],
-    metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-)
-
-
-def put_notebook(user: str, name: str = "calc.ipynb") -> Path:
-    e = ensure_system_user(f"wb-{user}")
-    path = Path(e.pw_dir, name)
-    nbformat.write(NOTEBOOK, path)
-    os.chown(path, e.pw_uid, e.pw_gid)
-    return path
 
 
 @pytest.fixture(scope="module")
