@@ -17,6 +17,7 @@ from workbench.jobs.kube import job_spawner_config, render_job_async
 from workbench.kubernetes.hub import k8s_hub_settings
 from workbench.names import JOBS_ACCESS_SCOPE, JOBS_SERVICE
 
+from .chartlib import OAUTH_SECRET, _core, _peer_components, _policies, platform_policy
 from .conftest import (
     K8S_VERSION,
     NAMESPACE,
@@ -28,7 +29,6 @@ from .conftest import (
     one,
     secret_data,
 )
-from .test_chart import OAUTH_SECRET, _core, _peer_components, _policies, platform_policy
 
 
 @pytest.fixture(scope="module")

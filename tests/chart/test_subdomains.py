@@ -15,8 +15,8 @@ from workbench.kubernetes.hub import GATEWAY_PREFIX, k8s_hub_settings
 from workbench.origins import subdomain_hook
 from workbench.settings import apply_settings
 
+from .chartlib import OAUTH_SECRET, TRAEFIK_KINDS, expect_failure, platform_policy
 from .conftest import K8S_VERSION, PRODUCTION, RELEASE, container_env, find, helm_template, one
-from .test_chart import OAUTH_SECRET, TRAEFIK_KINDS, expect_failure, platform_policy
 
 HOST = "https://workbench.example.edu"
 
