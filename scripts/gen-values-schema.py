@@ -38,12 +38,13 @@ TARGET = CHART / "values.schema.json"
 sys.path.insert(0, str(ROOT / "src"))
 
 from workbench import policy as policy_module
+from workbench.policy import base as policy_base
 
 
 def _input_schemas() -> dict[Any, dict[str, Any]]:
     """What each of the policy's BeforeValidator functions accepts, as JSON schema."""
-    quantity = policy_module._QUANTITY_RE.pattern
-    duration = policy_module._DURATION_RE.pattern
+    quantity = policy_base._QUANTITY_RE.pattern
+    duration = policy_base._DURATION_RE.pattern
     return {
         policy_module.parse_quantity: {
             "description": "A memory size: bytes, or a number and a unit (k, M, G, T, Ki, Mi, Gi, Ti), like 8G or 512Mi.",
@@ -53,7 +54,7 @@ def _input_schemas() -> dict[Any, dict[str, Any]]:
             "description": "A duration: seconds, or a number and a unit (s, m, h, d), like 90, 30s, 15m, 8h or 2d.",
             "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": duration}],
         },
-        policy_module._positive_cpu: {
+        policy_base._positive_cpu: {
             "description": "A number of cores, more than 0: 2, 0.5 or 500m.",
             "anyOf": [
                 {"type": "number", "exclusiveMinimum": 0},
