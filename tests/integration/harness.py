@@ -8,6 +8,16 @@ run each user as their own Unix account (``wb-<name>``): it passes ``--system-us
 `workbench up` stop rather than fall back to one shared account) and checks the runtime says so, so the
 per-user isolation checks always run and a fallback fails the test instead of skipping them. Not run as root,
 :meth:`Workbench.start` fails saying why, unless the caller explicitly asks for ``system_users=False``.
+
+Origins. `workbench up` serves each user's server from its own origin by default (``subdomains=True`` here:
+the hub at ``http://localhost:<port>``, :attr:`Workbench.url`; servers at :meth:`Workbench.server_url`,
+``http://<user>.localhost:<port>/user/<user>/``, which Python reaches through the ``*.localhost`` resolver of
+tests/conftest.py; ``http://127.0.0.1:<port>``, :attr:`Workbench.loopback_url`, redirects pages to the hub's
+origin and keeps the hub's API and the services). The modules that prove the README's main path run that way:
+test_embedded.py (``test_full_flow_login_server_gateway_xarray_and_clean_stop``), test_origins.py and
+tests/browser/test_origins_browser.py. Every other module, including the shared ``demo_wb`` and ``demo_gpus_wb``
+workbenches, reaches servers by path on 127.0.0.1 and gets ``subdomains=False`` (the harness's default), which
+passes ``--no-subdomains``.
 """
 
 from __future__ import annotations
@@ -51,6 +61,8 @@ class Workbench:
     ``system_users``: the mode the test expects. ``True`` (the default) requires per-user Unix accounts: the
     harness must run as root, passes ``--system-users`` and checks the started workbench uses them. ``False``
     passes ``--no-system-users`` (every server as the current user) for a test that wants that mode.
+    ``subdomains``: ``True`` runs `workbench up`'s default (each server on its own origin), ``False`` passes
+    ``--no-subdomains`` (every server a path of one origin; see the module docstring for who does).
     """
 
     def __init__(
@@ -60,12 +72,15 @@ class Workbench:
         extra_args: tuple[str, ...] = (),
         env: dict | None = None,
         system_users: bool = True,
+        subdomains: bool = False,
     ):
         self.state_dir = Path(state_dir)
         self.expect_system_users = system_users
         self.config = config
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.subdomains = subdomains
+        self.loopback_url = f"http://127.0.0.1:{self.port}"  # the proxy by address (pages redirect with subdomains)
+        self.url = f"http://localhost:{self.port}" if subdomains else self.loopback_url  # the hub's origin
         self.extra_args = extra_args
         self.env = dict(env or {})  # extra environment of `workbench up` (e.g. an OAuth client secret)
         self.proc: subprocess.Popen | None = None
@@ -85,6 +100,7 @@ class Workbench:
             "--state-dir",
             str(self.state_dir),
             "--system-users" if self.expect_system_users else "--no-system-users",
+            *(() if self.subdomains else ("--no-subdomains",)),
             *self.extra_args,
         ]
 
@@ -182,6 +198,13 @@ class Workbench:
             if "jupyterhub-singleuser" in cmd and env.get("JUPYTERHUB_USER") == username:
                 return p
         raise AssertionError(f"no single-user server process for {username}")
+
+    def server_url(self, username: str) -> str:
+        """Where ``username``'s server is: ``http://<user>.localhost:<port>/user/<user>/`` on its own origin
+        (resolved to 127.0.0.1 by tests/conftest.py, as browsers do), else a path of the hub's origin."""
+        if self.subdomains:
+            return f"http://{username}.localhost:{self.port}/user/{username}/"
+        return f"{self.url}/user/{username}/"
 
     # -- users -----------------------------------------------------------------------
 
