@@ -22,6 +22,7 @@ passes ``--no-subdomains``.
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
 import re
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import requests
@@ -47,6 +49,29 @@ def state_dir(prefix: str = "wb-it-") -> Path:
     parent = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     parent.chmod(0o711)
     return parent / "state"
+
+
+class LocalhostCookiePolicy(http.cookiejar.DefaultCookiePolicy):
+    """Python's cookie policy, except that a ``Domain=localhost`` cookie set by ``localhost`` is kept (as a cookie of
+    ``localhost`` itself). With subdomains the hub sets its session cookie (to which its XSRF tokens are bound) for
+    ``Domain=localhost``, which :mod:`http.cookiejar` refuses (no embedded dot): without this a form login works but
+    every later cookie-authenticated API call fails JupyterHub's XSRF check. Browsers also send that cookie to
+    ``*.localhost``; requests copies a session's cookies into a jar with the default policy for each request, so
+    the cookie is stored as ``localhost``'s own (``localhost.local`` in cookielib's terms), which that policy sends to
+    the hub's origin only (all the harness needs)."""
+
+    def set_ok(self, cookie, request):
+        host = (urlsplit(request.get_full_url()).hostname or "").lower()
+        if cookie.domain.lstrip(".").lower() == "localhost" and host == "localhost":
+            cookie.domain, cookie.domain_specified, cookie.domain_initial_dot = "localhost.local", False, False
+        return super().set_ok(cookie, request)
+
+
+def browser_session() -> requests.Session:
+    """A ``requests`` session that keeps cookies as a browser does on ``localhost`` (:class:`LocalhostCookiePolicy`)."""
+    s = requests.Session()
+    s.cookies.set_policy(LocalhostCookiePolicy())
+    return s
 
 
 def free_port() -> int:
@@ -210,7 +235,7 @@ class Workbench:
 
     def login(self, username: str, password: str = PASSWORD) -> requests.Session:
         """Log in through the real login form; returns a session holding the hub cookie."""
-        s = requests.Session()
+        s = browser_session()
         r = s.get(f"{self.url}/hub/login", timeout=10)
         r.raise_for_status()
         m = re.search(r'name="_xsrf"\s+value="([^"]+)"', r.text)

@@ -26,7 +26,7 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 import requests
 
-from .harness import PASSWORD, Workbench, state_dir
+from .harness import PASSWORD, Workbench, browser_session, state_dir
 
 pytestmark = pytest.mark.integration
 
@@ -185,8 +185,8 @@ def test_a_browser_at_127_0_0_1_is_sent_to_the_hubs_origin_and_logs_in_there(wb)
     assert requests.get(f"{loop}/hub/api/", timeout=60).json()["version"]  # the API answers, no redirect
     assert requests.get(f"{loop}/services/quota/api/health", timeout=60).json() == {"status": "ok"}
 
-    # a browser's way in: the README's URL, then the real login form (cookies kept by requests' own jar)
-    s = requests.Session()
+    # a browser's way in: the README's URL, then the real login form (cookies kept as a browser keeps them)
+    s = browser_session()
     r = s.get(f"{loop}/", timeout=60)
     assert r.url.startswith(f"{hub}/hub/login") and r.status_code == 200, (r.url, r.status_code)
     xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', r.text)
@@ -210,6 +210,7 @@ def test_a_browser_at_127_0_0_1_is_sent_to_the_hubs_origin_and_logs_in_there(wb)
     assert home.url == f"{hub}/hub/home" and "student1" in home.text, home.url
     who = s.get(f"{hub}/hub/api/user", headers={"X-XSRFToken": s.cookies.get("_xsrf", path="/hub/")}, timeout=60)
     assert who.status_code == 200 and who.json()["name"] == "student1", who.text
+    assert wb.new_token(s, "student1")  # a cookie-authenticated POST (the hub's XSRF check, bound to the session)
     # the hub's login cookie never went to 127.0.0.1, and pages there still send the logged-in browser on
     assert not [c for c in s.cookies if c.name.startswith("jupyterhub-hub-login") and "127.0.0.1" in c.domain]
     r = s.get(f"{loop}/hub/home", timeout=60)

@@ -504,16 +504,14 @@ class Supervisor:
 
     def _banner(self, policy: Policy, runtime: Runtime, password: str, generated: bool, log_path: Path) -> None:
         url = f"http://{runtime.bind if runtime.bind not in ('0.0.0.0', '::') else runtime.connect_host}:{runtime.port}"
-        hub_origin = runtime.extra.get(
-            "subdomain_host"
-        )  # the hub's origin, servers on <user>.<host> (workbench.origins)
+        # with subdomains: the hub's origin, each server on <user>.<host>, pages on `url` redirected (workbench.origins)
+        hub_origin = runtime.extra.get("subdomain_host")
         lines = ["", f"  Workbench is ready:  {hub_origin or url}/", ""]
         if hub_origin:
             scheme, host = hub_origin.split("://", 1)
-            lines[-1:-1] = [
-                f"  Each user's server at its own origin: {scheme}://<user>.{host}/user/<user>/",
-                f"  ({url}/ redirects to {hub_origin}/, where the login cookie lives)",
-            ]
+            lines.insert(-1, f"  Each user's server at its own origin: {scheme}://<user>.{host}/user/<user>/")
+            if url != hub_origin:
+                lines.insert(-1, f"  ({url}/ redirects to {hub_origin}/, where the login cookie lives)")
         if policy.auth.type == "demo":
             src = "generated for this run" if generated else f"from ${PASSWORD_ENV}"
             lines.append(f"  Demo logins (password {password!r}, {src}):")
