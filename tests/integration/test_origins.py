@@ -11,7 +11,8 @@ Checks: a user's server answers on its own host only: ``/user/student1/`` on the
 user's host or on 127.0.0.1 is a redirect to the hub, never the server's answer; a browser that opens
 ``http://127.0.0.1:<port>`` (the address ``make up`` always printed) is sent to the hub's origin, same path and
 query, and logs in there through the real login form, while the hub's API, its health check and the services stay
-on 127.0.0.1 for clients; with ``--no-subdomains`` every server is a path of 127.0.0.1 again; the services stay on the
+on 127.0.0.1 for clients; with ``--no-subdomains``, or on a network ``--bind`` without ``--subdomain-host`` (with
+a one-line warning), every server is a path of 127.0.0.1 again; the services stay on the
 hub's host and on 127.0.0.1 (what notebooks and the platform's own processes use); a notebook server still
 gets its notifications and its Dask clusters through them, and the cockpit links a dashboard on the hub's
 origin, where the guard's login lives.
@@ -240,6 +241,30 @@ def test_no_subdomains_serves_every_server_as_a_path_of_127_0_0_1():
             assert r.status_code == 200 and "started" in r.json(), r.text
         finally:
             w.stop_server(token, "student1")
+    finally:
+        code = w.stop()
+    assert code == 0, w.output()[-3000:]
+    assert not w.leftovers(), w.leftovers()
+
+
+def test_on_a_network_bind_the_default_falls_back_to_one_origin_with_a_one_line_warning():
+    """`workbench up --bind 0.0.0.0` without --subdomain-host: *.localhost would reach only this machine's browser,
+    so servers are paths of one origin again, and the output says so in one line naming the fix."""
+    w = Workbench(
+        state_dir("wb-origins-net-"),
+        subdomains=True,  # no --no-subdomains: the default decides
+        extra_args=("--bind", "0.0.0.0", "--allow-demo-auth-on-network"),
+    )
+    w.url = w.loopback_url  # the fallback: the hub's origin is the address again
+    w.start()
+    try:
+        warnings = [x for x in w.output().splitlines() if "without --subdomain-host" in x]
+        assert len(warnings) == 1 and "WARNING: --bind 0.0.0.0 without --subdomain-host" in warnings[0], warnings
+        assert "--subdomain-host https://<name>" in warnings[0] and "--no-subdomains" in warnings[0]
+        assert "subdomain_host" not in w.runtime.get("extra", {})
+        assert f"Workbench is ready:  http://127.0.0.1:{w.port}/" in w.output()
+        r = requests.get(f"{w.loopback_url}/hub/login", allow_redirects=False, timeout=60)
+        assert r.status_code == 200, (r.status_code, r.headers)  # no redirect to a name others cannot resolve
     finally:
         code = w.stop()
     assert code == 0, w.output()[-3000:]
