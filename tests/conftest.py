@@ -7,6 +7,12 @@ formats a failing test's traceback, and that SystemError aborts the whole sessio
 INTERNALERROR that hides *which* test failed. These two guards turn the interpreter bug into the
 fallbacks pytest and ``traceback`` already have for unparsable source, so failures are reported.
 
+``*.localhost`` resolves to loopback (:func:`_resolve_localhost_subdomains`): browsers resolve every
+``<name>.localhost`` to 127.0.0.1 themselves (RFC 6761, section 6.3) and `workbench up` serves each user's
+server at ``http://<user>.localhost:<port>/``, but glibc's resolver (``socket.getaddrinfo``, what requests
+and aiohttp use) knows only ``localhost`` from /etc/hosts. The suite's process asks for such names as a browser
+would, so tests can use the servers' real URLs; nothing else is resolved differently.
+
 Reporting: after pytest's own ``--durations`` list, the 15 slowest test files with the seconds of their
 tests' setup + call + teardown (:func:`pytest_terminal_summary`).
 
@@ -26,6 +32,7 @@ Fixtures (here, not in tests/integration/conftest.py, because tests/browser uses
 
 from __future__ import annotations
 
+import socket
 import traceback
 
 import pytest
@@ -55,6 +62,23 @@ if _caret_anchors is not None:
             return None
 
     traceback._extract_caret_anchors_from_line_segment = _guarded_caret_anchors
+
+
+# ---------------------------------------------------------------------------
+# *.localhost is loopback, as in browsers (RFC 6761): the servers' own origins of `workbench up`
+
+_getaddrinfo = socket.getaddrinfo
+
+
+def _resolve_localhost_subdomains(host, *args, **kwargs):
+    """``socket.getaddrinfo`` with every ``<name>.localhost`` answered as 127.0.0.1 (other names as before)."""
+    name = host.decode() if isinstance(host, bytes) else host
+    if isinstance(name, str) and name.lower().rstrip(".").endswith(".localhost"):
+        host = "127.0.0.1"
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+socket.getaddrinfo = _resolve_localhost_subdomains
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,12 @@ cockpit, dashboards opened by their owner) keep their URLs, and a service's OAut
 host its pages are opened at. Clients inside the platform that reach the proxy by another name (the
 embedded mode's ``127.0.0.1``, the chart's in-cluster proxy Service) get the same services through
 extra proxy routes (:func:`subdomain_settings`); ``/hub/`` answers on every host (the hub's route ``/``).
+
+A browser that opens such another name (the embedded mode's ``http://127.0.0.1:<port>``, the address ``make up``
+has always printed) would get the hub's pages on a host where the hub's cookies are not valid (JupyterHub sets
+its session cookie for ``subdomain_host``'s domain): its login would never stick. :func:`loopback_redirect_settings`
+sends every page there to the hub's origin instead (same path and query), keeping the hub's API, its health check
+and the services for the platform's own clients.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
 from jupyterhub.utils import subdomain_hook_idna
+from tornado import web
 
 
 class SubdomainHostError(ValueError):
@@ -91,3 +98,57 @@ def merge_settings(settings: dict[str, dict], extra: Mapping[str, Mapping]) -> d
     for section, values in extra.items():
         settings.setdefault(section, {}).update(values)
     return settings
+
+
+#: the hub's handler of :class:`OriginRedirectHandler` (under the hub's ``/hub/`` prefix), the target of the
+#: proxy's catch-all route of each other host name
+REDIRECT_PREFIX = "/workbench-origin-redirect"
+
+#: paths that stay on the other host names for the platform's own clients (the hub's REST API, its health check)
+INTERNAL_HUB_PATHS = ("/hub/api/", "/hub/health")
+
+
+class OriginRedirectHandler(web.RequestHandler):
+    """Sends a request that came by another name of the proxy to the same path and query on the hub's origin.
+
+    The proxy routes ``<other host>/`` here with the original path appended to :data:`REDIRECT_PREFIX` (CHP
+    prepends the target's path). 302 for GET and HEAD, 307 for the rest (the method and body are kept). The
+    target's host is always ``origin``, never taken from the request.
+    """
+
+    def initialize(self, origin: str) -> None:
+        self.origin = origin
+
+    def check_xsrf_cookie(self) -> None:
+        """Nothing to protect: the handler acts on nothing, it only redirects (a POST keeps its method, 307)."""
+
+    def _redirect(self, _path: str) -> None:
+        path = self.request.path.split(REDIRECT_PREFIX, 1)[1]  # as sent (tornado's argument is %-decoded)
+        query = f"?{self.request.query}" if self.request.query else ""
+        status = 302 if self.request.method in ("GET", "HEAD") else 307
+        self.redirect(f"{self.origin}/{path.lstrip('/')}{query}", status=status)
+
+    get = head = post = put = patch = delete = options = _redirect
+
+
+def loopback_redirect_settings(subdomain_host: str, hosts: Iterable[str], hub_url: str) -> dict:
+    """Settings that send browsers on ``hosts`` (other names of the proxy) to the hub's origin (pure).
+
+    ``hub_url``: the hub's own address (``http://127.0.0.1:<hub port>``). Each host gets the proxy routes
+    ``<host>/`` -> the hub's :class:`OriginRedirectHandler` and ``<host><path>`` -> the hub for each of
+    :data:`INTERNAL_HUB_PATHS`; its ``/services/<name>/`` routes come from :func:`service_routes`. The handler
+    is one of the hub's ``extra_handlers`` (deprecated by JupyterHub in favour of services, which would be one
+    more process for a redirect, and still supported in 6.1).
+    """
+    origin = check_subdomain_host(subdomain_host, "subdomain_host")
+    hub_host = urlsplit(origin).hostname or ""
+    hub_url = hub_url.rstrip("/")
+    routes: dict[str, str] = {}
+    for host in dict.fromkeys(hosts):
+        if host and host != hub_host:
+            routes[f"{host}/"] = f"{hub_url}/hub{REDIRECT_PREFIX}"
+            routes.update({f"{host}{path}": hub_url for path in INTERNAL_HUB_PATHS})
+    return {
+        "JupyterHub": {"extra_handlers": [(rf"{REDIRECT_PREFIX}/(.*)", OriginRedirectHandler, {"origin": origin})]},
+        "ConfigurableHTTPProxy": {"extra_routes": routes},
+    }

@@ -1,7 +1,8 @@
 """Servers isolated by origin, in a real browser: a page student1 serves cannot act with the admin's hub login.
 
-Real, nothing pretend: two embedded workbenches, one after the other: the default one (every server is a
-path of the hub's origin) and ``workbench up --subdomains`` (``http://<user>.localhost:<port>/user/<user>/``);
+Real, nothing pretend: two embedded workbenches, one after the other: ``workbench up --no-subdomains`` (every
+server is a path of the hub's origin) and the default of `workbench up` (``http://<user>.localhost:<port>/user/<user>/``,
+the hub at ``http://localhost:<port>``, where the admin gets by opening ``http://127.0.0.1:<port>/``, the README's URL);
 the hub, its proxy and services, JupyterLab servers of researcher and student1 as their own Unix accounts
 with jupyter-server-proxy (enabled in every server), and Debian's Chromium driven by selenium.
 
@@ -85,10 +86,9 @@ class Setup:
         self.probe = uuid.uuid4().hex
 
     def start(self) -> None:
-        args = ("--subdomains",) if self.subdomains else ()
-        self.wb = Workbench(state_dir("wb-origins-browser-"), extra_args=args).start()
+        self.wb = Workbench(state_dir("wb-origins-browser-"), subdomains=self.subdomains).start()
         port = self.wb.port
-        self.hub = f"http://localhost:{port}" if self.subdomains else self.wb.url
+        self.hub = self.wb.url  # the hub's origin: http://localhost:<port> with subdomains, else 127.0.0.1
         self.student_origin = f"http://student1.localhost:{port}" if self.subdomains else self.wb.url
         self.admin = login_token(self.wb, "admin")
         self.tokens = {u: login_token(self.wb, u) for u in ("researcher", "student1")}
@@ -97,11 +97,8 @@ class Setup:
         # student1 writes the page into their home through their own server
         page = EVIL.replace("__HUB__", self.hub if self.subdomains else "").replace("__PROBE__", self.probe)
         r = requests.put(
-            f"{self.wb.url}/user/student1/api/contents/evil.html",
-            headers={
-                "Host": self.student_origin.split("//", 1)[1],
-                "Authorization": f"token {self.tokens['student1']}",
-            },
+            f"{self.wb.server_url('student1')}api/contents/evil.html",  # *.localhost: tests/conftest.py resolves it
+            headers={"Authorization": f"token {self.tokens['student1']}"},
             json={"type": "file", "format": "text", "content": page},
             timeout=60,
         )
@@ -171,9 +168,12 @@ def admin_opens(browser, setup: Setup, path: str) -> dict:
     return wait_for(finished, 120, f"the script of {path} as the admin opened it")
 
 
-def log_in(browser, setup: Setup, user: str) -> None:
+def log_in(browser, setup: Setup, user: str, start: str = "") -> None:
+    """Log ``user`` in through the hub's login form, opened at ``start`` (default: the hub's login page)."""
     browser.delete_all_cookies()
-    browser.get(f"{setup.hub}/hub/login")
+    browser.get(start or f"{setup.hub}/hub/login")
+    wait_for(lambda: browser.find_elements("id", "username_input"), 60, "the login form")
+    assert browser.current_url.startswith(f"{setup.hub}/hub/login"), browser.current_url
     browser.find_element("id", "username_input").send_keys(user)
     browser.find_element("id", "password_input").send_keys(PASSWORD)
     browser.find_element("id", "login_submit").click()
@@ -210,12 +210,16 @@ def test_without_subdomains_a_page_student1_serves_acts_with_the_admins_hub_logi
         setup.stop()
 
 
-def test_with_subdomains_the_same_page_gets_nothing_and_researchers_server_runs_on(browser):
+def test_by_default_the_same_page_gets_nothing_and_researchers_server_runs_on(browser):
     setup = Setup(subdomains=True)
     try:
         setup.start()
         browser.set_page_load_timeout(120)
-        log_in(browser, setup, "admin")
+        # the admin opens the README's http://127.0.0.1:<port>/ and is sent to the hub's origin, where the login sticks
+        log_in(browser, setup, "admin", start=f"{setup.wb.loopback_url}/")
+        assert setup.hub == f"http://localhost:{setup.wb.port}"
+        assert browser.current_url.startswith(f"{setup.hub}/hub/"), browser.current_url
+        assert "admin" in browser.page_source
         for kind, path in (("files", "files/evil.html"), ("proxy", f"proxy/{setup.web_port}/evil.html")):
             got = admin_opens(browser, setup, path)
             assert browser.current_url.startswith(setup.student_origin), browser.current_url

@@ -8,10 +8,21 @@ run each user as their own Unix account (``wb-<name>``): it passes ``--system-us
 `workbench up` stop rather than fall back to one shared account) and checks the runtime says so, so the
 per-user isolation checks always run and a fallback fails the test instead of skipping them. Not run as root,
 :meth:`Workbench.start` fails saying why, unless the caller explicitly asks for ``system_users=False``.
+
+Origins. `workbench up` serves each user's server from its own origin by default (``subdomains=True`` here:
+the hub at ``http://localhost:<port>``, :attr:`Workbench.url`; servers at :meth:`Workbench.server_url`,
+``http://<user>.localhost:<port>/user/<user>/``, which Python reaches through the ``*.localhost`` resolver of
+tests/conftest.py; ``http://127.0.0.1:<port>``, :attr:`Workbench.loopback_url`, redirects pages to the hub's
+origin and keeps the hub's API and the services). The modules that prove the README's main path run that way:
+test_embedded.py (``test_full_flow_login_server_gateway_xarray_and_clean_stop``), test_origins.py and
+tests/browser/test_origins_browser.py. Every other module, including the shared ``demo_wb`` and ``demo_gpus_wb``
+workbenches, reaches servers by path on 127.0.0.1 and gets ``subdomains=False`` (the harness's default), which
+passes ``--no-subdomains``.
 """
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
 import re
@@ -22,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import requests
@@ -39,6 +51,29 @@ def state_dir(prefix: str = "wb-it-") -> Path:
     return parent / "state"
 
 
+class LocalhostCookiePolicy(http.cookiejar.DefaultCookiePolicy):
+    """Python's cookie policy, except that a ``Domain=localhost`` cookie set by ``localhost`` is kept (as a cookie of
+    ``localhost`` itself). With subdomains the hub sets its session cookie (to which its XSRF tokens are bound) for
+    ``Domain=localhost``, which :mod:`http.cookiejar` refuses (no embedded dot): without this a form login works but
+    every later cookie-authenticated API call fails JupyterHub's XSRF check. Browsers also send that cookie to
+    ``*.localhost``; requests copies a session's cookies into a jar with the default policy for each request, so
+    the cookie is stored as ``localhost``'s own (``localhost.local`` in cookielib's terms), which that policy sends to
+    the hub's origin only (all the harness needs)."""
+
+    def set_ok(self, cookie, request):
+        host = (urlsplit(request.get_full_url()).hostname or "").lower()
+        if cookie.domain.lstrip(".").lower() == "localhost" and host == "localhost":
+            cookie.domain, cookie.domain_specified, cookie.domain_initial_dot = "localhost.local", False, False
+        return super().set_ok(cookie, request)
+
+
+def browser_session() -> requests.Session:
+    """A ``requests`` session that keeps cookies as a browser does on ``localhost`` (:class:`LocalhostCookiePolicy`)."""
+    s = requests.Session()
+    s.cookies.set_policy(LocalhostCookiePolicy())
+    return s
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,6 +86,8 @@ class Workbench:
     ``system_users``: the mode the test expects. ``True`` (the default) requires per-user Unix accounts: the
     harness must run as root, passes ``--system-users`` and checks the started workbench uses them. ``False``
     passes ``--no-system-users`` (every server as the current user) for a test that wants that mode.
+    ``subdomains``: ``True`` runs `workbench up`'s default (each server on its own origin), ``False`` passes
+    ``--no-subdomains`` (every server a path of one origin; see the module docstring for who does).
     """
 
     def __init__(
@@ -60,12 +97,15 @@ class Workbench:
         extra_args: tuple[str, ...] = (),
         env: dict | None = None,
         system_users: bool = True,
+        subdomains: bool = False,
     ):
         self.state_dir = Path(state_dir)
         self.expect_system_users = system_users
         self.config = config
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.subdomains = subdomains
+        self.loopback_url = f"http://127.0.0.1:{self.port}"  # the proxy by address (pages redirect with subdomains)
+        self.url = f"http://localhost:{self.port}" if subdomains else self.loopback_url  # the hub's origin
         self.extra_args = extra_args
         self.env = dict(env or {})  # extra environment of `workbench up` (e.g. an OAuth client secret)
         self.proc: subprocess.Popen | None = None
@@ -85,6 +125,7 @@ class Workbench:
             "--state-dir",
             str(self.state_dir),
             "--system-users" if self.expect_system_users else "--no-system-users",
+            *(() if self.subdomains else ("--no-subdomains",)),
             *self.extra_args,
         ]
 
@@ -183,11 +224,18 @@ class Workbench:
                 return p
         raise AssertionError(f"no single-user server process for {username}")
 
+    def server_url(self, username: str) -> str:
+        """Where ``username``'s server is: ``http://<user>.localhost:<port>/user/<user>/`` on its own origin
+        (resolved to 127.0.0.1 by tests/conftest.py, as browsers do), else a path of the hub's origin."""
+        if self.subdomains:
+            return f"http://{username}.localhost:{self.port}/user/{username}/"
+        return f"{self.url}/user/{username}/"
+
     # -- users -----------------------------------------------------------------------
 
     def login(self, username: str, password: str = PASSWORD) -> requests.Session:
         """Log in through the real login form; returns a session holding the hub cookie."""
-        s = requests.Session()
+        s = browser_session()
         r = s.get(f"{self.url}/hub/login", timeout=10)
         r.raise_for_status()
         m = re.search(r'name="_xsrf"\s+value="([^"]+)"', r.text)

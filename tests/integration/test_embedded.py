@@ -2,6 +2,10 @@
 
 hub + configurable-http-proxy + JupyterLab single-user servers + dask-gateway-server (local
 backend) + idle culler, all started by `workbench up` on free ports.
+
+The full flow runs `workbench up` as `make up` does (its default: each user's server on its own origin,
+``http://<user>.localhost:<port>/user/<user>/``, reached through tests/conftest.py's ``*.localhost`` resolver);
+the other tests share ``demo_wb`` (tests/integration/conftest.py, ``--no-subdomains``).
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ def server_process(w: Workbench, username: str) -> psutil.Process:
 
 
 def test_full_flow_login_server_gateway_xarray_and_clean_stop():
-    w = Workbench(state_dir()).start()
+    w = Workbench(state_dir(), subdomains=True).start()
     try:
         out = w.output()
-        assert f"http://127.0.0.1:{w.port}/" in out
+        assert f"Workbench is ready:  http://localhost:{w.port}/" in out
+        assert f"(http://127.0.0.1:{w.port}/ redirects to http://localhost:{w.port}/" in out
         for name in ("researcher", "instructor", "student1", "student2", "startup", "admin"):
             assert name in out, f"demo login {name} not printed"
 
@@ -49,9 +54,10 @@ def test_full_flow_login_server_gateway_xarray_and_clean_stop():
         # start the server through the REST API and reach JupyterLab through the proxy
         w.start_server(token, "researcher")
         auth = {"Authorization": f"token {token}"}
-        r = requests.get(f"{w.url}/user/researcher/lab", headers=auth, timeout=30)
+        assert w.server_url("researcher") == f"http://researcher.localhost:{w.port}/user/researcher/"
+        r = requests.get(f"{w.server_url('researcher')}lab", headers=auth, timeout=30)
         assert r.status_code == 200 and "JupyterLab" in r.text, r.status_code
-        status = requests.get(f"{w.url}/user/researcher/api/status", headers=auth, timeout=30)
+        status = requests.get(f"{w.server_url('researcher')}api/status", headers=auth, timeout=30)
         assert status.status_code == 200, status.text
 
         proc = server_process(w, "researcher")

@@ -1,4 +1,5 @@
-"""Servers isolated by origin: the real embedded workbench with `workbench up --subdomains`.
+"""Servers isolated by origin: the real embedded workbench as `workbench up` starts it by default (and with
+``--no-subdomains``).
 
 Real: the hub and configurable-http-proxy (host routing), the quota, sessions and roster services,
 dask-gateway-server behind the dashboard guard, JupyterLab servers of researcher and student1 as their own
@@ -7,7 +8,11 @@ them to loopback by themselves), so the tests connect to 127.0.0.1 and name the 
 as the browser does.
 
 Checks: a user's server answers on its own host only: ``/user/student1/`` on the hub's host, on another
-user's host or on 127.0.0.1 is a redirect to the hub, never the server's answer; the services stay on the
+user's host or on 127.0.0.1 is a redirect to the hub, never the server's answer; a browser that opens
+``http://127.0.0.1:<port>`` (the address ``make up`` always printed) is sent to the hub's origin, same path and
+query, and logs in there through the real login form, while the hub's API, its health check and the services stay
+on 127.0.0.1 for clients; with ``--no-subdomains``, or on a network ``--bind`` without ``--subdomain-host`` (with
+a one-line warning), every server is a path of 127.0.0.1 again; the services stay on the
 hub's host and on 127.0.0.1 (what notebooks and the platform's own processes use); a notebook server still
 gets its notifications and its Dask clusters through them, and the cockpit links a dashboard on the hub's
 origin, where the guard's login lives.
@@ -22,7 +27,7 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 import requests
 
-from .harness import PASSWORD, Workbench, state_dir
+from .harness import PASSWORD, Workbench, browser_session, state_dir
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +95,7 @@ def host_get(wb: Workbench, host: str, path: str, token: str | None = None, **kw
 
 @pytest.fixture(scope="module")
 def wb():
-    w = Workbench(state_dir("wb-origins-"), extra_args=("--subdomains",)).start()
+    w = Workbench(state_dir("wb-origins-"), subdomains=True).start()  # `workbench up`'s default
     yield w
     assert w.stop() == 0, w.output()[-3000:]
     assert not w.leftovers(), w.leftovers()
@@ -110,7 +115,9 @@ def test_a_users_server_answers_on_its_own_host_only(wb):
         for host in ("localhost", "researcher.localhost", "127.0.0.1"):
             r = host_get(wb, host, "/user/student1/api/status", student)
             assert r.status_code == 302, (host, r.status_code, r.text[:300])
-            assert r.headers["Location"] == f"http://localhost:{wb.port}/hub/user/student1/api/status", host
+            # the hub's answer for a server's path; 127.0.0.1 sends every page to the same path on the hub's origin
+            path = "/user/student1/api/status" if host == "127.0.0.1" else "/hub/user/student1/api/status"
+            assert r.headers["Location"] == f"http://localhost:{wb.port}{path}", host
             assert "jupyterhub-user-student1" not in r.headers.get("Set-Cookie", "")
         # on its own host the server still checks who asks
         assert host_get(wb, "student1.localhost", "/user/student1/api/status", researcher).status_code == 403
@@ -136,7 +143,7 @@ def test_services_stay_on_the_hubs_host_and_notebooks_still_reach_them(wb):
         assert env["DASK_GATEWAY__ADDRESS"] == f"http://localhost:{wb.port}/services/dask-gateway"
         # dask-gateway's dashboard_link (dask-labextension shows it) is built on the public address
         assert env["DASK_GATEWAY__PUBLIC_ADDRESS"] == env["DASK_GATEWAY__ADDRESS"]
-        assert env["WORKBENCH_SERVICES_URL"] == f"{wb.url}/services/"
+        assert env["WORKBENCH_SERVICES_URL"] == f"{wb.loopback_url}/services/"
         # the server asks the quota and sessions services itself (its own token): no problem reported
         r = host_get(wb, "researcher.localhost", "/user/researcher/workbench/notifications", researcher)
         assert r.status_code == 200, r.text
@@ -164,3 +171,101 @@ def test_services_stay_on_the_hubs_host_and_notebooks_still_reach_them(wb):
                 cluster.shutdown()
     finally:
         wb.stop_server(researcher, "researcher")
+
+
+def test_a_browser_at_127_0_0_1_is_sent_to_the_hubs_origin_and_logs_in_there(wb):
+    """`make up` printed http://127.0.0.1:<port> for years: pages there go to http://localhost:<port>, same path and
+    query (the hub's cookies are not valid on 127.0.0.1); the hub's API, health check and services stay."""
+    loop, hub = wb.loopback_url, f"http://localhost:{wb.port}"
+    assert wb.url == hub and wb.server_url("student1") == f"http://student1.localhost:{wb.port}/user/student1/"
+    for path in ("/", "/hub/", "/hub/login?next=%2Fhub%2Fhome", "/hub/spawn/student1", "/user/student1/lab?reset"):
+        r = requests.get(f"{loop}{path}", allow_redirects=False, timeout=60)
+        assert r.status_code == 302 and r.headers["Location"] == f"{hub}{path}", (path, r.status_code, r.headers)
+        assert "Set-Cookie" not in r.headers, path
+    assert requests.get(f"{loop}/hub/health", timeout=60).status_code == 200
+    assert requests.get(f"{loop}/hub/api/", timeout=60).json()["version"]  # the API answers, no redirect
+    assert requests.get(f"{loop}/services/quota/api/health", timeout=60).json() == {"status": "ok"}
+
+    # a browser's way in: the README's URL, then the real login form (cookies kept as a browser keeps them)
+    s = browser_session()
+    r = s.get(f"{loop}/", timeout=60)
+    assert r.url.startswith(f"{hub}/hub/login") and r.status_code == 200, (r.url, r.status_code)
+    xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', r.text)
+    assert xsrf, r.text[:500]
+    # a form posted to 127.0.0.1 keeps its method and body to the hub's origin (307), where the cookies are
+    r = s.post(
+        f"{loop}/hub/login?next=%2Fhub%2Fhome",
+        data={"username": "student1", "password": PASSWORD, "_xsrf": xsrf.group(1)},
+        allow_redirects=False,
+        timeout=60,
+    )
+    assert r.status_code == 307 and r.headers["Location"] == f"{hub}/hub/login?next=%2Fhub%2Fhome", r.headers
+    r = s.post(
+        f"{hub}/hub/login?next=%2Fhub%2Fhome",
+        data={"username": "student1", "password": PASSWORD, "_xsrf": xsrf.group(1)},
+        allow_redirects=False,
+        timeout=60,
+    )
+    assert r.status_code == 302 and r.headers["Location"] == "/hub/home", (r.status_code, r.text[:300])
+    home = s.get(f"{hub}/hub/home", timeout=60)
+    assert home.url == f"{hub}/hub/home" and "student1" in home.text, home.url
+    who = s.get(f"{hub}/hub/api/user", headers={"X-XSRFToken": s.cookies.get("_xsrf", path="/hub/")}, timeout=60)
+    assert who.status_code == 200 and who.json()["name"] == "student1", who.text
+    assert wb.new_token(s, "student1")  # a cookie-authenticated POST (the hub's XSRF check, bound to the session)
+    # the hub's login cookie never went to 127.0.0.1, and pages there still send the logged-in browser on
+    assert not [c for c in s.cookies if c.name.startswith("jupyterhub-hub-login") and "127.0.0.1" in c.domain]
+    r = s.get(f"{loop}/hub/home", timeout=60)
+    assert r.url == f"{hub}/hub/home" and r.status_code == 200, r.url
+
+
+def test_no_subdomains_serves_every_server_as_a_path_of_127_0_0_1():
+    w = Workbench(state_dir("wb-origins-off-"), subdomains=False).start()  # the harness passes --no-subdomains
+    try:
+        assert "--no-subdomains" in w.command()
+        assert "subdomain_host" not in w.runtime.get("extra", {})
+        assert f"Workbench is ready:  http://127.0.0.1:{w.port}/" in w.output()
+        assert "redirects to" not in w.output()
+        assert w.url == w.loopback_url and w.server_url("student1") == f"{w.url}/user/student1/"
+        # pages answer on 127.0.0.1 itself (no redirect), and the login works there
+        r = requests.get(f"{w.url}/hub/login", allow_redirects=False, timeout=60)
+        assert r.status_code == 200, (r.status_code, r.headers)
+        s = w.login("student1")
+        assert s.login_status == 302
+        token = w.new_token(s, "student1")
+        server = w.start_server(token, "student1")
+        try:
+            assert server["url"] == "/user/student1/"
+            r = requests.get(
+                f"{w.server_url('student1')}api/status", headers={"Authorization": f"token {token}"}, timeout=60
+            )
+            assert r.status_code == 200 and "started" in r.json(), r.text
+        finally:
+            w.stop_server(token, "student1")
+    finally:
+        code = w.stop()
+    assert code == 0, w.output()[-3000:]
+    assert not w.leftovers(), w.leftovers()
+
+
+def test_on_a_network_bind_the_default_falls_back_to_one_origin_with_a_one_line_warning():
+    """`workbench up --bind 0.0.0.0` without --subdomain-host: *.localhost would reach only this machine's browser,
+    so servers are paths of one origin again, and the output says so in one line naming the fix."""
+    w = Workbench(
+        state_dir("wb-origins-net-"),
+        subdomains=True,  # no --no-subdomains: the default decides
+        extra_args=("--bind", "0.0.0.0", "--allow-demo-auth-on-network"),
+    )
+    w.url = w.loopback_url  # the fallback: the hub's origin is the address again
+    w.start()
+    try:
+        warnings = [x for x in w.output().splitlines() if "without --subdomain-host" in x]
+        assert len(warnings) == 1 and "WARNING: --bind 0.0.0.0 without --subdomain-host" in warnings[0], warnings
+        assert "--subdomain-host https://<name>" in warnings[0] and "--no-subdomains" in warnings[0]
+        assert "subdomain_host" not in w.runtime.get("extra", {})
+        assert f"Workbench is ready:  http://127.0.0.1:{w.port}/" in w.output()
+        r = requests.get(f"{w.loopback_url}/hub/login", allow_redirects=False, timeout=60)
+        assert r.status_code == 200, (r.status_code, r.headers)  # no redirect to a name others cannot resolve
+    finally:
+        code = w.stop()
+    assert code == 0, w.output()[-3000:]
+    assert not w.leftovers(), w.leftovers()

@@ -9,7 +9,14 @@ from workbench.embedded.hub import apply_settings, hub_settings
 from workbench.embedded.up import UpOptions, subdomain_host_for
 from workbench.lab.cockpit import hub_prefix
 from workbench.lab.notifications import services_base_url
-from workbench.origins import SubdomainHostError, check_subdomain_host, subdomain_hook, subdomain_settings
+from workbench.origins import (
+    OriginRedirectHandler,
+    SubdomainHostError,
+    check_subdomain_host,
+    loopback_redirect_settings,
+    subdomain_hook,
+    subdomain_settings,
+)
 from workbench.policy import load_policy
 
 from .test_hub_settings import DEMO, SECRETS, make_runtime
@@ -44,7 +51,16 @@ def test_subdomains_set_the_hubs_subdomain_host_and_keep_services_reachable_on_1
     routes = sub["ConfigurableHTTPProxy"]["extra_routes"]
     with_url = {s["name"]: s["url"] for s in hub["services"] if s.get("url")}
     assert {"dask-gateway", "quota", "sessions", "rosters"} <= set(with_url), with_url
-    assert routes == {f"127.0.0.1/services/{name}/": url for name, url in with_url.items()}
+    service_routes = {f"127.0.0.1/services/{name}/": url for name, url in with_url.items()}
+    hub_url = f"http://127.0.0.1:{make_runtime().hub_port}"
+    assert routes == {
+        **service_routes,
+        # a browser's page on 127.0.0.1 goes to the hub's redirect; the hub's API and health check stay for clients
+        "127.0.0.1/": f"{hub_url}/hub/workbench-origin-redirect",
+        "127.0.0.1/hub/api/": hub_url,
+        "127.0.0.1/hub/health": hub_url,
+    }
+    assert hub["extra_handlers"] == [(r"/workbench-origin-redirect/(.*)", OriginRedirectHandler, {"origin": HOST})]
     # OAuth callbacks stay relative (the dashboard guard's HubOAuth sends /services/dask-gateway/oauth_callback)
     callbacks = {s["name"]: s["oauth_redirect_uri"] for s in hub["services"] if s.get("url")}
     assert callbacks == {name: f"/services/{name}/oauth_callback" for name in with_url}
@@ -84,12 +100,80 @@ def test_a_subdomain_host_that_cannot_work_is_refused_naming_the_field_and_the_f
     assert "e.g. https://workbench.example.edu" in str(e.value)
 
 
-def test_workbench_up_subdomain_host():
-    assert subdomain_host_for(UpOptions()) == ""
-    assert subdomain_host_for(UpOptions(subdomains=True, port=8123)) == "http://localhost:8123"
-    assert subdomain_host_for(UpOptions(subdomain_host="https://wb.example.edu/")) == "https://wb.example.edu"
+def test_workbench_up_puts_servers_on_their_own_origins_by_default():
+    assert subdomain_host_for(UpOptions(port=8123)) == ("http://localhost:8123", "")
+    assert subdomain_host_for(UpOptions(subdomains=True, port=8123)) == ("http://localhost:8123", "")
+    assert subdomain_host_for(UpOptions(subdomains=False, port=8123)) == ("", "")
+    assert subdomain_host_for(UpOptions(subdomain_host="https://wb.example.edu/")) == ("https://wb.example.edu", "")
+    assert subdomain_host_for(UpOptions(bind="0.0.0.0", subdomain_host="https://wb.example.edu")) == (
+        "https://wb.example.edu",
+        "",
+    )
+
+
+def test_on_a_network_bind_the_default_falls_back_to_one_origin_with_a_warning_and_an_explicit_ask_fails():
+    host, warning = subdomain_host_for(UpOptions(bind="0.0.0.0"))
+    assert host == ""
+    assert warning.startswith("--bind 0.0.0.0 without --subdomain-host: users' servers share the hub's origin")
+    assert "pass --subdomain-host https://<name>" in warning and "--no-subdomains" in warning
+    assert "\n" not in warning
+    assert subdomain_host_for(UpOptions(bind="0.0.0.0", subdomains=False)) == ("", "")
     with pytest.raises(SubdomainHostError, match="--subdomain-host https://"):
         subdomain_host_for(UpOptions(subdomains=True, bind="0.0.0.0"))
+
+
+def test_the_redirect_routes_leave_the_hubs_own_host_alone():
+    s = loopback_redirect_settings("http://localhost:8000", ["localhost", "127.0.0.1", "127.0.0.1"], "http://h:1/")
+    assert s["ConfigurableHTTPProxy"]["extra_routes"] == {
+        "127.0.0.1/": "http://h:1/hub/workbench-origin-redirect",
+        "127.0.0.1/hub/api/": "http://h:1",
+        "127.0.0.1/hub/health": "http://h:1",
+    }
+
+
+@pytest.mark.parametrize(
+    "method, path, status, location",
+    [
+        ("GET", "/hub/workbench-origin-redirect/", 302, "http://localhost:8000/"),
+        (
+            "GET",
+            "/hub/workbench-origin-redirect/hub/login?next=%2Fhub%2Fhome",
+            302,
+            "http://localhost:8000/hub/login?next=%2Fhub%2Fhome",
+        ),
+        ("GET", "/hub/workbench-origin-redirect/user/a%2Fb/lab", 302, "http://localhost:8000/user/a%2Fb/lab"),
+        # the host stays the hub's: a path that looks like a host is a path there
+        ("GET", "/hub/workbench-origin-redirect//evil.example/x", 302, "http://localhost:8000/evil.example/x"),
+        ("POST", "/hub/workbench-origin-redirect/hub/login", 307, "http://localhost:8000/hub/login"),
+    ],
+)
+def test_the_redirect_handler_keeps_path_and_query_and_only_the_hubs_origin(method, path, status, location):
+    """The handler in a real tornado server on a free loopback port, asked over HTTP (no hub, no proxy)."""
+    import asyncio
+
+    from tornado.httpclient import AsyncHTTPClient
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+    from tornado.web import Application
+
+    async def ask() -> tuple[int, str]:
+        app = Application([(r"/hub/workbench-origin-redirect/(.*)", OriginRedirectHandler, {"origin": HOST})])
+        sock, port = bind_unused_port()
+        server = HTTPServer(app)
+        server.add_sockets([sock])
+        try:
+            r = await AsyncHTTPClient().fetch(
+                f"http://127.0.0.1:{port}{path}",
+                method=method,
+                body=b"x=1" if method == "POST" else None,
+                follow_redirects=False,
+                raise_error=False,
+            )
+            return r.code, r.headers.get("Location", "")
+        finally:
+            server.stop()
+
+    assert asyncio.run(ask()) == (status, location)
 
 
 def test_the_cockpits_dashboard_links_and_the_notifications_use_the_hubs_origin():

@@ -162,10 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--subdomains",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="serve each user's server from its own origin, http://<user>.localhost:<port>/user/<user>/ (the hub "
-        "at http://localhost:<port>), so a page a user serves cannot act with another user's hub login; browsers "
-        "resolve *.localhost, Python clients do not (see the README)",
+        "at http://localhost:<port>; http://127.0.0.1:<port> redirects there), so a page a user serves cannot act "
+        "with another user's hub login (default: on, except on a non-loopback --bind without --subdomain-host); "
+        "--no-subdomains serves every server as a path of the hub's origin",
     )
     up.add_argument(
         "--subdomain-host",

@@ -23,7 +23,7 @@ from workbench.names import (
     SESSIONS_ACCESS_SCOPE,
     SESSIONS_SERVICE,
 )
-from workbench.origins import merge_settings, subdomain_settings
+from workbench.origins import loopback_redirect_settings, merge_settings, subdomain_settings
 from workbench.policy import Policy, PolicyError, load_policy
 from workbench.runtime import Runtime, free_port, load_or_create_secrets
 from workbench.services.quota.wiring import add_quota_service, pass_db_url
@@ -211,12 +211,16 @@ def add_subdomains(settings: dict[str, dict], runtime: Runtime) -> None:
     The hub and its services stay at ``runtime.extra["subdomain_host"]`` (``http://localhost:<port>``:
     browsers resolve every ``*.localhost`` to loopback by themselves) and, for the platform's own
     processes (glibc resolves no ``*.localhost``), at ``runtime.public_url`` too (``127.0.0.1``: extra proxy
-    routes, see :mod:`workbench.origins`). Notebooks reach the services at the latter
+    routes, see :mod:`workbench.origins`), where a browser's page is redirected to the hub's origin. Notebooks
+    reach the services at the latter
     (``WORKBENCH_SERVICES_URL``); Dask Gateway at the hub's origin, so dashboard links open where the
     guard's login cookie lives.
     """
     host = runtime.extra["subdomain_host"]
     merge_settings(settings, subdomain_settings(host, settings["JupyterHub"]["services"], [runtime.connect_host]))
+    redirect = loopback_redirect_settings(host, [runtime.connect_host], settings["JupyterHub"]["hub_bind_url"])
+    settings["ConfigurableHTTPProxy"]["extra_routes"].update(redirect["ConfigurableHTTPProxy"]["extra_routes"])
+    settings["JupyterHub"]["extra_handlers"] = redirect["JupyterHub"]["extra_handlers"]
     spawner = settings["WorkbenchLocalSpawner"]
     spawner["environment"] = {**spawner["environment"], "WORKBENCH_SERVICES_URL": f"{runtime.public_url}/services/"}
     spawner["dask_env"] = {**spawner["dask_env"], "gateway_url": f"{host}/services/{GATEWAY_SERVICE}"}

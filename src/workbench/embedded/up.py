@@ -88,7 +88,7 @@ class UpOptions:
     spawner: str = "local"  # "local" or "slurm" (notebook servers as Slurm jobs: workbench.spawn.slurm)
     quota_every: float = 30.0  # seconds between budget enforcement rounds (quota service, gateway)
     quota: bool = True  # run the quota service (budgets enforced, usage recorded)
-    subdomains: bool = False  # each user's server on its own origin (workbench.origins)
+    subdomains: bool | None = None  # each user's server on its own origin (workbench.origins); None: on if it can be
     subdomain_host: str = ""  # with subdomains: the hub's origin (default http://localhost:<port>)
 
 
@@ -222,18 +222,29 @@ def decide_system_users(opts: UpOptions, venv_bin: Path) -> tuple[bool, str]:
     return True, ""
 
 
-def subdomain_host_for(opts: UpOptions) -> str:
-    """The hub's origin with ``--subdomains`` ('' without): ``--subdomain-host``, else ``http://localhost:<port>``."""
+def subdomain_host_for(opts: UpOptions) -> tuple[str, str]:
+    """The hub's origin with subdomains ('' without) and a warning when the default falls back to none.
+
+    ``--subdomain-host`` wins; else subdomains are on by default at ``http://localhost:<port>`` (browsers resolve
+    every ``*.localhost`` to loopback), except with ``--no-subdomains`` or on a non-loopback ``--bind``, where
+    ``*.localhost`` reaches nobody else's browser: there the default falls back to paths of one origin with a
+    warning, and an explicit ``--subdomains`` is an error naming the fix.
+    """
     if opts.subdomain_host:
-        return check_subdomain_host(opts.subdomain_host, "--subdomain-host")
-    if not opts.subdomains:
-        return ""
+        return check_subdomain_host(opts.subdomain_host, "--subdomain-host"), ""
+    if opts.subdomains is False:
+        return "", ""
     if not is_loopback(opts.bind):
-        raise SubdomainHostError(
-            f"--subdomains on --bind {opts.bind}: *.localhost names reach this machine only from its own browser; "
-            "pass --subdomain-host https://<name> whose wildcard *.<name> resolves to this machine"
+        fix = "pass --subdomain-host https://<name> whose wildcard *.<name> resolves to this machine"
+        if opts.subdomains:
+            raise SubdomainHostError(
+                f"--subdomains on --bind {opts.bind}: *.localhost names reach this machine only from its own browser; {fix}"
+            )
+        return "", (
+            f"--bind {opts.bind} without --subdomain-host: users' servers share the hub's origin (no per-user "
+            f"origins, *.localhost reaches only this machine's browser); {fix}, or --no-subdomains to silence this"
         )
-    return f"http://localhost:{opts.port}"
+    return f"http://localhost:{opts.port}", ""
 
 
 class Supervisor:
@@ -320,9 +331,11 @@ class Supervisor:
             return fail(f"{opts.bind}:{opts.port} is already in use; stop what uses it or pass --port")
 
         try:
-            subdomain_host = subdomain_host_for(opts)
+            subdomain_host, subdomain_warning = subdomain_host_for(opts)
         except SubdomainHostError as e:
             return fail(str(e))
+        if subdomain_warning:
+            say(f"WARNING: {subdomain_warning}")
 
         system_users, warning = decide_system_users(opts, venv_bin)
         if warning:
@@ -491,8 +504,14 @@ class Supervisor:
 
     def _banner(self, policy: Policy, runtime: Runtime, password: str, generated: bool, log_path: Path) -> None:
         url = f"http://{runtime.bind if runtime.bind not in ('0.0.0.0', '::') else runtime.connect_host}:{runtime.port}"
-        url = runtime.extra.get("subdomain_host") or url  # --subdomains: the hub's origin, servers on <user>.<host>
-        lines = ["", f"  Workbench is ready:  {url}/", ""]
+        # with subdomains: the hub's origin, each server on <user>.<host>, pages on `url` redirected (workbench.origins)
+        hub_origin = runtime.extra.get("subdomain_host")
+        lines = ["", f"  Workbench is ready:  {hub_origin or url}/", ""]
+        if hub_origin:
+            scheme, host = hub_origin.split("://", 1)
+            lines.insert(-1, f"  Each user's server at its own origin: {scheme}://<user>.{host}/user/<user>/")
+            if url != hub_origin:
+                lines.insert(-1, f"  ({url}/ redirects to {hub_origin}/, where the login cookie lives)")
         if policy.auth.type == "demo":
             src = "generated for this run" if generated else f"from ${PASSWORD_ENV}"
             lines.append(f"  Demo logins (password {password!r}, {src}):")
