@@ -340,9 +340,18 @@ def test_a_gpu_job_whose_own_reports_say_its_gpus_are_idle_is_culled(wb):
     w.start_server(token, USER, timeout=240, profile="h100-x2")
     [job] = server_jobs()
     wait_for(lambda: "GPU report of researcher's server '': busy" in w.hub_log()[mark:], 60, "the job's first report")
-    busy_from = time.monotonic()
-    while time.monotonic() < busy_from + GPU_IDLE + 5:  # busy GPUs for longer than gpu_idle_timeout
-        time.sleep(1)
+    busy_from = time.time()
+    admin = w.new_token(w.login("admin"), "admin")
+
+    def checked_past_the_limit():  # busy GPUs for longer than gpu_idle_timeout, by the service's own checks
+        r = requests.get(f"{w.url}/services/sessions/api/status", headers={"Authorization": f"token {admin}"},
+                         timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+        seen = r.json()["servers"].get(f"{USER}/")
+        return seen if seen and hub_time(seen["last_checked"]) > busy_from + GPU_IDLE + 1 else None
+
+    seen = wait_for(checked_past_the_limit, 120, f"the sessions service to check the server past {GPU_IDLE}s")
+    assert seen["profile"] == "h100-x2" and seen["gpu_idle_since"] is None and seen["last_action"] is None, seen
     assert w.token_api(token, "GET", f"/users/{USER}").json().get("servers"), "stopped although its GPUs were busy"
     write_utilisation(w, 0)
     idle_from = time.time()
