@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make up      run the embedded workbench (ARGS='--port 8080 ...' passes options to 'workbench up')"
-	@echo "make test    run the whole test suite (unit + integration)"
+	@echo "make test    run the whole test suite (unit + chart beside integration + browser; PARALLEL=0: one run)"
 	@echo "make lint    ruff: lint, import order, format check"
 	@echo "make unit    run the fast unit tests only"
 	@echo "make bench   run the benchmarks (prints medians and ratios)"
@@ -44,8 +44,37 @@ install: $(STAMP)
 up: install
 	$(VENV)/bin/workbench up $(ARGS)
 
+# `make test` runs two pytest processes at once (PARALLEL=0: the whole of tests/ in one, as before):
+#   FAST_TESTS  tests that start no workbench, create no Unix account and submit no Slurm job (pure code, the
+#               chart rendered, the hub pod's entry point on free ports, image locks in a fresh venv); under
+#               `nice`, so that the live tests' timers keep the CPU first
+#   LIVE_TESTS  real workbenches, Slurm and browsers, one module after the other: they share the machine-wide
+#               wb-<name> accounts and homes, Slurm's one node and its GRES, so they never run beside each other
+# The fast group's output follows the live group's; the target fails if either group failed.
+FAST_TESTS ?= tests/unit tests/chart tests/k8s
+LIVE_TESTS ?= tests/integration tests/browser
+PARALLEL ?= 1
+
 test: install slurm postgres browser lint
+	@$(MAKE) --no-print-directory test-groups
+
+.PHONY: test-groups
+test-groups:  # the test run of `make test`, without installing or starting anything first
+ifeq ($(PARALLEL),0)
 	$(VENV)/bin/python -m pytest -ra --durations=25 $(PYTEST_ARGS) tests
+else
+	@mkdir -p .workbench; fastlog=.workbench/test-fast.log; \
+	nice -n 5 $(VENV)/bin/python -m pytest -ra --durations=10 $(PYTEST_ARGS) $(FAST_TESTS) >$$fastlog 2>&1 & fast=$$!; \
+	trap 'kill $$fast 2>/dev/null' INT TERM; \
+	echo "[make test] $(FAST_TESTS) running beside these (output below when both are done: $$fastlog)"; \
+	$(VENV)/bin/python -m pytest -ra --durations=25 $(PYTEST_ARGS) $(LIVE_TESTS); live=$$?; \
+	wait $$fast; fastrc=$$?; \
+	echo "================ [make test] $(FAST_TESTS), run beside the above: exit $$fastrc ================"; \
+	cat $$fastlog; \
+	echo "[make test] exit codes: $(LIVE_TESTS) $$live, $(FAST_TESTS) $$fastrc"; \
+	ok() { [ "$$1" -eq 0 ] || [ "$$1" -eq 5 ]; }; \
+	ok $$live && ok $$fastrc && ! [ "$$live" -eq 5 -a "$$fastrc" -eq 5 ]
+endif
 
 .PHONY: slurm
 slurm:  # a real one-node Slurm for the Slurm backend's tests and `workbench up --gateway-backend slurm`

@@ -1,0 +1,82 @@
+"""`make test`'s two groups (Makefile: FAST_TESTS beside LIVE_TESTS): every test folder runs, and the group that
+runs beside the live tests shares nothing machine-wide with them.
+
+The live tests share the machine's wb-<name> accounts and homes, Slurm's one node and the demo workbenches, so a
+test that starts a workbench, submits a Slurm job or uses the integration fixtures must be in LIVE_TESTS. Checked
+here, on the source: a folder of tests missing from both groups (it would silently not run), in both (twice), or
+a fast-group file that imports the integration harness or asks for one of its workbench/Slurm fixtures.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+#: fixtures that start or share a real workbench or the one-node Slurm (tests/conftest.py,
+#: tests/integration/conftest.py, tests/integration/test_slurm.py)
+LIVE_FIXTURES = {"demo_wb", "default_wb", "admin_token", "demo_gpus_wb", "slurm"}
+
+
+def make_groups(makefile: str) -> dict[str, list[str]]:
+    """The defaults of FAST_TESTS and LIVE_TESTS (``NAME ?= a b``) in the Makefile's text (pure)."""
+    groups = {}
+    for name in ("FAST_TESTS", "LIVE_TESTS"):
+        m = re.search(rf"^{name} \?= (.+)$", makefile, re.M)
+        assert m, f"the Makefile defines no {name} ?= ..."
+        groups[name] = m.group(1).split()
+    return groups
+
+
+def test_make_groups_reads_the_defaults():
+    text = "X ?= 1\nFAST_TESTS ?= tests/unit tests/chart\nLIVE_TESTS ?= tests/integration\n"
+    assert make_groups(text) == {"FAST_TESTS": ["tests/unit", "tests/chart"], "LIVE_TESTS": ["tests/integration"]}
+
+
+def test_every_test_folder_is_in_exactly_one_group():
+    groups = make_groups((REPO / "Makefile").read_text())
+    listed = groups["FAST_TESTS"] + groups["LIVE_TESTS"]
+    assert len(listed) == len(set(listed)), f"a folder in both groups runs twice: {groups}"
+    folders = {str(p.parent.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")}
+    covered = {f for f in folders if any(f == g or f.startswith(g + "/") for g in listed)}
+    assert folders == covered, f"test folders `make test` would not run: {sorted(folders - covered)}"
+
+
+def live_uses(path: Path) -> list[str]:
+    """What in ``path`` needs the live group: imports of the integration harness, live fixtures as arguments."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = ("." * node.level) + (node.module or "")
+            if "integration" in module or module.lstrip(".").startswith("harness"):
+                found.append(f"imports {module}")
+        elif isinstance(node, ast.Import):
+            found += [f"imports {a.name}" for a in node.names if "tests.integration" in a.name]
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            found += [f"{node.name} uses fixture {a.arg}" for a in node.args.args if a.arg in LIVE_FIXTURES]
+    return found
+
+
+def test_live_uses_finds_the_harness_and_the_fixtures(tmp_path):
+    sample = tmp_path / "test_x.py"
+    sample.write_text(
+        "from tests.integration.harness import Workbench\nfrom .harness import DEMO\n"
+        "def test_a(default_wb, tmp_path):\n    pass\ndef test_b(tmp_path):\n    pass\n"
+    )
+    assert live_uses(sample) == [
+        "imports tests.integration.harness",
+        "imports .harness",
+        "test_a uses fixture default_wb",
+    ]
+
+
+def test_the_fast_group_starts_no_workbench_and_no_slurm_job():
+    groups = make_groups((REPO / "Makefile").read_text())
+    offenders = {}
+    for folder in groups["FAST_TESTS"]:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if uses := live_uses(path):
+                offenders[str(path.relative_to(REPO))] = uses
+    assert offenders == {}, f"these run beside the live tests but need the live group (move them): {offenders}"
