@@ -415,7 +415,7 @@ class Supervisor:
             say("WARNING: --no-quota: budgets and caps are not enforced and usage is not recorded")
         log_file = None if opts.log_to_console else open(log_path, "ab")
         self.hub = subprocess.Popen(
-            [str(venv_bin / "jupyterhub"), "-f", str(hub_config / "jupyterhub_config.py")],
+            [sys.executable, str(hub_config / "jupyterhub"), "-f", str(hub_config / "jupyterhub_config.py")],
             cwd=state,
             env=env,
             stdout=log_file,

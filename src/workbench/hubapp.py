@@ -1,0 +1,78 @@
+"""The hub application every engine runs: JupyterHub that starts its managed services at once.
+
+JupyterHub 6.1's ``start()`` starts the hub's services one after the other
+(``for name, service in _service_map.items(): await self.start_service(...)``), and each
+``start_service`` waits until that service answers on its URL; the hub adds its own route to the proxy
+only after the last one. The workbench has about six managed services (Dask Gateway, its dashboard guard,
+quota, sessions, rosters, jobs), each a Python process that takes seconds to import and listen, so
+start-up was their sum. ``WorkbenchHub`` starts them all on the first ``start_service`` call of
+``start()`` and hands each call its own service's result, so start-up takes about the slowest one.
+
+Upstream's semantics are kept: ``start()`` still awaits every service in the same order and exits the hub
+when a managed one fails (it cannot start, exits, or does not answer within its timeout); before that
+exit, the services this class already started are stopped (upstream had started none after the failing
+one). Outside ``start()`` (later restarts, health checks) ``start_service`` is upstream's.
+
+``main()`` is what ``hub_config/jupyterhub`` (the embedded hub's launcher) and ``python -m
+workbench.hubapp`` run; it takes JupyterHub's command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from jupyterhub.app import JupyterHub
+
+
+class WorkbenchHub(JupyterHub):
+    """JupyterHub whose start-up starts every managed service concurrently (see the module docstring)."""
+
+    _starting_up = False
+    _service_starts: dict[str, asyncio.Task] | None = None
+
+    async def start(self):
+        self._starting_up = True
+        try:
+            await super().start()
+        finally:
+            self._starting_up = False
+            self._service_starts = None
+
+    async def start_service(self, service_name, service, ssl_context=None) -> bool:
+        if not self._starting_up:
+            return await super().start_service(service_name, service, ssl_context)
+        if self._service_starts is None:
+            upstream = super().start_service
+            self._service_starts = {
+                name: asyncio.ensure_future(upstream(name, svc, ssl_context)) for name, svc in self._service_map.items()
+            }
+            self.log.info(
+                "Starting %d services at once: %s", len(self._service_starts), ", ".join(self._service_starts)
+            )
+        task = self._service_starts.pop(service_name, None)
+        if task is None:  # not in the map when start-up began: upstream's way
+            return await super().start_service(service_name, service, ssl_context)
+        ready = await task
+        if not ready and service.managed:
+            await self._stop_started_services()
+        return ready
+
+    async def _stop_started_services(self) -> None:
+        """Before the hub exits for a failed managed service: cancel the other starts, stop what started."""
+        pending = list((self._service_starts or {}).values())
+        self._service_starts = {}
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for name, service in self._service_map.items():
+            if service.managed and service.spawner is not None:
+                try:
+                    await service.stop()
+                except Exception:  # noqa: BLE001 - best effort: the hub exits next anyway
+                    self.log.warning("Could not stop service %s", name, exc_info=True)
+
+
+main = WorkbenchHub.launch_instance
+
+if __name__ == "__main__":
+    main()
