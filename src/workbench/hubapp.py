@@ -20,8 +20,12 @@ workbench.hubapp`` run; it takes JupyterHub's command line.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from jupyterhub.app import JupyterHub
+
+# `python HUB_LAUNCHER -f CONFIG` runs main(); the launcher is named `jupyterhub` so the hub reads as before in ps
+HUB_LAUNCHER = Path(__file__).resolve().parent / "hub_config" / "jupyterhub"
 
 
 class WorkbenchHub(JupyterHub):
