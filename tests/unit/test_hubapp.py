@@ -1,7 +1,7 @@
 """WorkbenchHub (workbench.hubapp): the hub's managed services start at once, failures still stop the hub.
 
-Upstream ``JupyterHub.start_service`` (which starts a process and waits for its URL) is replaced by a
-stand-in per test; ``WorkbenchHub.start_service`` is driven the way upstream ``JupyterHub.start()`` drives
+The start of one service (``WorkbenchHub._start_one``: start the process, wait for its URL) is replaced by a
+stand-in per test (the last test starts a real hub with real service processes); ``WorkbenchHub.start_service`` is driven the way upstream ``JupyterHub.start()`` drives
 it: one call per service, in the service map's order, each awaited before the next, and ``exit(1)`` when
 a managed one returns False.
 """
@@ -64,7 +64,7 @@ def test_service_starts_overlap(monkeypatch):
             await asyncio.wait_for(all_begun.wait(), 30)
             return True
 
-        monkeypatch.setattr(JupyterHub, "start_service", stand_in)
+        monkeypatch.setattr(WorkbenchHub, "_start_one", stand_in)
         return await upstream_start_loop(hub_with(names))
 
     assert asyncio.run(run()) == {n: True for n in names}
@@ -78,7 +78,7 @@ def test_each_call_gets_its_own_services_result(monkeypatch):
         await asyncio.sleep(0)
         return name != "external"
 
-    monkeypatch.setattr(JupyterHub, "start_service", stand_in)
+    monkeypatch.setattr(WorkbenchHub, "_start_one", stand_in)
     hub = hub_with(["a", "external", "b"])
     hub._service_map["external"].managed = False
     assert asyncio.run(upstream_start_loop(hub)) == {"a": True, "external": False, "b": True}
@@ -101,7 +101,7 @@ def test_failed_managed_service_stops_the_others_and_the_hub_exits(monkeypatch):
                 raise
         return True
 
-    monkeypatch.setattr(JupyterHub, "start_service", stand_in)
+    monkeypatch.setattr(WorkbenchHub, "_start_one", stand_in)
     hub = hub_with(["first", "broken", "slow"])
     results = asyncio.run(upstream_start_loop(hub))
     assert results == {"first": True, "broken": False}
