@@ -358,7 +358,35 @@ def wait_singleuser_gone(root_pid: int, timeout: float = 30) -> None:
         time.sleep(POLL)
 
 
-def login_runs(name: str, url: str, runs: int, root_pid: int, log_tail, snapshot) -> list[dict]:
+_LOG_TIME = r"\[\w (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)"
+SPAWN_MARKS = (
+    ("process spawned", r"Spawning \S*jupyterhub-singleuser"),
+    ("JupyterLab's first log line", r"ServerApp\]"),
+    ("JupyterLab listening", r"Jupyter Server [\d.]+ is running at"),
+    ("hub noticed it", r"took [\d.]+ seconds to start"),
+)
+
+
+def spawn_timeline(log: str) -> list[tuple[str, float]]:
+    """The last server start in a hub log (the server's output goes there too): seconds of each step after the
+    spawn began (the hub's "took N seconds to start" minus N). Empty if the log lacks the lines."""
+    begin = max((m.start() for m in re.finditer(SPAWN_MARKS[0][1], log)), default=-1)
+    took = re.search(r"took ([\d.]+) seconds to start", log[begin:]) if begin >= 0 else None
+    if took is None:
+        return []
+    line_start = log.rfind("\n", 0, begin) + 1
+    steps, pos = [], line_start
+    for label, pattern in SPAWN_MARKS:
+        m = re.search(_LOG_TIME + r".*" + pattern, log[pos:])
+        if m is None:
+            return []
+        steps.append((label, _stamp(m.group(1), "%Y-%m-%d %H:%M:%S.%f")))
+        pos += m.start()
+    t0 = steps[-1][1] - float(took.group(1))
+    return [("start requested", 0.0)] + [(label, t - t0) for label, t in steps]
+
+
+def login_runs(name: str, url: str, runs: int, root_pid: int, log_tail, snapshot, full_log=None) -> list[dict]:
     out = []
     for i in range(runs):
         res = login_to_ready(url, USER, PASSWORD, log_tail)
@@ -369,6 +397,9 @@ def login_runs(name: str, url: str, runs: int, root_pid: int, log_tail, snapshot
             f"token {res['token_s']:.2f}, server POST {res['spawn_request_s']:.2f}, "
             f"until ready {res['until_ready_s']:.2f}, status 200 {res['status_200_s']:.2f})"
         )
+        if full_log is not None and (steps := spawn_timeline(full_log())):
+            res["timeline"] = steps
+            say(f"{name:9}   timeline (hub log): " + ", ".join(f"{label} +{t:.2f}s" for label, t in steps))
         out.append(res)
         stop_server(url, token, USER)
         wait_singleuser_gone(root_pid)
@@ -740,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"workbench ready at {wb.url} after {starts['workbench']:.2f}s")
         hub_log = lambda: wb.hub_log()[-3000:]  # noqa: E731
         if "login" in metrics or "quota" in metrics:
-            on = login_runs("workbench", wb.url, args.runs, wb.proc.pid, hub_log, wb.snapshot)
+            on = login_runs("workbench", wb.url, args.runs, wb.proc.pid, hub_log, wb.snapshot, wb.hub_log)
             for m in ("login", "quota"):
                 if m in metrics:
                     raw[m]["workbench"] = on
@@ -779,7 +810,9 @@ def main(argv: list[str] | None = None) -> int:
             starts["stock"] = time.perf_counter() - t0
             say(f"stock hub ready at {stock.url} after {starts['stock']:.2f}s")
             stock_log = lambda: stock.output()[-3000:]  # noqa: E731
-            raw["login"]["stock"] = login_runs("stock", stock.url, args.runs, stock.proc.pid, stock_log, stock.snapshot)
+            raw["login"]["stock"] = login_runs(
+                "stock", stock.url, args.runs, stock.proc.pid, stock_log, stock.snapshot, stock.output
+            )
             say("stopping the stock hub …")
             stock.stop()
             stock = None

@@ -184,8 +184,13 @@ class Hub:
     def start(self, running: int, timeout: float = 900) -> dict:
         self._log = open(self.log_path, "wb")
         t0 = time.perf_counter()
+        # the workbench's hub is workbench.hubapp.WorkbenchHub, launched as `workbench up` does; the others are
+        # JupyterHub itself (`workbench-sequential`: the workbench's configuration under upstream's class)
+        from workbench.hubapp import HUB_LAUNCHER
+
+        argv = [sys.executable, str(HUB_LAUNCHER)] if self.side == "workbench" else [str(VENV_BIN / "jupyterhub")]
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "jupyterhub"), "-f", str(self.config)],
+            [*argv, "-f", str(self.config)],
             cwd=self.state,
             env=self.env,
             stdout=self._log,
@@ -305,7 +310,7 @@ def run_side(side: str, base_db: Path, args, stand_in_port: int) -> dict:
     token = secrets.token_hex(16)
     port, hub_port = free_port(), free_port()
     env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    if side == "workbench":
+    if side.startswith("workbench"):
         policy = size_policy(args.users, state / "platform.yaml")
         runtime = Runtime(
             config=str(policy),
@@ -395,9 +400,9 @@ def plot(results: dict, path: Path) -> None:
         ("login\np99 (×10 ms)", lambda r: pct(r["login_s"], 0.99) * 100),
     ]
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.38
+    width = 0.8 / len(results)
     for k, (side, res) in enumerate(results.items()):
-        xs = [i + (k - 0.5) * width for i in range(len(metrics))]
+        xs = [i + (k - (len(results) - 1) / 2) * width for i in range(len(metrics))]
         ax.bar(xs, [f(res) for _, f in metrics], width, label=side)
     ax.set_xticks(range(len(metrics)), [m for m, _ in metrics])
     ax.set_title("Hub with 10,000 users and 500 running servers: workbench hooks vs stock JupyterHub")
@@ -415,6 +420,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--keep-state", action="store_true")
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="also run the workbench's configuration under upstream JupyterHub's class, which starts the managed "
+        "services one after the other (the start-up before workbench.hubapp)",
+    )
     args = ap.parse_args(argv)
 
     import jupyterhub
@@ -435,7 +446,7 @@ def main(argv=None) -> int:
             f"database written with JupyterHub's ORM in {time.perf_counter() - t:.1f} s; running servers: one "
             f"stand-in HTTP server (pid {stand_in.pid}, port {stand_port}) polled by LocalProcessSpawner.poll"
         )
-        for side in ("workbench", "stock"):
+        for side in ("workbench", "stock") + (("workbench-sequential",) if args.sequential else ()):
             results[side] = run_side(side, work / "base.sqlite", args, stand_port)
     finally:
         stand_in.terminate()
@@ -468,11 +479,18 @@ def main(argv=None) -> int:
             f"{side}: servers still running after start-up {r['still_running']}, lost {r['lost']}, running at the end "
             f"{r['running_at_end']}; load average before {r['load_before'][0]:.2f}, after {r['load_after'][0]:.2f}"
         )
+    if "workbench-sequential" in results:
+        q = results["workbench-sequential"]
+        for key, name in (("hub_api_s", "hub's own /hub/health"), ("health_s", "/hub/health through the proxy")):
+            print(
+                f"start-up, {name}: services one after the other (upstream's class) {q[key]:.1f} s "
+                f"(ratio to stock {q[key] / s[key]:.2f}), at once (WorkbenchHub) {w[key]:.1f} s ({w[key] / s[key]:.2f})"
+            )
     results["ratios"] = {name: a / b for name, a, b, _ in rows}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.plot:
-        plot({k: results[k] for k in ("workbench", "stock")}, args.plot)
+        plot({k: results[k] for k in ("workbench", "workbench-sequential", "stock") if k in results}, args.plot)
         say(f"plot: {args.plot}")
     return 0
 

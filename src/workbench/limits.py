@@ -12,6 +12,13 @@ no device control). Every other GPU device present is denied in the same cgroup,
 controller or, on v2, an eBPF device program (:mod:`workbench.devcgroup`). Profiles without a GPU get none
 (:func:`local_limits`); a GPU server gets its allocated devices through :meth:`LocalLimits.with_gpus`. Without
 writable cgroups there is no device control: ``CUDA_VISIBLE_DEVICES`` is then advice, not a boundary.
+
+CPU weight: every server's cgroup lives under one parent (``workbench``), and the kernel weighs a cgroup against
+its siblings as one entity: a parent at the default weight (v1 ``cpu.shares`` 1024, v2 ``cpu.weight`` 100) gets
+as much CPU as *one* ordinary process next to it, however many servers, Dask processes and jobs it holds. On a
+busy machine that starved every server's start (issue 12). ``Limiter`` therefore sets the parent's weight to one
+process's worth per cgroup in it (:func:`parent_cpu_weight`), each time it adds or removes one: N servers weigh
+what N stock servers (N processes) would, no more.
 """
 
 from __future__ import annotations
@@ -29,6 +36,15 @@ from workbench.policy import Profile
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT = "workbench"
 CFS_PERIOD = 100_000
+
+
+def parent_cpu_weight(mode: str, children: int) -> tuple[str, str]:
+    """The parent's CPU weight file and value for ``children`` cgroups in it: one default-weight process each
+    (v1 ``cpu.shares`` 1024, v2 ``cpu.weight`` 100), at least one, at most the kernel's maximum (pure)."""
+    n = max(1, children)
+    if mode == "v2":
+        return "cpu.weight", str(min(10_000, 100 * n))
+    return "cpu.shares", str(min(262_144, 1024 * n))
 
 
 @dataclass(frozen=True)
@@ -185,7 +201,9 @@ class Limiter:
             except OSError:
                 if not rel.endswith("swap.max"):  # swap accounting may be off; the rest must work
                     raise
-        return dirs + self._deny_gpus(name, limits, dirs)
+        joined = dirs + self._deny_gpus(name, limits, dirs)
+        self._reweigh_parent()
+        return joined
 
     def _deny_gpus(self, name: str, limits: LocalLimits, dirs: list[Path]) -> list[Path]:
         """Deny the GPU devices present that ``limits`` does not allow; returns extra folders to join (v1).
@@ -211,6 +229,18 @@ class Limiter:
                 d.rmdir()
             except OSError:
                 pass
+        if self.mode:
+            self._reweigh_parent()
+
+    def _reweigh_parent(self) -> None:
+        """One default process's CPU weight per cgroup in the parent (module docstring); best effort."""
+        parent = _base(self.root, self.mode, "" if self.mode == "v2" else "cpu", self.own)
+        try:
+            children = sum(1 for d in parent.iterdir() if d.is_dir())
+            fname, value = parent_cpu_weight(self.mode, children)
+            (parent / fname).write_text(value)
+        except OSError:
+            pass
 
     @staticmethod
     def preexec(dirs: list[Path], limits: LocalLimits):

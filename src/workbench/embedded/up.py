@@ -31,6 +31,7 @@ import requests
 
 from workbench.auth.demo import PASSWORD_ENV, DemoAuthExposed, check_demo_exposure
 from workbench.gpus import detect_devices, inventory, parse_fake_gpus
+from workbench.hubapp import HUB_LAUNCHER
 from workbench.origins import SubdomainHostError, check_subdomain_host
 from workbench.policy import Policy, PolicyError, load_policy
 from workbench.runtime import (
@@ -428,7 +429,7 @@ class Supervisor:
             say("WARNING: --no-quota: budgets and caps are not enforced and usage is not recorded")
         log_file = None if opts.log_to_console else open(log_path, "ab")
         self.hub = subprocess.Popen(
-            [str(venv_bin / "jupyterhub"), "-f", str(hub_config / "jupyterhub_config.py")],
+            [sys.executable, str(HUB_LAUNCHER), "-f", str(hub_config / "jupyterhub_config.py")],
             cwd=state,
             env=env,
             stdout=log_file,
