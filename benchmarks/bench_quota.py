@@ -264,6 +264,7 @@ def batched_admissions(ledger: Ledger, args, run: str, rounds: int = 5) -> dict:
     from workbench.services.quota.admission import Admitter
 
     admitter = Admitter(ledger)
+    steps: list[dict] = []
 
     async def burst(tag: str) -> list[float]:
         lat = [0.0] * args.concurrency
@@ -285,11 +286,26 @@ def batched_admissions(ledger: Ledger, args, run: str, rounds: int = 5) -> dict:
             assert d.allowed, d.message
 
         t0 = time.perf_counter()
+        admitter.timeline.clear()
         await asyncio.gather(*(one(i) for i in range(args.concurrency)))
+        done = time.perf_counter()
+        # timeline of the burst: decisions on the event loop until the first commit starts, the commits, the rest
+        batches = list(admitter.timeline)
+        if batches:
+            steps.append(
+                {
+                    "decide_ms": (batches[0][0] - t0) * 1000,
+                    "commit_ms": sum(e - b for b, e, _ in batches) * 1000,
+                    "batches": len(batches),
+                    "answer_ms": (done - batches[-1][1]) * 1000,
+                    "total_ms": (done - t0) * 1000,
+                }
+            )
         return lat
 
     async def main() -> tuple[list[float], list[float], int]:
         await burst("bwarm")
+        steps.clear()
         b0 = admitter.batches
         walls, lat = [], []
         for r in range(rounds):
@@ -309,6 +325,12 @@ def batched_admissions(ledger: Ledger, args, run: str, rounds: int = 5) -> dict:
         "wall_s": round(statistics.median(walls), 4),
         "throughput_per_s": round(args.concurrency / statistics.median(walls), 1),
         "transactions_per_burst": round(batches / rounds, 1),
+        "timeline_median_ms": {
+            k: round(statistics.median(st[k] for st in steps), 2)
+            for k in ("decide_ms", "commit_ms", "batches", "answer_ms", "total_ms")
+        }
+        if steps
+        else {},
     }
 
 
@@ -487,6 +509,13 @@ def main(argv=None) -> int:
                 f"{key:<20} {a['p50_ms']:>10} {a['p99_ms']:>10} {b['p50_ms']:>10} {b['p99_ms']:>10} "
                 f"{b['transactions_per_burst']:>9}"
             )
+            tl = b.get("timeline_median_ms") or {}
+            if tl:
+                print(
+                    f"{'':<20} timeline (median burst): decide {tl['decide_ms']} ms on the event loop, commit "
+                    f"{tl['commit_ms']} ms in {tl['batches']} batch(es), answers {tl['answer_ms']} ms, "
+                    f"total {tl['total_ms']} ms"
+                )
     if args.plot:
         plot(report, args.plot)
     print()

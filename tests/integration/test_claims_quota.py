@@ -382,12 +382,6 @@ def cluster_processes(wb: Workbench, name: str, role: str) -> list[psutil.Proces
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 16): the restarted gateway's first reconcile marks every worker its database calls "
-    "running as seen alive, and the stop event it sends once the scheduler's heartbeat shows the worker gone is "
-    "recorded at its own time, so the worker is charged through the downtime and until the restarted gateway has stopped it (two runs: closed 30 s after the restart)",
-)
 def test_a_worker_that_dies_while_the_gateway_is_down_is_charged_until_it_was_last_seen(wb, users):
     """kill -9 the gateway, then the cluster's worker while no gateway runs: after the restart the worker's row is
     closed at the last time a reconcile saw it alive (before it died), never at the restart; the scheduler's row,

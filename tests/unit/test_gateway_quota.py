@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
-from dask_gateway_server.backends.db_base import JobStatus
+from dask_gateway_server.backends.db_base import DBBackendBase, JobStatus
 from dask_gateway_server.utils import FrozenAttrDict
 
 from workbench.gateway.local import WorkbenchUnsafeLocalBackend
@@ -91,6 +91,7 @@ def test_running_items_are_schedulers_and_started_workers_with_their_resources()
         "cpu": 1.0,
         "memory": GIB,
         "started": "2026-05-28T20:26:40+00:00",
+        "confirmed": False,  # not seen alive by this process (no heartbeat yet, not started by it)
     }
     assert worker["kind"] == "dask-worker" and worker["cpu"] == 1.0 and worker["gpu_count"] == 0
     assert "gpu_type" not in worker  # a CPU worker holds no GPU
@@ -150,3 +151,45 @@ def test_stop_events_in_flight_survive_a_cancel_and_are_flushed_before_exit(monk
         return list(delivered)
 
     assert asyncio.run(run()) == ["dask-scheduler:c1", "dask-worker:c1/w"]
+
+
+def test_after_a_restart_only_what_a_heartbeat_shows_alive_is_confirmed_and_the_dead_get_no_stop_event(monkeypatch):
+    """Issue 16: a restarted gateway lists what its database calls running as unconfirmed (its rows are not marked
+    seen) until a scheduler heartbeat shows it alive. A worker found dead gets no stop event at that (later) time:
+    it is left out of a reconcile sent at once, so the ledger closes its row at its last seen. A worker confirmed
+    alive gets its stop event as before. The quota service is a stand-in; the real one runs in
+    tests/integration/test_claims_quota.py."""
+    c1 = cluster("c1", workers=[("alive", JobStatus.RUNNING), ("dead", JobStatus.RUNNING)])
+    b = backend([c1])
+    stops = []
+
+    class Quota(FakeQuota):
+        async def stop_many(self, items, tries=3, delay=1.0):
+            stops.extend(items)
+            return True
+
+    fake = Quota([])
+    monkeypatch.setattr(WorkbenchUnsafeLocalBackend, "quota", property(lambda self: fake))
+    assert {i["item"]: i["confirmed"] for i in b.running_items()} == {
+        "dask-scheduler:c1": False,
+        "dask-worker:c1/alive": False,
+        "dask-worker:c1/dead": False,
+    }
+
+    async def heartbeat_seen(self, cluster_name, msg):  # dask-gateway's own handling is not under test here
+        return None
+
+    monkeypatch.setattr(DBBackendBase, "on_cluster_heartbeat", heartbeat_seen)
+    msg = {"active_workers": ["alive"], "closing_workers": [], "closed_workers": ["dead"]}
+    asyncio.run(b.on_cluster_heartbeat("c1", msg))
+    assert {i["item"]: i["confirmed"] for i in b.running_items()} == {
+        "dask-scheduler:c1": True,
+        "dask-worker:c1/alive": True,
+        "dask-worker:c1/dead": False,
+    }
+    asyncio.run(b._record_stops([worker_item("c1", "dead")]))
+    assert stops == []
+    ((_, items),) = fake.reconciled
+    assert [i["item"] for i in items] == ["dask-scheduler:c1", "dask-worker:c1/alive"]
+    asyncio.run(b._record_stops([worker_item("c1", "alive")]))
+    assert stops == ["dask-worker:c1/alive"] and len(fake.reconciled) == 1

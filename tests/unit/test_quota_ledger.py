@@ -412,3 +412,30 @@ def test_a_last_heartbeat_at_exit_closes_rows_at_the_shutdown(ledger, clock):
     assert ledger.reconcile([], kinds=["server"]).closed == ["server:researcher/"]
     [row] = ledger.rows()
     assert (row.start, row.stop) == (t(2026, 11, 30, 8), t(2026, 11, 30, 9, 0, 40))
+
+
+def test_an_unconfirmed_item_keeps_its_row_open_unseen_and_closes_at_its_last_seen(ledger, clock):
+    """Issue 16: a gateway restarted after a downtime lists what its database calls running as unconfirmed until a
+    heartbeat shows it alive; a worker that died in the downtime is then left out, and its row closes when it was
+    last known alive before the downtime, not at the restart."""
+    kinds = ["dask-scheduler", "dask-worker"]
+
+    def items(worker_confirmed=True):
+        return [
+            running("dask-scheduler:c1", kind="dask-scheduler", cpu=1),
+            running("dask-worker:c1/w", kind="dask-worker", cpu=1, confirmed=worker_confirmed),
+        ]
+
+    clock.now = t(2026, 11, 30, 10)
+    assert sorted(ledger.reconcile(items(), kinds=kinds).opened) == ["dask-scheduler:c1", "dask-worker:c1/w"]
+    clock.now = t(2026, 11, 30, 10, 1)
+    ledger.reconcile(items(), kinds=kinds)  # last seen alive at 10:01; the gateway is down from 10:01:30 to 18:00
+    clock.now = t(2026, 11, 30, 18)
+    assert ledger.reconcile(items(worker_confirmed=False), kinds=kinds).closed == []  # still open, not seen
+    assert {r.item for r in ledger.open_rows()} == {"dask-scheduler:c1", "dask-worker:c1/w"}
+    clock.now = t(2026, 11, 30, 18, 0, 5)  # the heartbeat shows it gone: the gateway leaves it out
+    assert ledger.reconcile(items()[:1], kinds=kinds).closed == ["dask-worker:c1/w"]
+    [row] = [r for r in ledger.rows() if r.item == "dask-worker:c1/w"]
+    assert row.stop == t(2026, 11, 30, 10, 1)
+    # an unconfirmed item with no open row gets none until it is confirmed
+    assert ledger.reconcile(items(worker_confirmed=False), kinds=kinds).opened == []

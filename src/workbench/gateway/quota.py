@@ -169,8 +169,50 @@ class ClusterCapMixin(ClusterQuota):
         self.log.info("Created cluster %s for user %s", cluster.name, user.name)
         if self.quota is not None:
             await self._admit_scheduler(cluster)
+            self._confirm(scheduler_item(cluster.name))
         self.queue.put(cluster)
         return cluster.name
+
+    # -- liveness since this process started (issue 16) ---------------------------
+    # After a restart the gateway's database still calls running what ran before it stopped, some of which died
+    # meanwhile. Until a scheduler heartbeat shows an item alive (or this process started it), the item is sent to
+    # reconcile as unconfirmed: its ledger row stays open but is not marked seen; if it is then found dead, no stop
+    # event at that time is sent: it is left out of the next reconcile, which closes its row at its last seen.
+
+    def _confirmed_items(self) -> set[str]:
+        return self.__dict__.setdefault("_quota_confirmed", set())
+
+    def _dead_items(self) -> set[str]:
+        return self.__dict__.setdefault("_quota_found_dead", set())
+
+    def _confirm(self, item: str) -> None:
+        self._confirmed_items().add(item)
+
+    async def on_cluster_heartbeat(self, cluster_name, msg):
+        if self.quota is not None:
+            cluster = self.db.get_cluster(cluster_name)
+            if cluster is not None and cluster.target <= JobStatus.RUNNING:
+                self._confirm(scheduler_item(cluster_name))
+                for name in set(msg.get("active_workers", ())) | set(msg.get("closing_workers", ())):
+                    self._confirm(worker_item(cluster_name, name))
+        return await super().on_cluster_heartbeat(cluster_name, msg)
+
+    async def _record_stops(self, items: list[str]) -> None:
+        """Stop events for the items seen alive since this process started; the others were found dead after a
+        restart: the next reconcile, run now, closes their rows at the last time they were known alive."""
+        confirmed = self._confirmed_items()
+        live = [i for i in items if i in confirmed]
+        dead = [i for i in items if i not in confirmed]
+        confirmed.difference_update(items)
+        if live:
+            await self._send_stops(live)
+        if dead:
+            self.log.info("Found dead after the restart: %s (closed at their last seen by the next reconcile)", dead)
+            self._dead_items().update(dead)
+            try:
+                await self.quota.reconcile(["dask-scheduler", "dask-worker"], self.running_items())
+            except Exception as e:  # noqa: BLE001 - the periodic round retries
+                self.log.warning("Reconcile after finding %s dead failed (the next round retries): %s", dead, e)
 
     # -- quota -------------------------------------------------------------------
 
@@ -184,6 +226,7 @@ class ClusterCapMixin(ClusterQuota):
     async def do_start_worker(self, worker):
         if self.quota is not None:
             cluster = worker.cluster
+            self._confirm(worker_item(cluster.name, worker.name))  # this process starts it (or refuses to)
             try:
                 decision = await self.admit_worker(cluster, worker.name)
             except QuotaUnavailable as e:
@@ -207,7 +250,7 @@ class ClusterCapMixin(ClusterQuota):
             await super().do_stop_worker(worker)
         finally:
             if self.quota is not None:
-                await self._send_stops([worker_item(worker.cluster.name, worker.name)])
+                await self._record_stops([worker_item(worker.cluster.name, worker.name)])
 
     async def do_stop_cluster(self, cluster):
         try:
@@ -215,7 +258,7 @@ class ClusterCapMixin(ClusterQuota):
         finally:
             if self.quota is not None:  # its workers too: a bulk shutdown does not stop them one by one
                 items = [scheduler_item(cluster.name)] + [worker_item(cluster.name, w) for w in cluster.workers]
-                await self._send_stops(items)
+                await self._record_stops(items)
 
     async def _send_stops(self, items: list[str]) -> None:
         """Send stop events in a task of their own that a shutdown waits for (:meth:`do_cleanup`): a stop in flight
@@ -247,23 +290,28 @@ class ClusterCapMixin(ClusterQuota):
 
     def running_items(self) -> list[dict]:
         """Schedulers and (submitted or running) workers of the active clusters, as the ledger's running items."""
-        items = []
+        items, confirmed, dead = [], self._confirmed_items(), self._dead_items()
         for cluster in self.db.active_clusters():
             group = cluster.config.get(CHARGE_KEY)
             if not group:
                 continue
             base = {"user": cluster.username, "group": group}
-            items.append(
-                {
-                    "item": scheduler_item(cluster.name),
-                    "kind": "dask-scheduler",
-                    **base,
-                    **self._resources(cluster),
-                    "started": _iso(cluster.start_time),
-                }
-            )
+            if scheduler_item(cluster.name) not in dead:
+                items.append(
+                    {
+                        "item": scheduler_item(cluster.name),
+                        "kind": "dask-scheduler",
+                        **base,
+                        **self._resources(cluster),
+                        "started": _iso(cluster.start_time),
+                        "confirmed": scheduler_item(cluster.name) in confirmed,
+                    }
+                )
             for w in cluster.workers.values():
-                if JobStatus.SUBMITTED <= w.status < JobStatus.STOPPED:
+                if (
+                    JobStatus.SUBMITTED <= w.status < JobStatus.STOPPED
+                    and worker_item(cluster.name, w.name) not in dead
+                ):
                     res = {k: v for k, v in self._resources(cluster, w).items() if v is not None}
                     items.append(
                         {
@@ -272,6 +320,7 @@ class ClusterCapMixin(ClusterQuota):
                             **base,
                             **res,
                             "started": _iso(w.start_time),
+                            "confirmed": worker_item(cluster.name, w.name) in confirmed,
                         }
                     )
         return items

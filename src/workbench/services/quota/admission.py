@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -396,6 +397,7 @@ class Admitter:
         self._reloads: dict[str, asyncio.Future] = {}
         self.batches = 0  # transactions of admissions (for the benchmark and the tests)
         self.admitted = 0
+        self.timeline: deque = deque(maxlen=64)  # (commit start, commit end, size) per batch, perf_counter s
 
     def close(self) -> None:
         self.thread.shutdown(wait=True)
@@ -413,7 +415,9 @@ class Admitter:
             if job[0] == "admit":
                 batch = job[1]
                 try:
+                    began = time.perf_counter()
                     outcomes = await loop.run_in_executor(self.thread, _commit_batch, self.ledger, batch)
+                    self.timeline.append((began, time.perf_counter(), len(batch)))
                 except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
                     log.error("could not commit %d admissions: %s", len(batch), e)
                     for p in batch:

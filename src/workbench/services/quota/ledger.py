@@ -510,7 +510,9 @@ class Ledger:
     ) -> ReconcileResult:
         """Make the open rows of ``kinds`` match ``running_items``, the complete list of what runs at ``now``.
 
-        Open rows of running items are marked seen alive at ``now`` (``seen``). Open rows whose item is not
+        Open rows of running items are marked seen alive at ``now`` (``seen``), unless the item is not
+        ``confirmed`` (listed as running by a sender that has not seen it alive since it restarted: its row
+        stays open, its ``seen`` unchanged, and none is opened for it). Open rows whose item is not
         running are closed at the last time the item was known alive: its last ``seen``, else its start
         (unless opened by an admission or an event less than ``grace`` seconds before ``now``: it may be
         newer than the sender's snapshot). So an item that died while the platform was down is not
@@ -544,7 +546,9 @@ class Ledger:
                     row.closed_by = "reconcile"
                     closed.append(row.item)
                     out.append(("close", row.interval()))
-            alive = sorted(open_items & set(items))
+            # an unconfirmed item (the sender restarted and has not seen it alive since) keeps its row open but
+            # is not marked seen: if it turns out dead, its row closes at the last time it was known alive
+            alive = sorted(open_items & {n for n, (it, _) in items.items() if it.confirmed})
             for k in range(0, len(alive), 500):  # heartbeat: what a later reconcile closes stops here at the latest
                 s.execute(
                     update(UsageRow)
@@ -553,7 +557,7 @@ class Ledger:
                     .execution_options(synchronize_session=False)
                 )
             for name, (it, res) in items.items():
-                if name in open_items:
+                if name in open_items or not it.confirmed:
                     continue
                 start = min(it.started_at or now, now)
                 last = self._last_stop(s, name)

@@ -125,6 +125,11 @@ class RunningItem(Resources):
     user: str = Field(min_length=1, max_length=255)
     group: str = Field(min_length=1, max_length=255)
     started: datetime | None = Field(default=None, description="when it started, if the sender knows")
+    confirmed: bool = Field(
+        default=True,
+        description="false: the sender lists it (its records say running) but has not seen it alive since the "
+        "sender restarted; its open row stays open without being marked seen, and no row is opened for it",
+    )
 
     @property
     def started_at(self) -> datetime | None:
