@@ -5,7 +5,10 @@
    cell tagged ``parameters`` (or first, without one), so the notebook's defaults are overridden;
 3. executes it with nbclient in the run folder (files the notebook writes land there), and writes the executed
    notebook, with its outputs, into the run folder even when a cell fails (exit 1 then);
-4. writes ``job.exit`` (exit code and time) into the run folder.
+4. writes ``job.exit`` (exit code and time) into the run folder;
+5. with a gateway in its environment (``DASK_GATEWAY__ADDRESS`` and ``JUPYTERHUB_API_TOKEN``), records the
+   user's cluster names before the notebook runs and, in a ``finally``, stops the clusters that appeared
+   during the run (:mod:`workbench.jobs.gateway`).
 
 Runs only as the user (never as root): everything it opens is the user's own.
 """
@@ -78,12 +81,49 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(fd, 2)
         os.close(fd)
     os.chdir(args.run_dir)
+    gateway = gateway_of(os.environ)
+    before = clusters_before(gateway)
     code = 1
     try:
         code = run(args.notebook, args.run_dir, json.loads(args.parameters))
     finally:
+        stop_run_clusters(gateway, before)
         write_exit(args.run_dir, code)
     return code
+
+
+def gateway_of(environ) -> tuple[str, str] | None:
+    """``(gateway address, token)`` when the run was given gateway access, else None (pure)."""
+    address, token = environ.get("DASK_GATEWAY__ADDRESS", ""), environ.get("JUPYTERHUB_API_TOKEN", "")
+    return (address, token) if address and token else None
+
+
+def clusters_before(gateway: tuple[str, str] | None) -> set[str] | None:
+    """The user's clusters before the notebook runs; None when unknown (then nothing is stopped here)."""
+    if gateway is None:
+        return None
+    from workbench.jobs.gateway import list_clusters
+
+    try:
+        return list_clusters(*gateway)
+    except (OSError, ValueError) as e:
+        print(f"[workbench job] could not list Dask clusters before the run: {e}", flush=True)
+        return None
+
+
+def stop_run_clusters(gateway: tuple[str, str] | None, before: set[str] | None) -> None:
+    """Stop the clusters that appeared during the run (only when the list before it is known)."""
+    if gateway is None or before is None:
+        return
+    from workbench.jobs.gateway import stop_new_clusters
+
+    try:
+        stopped = stop_new_clusters(*gateway, before)
+    except (OSError, ValueError) as e:
+        print(f"[workbench job] could not stop the run's Dask clusters: {e}", flush=True)
+        return
+    if stopped:
+        print(f"[workbench job] stopped Dask cluster(s) of this run: {', '.join(stopped)}", flush=True)
 
 
 def write_exit(run_dir: str, code: int) -> None:
