@@ -248,7 +248,7 @@ def test_kill_9_mid_run_loses_nothing_and_counts_nothing_twice(quota):
             time.sleep(0.01)
         os.kill(first.pid, signal.SIGKILL)  # mid-run: no chance to finish a request or a transaction
         psutil.wait_procs([first], timeout=10)
-        deadline = time.monotonic() + 60  # the hub restarts its managed service (poll every 10 s)
+        deadline = time.monotonic() + 60  # the hub restarts its managed service (its service check runs every 30 s)
         while time.monotonic() < deadline:
             try:
                 if quota.get("/health").status_code == 200:

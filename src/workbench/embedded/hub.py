@@ -169,7 +169,7 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             # hub's own timer covers both, so that a queued start is not killed by it
             "start_timeout": hub_start_timeout(START_QUEUE_TIMEOUT, SLOT_START_TIMEOUT),
             "http_timeout": 90,
-            "poll_interval": 10,  # also how soon a crashed managed service (the gateway) is restarted
+            "poll_interval": 10,  # servers only: a crashed managed service is noticed by JupyterHub's 30 s service check
         },
         "WorkbenchLocalSpawner": {
             "start_queue_timeout": START_QUEUE_TIMEOUT,
