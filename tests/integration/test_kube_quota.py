@@ -37,6 +37,10 @@ from tornado import web
 from traitlets.config import Config
 
 from tests.quota_support import quota_policy_data
+
+# imported here, not inside the test: pytest rewrites the module's asserts with ast.parse, which Debian's CPython
+# 3.11.2 can fail with SystemError when called deep inside asyncio.run (tests/conftest.py)
+from tests.unit.test_k8s_hub import HUB
 from workbench.kubernetes.gateway import NamespacedKubeBackend, k8s_gateway_settings
 from workbench.kubernetes.hub import k8s_hub_settings
 from workbench.names import QUOTA_CUSTOM_SCOPES, QUOTA_WRITE_SCOPE
@@ -281,8 +285,6 @@ class ClusterWatchMock:
 
 
 def hub_env(quota: QuotaHub, service_url: str | None = None) -> dict:
-    from tests.unit.test_k8s_hub import HUB
-
     return {
         **HUB,
         "WORKBENCH_ALLOW_DEMO_AUTH": "true",

@@ -193,3 +193,12 @@ def test_real_start_exits_the_hub_when_a_managed_service_fails(tmp_path: Path):
     if pidfile.exists():  # the ok service had started: it must have been stopped with the hub
         pid = int(pidfile.read_text())
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, out
+
+
+def test_the_hub_logs_as_jupyterhub_like_upstream():
+    """Traitlets names an application's logger after its class; the subclass keeps upstream's name, which log
+    filters (and the tests reading the hub's access log) look for."""
+    hub = WorkbenchHub()
+    assert hub.log.name == "JupyterHub"
+    assert "JupyterHub" in hub.get_default_logging_config()["loggers"]
+    assert "WorkbenchHub" not in hub.get_default_logging_config()["loggers"]
