@@ -27,6 +27,19 @@ OAUTH_SECRET = {
 }
 #: components whose pods use the Kubernetes API, and so get a service account token
 API_USERS = {"hub", "gateway-api", "gateway-controller", "gateway-proxy", "jobs"}
+#: every component with pods of its own (a Deployment)
+COMPONENTS = (
+    "hub",
+    "proxy",
+    "gateway-api",
+    "gateway-controller",
+    "gateway-proxy",
+    "gateway-guard",
+    "quota",
+    "sessions",
+    "rosters",
+    "jobs",
+)
 TRAEFIK_KINDS = {"IngressRoute", "Middleware"}
 
 
@@ -98,18 +111,7 @@ def _peer_components(peers: list[dict], objects, dns: bool = False) -> set[str]:
             "app.kubernetes.io/instance": RELEASE,
             "app.kubernetes.io/component": comp,
         }
-        for comp in (
-            "hub",
-            "proxy",
-            "gateway-api",
-            "gateway-controller",
-            "gateway-proxy",
-            "gateway-guard",
-            "quota",
-            "sessions",
-            "rosters",
-            "jobs",
-        )
+        for comp in COMPONENTS
     }
     labels["singleuser"] = singleuser_labels(RELEASE)
     out = set()

@@ -22,6 +22,7 @@ from workbench.policy import load_policy
 
 from .chartlib import (
     API_USERS,
+    COMPONENTS,
     OAUTH_SECRET,
     TRAEFIK_KINDS,
     component,
@@ -176,18 +177,7 @@ def test_pods_are_locked_down(objects):
             assert sc["runAsNonRoot"] is True, comp
             assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], comp
         assert not spec.get("hostNetwork") and not spec.get("hostPID"), comp
-    assert comps == {
-        "hub",
-        "proxy",
-        "gateway-api",
-        "gateway-controller",
-        "gateway-proxy",
-        "gateway-guard",
-        "quota",
-        "sessions",
-        "rosters",
-        "jobs",
-    }
+    assert comps == set(COMPONENTS)
 
 
 def test_service_account_tokens_only_where_the_api_is_used(objects):
