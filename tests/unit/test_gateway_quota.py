@@ -193,3 +193,18 @@ def test_after_a_restart_only_what_a_heartbeat_shows_alive_is_confirmed_and_the_
     assert [i["item"] for i in items] == ["dask-scheduler:c1", "dask-worker:c1/alive"]
     asyncio.run(b._record_stops([worker_item("c1", "alive")]))
     assert stops == ["dask-worker:c1/alive"] and len(fake.reconciled) == 1
+
+
+def test_items_found_dead_are_forgotten_once_the_database_no_longer_lists_them(monkeypatch):
+    """The set of items found dead after a restart only keeps them out of reconciles while dask-gateway's database
+    still calls them active; once their cluster or worker is stopped there, they leave the set (it would otherwise
+    grow for the gateway's lifetime). Stand-in quota service and database, as above."""
+    c1 = cluster("c1", workers=[("dead", JobStatus.RUNNING), ("alive", JobStatus.RUNNING)])
+    b = backend([c1])
+    fake = FakeQuota([])
+    monkeypatch.setattr(WorkbenchUnsafeLocalBackend, "quota", property(lambda self: fake))
+    asyncio.run(b._record_stops([worker_item("c1", "dead"), scheduler_item("gone")]))
+    assert b._dead_items() == {worker_item("c1", "dead")}  # "gone" is not in the database: forgotten at once
+    assert "dask-worker:c1/dead" not in [i["item"] for i in b.running_items()]
+    c1.status = JobStatus.STOPPED
+    assert b.running_items() == [] and b._dead_items() == set()

@@ -291,11 +291,14 @@ class ClusterCapMixin(ClusterQuota):
     def running_items(self) -> list[dict]:
         """Schedulers and (submitted or running) workers of the active clusters, as the ledger's running items."""
         items, confirmed, dead = [], self._confirmed_items(), self._dead_items()
+        listed: set[str] = set()  # every item the database still calls active, dead or not
         for cluster in self.db.active_clusters():
             group = cluster.config.get(CHARGE_KEY)
             if not group:
                 continue
             base = {"user": cluster.username, "group": group}
+            listed.add(scheduler_item(cluster.name))
+            listed.update(worker_item(cluster.name, w) for w in cluster.workers)
             if scheduler_item(cluster.name) not in dead:
                 items.append(
                     {
@@ -323,6 +326,9 @@ class ClusterCapMixin(ClusterQuota):
                             "confirmed": worker_item(cluster.name, w.name) in confirmed,
                         }
                     )
+        # an item found dead matters only while the database still lists it: forget the others, so that the set
+        # does not grow for as long as the gateway runs
+        dead.intersection_update(listed)
         return items
 
     def _cluster_active(self, name: str) -> bool:
