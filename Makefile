@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make up      run the embedded workbench (ARGS='--port 8080 ...' passes options to 'workbench up')"
-	@echo "make test    run the whole test suite (unit + chart beside integration + browser; PARALLEL=0: one run)"
+	@echo "make test    run the whole test suite (unit + chart beside integration + browser on LIVE_WORKERS=2; PARALLEL=0: one run)"
 	@echo "make lint    ruff: lint, import order, format check"
 	@echo "make unit    run the fast unit tests only"
 	@echo "make bench   run the benchmarks (prints medians and ratios)"
@@ -48,12 +48,16 @@ up: install
 #   FAST_TESTS  tests that start no workbench, create no Unix account and submit no Slurm job (pure code, the
 #               chart rendered, the hub pod's entry point on free ports, image locks in a fresh venv); under
 #               `nice`, so that the live tests' timers keep the CPU first
-#   LIVE_TESTS  real workbenches, Slurm and browsers, one module after the other: they share the machine-wide
-#               wb-<name> accounts and homes, Slurm's one node and its GRES, so they never run beside each other
+#   LIVE_TESTS  real workbenches, Slurm and browsers, on LIVE_WORKERS pytest-xdist workers: a module runs whole on
+#               one worker, each worker but the first in its own account namespace (WORKBENCH_ACCOUNT_PREFIX=wb<N>-:
+#               its own Unix accounts, homes, groups, group folders and cgroups), and the modules that use Slurm's
+#               one node one after the other on one worker (tests/conftest.py); LIVE_WORKERS=1: one process
 # The fast group's output follows the live group's; the target fails if either group failed.
 FAST_TESTS ?= tests/unit tests/chart tests/k8s
 LIVE_TESTS ?= tests/integration tests/browser
+LIVE_WORKERS ?= 2
 PARALLEL ?= 1
+LIVE_XDIST = $(if $(filter-out 0 1,$(LIVE_WORKERS)),-n $(LIVE_WORKERS) --dist loadgroup,)
 
 test: install slurm postgres browser lint
 	@$(MAKE) --no-print-directory test-groups
@@ -67,7 +71,7 @@ else
 	nice -n 5 $(VENV)/bin/python -m pytest -ra --durations=10 $(PYTEST_ARGS) $(FAST_TESTS) >$$fastlog 2>&1 & fast=$$!; \
 	trap 'kill $$fast 2>/dev/null' INT TERM; \
 	echo "[make test] $(FAST_TESTS) running beside these (output below when both are done: $$fastlog)"; \
-	$(VENV)/bin/python -m pytest -ra --durations=25 $(PYTEST_ARGS) $(LIVE_TESTS); live=$$?; \
+	$(VENV)/bin/python -m pytest -ra --durations=25 $(LIVE_XDIST) $(PYTEST_ARGS) $(LIVE_TESTS); live=$$?; \
 	wait $$fast; fastrc=$$?; \
 	echo "================ [make test] $(FAST_TESTS), run beside the above: exit $$fastrc ================"; \
 	cat $$fastlog; \

@@ -13,6 +13,10 @@ server at ``http://<user>.localhost:<port>/``, but glibc's resolver (``socket.ge
 and aiohttp use) knows only ``localhost`` from /etc/hosts. The suite's process asks for such names as a browser
 would, so tests can use the servers' real URLs; nothing else is resolved differently.
 
+Parallel workers: the live modules run on pytest-xdist workers (``make test``; ``--dist loadgroup``): each worker
+but the first uses its own account namespace (``WORKBENCH_ACCOUNT_PREFIX=wb<N>-``), a live module runs whole on one
+worker, and the modules that use Slurm share one worker (:func:`xdist_group_of`).
+
 Reporting: after pytest's own ``--durations`` list, the 15 slowest test files with the seconds of their
 tests' setup + call + teardown (:func:`pytest_terminal_summary`).
 
@@ -32,12 +36,48 @@ Fixtures (here, not in tests/integration/conftest.py, because tests/browser uses
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import traceback
 
 import pytest
 from _pytest._code import code as _pytest_code
 from _pytest._code import source as _pytest_source
+
+# ---------------------------------------------------------------------------
+# Parallel workers (pytest-xdist, `make test`): each worker but the first runs its workbenches in an account
+# namespace of its own (WORKBENCH_ACCOUNT_PREFIX, workbench.sysusers), set here before any test module imports
+# workbench, so that two workbenches running at once never share Unix accounts, groups, homes or cgroups.
+
+_WORKER = re.fullmatch(r"gw(\d+)", os.environ.get("PYTEST_XDIST_WORKER", ""))
+if _WORKER and int(_WORKER.group(1)) > 0:
+    os.environ["WORKBENCH_ACCOUNT_PREFIX"] = f"wb{int(_WORKER.group(1))}-"
+
+#: live modules that use the machine's one Slurm node (its queue, its gpu partition's state, its GRES): one
+#: parallel worker runs them one after the other (:func:`pytest_collection_modifyitems`)
+SLURM_MODULES = frozenset(
+    {"test_slurm.py", "test_slurm_spawner.py", "test_claims_slurm.py", "test_jobs.py", "test_jobs_lab.py"}
+)
+
+
+def xdist_group_of(nodeid: str) -> str | None:
+    """The pytest-xdist group of a test (``--dist loadgroup``): a live module (tests/integration, tests/browser)
+    runs whole on one worker, so its module fixtures start once; the Slurm modules share one group; other tests
+    have none (pure)."""
+    path = nodeid.split("::", 1)[0]
+    if not path.startswith(("tests/integration/", "tests/browser/")):
+        return None
+    name = path.rsplit("/", 1)[-1]
+    return "slurm" if name in SLURM_MODULES else path
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = xdist_group_of(item.nodeid)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
 
 _getstatementrange_ast = _pytest_source.getstatementrange_ast
 

@@ -32,9 +32,12 @@ from pathlib import Path
 
 from workbench.devcgroup import attach_device_program, denied_gpus, minors_by_uuid, nvidia_minors, v1_deny_lines
 from workbench.policy import Profile
+from workbench.sysusers import DEFAULT_ACCOUNT_PREFIX, USER_PREFIX
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-PARENT = "workbench"
+#: the parent cgroup of every server, job and Dask process; another account namespace gets its own
+#: (``workbench-<prefix>``), so two workbenches on one machine never weigh or remove each other's cgroups
+PARENT = "workbench" if USER_PREFIX == DEFAULT_ACCOUNT_PREFIX else f"workbench-{USER_PREFIX.rstrip('-')}"
 CFS_PERIOD = 100_000
 
 

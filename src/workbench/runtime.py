@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.names import GATEWAY_SERVICE
+from workbench.sysusers import USER_PREFIX
 
 RUNTIME_ENV = "WORKBENCH_RUNTIME"
 
@@ -54,7 +55,7 @@ class Runtime:
     )
     quota_every: float = 30.0  # seconds between budget checks (quota service) and ledger reconciles (gateway)
     system_users: bool = False  # spawn as one system user per hub user (needs root)
-    user_prefix: str = "wb-"
+    user_prefix: str = USER_PREFIX  # the account namespace (workbench.sysusers.ACCOUNT_PREFIX_ENV)
     allow_demo_auth_on_network: bool = False
     gateway_backend: str = "local"
     gpus: dict = field(default_factory=dict)  # {gpu_type: [device ids]} of this machine

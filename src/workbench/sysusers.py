@@ -6,6 +6,9 @@ Workbench accounts never collide with the machine's own (``admin`` -> ``wb-admin
 
 Namespaces (the contract the property tests in ``tests/unit/test_sysusers.py`` check):
 
+The prefix ``wb-`` is the default account namespace; :data:`ACCOUNT_PREFIX_ENV` names another (``wbstage-``:
+``wbstage-<name>``, ``wbstage-g-<group>``, ``wbstage-i-<course>``).
+
 - users: ``wb-<name>``; the part after ``wb-`` never starts with ``<letter>-``, a shape reserved
   for group namespaces (a hub user ``g-physics-lab`` gets ``wb-ug-physics-lab-<hash>``);
 - platform groups: ``wb-g-<group>`` (:data:`GROUP_PREFIX`); instructors of a course:
@@ -45,11 +48,38 @@ _HASH_LEN = 10
 _HASHED = re.compile(rf"-[0-9a-f]{{{_HASH_LEN}}}$")
 #: after the user prefix, ``<letter>-`` is reserved for group namespaces (wb-g-, wb-i-, ...)
 _RESERVED = re.compile(r"^[a-z]-")
-USER_PREFIX = "wb-"
+#: the environment variable that names the account namespace (default ``wb-``): two workbenches on one machine
+#: (a centre's staging beside its production; the test suite's parallel workers) each take their own, so that
+#: neither ever uses, changes or removes the other's accounts, groups or cgroups. `workbench up` refuses a bad one.
+ACCOUNT_PREFIX_ENV = "WORKBENCH_ACCOUNT_PREFIX"
+DEFAULT_ACCOUNT_PREFIX = "wb-"
+_PREFIX_SHAPE = re.compile(r"^[a-z][a-z0-9]{0,7}-$")
+
+
+def account_prefix_problem(value: str) -> str | None:
+    """Why ``value`` cannot be the account namespace (None: it can) (pure)."""
+    if _PREFIX_SHAPE.match(value):
+        return None
+    return (
+        f"{ACCOUNT_PREFIX_ENV}={value!r} cannot prefix Unix account names: use a lowercase letter, at most 7 more "
+        f"lowercase letters or digits, then one '-' (e.g. {ACCOUNT_PREFIX_ENV}=wbstage-), or unset it for the "
+        f"default {DEFAULT_ACCOUNT_PREFIX!r}"
+    )
+
+
+def _prefix_from_environment() -> tuple[str, str | None]:
+    value = os.environ.get(ACCOUNT_PREFIX_ENV, DEFAULT_ACCOUNT_PREFIX)
+    problem = account_prefix_problem(value)
+    return (DEFAULT_ACCOUNT_PREFIX, problem) if problem else (value, None)
+
+
+#: user accounts ``<prefix><name>`` (``wb-<name>``); :data:`ACCOUNT_PREFIX_PROBLEM` says why the environment's
+#: value was not taken (`workbench up` then refuses to start, naming it)
+USER_PREFIX, ACCOUNT_PREFIX_PROBLEM = _prefix_from_environment()
 #: Unix group of a policy group's members (owner group of its shared folder)
-GROUP_PREFIX = "wb-g-"
+GROUP_PREFIX = f"{USER_PREFIX}g-"
 #: Unix group of a course's instructors (owner group of its materials folder)
-INSTRUCTOR_GROUP_PREFIX = "wb-i-"
+INSTRUCTOR_GROUP_PREFIX = f"{USER_PREFIX}i-"
 #: the Unix groups Workbench manages: membership in them follows the policy at every spawn
 MANAGED_GROUP_PREFIXES = (GROUP_PREFIX, INSTRUCTOR_GROUP_PREFIX)
 #: JupyterHub keeps user names in a 255-character column

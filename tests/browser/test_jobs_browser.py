@@ -23,6 +23,8 @@ import pytest
 import requests
 import yaml
 
+from workbench.sysusers import USER_PREFIX
+
 from ..integration.harness import DEMO, PASSWORD, Workbench, state_dir
 from ..integration.jobs_notebook import put_notebook
 from ..integration.test_quota_enforcement import wait_for
@@ -216,4 +218,4 @@ def test_a_notebook_job_from_the_jupyterlab_form_completes_with_its_result_in_th
     assert (run / "result.txt").read_text() == "42"
     executed = nbformat.read(run / "calc.ipynb", as_version=4)
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "result 42 wb-researcher" in text, text
+    assert f"result 42 {USER_PREFIX}researcher" in text, text

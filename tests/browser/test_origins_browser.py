@@ -34,6 +34,8 @@ import psutil
 import pytest
 import requests
 
+from workbench.sysusers import USER_PREFIX
+
 from ..integration.harness import PASSWORD, Workbench, free_port, state_dir
 from ..integration.test_origins import login_token
 from ..integration.test_quota_enforcement import wait_for
@@ -107,7 +109,16 @@ class Setup:
         self.web_port = free_port()
         home = self.wb.home("student1")
         self.web_server = subprocess.Popen(
-            ["runuser", "-u", "wb-student1", "--", "/usr/bin/python3", "-m", "http.server", str(self.web_port)]
+            [
+                "runuser",
+                "-u",
+                f"{USER_PREFIX}student1",
+                "--",
+                "/usr/bin/python3",
+                "-m",
+                "http.server",
+                str(self.web_port),
+            ]
             + ["--bind", "127.0.0.1", "--directory", str(home)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

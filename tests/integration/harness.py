@@ -51,6 +51,29 @@ def state_dir(prefix: str = "wb-it-") -> Path:
     return parent / "state"
 
 
+def namespaced_config(config: Path, dest: Path) -> Path:
+    """``config`` itself in the default account namespace; in another (``WORKBENCH_ACCOUNT_PREFIX``, set by
+    tests/conftest.py for each parallel worker but the first) a copy at ``dest`` whose group, course and dataset
+    folders are under ``/srv/workbench-<namespace>/`` unless the policy names its own: those folders are
+    machine-wide and owned by the namespace's Unix groups, so two workbenches of two namespaces must not share
+    them (the README's paragraph on namespaces says the same to a centre)."""
+    from workbench.sysusers import DEFAULT_ACCOUNT_PREFIX, USER_PREFIX
+
+    if USER_PREFIX == DEFAULT_ACCOUNT_PREFIX:
+        return config
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    root = f"/srv/workbench-{USER_PREFIX.rstrip('-')}"
+    storage = data.setdefault("storage", {}) or {}
+    data["storage"] = storage
+    storage.setdefault("shared", f"{root}/groups/{{group}}")
+    storage.setdefault("courses", f"{root}/courses/{{course}}")
+    storage.setdefault("datasets", f"{root}/datasets")
+    dest.write_text(yaml.safe_dump(data))
+    return dest
+
+
 class LocalhostCookiePolicy(http.cookiejar.DefaultCookiePolicy):
     """Python's cookie policy, except that a ``Domain=localhost`` cookie set by ``localhost`` is kept (as a cookie of
     ``localhost`` itself). With subdomains the hub sets its session cookie (to which its XSRF tokens are bound) for
@@ -101,7 +124,7 @@ class Workbench:
     ):
         self.state_dir = Path(state_dir)
         self.expect_system_users = system_users
-        self.config = config
+        self.config = namespaced_config(Path(config), self.state_dir.parent / f"{self.state_dir.name}-policy.yaml")
         self.port = free_port()
         self.subdomains = subdomains
         self.loopback_url = f"http://127.0.0.1:{self.port}"  # the proxy by address (pages redirect with subdomains)

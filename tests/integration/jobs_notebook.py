@@ -11,7 +11,7 @@ from pathlib import Path
 
 import nbformat
 
-from workbench.sysusers import ensure_system_user
+from workbench.sysusers import USER_PREFIX, ensure_system_user
 
 NOTEBOOK = nbformat.v4.new_notebook(
     cells=[
@@ -27,7 +27,7 @@ NOTEBOOK = nbformat.v4.new_notebook(
 
 def put_notebook(user: str, name: str = "calc.ipynb") -> Path:
     """Write the notebook into ``wb-<user>``'s home, owned by that account."""
-    e = ensure_system_user(f"wb-{user}")
+    e = ensure_system_user(f"{USER_PREFIX}{user}")
     path = Path(e.pw_dir, name)
     nbformat.write(NOTEBOOK, path)
     os.chown(path, e.pw_uid, e.pw_gid)

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from workbench.policy import load_policy
 from workbench.services.quota.ledger import Ledger, UsageRow, default_db_url
+from workbench.sysusers import USER_PREFIX
 
 from .harness import DEMO, Workbench, state_dir
 
@@ -71,7 +72,7 @@ def _drop_account(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def wb():
-    _drop_account(f"wb-{DOWN_USER}")
+    _drop_account(f"{USER_PREFIX}{DOWN_USER}")
     sd = state_dir()
     config = sd.parent / "platform.yaml"
     config.write_text(yaml.safe_dump(policy_data()))
@@ -239,7 +240,7 @@ def processes_of(wb: Workbench, user: str) -> list[str]:
             owner = p.username()
         except psutil.Error:
             continue
-        if env.get("JUPYTERHUB_USER") == user or owner == f"wb-{user}":
+        if env.get("JUPYTERHUB_USER") == user or owner == f"{USER_PREFIX}{user}":
             out.append(f"{p.pid} {owner} {_cmdline(p)[:100]}")
     return out
 
@@ -247,7 +248,7 @@ def processes_of(wb: Workbench, user: str) -> list[str]:
 def test_quota_service_down_refuses_spawns_and_clusters_with_503_and_creates_nothing(wb, users):
     token = users.token(DOWN_USER)  # logging in needs no quota service
     with pytest.raises(KeyError):
-        pwd.getpwnam(f"wb-{DOWN_USER}")  # precondition: the account does not exist yet
+        pwd.getpwnam(f"{USER_PREFIX}{DOWN_USER}")  # precondition: the account does not exist yet
 
     killed = kill_9(wb, QUOTA)
     r = users.spawn(DOWN_USER)
@@ -256,7 +257,7 @@ def test_quota_service_down_refuses_spawns_and_clusters_with_503_and_creates_not
     assert users.server(DOWN_USER) is None  # nothing running, nothing pending
     assert processes_of(wb, DOWN_USER) == []
     with pytest.raises(KeyError):  # no Unix side effect: the account is made only after the admission
-        pwd.getpwnam(f"wb-{DOWN_USER}")
+        pwd.getpwnam(f"{USER_PREFIX}{DOWN_USER}")
     assert f"Refusing {DOWN_USER}'s start: the quota service at" in wb.hub_log()
 
     # a new cluster: the quota service is killed again if the hub restarted it meanwhile
@@ -280,7 +281,7 @@ def test_quota_service_down_refuses_spawns_and_clusters_with_503_and_creates_not
     assert (r.status_code, r.json()) == (422, {"error": CLUSTER_DOWN_MESSAGE}), r.text
     assert processes_of(wb, DOWN_USER) == []  # no scheduler was started
     with pytest.raises(KeyError):
-        pwd.getpwnam(f"wb-{DOWN_USER}")
+        pwd.getpwnam(f"{USER_PREFIX}{DOWN_USER}")
 
     # JupyterHub restarts its managed service; then starts work again
     wait_back(wb, QUOTA, "/services/quota/api/health", killed)

@@ -23,6 +23,8 @@ import pytest
 import requests
 import yaml
 
+from workbench.sysusers import USER_PREFIX
+
 from .harness import DEMO, REPO, Workbench, state_dir
 
 pytestmark = [
@@ -70,7 +72,7 @@ def slurm():
 def jobs_of(user: str) -> list[str]:
     """``squeue`` lines (id, name, state) of the Unix account of hub user ``user``, in any state."""
     res = subprocess.run(
-        ["squeue", "-h", "-u", f"wb-{user}", "-o", "%i|%j|%T"],
+        ["squeue", "-h", "-u", f"{USER_PREFIX}{user}", "-o", "%i|%j|%T"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -108,7 +110,7 @@ def policy_data() -> dict:
 @pytest.fixture(scope="module")
 def wb(slurm):
     for case in ("stop", "cull", "budget", "up"):
-        assert jobs_of(f"sq-{case}") == [], f"wb-sq-{case} already has Slurm jobs; cancel them first"
+        assert jobs_of(f"sq-{case}") == [], f"{USER_PREFIX}sq-{case} already has Slurm jobs; cancel them first"
     sd = state_dir("wb-it-claims-slurm-")
     config = sd.parent / "platform.yaml"
     config.write_text(yaml.safe_dump(policy_data()))
@@ -118,7 +120,7 @@ def wb(slurm):
     assert code == 0, w.output()[-3000:]
     assert not w.leftovers(), w.leftovers()
     for case in ("stop", "cull", "budget", "up"):
-        wait_for(lambda c=case: jobs_of(f"sq-{c}") == [], 60, f"no job of wb-sq-{case} after the module")
+        wait_for(lambda c=case: jobs_of(f"sq-{c}") == [], 60, f"no job of {USER_PREFIX}sq-{case} after the module")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import yaml
 
 from workbench.cli.main import main
 from workbench.courses.material import NOTE_NAME
+from workbench.sysusers import USER_PREFIX
 
 from .harness import DEMO, Workbench, free_port, state_dir
 
@@ -109,7 +110,7 @@ class Env:
         self.wb = Workbench(state, config=self.config)
         for name in self.wb_names():
             try:  # left by an earlier run of this test
-                shutil.rmtree(Path(pwd.getpwnam(f"wb-{name}").pw_dir) / COURSE)
+                shutil.rmtree(Path(pwd.getpwnam(f"{USER_PREFIX}{name}").pw_dir) / COURSE)
             except (KeyError, FileNotFoundError):
                 pass
 
@@ -157,7 +158,7 @@ def test_material_is_pulled_at_spawn_and_the_students_edits_survive_upstream_cha
     folder = env.home("cm-student1") / COURSE
     assert (folder / "exercise.md").read_text() == EXERCISE
     # pulled as the student's own account
-    assert (folder / "exercise.md").stat().st_uid == pwd.getpwnam("wb-cm-student1").pw_uid
+    assert (folder / "exercise.md").stat().st_uid == pwd.getpwnam(f"{USER_PREFIX}cm-student1").pw_uid
     assert "Course material for" in wb.hub_log()
 
     # the student answers, through their server
@@ -212,9 +213,9 @@ def test_the_materials_folder_is_writable_by_instructors_only(env):
         assert (env.home("cm-teacher") / COURSE / "exercise.md").exists()  # instructors get the material too
         st = env.materials.stat()
         group = grp.getgrgid(st.st_gid)
-        assert group.gr_name == "wb-i-course-ml101"
+        assert group.gr_name == f"{USER_PREFIX}i-course-ml101"
         assert stat.S_IMODE(st.st_mode) == 0o2775
-        assert "wb-cm-teacher" in group.gr_mem and "wb-cm-student1" not in group.gr_mem
+        assert f"{USER_PREFIX}cm-teacher" in group.gr_mem and f"{USER_PREFIX}cm-student1" not in group.gr_mem
 
         from jupyterhub.spawner import set_user_setuid
 
@@ -226,12 +227,12 @@ def test_the_materials_folder_is_writable_by_instructors_only(env):
                 check=False,
             ).returncode
 
-        assert write_as("wb-cm-teacher", "slides.md") == 0
-        assert write_as("wb-cm-student1", "cheat.md") != 0
+        assert write_as(f"{USER_PREFIX}cm-teacher", "slides.md") == 0
+        assert write_as(f"{USER_PREFIX}cm-student1", "cheat.md") != 0
         assert (
             subprocess.run(
                 ["cat", str(env.materials / "slides.md")],
-                preexec_fn=set_user_setuid("wb-cm-student1"),
+                preexec_fn=set_user_setuid(f"{USER_PREFIX}cm-student1"),
                 capture_output=True,
                 text=True,
                 check=True,

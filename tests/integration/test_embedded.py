@@ -22,6 +22,8 @@ import psutil
 import pytest
 import requests
 
+from workbench.sysusers import USER_PREFIX
+
 from .harness import PASSWORD, VENV_BIN, Workbench, state_dir
 
 pytestmark = pytest.mark.integration
@@ -61,7 +63,7 @@ def test_full_flow_login_server_gateway_xarray_and_clean_stop():
         assert status.status_code == 200, status.text
 
         proc = server_process(w, "researcher")
-        expected_user = "wb-researcher"
+        expected_user = f"{USER_PREFIX}researcher"
         assert proc.username() == expected_user
         env = proc.environ()
         assert env["DASK_GATEWAY__ADDRESS"] == f"{w.url}/services/dask-gateway"
@@ -125,7 +127,7 @@ def test_full_flow_login_server_gateway_xarray_and_clean_stop():
     assert "stopped; no processes left behind" in w.output()
     assert w.leftovers() == []
     # every process of the user's account is gone
-    owned = [p.pid for p in psutil.process_iter(["username"]) if p.info["username"] == "wb-researcher"]
+    owned = [p.pid for p in psutil.process_iter(["username"]) if p.info["username"] == f"{USER_PREFIX}researcher"]
     assert owned == []
 
 
@@ -177,7 +179,9 @@ def test_other_user_cannot_reach_server_or_cluster(wb):
         assert list(listed) == [cluster.name]
 
         # homes are private
-        probe = subprocess.run(["ls", "/home/wb-researcher"], user="wb-student1", capture_output=True, text=True)
+        probe = subprocess.run(
+            ["ls", f"/home/{USER_PREFIX}researcher"], user=f"{USER_PREFIX}student1", capture_output=True, text=True
+        )
         assert probe.returncode != 0 and "Permission denied" in probe.stderr
     finally:
         cluster.shutdown()
@@ -322,7 +326,7 @@ def test_researcher_starter_notebook_runs_in_their_server_environment(wb):
             capture_output=True,
             text=True,
             timeout=400,
-            user="wb-researcher",
+            user=f"{USER_PREFIX}researcher",
         )
         assert res.returncode == 0, res.stderr[-3000:]
         nb = json.loads((home / "executed.ipynb").read_text())

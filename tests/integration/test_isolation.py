@@ -19,7 +19,8 @@ import pytest
 import requests
 import yaml
 
-from workbench.sysusers import system_username
+from workbench.policy import load_policy
+from workbench.sysusers import USER_PREFIX, system_username
 
 from .harness import DEMO, Workbench
 from .test_embedded import server_process, state_dir
@@ -27,7 +28,12 @@ from .test_embedded import server_process, state_dir
 pytestmark = pytest.mark.integration
 
 LOOKALIKE = "g-physics-lab"  # a hub user named like the Unix group of physics-lab
-SHARED = Path("/srv/workbench/groups/physics-lab")  # storage.shared of demo.yaml
+
+
+def shared_folder(w: Workbench) -> Path:
+    """physics-lab's shared folder (storage.shared of the workbench's policy: demo.yaml's default, or its copy in
+    another account namespace, tests/integration/harness.py)."""
+    return Path(load_policy(w.config).storage.shared.format(group="physics-lab"))
 
 
 def term_start() -> datetime:
@@ -100,17 +106,17 @@ def test_refused_start_does_not_become_the_default_and_names_never_meet_groups(w
     lookalike = token(wb, LOOKALIKE)
     wb.start_server(lookalike, LOOKALIKE)
     unix = system_username(LOOKALIKE)
-    assert unix.startswith("wb-ug-physics-lab-"), unix
+    assert unix.startswith(f"{USER_PREFIX}ug-physics-lab-"), unix
     proc = server_process(wb, LOOKALIKE)
     assert proc.username() == unix
     with pytest.raises(KeyError):
-        pwd.getpwnam("wb-g-physics-lab")  # no account is named like the group
-    group = grp.getgrnam("wb-g-physics-lab")
+        pwd.getpwnam(f"{USER_PREFIX}g-physics-lab")  # no account is named like the group
+    group = grp.getgrnam(f"{USER_PREFIX}g-physics-lab")
     assert unix not in group.gr_mem and group.gr_gid not in groups_of_process(proc.pid)
     assert pwd.getpwnam(unix).pw_gid != group.gr_gid
-    probe = as_user(unix, "ls", str(SHARED))
+    probe = as_user(unix, "ls", str(shared_folder(wb)))
     assert probe.returncode != 0 and "Permission denied" in probe.stderr
-    assert as_user("wb-researcher", "ls", str(SHARED)).returncode == 0  # a member can
+    assert as_user(f"{USER_PREFIX}researcher", "ls", str(shared_folder(wb))).returncode == 0  # a member can
 
     # item 1: a name that cannot have an account is refused by the hub's API, and nothing is created
     r = wb.token_api(admin, "POST", "/users", json={"usernames": ["eve:0:0"]})
@@ -189,9 +195,9 @@ def test_memberships_and_stored_options_follow_a_policy_change():
             pytest.skip("Unix group memberships need root and a checkout other users can reach")
         tok = token(w, "leaver")
         w.start_server(tok, "leaver", profile="cpu-large")
-        lab, teach = grp.getgrnam("wb-g-physics-lab"), grp.getgrnam("wb-i-course-ml101")
+        lab, teach = grp.getgrnam(f"{USER_PREFIX}g-physics-lab"), grp.getgrnam(f"{USER_PREFIX}i-course-ml101")
         assert {lab.gr_gid, teach.gr_gid} <= groups_of_process(server_process(w, "leaver").pid)
-        assert as_user(unix, "ls", str(SHARED)).returncode == 0
+        assert as_user(unix, "ls", str(shared_folder(w))).returncode == 0
         w.stop_server(tok, "leaver")
     finally:
         assert w.stop() == 0, w.output()
@@ -203,13 +209,20 @@ def test_memberships_and_stored_options_follow_a_policy_change():
         proc = server_process(w, "leaver")
         assert proc.environ()["WORKBENCH_PROFILE"] == "cpu-small"
         assert "The stored start options of leaver ask for profile 'cpu-large'" in w.hub_log()
-        assert f"leaver ({unix}) left the Unix group(s) wb-g-physics-lab, wb-i-course-ml101" in w.hub_log()
+        assert (
+            f"leaver ({unix}) left the Unix group(s) {USER_PREFIX}g-physics-lab, {USER_PREFIX}i-course-ml101"
+            in w.hub_log()
+        )
         gids = groups_of_process(proc.pid)
         assert lab.gr_gid not in gids and teach.gr_gid not in gids
-        assert grp.getgrnam("wb-g-course-ml101").gr_gid in gids
+        assert grp.getgrnam(f"{USER_PREFIX}g-course-ml101").gr_gid in gids
         ids = subprocess.run(["id", "-Gn", unix], capture_output=True, text=True, check=True).stdout.split()
-        assert "wb-g-physics-lab" not in ids and "wb-i-course-ml101" not in ids and "wb-g-course-ml101" in ids
-        probe = as_user(unix, "ls", str(SHARED))
+        assert (
+            f"{USER_PREFIX}g-physics-lab" not in ids
+            and f"{USER_PREFIX}i-course-ml101" not in ids
+            and f"{USER_PREFIX}g-course-ml101" in ids
+        )
+        probe = as_user(unix, "ls", str(shared_folder(w)))
         assert probe.returncode != 0 and "Permission denied" in probe.stderr
         w.stop_server(tok, "leaver")
     finally:

@@ -38,6 +38,8 @@ import pytest
 import requests
 import yaml
 
+from workbench.sysusers import USER_PREFIX
+
 from .harness import DEMO, Workbench
 from .test_embedded import server_process, state_dir
 
@@ -169,7 +171,10 @@ def scheduler_ports_need_the_cluster_cert(scheduler: psutil.Process, attacker: s
 
 def _drop_planted_links() -> None:
     """Remove the links the starter test plants (as the users), also those an interrupted earlier run left."""
-    for account, name in ((f"wb-{STUDENT}", "exercise-1.ipynb"), (f"wb-{RESEARCHER}", "climatology-with-dask.ipynb")):
+    for account, name in (
+        (f"{USER_PREFIX}{STUDENT}", "exercise-1.ipynb"),
+        (f"{USER_PREFIX}{RESEARCHER}", "climatology-with-dask.ipynb"),
+    ):
         try:
             path = Path(pwd.getpwnam(account).pw_dir) / name
         except KeyError:
@@ -183,20 +188,22 @@ def test_starters_replaced_by_symlinks_are_not_followed_at_restart(wb, victim):
     token = token_of(wb, STUDENT)
     wb.start_server(token, STUDENT)
     wb.stop_server(token, STUDENT)
-    home = Path(pwd.getpwnam(f"wb-{STUDENT}").pw_dir)
+    home = Path(pwd.getpwnam(f"{USER_PREFIX}{STUDENT}").pw_dir)
     assert (home / "exercise-1.ipynb").is_file()
     etc_name = Path(f"/etc/wb-isolation-{victim.name}")  # a fresh name in the real /etc
     assert not etc_name.exists()
     rtoken = token_of(wb, RESEARCHER)
     try:
-        r = as_user(f"wb-{STUDENT}", "sh", "-c", f"rm ~/exercise-1.ipynb && ln -s {etc_name} ~/exercise-1.ipynb")
+        r = as_user(
+            f"{USER_PREFIX}{STUDENT}", "sh", "-c", f"rm ~/exercise-1.ipynb && ln -s {etc_name} ~/exercise-1.ipynb"
+        )
         assert r.returncode == 0, r.stderr
 
         wb.start_server(rtoken, RESEARCHER)
         wb.stop_server(rtoken, RESEARCHER)
         before = snapshot(victim)
         r = as_user(
-            f"wb-{RESEARCHER}",
+            f"{USER_PREFIX}{RESEARCHER}",
             "sh",
             "-c",
             f"rm ~/climatology-with-dask.ipynb && ln -s {victim}/shadow ~/climatology-with-dask.ipynb",
@@ -225,10 +232,10 @@ def test_state_folder_is_private_and_logs_hold_no_user_token(wb):
     files = [p for p in state.rglob("*") if p.is_file()]
     names = {p.name for p in files}
     assert {"jupyterhub.sqlite", "dask-gateway.sqlite", "quota.sqlite", "secrets.json", "hub.log"} <= names, names
-    r = as_user(f"wb-{STUDENT}", "ls", "-a", str(state))
+    r = as_user(f"{USER_PREFIX}{STUDENT}", "ls", "-a", str(state))
     assert r.returncode != 0 and "Permission denied" in r.stderr and r.stdout == ""
     for p in files:
-        r = as_user(f"wb-{STUDENT}", "cat", str(p))
+        r = as_user(f"{USER_PREFIX}{STUDENT}", "cat", str(p))
         assert r.returncode != 0 and r.stdout == "", f"{STUDENT} read {p}"
     found = subprocess.run(["find", str(state), "-perm", "/o=r"], capture_output=True, text=True, check=True)
     assert found.stdout == ""
@@ -241,7 +248,7 @@ def test_dask_processes_carry_the_cluster_limits_and_never_let_root_follow_the_u
         cluster = gw.new_cluster(worker_cores=1, worker_memory=1.5)
         try:
             [workdir] = glob.glob(f"/tmp/dask-*-{cluster.name}")
-            owner = pwd.getpwnam(f"wb-{RESEARCHER}")
+            owner = pwd.getpwnam(f"{USER_PREFIX}{RESEARCHER}")
             st = os.lstat(workdir)
             assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner.pw_uid, 0o700)
 
@@ -251,7 +258,7 @@ def test_dask_processes_carry_the_cluster_limits_and_never_let_root_follow_the_u
             procs = [
                 p
                 for p in psutil.process_iter(["username", "cwd", "cmdline"])
-                if p.info["username"] == f"wb-{RESEARCHER}" and p.info["cwd"] == workdir
+                if p.info["username"] == f"{USER_PREFIX}{RESEARCHER}" and p.info["cwd"] == workdir
             ]
             workers = [p for p in procs if "worker" in " ".join(p.info["cmdline"] or [])]
             # the nanny forks its worker (workbench.gateway.fast_start), which keeps the nanny's command line:
@@ -271,7 +278,9 @@ def test_dask_processes_carry_the_cluster_limits_and_never_let_root_follow_the_u
 
             # the user points their cluster's logs folder at a root-owned folder, then scales
             before = snapshot(victim)
-            r = as_user(f"wb-{RESEARCHER}", "sh", "-c", f"cd {workdir} && mv logs logs.mine && ln -s {victim} logs")
+            r = as_user(
+                f"{USER_PREFIX}{RESEARCHER}", "sh", "-c", f"cd {workdir} && mv logs logs.mine && ln -s {victim} logs"
+            )
             assert r.returncode == 0, r.stderr
             cluster.scale(2)
             wait_for(lambda: "Failed to submit worker" in wb.hub_log(), "the second worker's refusal in the log")
@@ -342,7 +351,7 @@ def test_dask_ports_on_loopback_answer_only_the_owner_and_the_gateway(wb):
             procs = [
                 p
                 for p in psutil.process_iter(["username", "cwd", "cmdline"])
-                if p.info["username"] == f"wb-{RESEARCHER}" and p.info["cwd"] == workdir
+                if p.info["username"] == f"{USER_PREFIX}{RESEARCHER}" and p.info["cwd"] == workdir
             ]
             listening = {
                 p.pid: {c.laddr.port for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
@@ -355,9 +364,9 @@ def test_dask_ports_on_loopback_answer_only_the_owner_and_the_gateway(wb):
             wait_for(lambda: ports <= guarded_ports(table), f"rules for {sorted(ports)}")
 
             # another user's process: every port refuses (no HTTP answer, no TLS handshake)
-            assert http_probe(f"wb-{STUDENT}", ports) == dict.fromkeys(ports, "refused")
+            assert http_probe(f"{USER_PREFIX}{STUDENT}", ports) == dict.fromkeys(ports, "refused")
             # the owner's: the scheduler's dashboard and the worker's answer
-            owner = http_probe(f"wb-{RESEARCHER}", ports)
+            owner = http_probe(f"{USER_PREFIX}{RESEARCHER}", ports)
             assert "refused" not in owner.values(), owner
             assert any(owner[p] == "200" for p in scheduler) and any(owner[p] == "200" for p in workers), owner
             # the gateway's path (root): the proxied dashboard for its owner

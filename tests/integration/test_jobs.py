@@ -19,6 +19,8 @@ import pytest
 import requests
 import yaml
 
+from workbench.sysusers import USER_PREFIX
+
 from .harness import DEMO, Workbench
 from .jobs_notebook import put_notebook
 from .test_slurm import scontrol_job, slurm, squeue  # noqa: F401  (the slurm fixture)
@@ -88,15 +90,15 @@ def test_a_parameterised_gpu_notebook_runs_as_the_user_and_is_charged_its_run_ti
     assert r.status_code == 201, r.text
     job = r.json()["jobs"][0]
     running = squeue()
-    assert any(j["id"] == job["engine_id"] and j["user"] == "wb-researcher" for j in running), running
+    assert any(j["id"] == job["engine_id"] and j["user"] == f"{USER_PREFIX}researcher" for j in running), running
     info = scontrol_job(job["engine_id"])
     assert "gres/gpu:h100=1" in info.get("TRES", "") or "gpu:h100:1" in str(info), info
     done = wait_state(wb, tokens["researcher"], job["id"], ("completed", "failed"))
     assert done["state"] == "completed", jobs(wb, tokens["researcher"], path=f"/{job['id']}/log").text
     out = nbformat.reads(jobs(wb, tokens["researcher"], path=f"/{job['id']}/output").text, as_version=4)
     text = "".join(o.get("text", "") for c in out.cells for o in c.get("outputs", []))
-    assert "result 42 wb-researcher" in text
-    home = pwd.getpwnam("wb-researcher").pw_dir
+    assert f"result 42 {USER_PREFIX}researcher" in text
+    home = pwd.getpwnam(f"{USER_PREFIX}researcher").pw_dir
     assert open(os.path.join(home, done["folder"], "result.txt")).read() == "42"
     # the ledger row of the run: Slurm's own start and end
     deadline = time.monotonic() + 30
@@ -131,10 +133,10 @@ def test_a_cancelled_job_leaves_squeue_and_is_charged_what_it_ran(wb, tokens):
 
 def test_a_group_without_budget_is_refused_before_submission(wb, tokens):
     put_notebook("startup")
-    before = squeue("wb-startup")
+    before = squeue(f"{USER_PREFIX}startup")
     r = jobs(wb, tokens["startup"], "POST", json={"notebook": "calc.ipynb", "profile": "cpu-small"})
     assert r.status_code == 403 and "budget of group startup-acme exhausted" in r.json()["message"], r.text
-    assert squeue("wb-startup") == before == []
+    assert squeue(f"{USER_PREFIX}startup") == before == []
     assert jobs(wb, tokens["startup"]).json()["jobs"] == []
 
 

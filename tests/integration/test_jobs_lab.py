@@ -26,7 +26,7 @@ import psutil
 import pytest
 import requests
 
-from workbench.sysusers import ensure_system_user
+from workbench.sysusers import USER_PREFIX, ensure_system_user
 
 from .harness import Workbench, state_dir
 from .jobs_notebook import put_notebook
@@ -136,7 +136,7 @@ def test_a_job_from_the_lab_api_runs_as_the_user_through_the_service_and_lands_i
     assert (run / "result.txt").read_text() == "42"
     executed = nbformat.read(run / "calc.ipynb", as_version=4)
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "result 42 wb-researcher" in text, text
+    assert f"result 42 {USER_PREFIX}researcher" in text, text
     # run by the service's engine, not by the server: the kernel's parent is the process the service started
     # the local engine's id is "<pid>@<start time>": coreutils' timeout (the time limit), whose child runs the notebook;
     # the kernel's parent is that child, never the user's server or one of its processes
@@ -144,7 +144,7 @@ def test_a_job_from_the_lab_api_runs_as_the_user_through_the_service_and_lands_i
     assert doc["engine"] == "local" and int(doc["engine_id"].split("@")[0]) < kernel_parent
     server = wb.server_process("researcher")
     assert kernel_parent not in {server.pid, *(p.pid for p in server.children(recursive=True))}
-    assert (run / "calc.ipynb").stat().st_uid == ensure_system_user("wb-researcher").pw_uid
+    assert (run / "calc.ipynb").stat().st_uid == ensure_system_user(f"{USER_PREFIX}researcher").pw_uid
     # the job list of the form shows it; "download" has nothing to copy and answers 204
     listed = lab(wb, tokens, "researcher", "GET", "jobs").json()["jobs"]
     assert job_id in [j["job_id"] for j in listed]
@@ -169,7 +169,7 @@ def test_a_running_job_is_stopped_from_the_lab_api(wb, tokens):
         timeout=60,
     )
     proc = psutil.Process(int(r.json()["engine_id"].split("@")[0]))  # "<pid>@<start time>"
-    assert proc.username() == "wb-researcher" and "workbench.jobs.execute" in " ".join(proc.cmdline())
+    assert proc.username() == f"{USER_PREFIX}researcher" and "workbench.jobs.execute" in " ".join(proc.cmdline())
     assert "workbench.jobs" in " ".join(proc.parent().cmdline()), proc.parent().cmdline()
     server = wb.server_process("researcher")
     assert proc.pid not in {p.pid for p in server.children(recursive=True)}
@@ -332,4 +332,4 @@ def test_on_slurm_the_form_offers_gpu_profiles_and_the_job_runs_as_a_slurm_job_w
 
     info = scontrol_job(doc["engine_id"])
     assert "gres/gpu:h100=1" in info.get("TRES", "") or "gpu:h100:1" in str(info), info
-    assert info.get("UserId", "").startswith("wb-researcher("), info
+    assert info.get("UserId", "").startswith(f"{USER_PREFIX}researcher("), info

@@ -23,6 +23,8 @@ import pytest
 import requests
 import yaml
 
+from workbench.sysusers import USER_PREFIX
+
 from .harness import DEMO, Workbench, state_dir
 from .jobs_notebook import put_notebook
 
@@ -139,15 +141,17 @@ def test_a_parameterised_notebook_runs_as_the_user_in_their_home_and_is_charged_
     job = api.submit("researcher", notebook="calc.ipynb", profile="cpu-large", parameters={"n": 21, "sleep": 2})
     assert job["engine"] == "local"
     procs = job_processes(job)
-    assert procs and {p.username() for p in procs} == {"wb-researcher"}, [(p.pid, p.username()) for p in procs]
+    assert procs and {p.username() for p in procs} == {f"{USER_PREFIX}researcher"}, [
+        (p.pid, p.username()) for p in procs
+    ]
     done = api.wait("researcher", job["id"], ("completed", "failed"))
     assert done["state"] == "completed", api.jobs("researcher", path=f"/{job['id']}/log").text
-    assert "result 42 wb-researcher" in output_text(api, "researcher", job["id"])
-    home = pwd.getpwnam("wb-researcher").pw_dir
+    assert f"result 42 {USER_PREFIX}researcher" in output_text(api, "researcher", job["id"])
+    home = pwd.getpwnam(f"{USER_PREFIX}researcher").pw_dir
     run_dir = os.path.join(home, "jobs", "calc", done["run"])
     assert done["folder"] == f"jobs/calc/{done['run']}"
     assert open(os.path.join(run_dir, "result.txt")).read() == "42"
-    assert os.stat(os.path.join(run_dir, "calc.ipynb")).st_uid == pwd.getpwnam("wb-researcher").pw_uid
+    assert os.stat(os.path.join(run_dir, "calc.ipynb")).st_uid == pwd.getpwnam(f"{USER_PREFIX}researcher").pw_uid
     row = closed_row(wb, f"job:researcher/{job['id']}")
     assert row[2:] == (4.0, "physics-lab", "job")
     assert abs(seconds(row) - done["duration_seconds"]) < 1.5
@@ -164,7 +168,7 @@ def test_a_job_survives_its_users_server_stopping(wb, api):
     assert job_processes(job), "the job died with the server"
     done = api.wait("student1", job["id"], ("completed", "failed", "cancelled"))
     assert done["state"] == "completed", api.jobs("student1", path=f"/{job['id']}/log").text
-    assert "result 10 wb-student1" in output_text(api, "student1", job["id"])
+    assert f"result 10 {USER_PREFIX}student1" in output_text(api, "student1", job["id"])
     row = closed_row(wb, f"job:student1/{job['id']}")
     assert abs(seconds(row) - done["duration_seconds"]) < 1.5 and done["duration_seconds"] >= 20
 
@@ -207,8 +211,8 @@ def test_an_instructor_runs_a_notebook_for_each_student_charged_to_the_course(wb
         done = api.wait("instructor", j["id"], ("completed", "failed"))
         assert done["state"] == "completed", api.jobs("instructor", path=f"/{j['id']}/log").text
         # run as the student, in the student's home
-        assert f"result 6 wb-{j['user']}" in output_text(api, j["user"], j["id"])
-        home = pwd.getpwnam(f"wb-{j['user']}").pw_dir
+        assert f"result 6 {USER_PREFIX}{j['user']}" in output_text(api, j["user"], j["id"])
+        home = pwd.getpwnam(f"{USER_PREFIX}{j['user']}").pw_dir
         assert open(os.path.join(home, done["folder"], "result.txt")).read() == "6"
         row = closed_row(wb, f"job:{j['user']}/{j['id']}")
         assert row[3] == "course-ml101" and abs(seconds(row) - done["duration_seconds"]) < 1.5
@@ -307,7 +311,7 @@ def test_a_job_survives_a_hub_killed_mid_run_and_is_charged_once(wb, api):
         a = Api(again)
         done = a.wait("researcher", job["id"], ("completed", "failed", "timeout"), timeout=300)
         assert done["state"] == "completed", (done, a.jobs("researcher", path=f"/{job['id']}/log").text)
-        assert "result 8 wb-researcher" in output_text(a, "researcher", job["id"])
+        assert f"result 8 {USER_PREFIX}researcher" in output_text(a, "researcher", job["id"])
         row = closed_row(again, f"job:researcher/{job['id']}")  # one row: charged once
         assert seconds(row) >= 45 and abs(seconds(row) - done["duration_seconds"]) < 1.5
     finally:

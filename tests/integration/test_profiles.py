@@ -9,6 +9,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from workbench.policy import load_policy
+from workbench.sysusers import USER_PREFIX
+
 from .harness import Workbench
 
 pytestmark = pytest.mark.integration
@@ -227,9 +230,10 @@ def test_group_shared_folder_and_datasets_at_the_kubernetes_paths(wb):
     token = wb.new_token(wb.login("researcher"), "researcher")
     wb.start_server(token, "researcher", profile="cpu-large")
     try:
-        shared = Path("/srv/workbench/groups/physics-lab")  # storage.shared, as mounted in pods
+        storage = load_policy(wb.config).storage  # demo.yaml's (tests/integration/harness.py: namespaced_config)
+        shared = Path(storage.shared.format(group="physics-lab"))  # as mounted in pods
         st = shared.stat()
-        gid = grp.getgrnam("wb-g-physics-lab").gr_gid
+        gid = grp.getgrnam(f"{USER_PREFIX}g-physics-lab").gr_gid
         assert st.st_gid == gid and stat.S_IMODE(st.st_mode) == 0o2770
         proc = wb.server_process("researcher")
         groups = next(
@@ -239,7 +243,7 @@ def test_group_shared_folder_and_datasets_at_the_kubernetes_paths(wb):
         # a member writes (as the server would), and files stay in the group (setgid folder)
         probe = subprocess.run(
             ["touch", str(shared / "from-researcher")],
-            user="wb-researcher",
+            user=f"{USER_PREFIX}researcher",
             extra_groups=[gid],
             capture_output=True,
             text=True,
@@ -249,9 +253,11 @@ def test_group_shared_folder_and_datasets_at_the_kubernetes_paths(wb):
         # a non-member does not even see inside
         other = subprocess.run(["ls", str(shared)], user="nobody", capture_output=True, text=True)
         assert other.returncode != 0 and "Permission denied" in other.stderr
-        datasets = Path("/srv/workbench/datasets")
+        datasets = Path(storage.datasets)
         assert stat.S_IMODE(datasets.stat().st_mode) == 0o755 and datasets.stat().st_uid == 0
-        ro = subprocess.run(["touch", str(datasets / "x")], user="wb-researcher", capture_output=True, text=True)
+        ro = subprocess.run(
+            ["touch", str(datasets / "x")], user=f"{USER_PREFIX}researcher", capture_output=True, text=True
+        )
         assert ro.returncode != 0, "datasets are read-only for users"
         os.unlink(shared / "from-researcher")
     finally:

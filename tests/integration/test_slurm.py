@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
+from workbench.sysusers import USER_PREFIX
+
 from .harness import DEMO, REPO, Workbench
 
 pytestmark = [
@@ -28,7 +30,7 @@ pytestmark = [
 ]
 
 USER = "researcher"
-UNIX_USER = "wb-researcher"
+UNIX_USER = f"{USER_PREFIX}researcher"
 SQUEUE_FORMAT = "%i|%j|%P|%a|%l|%b|%T|%u|%C|%m"
 SQUEUE_FIELDS = ("id", "name", "partition", "account", "time", "gres", "state", "user", "cpus", "memory")
 
@@ -112,7 +114,7 @@ def wb(slurm):
 
 def test_researcher_cluster_runs_as_slurm_jobs_of_their_account_with_group_placement(wb):
     w, token = wb
-    assert squeue() == [], "wb-researcher already has Slurm jobs; cancel them first"
+    assert squeue() == [], f"{USER_PREFIX}researcher already has Slurm jobs; cancel them first"
     gw = w.gateway(token)
     cluster = gw.new_cluster(worker_cores=1, worker_memory=1.0)
     try:

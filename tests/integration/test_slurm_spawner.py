@@ -36,6 +36,7 @@ from workbench.embedded.up import HUB_CONFIG_DIR
 from workbench.policy import load_policy
 from workbench.services.quota.ledger import Ledger, default_db_url
 from workbench.spawn.slurm_jobs import parse_scontrol
+from workbench.sysusers import USER_PREFIX
 
 from .harness import DEMO, Workbench
 from .test_course_material import COURSE, EXERCISE, Env
@@ -46,7 +47,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="servers run as per-user accounts through sudo: needs root"),
 ]
 
-USER, UNIX_USER = "researcher", "wb-researcher"
+USER, UNIX_USER = "researcher", f"{USER_PREFIX}researcher"
 ITEM = "server:researcher/"
 
 
@@ -230,8 +231,8 @@ def test_cpu_profile_runs_as_a_job_with_the_policy_options_and_lab_answers(wb):
     assert detail["_row"].gpu_count == 0 and detail["_row"].cpu == 1.0
     # the group's shared folder (members only, setgid) and the datasets folder, at the other engines' paths;
     # the job's server runs with the group's gid
-    gid = grp.getgrnam("wb-g-physics-lab").gr_gid
-    shared = Path("/srv/workbench/groups/physics-lab").stat()
+    gid = grp.getgrnam(f"{USER_PREFIX}g-physics-lab").gr_gid
+    shared = Path(load_policy(w.config).storage.shared.format(group="physics-lab")).stat()
     assert shared.st_gid == gid and stat.S_IMODE(shared.st_mode) == 0o2770
     assert str(gid) in detail["_gids"], detail["_gids"]
     assert stat.S_IMODE(Path(load_policy(w.config).storage.datasets).stat().st_mode) == 0o755
@@ -299,7 +300,7 @@ def test_a_spent_budget_is_refused_before_sbatch(wb):
     r = w.token_api(token, "POST", "/users/broke/server", json={"profile": "tiny"})
     assert r.status_code == 403, r.text
     assert "CPU budget of group broke-lab exhausted" in r.json()["message"]
-    assert squeue("wb-broke") == []
+    assert squeue(f"{USER_PREFIX}broke") == []
     assert "Submitting broke's server" not in w.hub_log()
 
 
@@ -401,11 +402,11 @@ def test_a_job_servers_session_limit_warns_then_stops_it_and_its_dask_cluster(wb
     token = w.new_token(w.login("brief"), "brief")
     server = w.start_server(token, "brief", timeout=240)
     started = hub_time(server["started"])
-    [job] = squeue("wb-brief")
+    [job] = squeue(f"{USER_PREFIX}brief")
     with w.gateway(token) as gw:
         cluster = gw.new_cluster(shutdown_on_close=False)  # ended by nothing but the server's stop
         assert [c.name for c in gw.list_clusters()] == [cluster.name]
-        assert len(squeue("wb-brief")) == 2  # the server's job and the cluster's scheduler
+        assert len(squeue(f"{USER_PREFIX}brief")) == 2  # the server's job and the cluster's scheduler
         notes = wait_for(lambda: notes_of(w, token), SESSION + 30, "the session warning")
         assert user_server(w, token, "brief") is not None, "stopped before any warning"
         [note] = notes
@@ -425,7 +426,7 @@ def test_a_job_servers_session_limit_warns_then_stops_it_and_its_dask_cluster(wb
         assert time.time() >= started + SESSION - 1
         assert final_state(job["id"]) == "CANCELLED"  # stopped by the platform, not Slurm's TIMEOUT
         wait_for(lambda: not gw.list_clusters(), 60, "the cluster to stop with the server")
-    wait_for(lambda: not squeue("wb-brief"), 60, "no job of wb-brief left")
+    wait_for(lambda: not squeue(f"{USER_PREFIX}brief"), 60, f"no job of {USER_PREFIX}brief left")
     notes = notes_of(w, token)
     assert [n["level"] for n in notes] == ["critical", "info"], notes
     assert "reached its session limit" in notes[1]["message"]
@@ -438,11 +439,11 @@ def test_a_server_cap_refuses_a_second_job_before_sbatch_and_an_idle_job_is_cull
     w, _ = wb
     one, two = (w.new_token(w.login(u), u) for u in ("capped1", "capped2"))
     w.start_server(one, "capped1", timeout=240)
-    [job] = squeue("wb-capped1")
+    [job] = squeue(f"{USER_PREFIX}capped1")
     r = w.token_api(two, "POST", "/users/capped2/server", json={})
     assert r.status_code == 403, r.text
     assert "Group capped-lab already runs 1 of at most 1 servers at once" in r.json()["message"]
-    assert squeue("wb-capped2") == []
+    assert squeue(f"{USER_PREFIX}capped2") == []
     assert "Submitting capped2's server" not in w.hub_log()
     last = hub_time(user_server(w, one, "capped1")["last_activity"])
     wait_for(lambda: user_server(w, one, "capped1") is None, IDLE + 90, "the idle server to be culled")
@@ -588,10 +589,10 @@ def test_course_material_reaches_a_students_job(wb):
     w, _ = wb
     token = w.new_token(w.login("cm-student1"), "cm-student1")
     w.start_server(token, "cm-student1", timeout=240)
-    [job] = squeue("wb-cm-student1")
+    [job] = squeue(f"{USER_PREFIX}cm-student1")
     folder = w.home("cm-student1") / COURSE
     assert (folder / "exercise.md").read_text() == EXERCISE
-    assert (folder / "exercise.md").stat().st_uid == pwd.getpwnam("wb-cm-student1").pw_uid
+    assert (folder / "exercise.md").stat().st_uid == pwd.getpwnam(f"{USER_PREFIX}cm-student1").pw_uid
     r = requests.get(
         f"{w.url}/user/cm-student1/api/contents/{COURSE}/exercise.md",
         headers={"Authorization": f"token {token}"},

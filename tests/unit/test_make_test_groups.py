@@ -80,3 +80,44 @@ def test_the_fast_group_starts_no_workbench_and_no_slurm_job():
             if uses := live_uses(path):
                 offenders[str(path.relative_to(REPO))] = uses
     assert offenders == {}, f"these run beside the live tests but need the live group (move them): {offenders}"
+
+
+#: what in a live module's source means it uses Slurm's one node (its queue, the gpu partition's state, its GRES)
+SLURM_USES = re.compile(r'from \.test_slurm import|"--(?:gateway-backend|spawner)",\s*"slurm"|\bsqueue\b|\bsbatch\b')
+
+
+def test_every_live_module_that_uses_slurm_runs_in_the_one_slurm_group():
+    """`make test` runs the live modules on parallel workers (tests/conftest.py): two that used Slurm at once would
+    see each other's jobs in the queue and one's partition changes; so every module using it must be in the
+    ``slurm`` xdist group, and every module in that list must exist."""
+    from tests.conftest import SLURM_MODULES, xdist_group_of
+
+    live = [p for g in ("tests/integration", "tests/browser") for p in sorted((REPO / g).glob("test_*.py"))]
+    using = {p.name for p in live if SLURM_USES.search(p.read_text())}
+    assert using, "the pattern finds no Slurm module: it is out of date"
+    assert using <= SLURM_MODULES, f"modules using Slurm outside the slurm group: {sorted(using - SLURM_MODULES)}"
+    assert SLURM_MODULES <= {p.name for p in live}, f"no such module: {sorted(SLURM_MODULES - {p.name for p in live})}"
+    for p in live:
+        nodeid = f"{p.relative_to(REPO)}::test_x"
+        expected = "slurm" if p.name in SLURM_MODULES else str(p.relative_to(REPO))
+        assert xdist_group_of(nodeid) == expected
+    assert xdist_group_of("tests/unit/test_policy.py::test_x") is None
+
+
+def test_each_parallel_worker_but_the_first_takes_its_own_account_namespace():
+    """tests/conftest.py sets WORKBENCH_ACCOUNT_PREFIX from the xdist worker's name before workbench is imported:
+    checked in fresh interpreters that import the conftest as pytest would, then workbench."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import tests.conftest; from workbench.sysusers import system_username; print(system_username('researcher'))"
+    seen = {}
+    for worker in ("", "gw0", "gw1", "gw3"):
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_XDIST_WORKER", "WORKBENCH_ACCOUNT_PREFIX")}
+        if worker:
+            env["PYTEST_XDIST_WORKER"] = worker
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        seen[worker] = out.stdout.strip()
+    assert seen == {"": "wb-researcher", "gw0": "wb-researcher", "gw1": "wb1-researcher", "gw3": "wb3-researcher"}

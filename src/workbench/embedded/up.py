@@ -44,7 +44,14 @@ from workbench.runtime import (
     make_private_state_dir,
     port_in_use,
 )
-from workbench.sysusers import others_can_execute, system_username
+from workbench.sysusers import (
+    ACCOUNT_PREFIX_ENV,
+    ACCOUNT_PREFIX_PROBLEM,
+    DEFAULT_ACCOUNT_PREFIX,
+    USER_PREFIX,
+    others_can_execute,
+    system_username,
+)
 
 #: the thin config loaders and the demo policy, shipped inside the package (``workbench/hub_config``)
 HUB_CONFIG_DIR = Path(__file__).resolve().parents[1] / "hub_config"
@@ -305,6 +312,8 @@ class Supervisor:
 
     def run(self) -> int:
         opts = self.opts
+        if ACCOUNT_PREFIX_PROBLEM:  # the account namespace of every process started below (workbench.sysusers)
+            return fail(ACCOUNT_PREFIX_PROBLEM)
         config = Path(opts.config).resolve()
         try:
             policy = load_policy(config)
@@ -341,6 +350,10 @@ class Supervisor:
         system_users, warning = decide_system_users(opts, venv_bin)
         if warning:
             say(f"WARNING: {warning}")
+        if system_users and USER_PREFIX != DEFAULT_ACCOUNT_PREFIX:
+            say(
+                f"accounts in the namespace {USER_PREFIX!r} ({ACCOUNT_PREFIX_ENV}): {USER_PREFIX}<user>, {USER_PREFIX}g-<group>"
+            )
         if opts.gateway_backend == "slurm" or opts.spawner == "slurm":
             problem = slurm_problem(system_users)
             if problem:

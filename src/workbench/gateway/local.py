@@ -39,7 +39,7 @@ from workbench.gateway.fast_start import FastStartMixin
 from workbench.gateway.portguard import Guard, NftPortGuard, ProcSnapshot, listening_endpoints, table_name
 from workbench.gateway.quota import ClusterCapMixin
 from workbench.limits import Limiter, LocalLimits, detect_cgroups, own_cgroups
-from workbench.sysusers import create_file_at, ensure_system_user, open_dir_nofollow, system_username
+from workbench.sysusers import USER_PREFIX, create_file_at, ensure_system_user, open_dir_nofollow, system_username
 
 _LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -60,7 +60,7 @@ class WorkbenchLocalBackend(FastStartMixin, ClusterCapMixin, LocalBackend):
         config=True,
     )
 
-    user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
+    user_prefix = Unicode(USER_PREFIX, help="Prefix of the Unix accounts made for hub users.").tag(config=True)
 
     port_guard = Bool(
         True,

@@ -31,7 +31,7 @@ from workbench.gateway.fast_start import FastStartMixin, scheduler_command, work
 from workbench.gateway.quota import ClusterCapMixin
 from workbench.policy import DaskPolicy, Policy
 from workbench.runtime import Runtime
-from workbench.sysusers import ensure_system_user, others_can_execute, system_username
+from workbench.sysusers import USER_PREFIX, ensure_system_user, others_can_execute, system_username
 
 __all__ = [
     "DEFAULT_SLURM_CONF",
@@ -213,7 +213,7 @@ class WorkbenchSlurmBackend(FastStartMixin, ClusterCapMixin, SlurmBackend):
         config=True,
     )
 
-    user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
+    user_prefix = Unicode(USER_PREFIX, help="Prefix of the Unix accounts made for hub users.").tag(config=True)
 
     slurm_conf = Unicode(
         "", help="slurm.conf of the cluster, given to Slurm's commands as SLURM_CONF; empty: Slurm's default."

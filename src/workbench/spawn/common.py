@@ -19,7 +19,7 @@ from workbench.policy import Policy, Profile, cached_policy
 from workbench.services.quota.client import QuotaClient, QuotaUnavailable
 from workbench.services.quota.models import server_item_id
 from workbench.services.quota.views import charge_group
-from workbench.sysusers import system_username
+from workbench.sysusers import USER_PREFIX, system_username
 
 
 def choose_profile(policy: Policy, user_groups: list[str], requested: str | None) -> str:
@@ -105,7 +105,7 @@ class PolicySpawnerMixin(HasTraits):
 
     policy_path = Unicode(help="Path of the platform YAML.").tag(config=True)
 
-    user_prefix = Unicode("wb-", help="Prefix of the Unix accounts made for hub users.").tag(config=True)
+    user_prefix = Unicode(USER_PREFIX, help="Prefix of the Unix accounts made for hub users.").tag(config=True)
 
     @property
     def policy(self) -> Policy:
