@@ -202,7 +202,7 @@ class KubeEngine:
 
         return Account(user, HOME_MOUNT, None)
 
-    async def submit(self, job: dict, account: Account, profile, params: dict) -> str:
+    async def submit(self, job: dict, account: Account, profile, params: dict, env: dict | None = None) -> str:
         groups = await self.groups_of(job["user"]) or []
         body = await render_job_async(
             self.policy, job, groups, params, ttl_seconds=self.ttl_seconds, spawner_config=self.spawner_config
