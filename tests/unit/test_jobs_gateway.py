@@ -99,7 +99,11 @@ def test_only_the_clusters_tagged_with_the_run_are_stopped(fake_gateway):
     """A cluster the user started meanwhile from their own server (untagged) or for another job survives."""
     address, state = fake_gateway
     state["clusters"].update(
-        {"mine": {"workbench_job": "j1"}, "own-server": {"workbench_job": ""}, "other-job": {"workbench_job": "j2"}}
+        {
+            "mine": {"workbench_job": "job-j1"},
+            "own-server": {"workbench_job": ""},
+            "other-job": {"workbench_job": "job-j2"},
+        }
     )
     execute.stop_run_clusters((address, "tok"), "j1")
     assert state["deleted"] == ["mine"]
@@ -116,17 +120,17 @@ def test_without_job_id_nothing_is_stopped(fake_gateway):
 
 
 def test_run_clusters_reads_the_tag_option():
-    models = {"a": {"options": {"workbench_job": "j"}}, "b": {"options": {}}, "c": {}}
+    models = {"a": {"options": {"workbench_job": "job-j"}}, "b": {"options": {}}, "c": {}}
     assert run_clusters(models, "j") == ["a"]
 
 
 def test_job_dask_env_sets_the_tag_through_dask_config():
-    env = job_dask_env({"DASK_GATEWAY__ADDRESS": "http://g"}, "j9")
-    assert env["DASK_GATEWAY__CLUSTER__OPTIONS__WORKBENCH_JOB"] == "j9"
     import dask.config
 
-    collected = dask.config.collect_env(env)
-    assert collected["gateway"]["cluster"]["options"]["workbench_job"] == "j9"
+    for job_id in ("0a1b2c3d4e5f", "123456789012", "1234e5678901"):  # ids dask would read as numbers bare
+        env = job_dask_env({"DASK_GATEWAY__ADDRESS": "http://g"}, job_id)
+        collected = dask.config.collect_env(env)
+        assert collected["gateway"]["cluster"]["options"]["workbench_job"] == f"job-{job_id}"
 
 
 def test_load_token_moves_the_file_into_the_environment(tmp_path):

@@ -7,7 +7,7 @@ used by :mod:`workbench.jobs.execute` (as the user, with the run's gateway-scope
 service at the run's end (:mod:`workbench.jobs.runend`, with a short-lived token of the same scope).
 
 The key of a run's clusters: every cluster the job creates carries the cluster option ``workbench_job`` =
-the job's id (:data:`JOB_TAG_OPTION`, set through ``DASK_GATEWAY__CLUSTER__OPTIONS__WORKBENCH_JOB`` in the
+``job-<the job's id>`` (:data:`JOB_TAG_OPTION`, set through ``DASK_GATEWAY__CLUSTER__OPTIONS__WORKBENCH_JOB`` in the
 job's environment; the gateway records a cluster's options and lists them). Its limit: the notebook may
 override the option (``Gateway().new_cluster(workbench_job="")``) and the cluster then outlives the run like
 any of the user's own clusters; a user can only tag their own clusters, so a tag never reaches another user.
@@ -62,7 +62,13 @@ def job_gateway_env(dask_env: Mapping[str, str], token: str) -> dict[str, str]:
 def job_dask_env(dask_env: Mapping[str, str], job_id: str) -> dict[str, str]:
     """The run's non-secret gateway settings (pure): the server's (:func:`workbench.spawn.common.dask_environment`)
     plus the tag that marks the clusters it creates as this job's."""
-    return {**dask_env, JOB_TAG_ENV: job_id}
+    return {**dask_env, JOB_TAG_ENV: job_tag(job_id)}
+
+
+def job_tag(job_id: str) -> str:
+    """The tag value of a job's clusters (pure): ``job-<id>``, never all digits, which dask's config would read
+    from the environment as a number (``ast.literal_eval``) that the gateway's string option refuses."""
+    return f"job-{job_id}"
 
 
 def api_url(gateway_address: str) -> str:
@@ -88,8 +94,9 @@ def cluster_models(gateway_address: str, token: str) -> dict[str, dict]:
 
 
 def run_clusters(models: dict[str, dict], job_id: str) -> list[str]:
-    """Names of the clusters tagged with ``job_id`` (pure)."""
-    return sorted(n for n, m in models.items() if ((m or {}).get("options") or {}).get(JOB_TAG_OPTION) == job_id)
+    """Names of the clusters tagged with ``job_id`` (:func:`job_tag`) (pure)."""
+    tag = job_tag(job_id)
+    return sorted(n for n, m in models.items() if ((m or {}).get("options") or {}).get(JOB_TAG_OPTION) == tag)
 
 
 def stop_run_clusters(gateway_address: str, token: str, job_id: str) -> list[str]:
@@ -113,6 +120,7 @@ __all__ = [
     "cluster_models",
     "job_dask_env",
     "job_gateway_env",
+    "job_tag",
     "list_clusters",
     "run_clusters",
     "stop_run_clusters",

@@ -197,7 +197,7 @@ class JobsService:
         await self.admit(job)
         env = {}
         try:
-            if self.gateway is not None:  # the run's own gateway token, in a 0600 file of its run folder
+            if self.gateway is not None and self.policy.dask_group_for(groups):  # its token: a 0600 file
                 env = await self.gateway.grant(job, account, groups, write_token_file)
             if self.engine.name == "slurm":
                 gpu_part = getattr(self.engine, "gpu_partition", "")
