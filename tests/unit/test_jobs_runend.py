@@ -59,7 +59,7 @@ def test_token_file_is_written_0600_and_replaces_a_planted_link(tmp_path):
     target = tmp_path / "victim"
     target.write_text("keep")
     (run_dir / TOKEN_FILE).symlink_to(target)  # the user planted a link: only the user's own rights apply anyway
-    write_token_file(Account(os.environ.get("USER", "me"), str(tmp_path)), str(run_dir), "tok-123")
+    write_token_file(Account(os.environ.get("USER", "me"), str(tmp_path)), {"run_dir": str(run_dir)}, "tok-123")
     path = run_dir / TOKEN_FILE
     assert not path.is_symlink() and path.read_text() == "tok-123"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -79,21 +79,13 @@ class GatewayAccess:
             if e.code != 404:
                 raise
 
-    async def grant(self, job: dict, account, groups: list[str], write_file) -> dict[str, str]:
-        """Mint the run's token, hand it to the job through its token file, record its id in ``job``
-        (``gateway_token``); returns the job's gateway environment (no secret in it).
-
-        ``write_file(account, run_dir, token)`` writes the file as the user (:func:`write_token_file`).
-        """
+    async def grant(self, job: dict, groups: list[str]) -> tuple[dict[str, str], str]:
+        """Mint the run's token and record its id in ``job`` (``gateway_token``); returns the job's gateway
+        environment (no secret in it) and the token, which the caller hands to the job (:func:`write_token_file`,
+        or the Kubernetes engine's per-run Secret) and then forgets."""
         token, token_id = await self.new_token(job["user"], token_request(job["id"], job["time_limit"]))
         job["gateway_token"] = token_id
-        try:
-            await asyncio.to_thread(write_file, account, job["run_dir"], token)
-        except Exception:
-            await self.delete_token(job["user"], token_id)
-            job["gateway_token"] = None
-            raise
-        return job_dask_env(self.dask_env(groups), job["id"])
+        return job_dask_env(self.dask_env(groups), job["id"]), token
 
     async def end(self, job: dict) -> list[str]:
         """Stop the run's clusters and delete its token; returns the clusters stopped. Raises when the hub
@@ -131,13 +123,15 @@ def token_file_command(run_dir: str) -> list[str]:
     return ["sh", "-c", script]
 
 
-def write_token_file(account, run_dir: str, token: str) -> None:
-    """Write the run's token into its run folder *as the user* (root opens nothing the user controls)."""
+def write_token_file(account, job: dict, token: str) -> dict:
+    """Write the run's token into its run folder *as the user* (root opens nothing the user controls); returns
+    ``{}`` (nothing more for the engine)."""
     from workbench.jobs.engines import run_as
 
-    res = run_as(account, token_file_command(run_dir), stdin=token, timeout=30)
+    res = run_as(account, token_file_command(job["run_dir"]), stdin=token, timeout=30)
     if res.returncode != 0:
         raise RuntimeError(f"cannot write the job's gateway token as {account.name}: {res.stderr.decode().strip()}")
+    return {}
 
 
 # -- the run's end in the quota ledger and the budget's end of runs (moved from the service) ------------------

@@ -195,16 +195,17 @@ class JobsService:
             "gpu_count": prof.gpu.count if prof.gpu else 0,
         }
         await self.admit(job)
-        env = {}
+        env, extra, takes = {}, {}, getattr(self.engine, "takes_token", False)  # Kubernetes: a per-run Secret
         try:
-            if self.gateway is not None and self.policy.dask_group_for(groups):  # its token: a 0600 file
-                env = await self.gateway.grant(job, account, groups, write_token_file)
+            if self.gateway is not None and self.policy.dask_group_for(groups):  # the run's gateway token
+                env, token = await self.gateway.grant(job, groups)
+                extra = {"token": token} if takes else await asyncio.to_thread(write_token_file, account, job, token)
             if self.engine.name == "slurm":
                 gpu_part = getattr(self.engine, "gpu_partition", "")
                 placement = SlurmPlacement.of(self.policy, group, profile, gpu_part)
                 job["engine_id"] = await self.engine.submit(job, account, placement, params, env=env)
             else:
-                job["engine_id"] = await self.engine.submit(job, account, prof, params, env=env)
+                job["engine_id"] = await self.engine.submit(job, account, prof, params, env=env, **extra)
         except Exception as e:
             log.warning("submitting %s's job %s failed: %s", user, job_id, e)
             if job.get("gateway_token"):
