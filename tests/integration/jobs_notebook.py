@@ -32,3 +32,31 @@ def put_notebook(user: str, name: str = "calc.ipynb") -> Path:
     nbformat.write(NOTEBOOK, path)
     os.chown(path, e.pw_uid, e.pw_gid)
     return path
+
+
+DASK_NOTEBOOK = nbformat.v4.new_notebook(
+    cells=[
+        nbformat.v4.new_code_cell("hold = 0", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import os, time\nopen('token.txt', 'w').write(os.environ.get('JUPYTERHUB_API_TOKEN', ''))\n"
+            "from dask_gateway import Gateway\ng = Gateway()\nc = g.new_cluster()\nc.scale(1)\n"
+            "client = c.get_client()\nclient.wait_for_workers(1, timeout=300)\n"
+            "r = client.submit(lambda x: x + 1, 41).result()\nopen('result.txt', 'w').write(str(r))\n"
+            "print('cluster', c.name, 'result', r)\ntime.sleep(hold)"
+        ),
+    ],
+    metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+)
+
+
+def put_dask_notebook(user: str, name: str = "dask_job.ipynb") -> Path:
+    """Write a notebook into the user's home that creates a Dask Gateway cluster with no arguments (the job's
+    environment), computes 41 + 1 on a worker into ``result.txt``, writes the job's ``JUPYTERHUB_API_TOKEN``
+    into ``token.txt`` (for the test to try after the run) and then sleeps ``hold`` seconds."""
+    from workbench.sysusers import system_username
+
+    e = ensure_system_user(system_username(user))
+    path = Path(e.pw_dir, name)
+    nbformat.write(DASK_NOTEBOOK, path)
+    os.chown(path, e.pw_uid, e.pw_gid)
+    return path

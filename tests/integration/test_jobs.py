@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import sqlite3
+import subprocess
 import time
 from datetime import datetime
 
@@ -22,8 +23,8 @@ import yaml
 from workbench.sysusers import USER_PREFIX
 
 from .harness import DEMO, Workbench
-from .jobs_notebook import put_notebook
-from .test_slurm import scontrol_job, slurm, squeue  # noqa: F401  (the slurm fixture)
+from .jobs_notebook import put_dask_notebook, put_notebook
+from .test_slurm import scontrol_job, slurm, slurm_env, squeue  # noqa: F401  (the slurm fixture)
 
 pytestmark = [
     pytest.mark.integration,
@@ -146,3 +147,57 @@ def test_bad_requests_name_the_field(wb, tokens):
     r = jobs(wb, tokens["student1"], "POST", json={"notebook": "calc.ipynb", "profile": "h100-small"})
     assert r.status_code == 403 and "choose one of: cpu-small, mig-1g" in r.json()["message"]
     assert json.loads(r.text)["status"] == 403
+
+
+def test_a_slurm_jobs_gateway_token_is_in_no_slurm_record_and_dies_with_the_run(wb, tokens):
+    """The run's gateway token reaches the Slurm job through a 0600 file in its run folder: it is in neither
+    ``scontrol show job -d`` (as another user and as root), ``squeue -o %all`` nor the batch script; cancelling the
+    job leaves no cluster tagged with it and the hub refuses the token. (The notebook's worker may pend on this
+    two-core node: the test needs only the cluster's record and the token.)"""
+    from workbench.sysusers import system_username
+
+    put_dask_notebook("researcher")
+    r = jobs(
+        wb,
+        tokens["researcher"],
+        "POST",
+        json={"notebook": "dask_job.ipynb", "profile": "h100-small", "parameters": {"hold": 600}, "time": "20m"},
+    )
+    assert r.status_code == 201, r.text
+    job = r.json()["jobs"][0]
+    home = pwd.getpwnam(system_username("researcher")).pw_dir
+    token_file = os.path.join(home, "jobs", "dask_job", job["run"], "token.txt")
+    deadline = time.monotonic() + 240
+    while not (os.path.exists(token_file) and open(token_file).read()):
+        assert time.monotonic() < deadline, jobs(wb, tokens["researcher"], path=f"/{job['id']}/log").text
+        time.sleep(1)
+    token = open(token_file).read()
+    assert wb.token_api(token, "GET", "/user").status_code == 200
+
+    def run(*cmd):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=slurm_env()).stdout
+
+    other = system_username("student1")
+    seen = {
+        "scontrol as another user": run(
+            "runuser", "-u", other, "--", "scontrol", "show", "job", "-dd", job["engine_id"]
+        ),
+        "squeue -o %all as another user": run("runuser", "-u", other, "--", "squeue", "-o", "%all"),
+        "scontrol as root": run("scontrol", "show", "job", "-dd", job["engine_id"]),
+        "the batch script": run("scontrol", "write", "batch_script", job["engine_id"], "-"),
+    }
+    assert job["engine_id"] in seen["scontrol as another user"]
+    assert "DASK_GATEWAY__CLUSTER__OPTIONS__WORKBENCH_JOB" in seen["the batch script"]
+    assert [where for where, text in seen.items() if token in text] == []
+    assert not os.path.exists(os.path.join(home, "jobs", "dask_job", job["run"], ".gateway-token"))
+    assert jobs(wb, tokens["researcher"], "DELETE", path=f"/{job['id']}").status_code == 200
+    wait_state(wb, tokens["researcher"], job["id"], ("cancelled",))
+    with wb.gateway(tokens["researcher"]) as gw:
+        deadline = time.monotonic() + 120
+        while [c for c in gw.list_clusters() if (c.options or {}).get("workbench_job") == f"job-{job['id']}"]:
+            assert time.monotonic() < deadline, "the cancelled job's cluster is still running"
+            time.sleep(1)
+    deadline = time.monotonic() + 60
+    while wb.token_api(token, "GET", "/user").status_code == 200:
+        assert time.monotonic() < deadline, "the run's token still works after the run"
+        time.sleep(1)

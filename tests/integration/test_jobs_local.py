@@ -9,6 +9,7 @@ token, as in test_quota_enforcement.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -23,10 +24,10 @@ import pytest
 import requests
 import yaml
 
-from workbench.sysusers import USER_PREFIX
+from workbench.sysusers import USER_PREFIX, system_username
 
 from .harness import DEMO, Workbench, state_dir
-from .jobs_notebook import put_notebook
+from .jobs_notebook import put_dask_notebook, put_notebook
 
 pytestmark = [
     pytest.mark.integration,
@@ -225,6 +226,119 @@ def test_an_instructor_runs_a_notebook_for_each_student_charged_to_the_course(wb
         assert api.jobs(student, path=f"/{by[other]}/output").status_code == 404
     seen = [j["id"] for j in api.jobs("instructor").json()["jobs"]]
     assert set(by.values()) <= set(seen)
+
+
+def tagged_clusters(gw, job_id: str) -> list[str]:
+    """Names of the gateway's clusters (of ``gw``'s user) tagged with the notebook job ``job_id``."""
+    return [c.name for c in gw.list_clusters() if (c.options or {}).get("workbench_job") == f"job-{job_id}"]
+
+
+def run_file(wb: Workbench, user: str, run: str, name: str, notebook: str = "dask_job") -> str:
+    home = pwd.getpwnam(system_username(user)).pw_dir
+    with open(os.path.join(home, "jobs", notebook, run, name)) as f:
+        return f.read()
+
+
+def test_the_jobs_service_gets_no_more_than_a_users_own_rights_in_a_token(wb, api):
+    """The jobs service's role holds ``tokens!group=<policy group>`` (to mint a run's gateway token): the hub
+    refuses a token with a scope its user lacks; the gateway token it gets holds that scope only and dies when
+    deleted."""
+    from workbench.names import GATEWAY_ACCESS_SCOPE
+
+    service = json.loads((wb.state_dir / "secrets.json").read_text())["jobs_api_token"]
+    api.token("student1")  # the user exists in the hub
+    r = wb.token_api(service, "POST", "/users/student1/tokens", json={"scopes": ["admin:users"], "expires_in": 60})
+    assert r.status_code == 400 and "admin:users" in r.text, r.text
+    r = wb.token_api(
+        service, "POST", "/users/student1/tokens", json={"scopes": [GATEWAY_ACCESS_SCOPE], "expires_in": 60}
+    )
+    assert r.status_code == 201, r.text
+    model = r.json()
+    identity = {"read:users:name!user=student1", "read:users:groups!user=student1"}  # every token's own
+    assert set(model["scopes"]) - identity == {GATEWAY_ACCESS_SCOPE}, model["scopes"]
+    assert wb.token_api(service, "DELETE", f"/users/student1/tokens/{model['id']}").status_code == 204
+    assert wb.token_api(model["token"], "GET", "/user").status_code == 403
+
+
+def test_a_job_uses_dask_gateway_as_its_user_and_only_its_own_clusters_stop_when_it_ends(wb, api):
+    """The job's notebook calls ``Gateway()`` with no arguments (the job's environment), computes 41 + 1 on a
+    worker, and its cluster is stopped when it ends; a cluster researcher started meanwhile from outside the job
+    (as from their server) survives; the run's token holds only the gateway scope and is refused after the end;
+    student1's gateway token cannot stop researcher's cluster."""
+    from workbench.names import GATEWAY_ACCESS_SCOPE
+
+    put_dask_notebook("researcher")
+    with wb.gateway(api.token("researcher")) as gw:
+        own = gw.new_cluster()
+        try:
+            job = api.submit("researcher", notebook="dask_job.ipynb", profile="cpu-large", parameters={"hold": 5})
+            seen: set[str] = set()
+            checked = False
+            deadline = time.monotonic() + 400
+            while (doc := api.jobs("researcher", path=f"/{job['id']}").json())["state"] not in FINAL:
+                assert time.monotonic() < deadline, doc
+                seen.update(tagged_clusters(gw, job["id"]))
+                if seen and not checked:
+                    checked = True
+                    token = run_file(wb, "researcher", job["run"], "token.txt")
+                    model = wb.token_api(token, "GET", "/user").json()
+                    own_identity = ("read:users:name!user=researcher", "read:users:groups!user=researcher")
+                    assert set(model["scopes"]) - set(own_identity) == {GATEWAY_ACCESS_SCOPE}, model
+                    assert wb.token_api(token, "POST", "/users/researcher/server").status_code == 403
+                    assert wb.token_api(token, "POST", "/users/researcher/tokens", json={}).status_code == 403
+                    s1 = wb.new_token(wb.login("student1"), "student1", scopes=[GATEWAY_ACCESS_SCOPE])
+                    with wb.gateway(s1) as gw1:
+                        assert not gw1.list_clusters()  # researcher's clusters are not student1's to see
+                        with contextlib.suppress(Exception):  # refused, or ignored: not student1's cluster
+                            gw1.stop_cluster(own.name)
+                    assert own.name in [c.name for c in gw.list_clusters()]
+                time.sleep(1)
+            assert doc["state"] == "completed", api.jobs("researcher", path=f"/{job['id']}/log").text
+            assert run_file(wb, "researcher", doc["run"], "result.txt") == "42"
+            assert seen, "the job's cluster was never listed with its tag"
+            deadline = time.monotonic() + 120
+            while tagged_clusters(gw, job["id"]):
+                assert time.monotonic() < deadline, "the job's cluster outlived the job"
+                time.sleep(1)
+            assert own.name in [c.name for c in gw.list_clusters()], "a cluster not of the job was stopped"
+            for name in seen:
+                closed_row(wb, f"dask-scheduler:{name}", timeout=120)
+            token = run_file(wb, "researcher", doc["run"], "token.txt")
+            deadline = time.monotonic() + 60
+            while wb.token_api(token, "GET", "/user").status_code == 200:
+                assert time.monotonic() < deadline, "the run's token still works after the run"
+                time.sleep(1)
+            assert wb.token_api(token, "GET", "/user").status_code in (401, 403)
+        finally:
+            own.shutdown()
+
+
+def test_a_job_cancelled_while_its_cluster_runs_leaves_no_cluster(wb, api):
+    put_dask_notebook("researcher")
+    with wb.gateway(api.token("researcher")) as gw:
+        job = api.submit("researcher", notebook="dask_job.ipynb", profile="cpu-large", parameters={"hold": 600})
+        deadline = time.monotonic() + 400
+        while not os.path.exists(
+            os.path.join(
+                pwd.getpwnam(system_username("researcher")).pw_dir, "jobs", "dask_job", job["run"], "result.txt"
+            )
+        ):
+            assert time.monotonic() < deadline, api.jobs("researcher", path=f"/{job['id']}/log").text
+            time.sleep(1)
+        names = tagged_clusters(gw, job["id"])
+        assert names
+        r = api.jobs("researcher", "DELETE", path=f"/{job['id']}")
+        assert r.status_code == 200, r.text
+        api.wait("researcher", job["id"], ("cancelled",))
+        deadline = time.monotonic() + 120
+        while tagged_clusters(gw, job["id"]):
+            assert time.monotonic() < deadline, "the cancelled job's cluster is still running"
+            time.sleep(1)
+        for name in names:
+            closed_row(wb, f"dask-scheduler:{name}", timeout=120)
+
+
+FINAL = ("completed", "failed", "cancelled", "timeout")
 
 
 def spend(wb: Workbench, group: str, user: str, cpu: float, secs: float = 60) -> None:

@@ -198,7 +198,7 @@ def test_kube_gateway_settings():
 
 def test_kube_cluster_options_bind_the_gateway_user():
     options = kube_cluster_options(policy_at(DEMO))(User("student1", groups=["course-ml101"]))
-    assert [f.field for f in options.fields] == ["worker_cores", "worker_memory", "environment"]
+    assert [f.field for f in options.fields] == ["worker_cores", "worker_memory", "environment", "workbench_job"]
     config = options.get_configuration(options.parse_options({"worker_memory": 0.5}), None)
     assert config["worker_memory"] == 2**29
     assert config["cluster_max_workers"] == 2

@@ -54,6 +54,12 @@ def test_specification_physics_lab(demo):
             "default": {},
             "spec": {"type": "mapping"},
         },
+        {
+            "field": "workbench_job",
+            "label": "Notebook job that owns this cluster (set by jobs)",
+            "default": "",
+            "spec": {"type": "string"},
+        },
     ]
 
 
@@ -66,7 +72,7 @@ def test_specification_course(demo):
 def test_defaults_within_limits(demo):
     options = cluster_options_for(demo, ["physics-lab"])
     parsed = options.parse_options({})
-    assert parsed == {"worker_cores": 1, "worker_memory": 1.0, "environment": {}}
+    assert parsed == {"worker_cores": 1, "worker_memory": 1.0, "environment": {}, "workbench_job": ""}
     assert options.get_configuration(parsed, None) == {
         "worker_cores": 1,
         "worker_memory": GIB,
@@ -83,7 +89,7 @@ def test_defaults_within_limits(demo):
 def test_options_within_limits(demo):
     options = cluster_options_for(demo, ["physics-lab"])
     parsed = options.parse_options({"worker_cores": 1, "worker_memory": 1.5})
-    assert parsed == {"worker_cores": 1, "worker_memory": 1.5, "environment": {}}
+    assert parsed == {"worker_cores": 1, "worker_memory": 1.5, "environment": {}, "workbench_job": ""}
     config = options.get_configuration(parsed, None)
     assert config["worker_memory"] == int(1.5 * GIB) == 1610612736
     assert config["worker_cores"] == 1
@@ -91,7 +97,12 @@ def test_options_within_limits(demo):
 
 def test_integer_memory_accepted(demo):
     options = cluster_options_for(demo, ["physics-lab"])
-    assert options.parse_options({"worker_memory": 1}) == {"worker_cores": 1, "worker_memory": 1.0, "environment": {}}
+    assert options.parse_options({"worker_memory": 1}) == {
+        "worker_cores": 1,
+        "worker_memory": 1.0,
+        "environment": {},
+        "workbench_job": "",
+    }
 
 
 def test_worker_cores_beyond_limit_rejected(demo):
@@ -277,3 +288,13 @@ def test_dask_environment_without_dask(demo):
         "DASK_GATEWAY__PROXY_ADDRESS": PROXY,
         "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
     }
+
+
+def test_the_job_tag_is_recorded_and_configures_nothing():
+    """A notebook job's clusters carry ``workbench_job`` (workbench.jobs.gateway), which changes no setting."""
+    policy = load_policy(DEMO)
+    options = cluster_options_for(policy, ["physics-lab"])
+    tagged = options.parse_options({"workbench_job": "abc123"})
+    assert tagged["workbench_job"] == "abc123"
+    plain = options.parse_options({})
+    assert options.get_configuration(tagged, None) == options.get_configuration(plain, None)

@@ -15,10 +15,13 @@ import pytest
 
 from workbench.jobs import execute
 from workbench.jobs.gateway import (
+    TOKEN_FILE,
     TOKEN_MARGIN_S,
     api_url,
+    job_dask_env,
     job_gateway_env,
-    stop_new_clusters,
+    run_clusters,
+    stop_run_clusters,
     token_expires_in,
     token_request,
 )
@@ -55,8 +58,9 @@ def test_gateway_of_needs_address_and_token():
 
 @pytest.fixture
 def fake_gateway():
-    """A stand-in gateway API holding clusters ``{"old"}``; yields (address, state)."""
-    state = {"clusters": {"old"}, "deleted": [], "auth": []}
+    """A stand-in gateway API holding the cluster ``old`` (untagged); yields (address, state), where
+    ``state["clusters"]`` maps a cluster's name to its options."""
+    state = {"clusters": {"old": {}}, "deleted": [], "auth": []}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -71,13 +75,15 @@ def fake_gateway():
         def do_GET(self):
             state["auth"].append(self.headers.get("Authorization"))
             if self.path == "/api/v1/clusters/":
-                self._reply(200, json.dumps({n: {} for n in state["clusters"]}).encode())
+                self._reply(
+                    200, json.dumps({n: {"name": n, "options": o} for n, o in state["clusters"].items()}).encode()
+                )
             else:
                 self._reply(404)
 
         def do_DELETE(self):
             name = self.path.rsplit("/", 1)[-1]
-            state["clusters"].discard(name)
+            state["clusters"].pop(name, None)
             state["deleted"].append(name)
             self._reply(204)
 
@@ -89,28 +95,61 @@ def fake_gateway():
         server.shutdown()
 
 
-def test_only_the_clusters_created_during_the_run_are_stopped(fake_gateway):
+def test_only_the_clusters_tagged_with_the_run_are_stopped(fake_gateway):
+    """A cluster the user started meanwhile from their own server (untagged) or for another job survives."""
     address, state = fake_gateway
-    gateway = (address, "tok")
-    before = execute.clusters_before(gateway)
-    assert before == {"old"}
-    state["clusters"] |= {"new1", "new2"}  # the notebook started two clusters
-    execute.stop_run_clusters(gateway, before)
-    assert sorted(state["deleted"]) == ["new1", "new2"]
-    assert state["clusters"] == {"old"}
+    state["clusters"].update(
+        {
+            "mine": {"workbench_job": "job-j1"},
+            "own-server": {"workbench_job": ""},
+            "other-job": {"workbench_job": "job-j2"},
+        }
+    )
+    execute.stop_run_clusters((address, "tok"), "j1")
+    assert state["deleted"] == ["mine"]
+    assert set(state["clusters"]) == {"old", "own-server", "other-job"}
     assert set(state["auth"]) == {"jupyterhub tok"}
 
 
-def test_unknown_before_list_stops_nothing(fake_gateway, capsys):
+def test_without_job_id_nothing_is_stopped(fake_gateway):
     address, state = fake_gateway
-    state["clusters"].add("new")
-    execute.stop_run_clusters((address, "tok"), None)
+    state["clusters"]["x"] = {"workbench_job": ""}
+    execute.stop_run_clusters((address, "tok"), "")
+    assert stop_run_clusters(address, "tok", "") == []
     assert state["deleted"] == []
-    assert stop_new_clusters(address, "tok", {"old"}) == ["new"]
+
+
+def test_run_clusters_reads_the_tag_option():
+    models = {"a": {"options": {"workbench_job": "job-j"}}, "b": {"options": {}}, "c": {}}
+    assert run_clusters(models, "j") == ["a"]
+
+
+def test_job_dask_env_sets_the_tag_through_dask_config():
+    import dask.config
+
+    for job_id in ("0a1b2c3d4e5f", "123456789012", "1234e5678901"):  # ids dask would read as numbers bare
+        env = job_dask_env({"DASK_GATEWAY__ADDRESS": "http://g"}, job_id)
+        collected = dask.config.collect_env(env)
+        assert collected["gateway"]["cluster"]["options"]["workbench_job"] == f"job-{job_id}"
+
+
+def test_load_token_moves_the_file_into_the_environment(tmp_path):
+    (tmp_path / TOKEN_FILE).write_text("secret\n")
+    env = {}
+    assert execute.load_token(str(tmp_path), env)
+    assert env == {"JUPYTERHUB_API_TOKEN": "secret"}
+    assert not (tmp_path / TOKEN_FILE).exists()
+    assert not execute.load_token(str(tmp_path), env)
+
+
+def test_load_token_does_not_follow_a_symbolic_link(tmp_path):
+    (tmp_path / "elsewhere").write_text("x")
+    (tmp_path / TOKEN_FILE).symlink_to(tmp_path / "elsewhere")
+    env = {}
+    assert not execute.load_token(str(tmp_path), env)
+    assert env == {}
 
 
 def test_unreachable_gateway_is_reported_not_raised(capsys):
-    gateway = ("http://127.0.0.1:9", "tok")
-    assert execute.clusters_before(gateway) is None
-    execute.stop_run_clusters(gateway, set())
+    execute.stop_run_clusters(("http://127.0.0.1:9", "tok"), "j1")
     assert "could not" in capsys.readouterr().out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 
-from dask_gateway_server.options import Float, Integer, Mapping, Options
+from dask_gateway_server.options import Float, Integer, Mapping, Options, String
 
 from workbench.policy import DaskPolicy, Policy
 
@@ -121,6 +121,9 @@ def cluster_options_for(
             )
         )
     fields.append(Mapping("environment", default={}, label="Environment variables of the scheduler and workers"))
+    # a notebook job's tag (workbench.jobs.gateway.JOB_TAG_OPTION): recorded with the cluster, so the job and the
+    # jobs service stop exactly the run's clusters when it ends; it configures nothing
+    fields.append(String("workbench_job", default="", label="Notebook job that owns this cluster (set by jobs)"))
     return Options(*fields, handler=handler)
 
 

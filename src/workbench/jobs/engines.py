@@ -114,7 +114,12 @@ class SlurmEngine:
         env["SLURM_CONF"] = self.slurm_conf
         return env
 
-    async def submit(self, job: dict, account: Account, placement: SlurmPlacement, params: dict) -> str:
+    async def submit(
+        self, job: dict, account: Account, placement: SlurmPlacement, params: dict, env: dict | None = None
+    ) -> str:
+        """Submit with ``sbatch`` as the user; ``env``: non-secret settings (the gateway's) for the batch script
+        (the run's token travels in a 0600 file of its run folder, not here: Slurm shows a job's script and
+        environment to root and the user)."""
         run_dir = job["run_dir"]
         made = await asyncio.to_thread(run_as, account, ["mkdir", "-p", "--", run_dir])
         if made.returncode != 0:
@@ -123,7 +128,7 @@ class SlurmEngine:
         command = execute_command(
             str(Path(self.python_bin, "python")), str(Path(account.home, job["notebook"])), run_dir, params
         )
-        script = sbatch_script(command, {"WORKBENCH_JOB_ID": job["id"]})
+        script = sbatch_script(command, {**(env or {}), "WORKBENCH_JOB_ID": job["id"]})
         res = await asyncio.to_thread(
             run_as, account, ["sbatch", *args], script, self._env(account.env(self.python_bin))
         )
@@ -266,7 +271,8 @@ class LocalEngine:
             self._limiter = Limiter(mode, own=own_cgroups(Path("/proc/self/cgroup").read_text()) if mode else {})
         return self._limiter
 
-    async def submit(self, job: dict, account: Account, profile, params: dict) -> str:
+    async def submit(self, job: dict, account: Account, profile, params: dict, env: dict | None = None) -> str:
+        """Start the job's process as the user; ``env``: non-secret extra settings (the gateway's)."""
         from workbench.limits import Limiter, local_limits
 
         limits = local_limits(profile)
@@ -280,7 +286,8 @@ class LocalEngine:
             if setuid is not None:
                 setuid()
 
-        env = account.env(self.python_bin)
+        extra, env = env, account.env(self.python_bin)
+        env.update(extra or {})
         env.update(profile.env)
         env.update(limits.env(self.limiter.mechanism))
         env["CUDA_VISIBLE_DEVICES"] = ""

@@ -6,9 +6,9 @@
 3. executes it with nbclient in the run folder (files the notebook writes land there), and writes the executed
    notebook, with its outputs, into the run folder even when a cell fails (exit 1 then);
 4. writes ``job.exit`` (exit code and time) into the run folder;
-5. with a gateway in its environment (``DASK_GATEWAY__ADDRESS`` and ``JUPYTERHUB_API_TOKEN``), records the
-   user's cluster names before the notebook runs and, in a ``finally``, stops the clusters that appeared
-   during the run (:mod:`workbench.jobs.gateway`).
+5. with gateway access (``DASK_GATEWAY__ADDRESS`` in its environment and the run's token in the run folder's
+   ``.gateway-token``, which it reads into ``JUPYTERHUB_API_TOKEN`` and removes), in a ``finally`` stops the
+   clusters tagged with this job's id (``WORKBENCH_JOB_ID``; :mod:`workbench.jobs.gateway`).
 
 Runs only as the user (never as root): everything it opens is the user's own.
 """
@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(fd, 2)
         os.close(fd)
     os.chdir(args.run_dir)
+    load_token(args.run_dir, os.environ)
     gateway = gateway_of(os.environ)
-    before = clusters_before(gateway)
     code = 1
     try:
         code = run(args.notebook, args.run_dir, json.loads(args.parameters))
     finally:
-        stop_run_clusters(gateway, before)
+        stop_run_clusters(gateway, os.environ.get("WORKBENCH_JOB_ID", ""))
         write_exit(args.run_dir, code)
     return code
 
@@ -98,27 +98,32 @@ def gateway_of(environ) -> tuple[str, str] | None:
     return (address, token) if address and token else None
 
 
-def clusters_before(gateway: tuple[str, str] | None) -> set[str] | None:
-    """The user's clusters before the notebook runs; None when unknown (then nothing is stopped here)."""
-    if gateway is None:
-        return None
-    from workbench.jobs.gateway import list_clusters
+def load_token(run_dir: str, environ) -> bool:
+    """Move the run's gateway token from ``<run_dir>/.gateway-token`` (written by the jobs service as this
+    user, mode 0600) into ``environ["JUPYTERHUB_API_TOKEN"]`` and remove the file; False without one."""
+    from workbench.jobs.gateway import TOKEN_FILE
 
+    path = os.path.join(run_dir, TOKEN_FILE)
     try:
-        return list_clusters(*gateway)
-    except (OSError, ValueError) as e:
-        print(f"[workbench job] could not list Dask clusters before the run: {e}", flush=True)
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd) as f:
+        token = f.read().strip()
+    os.unlink(path)
+    if token:
+        environ["JUPYTERHUB_API_TOKEN"] = token
+    return bool(token)
 
 
-def stop_run_clusters(gateway: tuple[str, str] | None, before: set[str] | None) -> None:
-    """Stop the clusters that appeared during the run (only when the list before it is known)."""
-    if gateway is None or before is None:
+def stop_run_clusters(gateway: tuple[str, str] | None, job_id: str) -> None:
+    """Stop the clusters this run created (tagged with its job id), reporting but never raising."""
+    if gateway is None or not job_id:
         return
-    from workbench.jobs.gateway import stop_new_clusters
+    from workbench.jobs.gateway import stop_run_clusters as stop
 
     try:
-        stopped = stop_new_clusters(*gateway, before)
+        stopped = stop(*gateway, job_id)
     except (OSError, ValueError) as e:
         print(f"[workbench job] could not stop the run's Dask clusters: {e}", flush=True)
         return

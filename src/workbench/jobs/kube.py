@@ -35,12 +35,15 @@ __all__ = [
     "LABEL_GROUP",
     "LABEL_JOB",
     "LABEL_USER",
+    "gateway_secret",
+    "gateway_secret_name",
     "job_manifest",
     "job_object_name",
     "job_spawner_config",
     "kubernetes_parts",
     "label_value",
     "render_job_async",
+    "with_gateway_env",
 ]
 
 #: how long a finished Job (and its pod, with its log) stays before Kubernetes deletes it
@@ -114,6 +117,36 @@ def job_manifest(pod: dict, job: dict, params: dict, *, ttl_seconds: int = DEFAU
             "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": spec},
         },
     }
+
+
+def gateway_secret_name(job_id: str) -> str:
+    """The per-run Secret holding a job's gateway token (pure): named after its Job."""
+    return f"{job_object_name(job_id)}-gateway"
+
+
+def gateway_secret(job: dict, token: str, labels: dict[str, str]) -> dict:
+    """The per-run Secret of the job's gateway token (pure; :mod:`workbench.jobs.runend` mints the token)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": gateway_secret_name(job["id"]), "labels": dict(labels)},
+        "stringData": {"token": token},
+    }
+
+
+def with_gateway_env(body: dict, env: dict[str, str], secret: str | None) -> dict:
+    """The Job ``body`` with the run's gateway settings in its container's environment and, with ``secret``,
+    ``JUPYTERHUB_API_TOKEN`` from that Secret's ``token`` key (``secretKeyRef``: never a literal value) (pure)."""
+    body = copy.deepcopy(body)
+    container = body["spec"]["template"]["spec"]["containers"][0]
+    entries = [e for e in container.get("env", []) if e["name"] not in env and e["name"] != "JUPYTERHUB_API_TOKEN"]
+    entries += [{"name": k, "value": v} for k, v in sorted(env.items())]
+    if secret:
+        ref = {"secretKeyRef": {"name": secret, "key": "token"}}
+        entries.append({"name": "JUPYTERHUB_API_TOKEN", "valueFrom": ref})
+    container["env"] = entries
+    return body
 
 
 def _home_mount(spec: dict) -> str:
@@ -202,13 +235,39 @@ class KubeEngine:
 
         return Account(user, HOME_MOUNT, None)
 
-    async def submit(self, job: dict, account: Account, profile, params: dict) -> str:
+    #: the service hands this engine the run's gateway token (a per-run Secret), not a file in the run folder
+    takes_token = True
+
+    async def submit(
+        self, job: dict, account: Account, profile, params: dict, env: dict | None = None, token: str | None = None
+    ) -> str:
+        """Create the Job; with ``token`` (the run's gateway token) first its Secret, which the Job's
+        ``JUPYTERHUB_API_TOKEN`` refers to, deleted again when the Job cannot be created."""
         groups = await self.groups_of(job["user"]) or []
         body = await render_job_async(
             self.policy, job, groups, params, ttl_seconds=self.ttl_seconds, spawner_config=self.spawner_config
         )
-        await self.batch.create_namespaced_job(namespace=self.namespace, body=body)
+        secret = gateway_secret_name(job["id"]) if token else None
+        if env or secret:
+            body = with_gateway_env(body, env or {}, secret)
+        if secret:
+            manifest = gateway_secret(job, token, body["metadata"]["labels"])
+            await self.core.create_namespaced_secret(namespace=self.namespace, body=manifest)
+        try:
+            await self.batch.create_namespaced_job(namespace=self.namespace, body=body)
+        except Exception:
+            if secret:
+                await self._delete_secret(job["id"])
+            raise
         return body["metadata"]["name"]
+
+    async def _delete_secret(self, job_id: str) -> None:
+        """Delete the run's gateway Secret (one never made or already gone counts as deleted)."""
+        try:
+            await self.core.delete_namespaced_secret(name=gateway_secret_name(job_id), namespace=self.namespace)
+        except Exception as e:
+            if not _not_found(e):
+                raise
 
     async def cancel(self, job: dict) -> None:
         """Suspend the Job (Kubernetes ends its pod) and mark when; poll reports it cancelled at that time."""
@@ -248,6 +307,9 @@ class KubeEngine:
                 )
                 continue
             out[job["id"]] = await self._observe(job, name, k8s)
+        for job in jobs:  # a run with gateway access (its token's id in the table) ended: its Secret goes with it
+            if job.get("gateway_token") and out[job["id"]].state in ("completed", "failed", "cancelled", "timeout"):
+                await self._delete_secret(job["id"])
         return out
 
     async def _observe(self, job: dict, name: str, k8s: dict) -> Observation:

@@ -36,19 +36,19 @@ from pathlib import Path
 
 from tornado import web
 
-from workbench.jobs import schedules
+from workbench.jobs import runend, schedules
 from workbench.jobs.engines import Account, LocalEngine, SlurmEngine, run_as
 from workbench.jobs.model import (
     JobError,
     SlurmPlacement,
     check_notebook_path,
     check_parameters,
-    job_item_id,
     job_name,
     max_job_seconds,
     resolve_time_limit,
     run_id,
 )
+from workbench.jobs.runend import GatewayAccess, write_token_file
 from workbench.jobs.schedules import DefinitionStore, ScheduleError, definition_doc
 from workbench.jobs.store import FINAL_STATES, JobStore
 from workbench.names import JOBS_ACCESS_SCOPE, JOBS_SERVICE, QUOTA_SERVICE
@@ -97,8 +97,17 @@ def job_doc(job: dict, now: float | None = None) -> dict:
 
 class JobsService:
     def __init__(
-        self, policy, store: JobStore, engine, hub: HubClient, quota: QuotaClient | None, accounts, definitions=None
+        self,
+        policy,
+        store: JobStore,
+        engine,
+        hub: HubClient,
+        quota: QuotaClient | None,
+        accounts,
+        definitions=None,
+        gateway: GatewayAccess | None = None,
     ):
+        self.gateway = gateway  # the runs' Dask Gateway access (workbench.jobs.runend); None: no gateway
         self.definitions: DefinitionStore | None = definitions  # scheduled jobs (workbench.jobs.schedules)
         self.policy = policy
         self.store = store
@@ -186,15 +195,21 @@ class JobsService:
             "gpu_count": prof.gpu.count if prof.gpu else 0,
         }
         await self.admit(job)
+        env, extra, takes = {}, {}, getattr(self.engine, "takes_token", False)  # Kubernetes: a per-run Secret
         try:
+            if self.gateway is not None and self.policy.dask_group_for(groups):  # the run's gateway token
+                env, token = await self.gateway.grant(job, groups)
+                extra = {"token": token} if takes else await asyncio.to_thread(write_token_file, account, job, token)
             if self.engine.name == "slurm":
                 gpu_part = getattr(self.engine, "gpu_partition", "")
                 placement = SlurmPlacement.of(self.policy, group, profile, gpu_part)
-                job["engine_id"] = await self.engine.submit(job, account, placement, params)
+                job["engine_id"] = await self.engine.submit(job, account, placement, params, env=env)
             else:
-                job["engine_id"] = await self.engine.submit(job, account, prof, params)
+                job["engine_id"] = await self.engine.submit(job, account, prof, params, env=env, **extra)
         except Exception as e:
             log.warning("submitting %s's job %s failed: %s", user, job_id, e)
+            if job.get("gateway_token"):
+                await self.gateway.delete_token(user, job["gateway_token"])
             raise web.HTTPError(500, f"the job could not be submitted: {e}") from None
         self.store.add(job)
         log.info(
@@ -254,54 +269,16 @@ class JobsService:
                     log.info("job %s of %s: %s %s", jid, job["user"], values["state"], values["reason"])
                 self.store.update(jid, **values)
             await self.charge()
+            if self.gateway is not None:  # any end: stop the run's clusters, delete its token
+                await runend.end_gateway_access(self.store, self.gateway)
 
     async def charge(self) -> None:
-        """Start and stop events of the runs (event ids are fixed, so a retry is a no-op)."""
-        if self.quota is None:
-            return
-        events, marks = [], []
-        for job in self.store.unsettled():
-            item = job_item_id(job["user"], job["id"])
-            if not job["charged_start"]:
-                events.append(
-                    {
-                        "id": f"start:{item}",
-                        "type": "start",
-                        "item": item,
-                        "kind": "job",
-                        "user": job["user"],
-                        "group": job["grp"],
-                        "profile": job["profile"],
-                        "time": _iso(job["started"]),
-                    }
-                )
-                marks.append((job["id"], "charged_start"))
-            if job["ended"]:
-                events.append({"id": f"stop:{item}", "type": "stop", "item": item, "time": _iso(job["ended"])})
-                marks.append((job["id"], "charged_stop"))
-        if not events:
-            return
-        try:
-            await self.quota.events(events)
-        except QuotaUnavailable as e:
-            log.warning("could not record job usage (next round retries): %s", e)
-            return
-        for jid, col in marks:
-            self.store.update(jid, **{col: 1})
+        """Start and stop events of the runs in the quota ledger (:func:`workbench.jobs.runend.charge`)."""
+        await runend.charge(self.store, self.quota)
 
     async def enforce(self) -> None:
-        """Cancel running jobs whose budget is spent (the quota service's plan, past its grace)."""
-        if self.quota is None:
-            return
-        for plan in await self.quota.enforcement(["job"]):
-            if not plan.get("due"):
-                continue
-            jid = plan["item"].rsplit("/", 1)[-1]
-            job = self.store.get(jid)
-            if job and job["state"] not in FINAL_STATES:
-                log.info("cancelling job %s of %s: %s", jid, job["user"], plan.get("message"))
-                self.store.update(jid, reason=f"budget: {plan.get('message', '')}")
-                await self.engine.cancel(job)
+        """Cancel running jobs whose budget is spent (:func:`workbench.jobs.runend.enforce`)."""
+        await runend.enforce(self.store, self.quota, self.engine)
 
     async def cancel(self, job: dict) -> dict:
         if job["state"] not in FINAL_STATES:
@@ -600,7 +577,10 @@ def main(argv: list[str] | None = None) -> int:
         quota = QuotaClient(quota_url, setup.token) if quota_url else None
         store = JobStore(Path(state_dir, "jobs.sqlite"))
         definitions = DefinitionStore(Path(state_dir, "job_schedules.sqlite"))
-        svc = JobsService(setup.policy, store, make_engine(hub), hub, quota, accounts, definitions)
+        gateway = None
+        if rt is not None and engine_name in ("local", "slurm"):  # the address notebook servers get
+            gateway = GatewayAccess(hub, rt.gateway_public_url, runend.server_dask_env(setup.policy, rt))
+        svc = JobsService(setup.policy, store, make_engine(hub), hub, quota, accounts, definitions, gateway)
         hub_auth = HubAuth(
             api_url=setup.api_url, api_token=setup.token, cache_max_age=60, access_scopes={JOBS_ACCESS_SCOPE}
         )

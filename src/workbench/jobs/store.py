@@ -32,6 +32,7 @@ COLUMNS = (
     "gpu_count INTEGER NOT NULL",
     "charged_start INTEGER NOT NULL DEFAULT 0",
     "charged_stop INTEGER NOT NULL DEFAULT 0",
+    "gateway_token TEXT",  # the id (never the token) of the run's gateway token, until its end is handled
 )
 FINAL_STATES = ("completed", "failed", "cancelled", "timeout")
 
@@ -50,6 +51,10 @@ class JobStore:
         self.path = Path(path)
         self.db = private_sqlite(self.path)
         self.db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({', '.join(COLUMNS)})")
+        have = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for col in COLUMNS:  # a table of an older version gets the newer columns
+            if col.split()[0] not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {col}")
         self.db.commit()
 
     def add(self, job: dict) -> None:
@@ -83,6 +88,14 @@ class JobStore:
         """Ended jobs whose run is not yet recorded in the quota ledger."""
         rows = self.db.execute(
             "SELECT * FROM jobs WHERE started IS NOT NULL AND ((charged_start = 0) OR (ended IS NOT NULL AND charged_stop = 0))"
+        )
+        return [dict(r) for r in rows]
+
+    def gateway_pending(self) -> list[dict]:
+        """Ended runs whose gateway access (token, clusters) is not yet ended."""
+        marks = ", ".join("?" for _ in FINAL_STATES)
+        rows = self.db.execute(
+            f"SELECT * FROM jobs WHERE gateway_token IS NOT NULL AND state IN ({marks})", FINAL_STATES
         )
         return [dict(r) for r in rows]
 

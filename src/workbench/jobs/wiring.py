@@ -6,7 +6,8 @@
 - the managed service ``jobs`` at ``/services/jobs`` (``python -m workbench.jobs``), its own token
   (``jobs_api_token`` in the state folder's secrets), on ``runtime.extra["jobs_port"]`` or a free port;
 - roles: every policy group may call it (each sees their own jobs; instructors their course's);
-  the service may read users' groups and course groups, and (with the quota service) write the ledger;
+  the service may read users' groups and course groups, (with the quota service) write the ledger, and
+  create and delete the tokens of group members (:func:`token_scopes`: a job's gateway token);
 - ``access:services!service=jobs`` in single-user servers' tokens, so ``workbench job`` works in a terminal.
 
 :func:`jobs_roles_for` gives the same roles to the Kubernetes hub (:mod:`workbench.kubernetes.hub`), where the
@@ -24,6 +25,15 @@ from workbench.runtime import RUNTIME_ENV, Runtime, free_port
 
 #: what the jobs service's own token may do
 SERVICE_SCOPES = ["read:users:name", "read:users:groups", "read:groups", "list:groups"]
+
+
+def token_scopes(policy: Policy) -> list[str]:
+    """``tokens`` filtered to the policy's groups' members (pure). Why: a notebook job may use Dask Gateway with
+    its user's rights (issue 15), so the service mints, per run, a token of the job's user holding only the
+    gateway access scope (:mod:`workbench.jobs.runend`) and deletes it when the run ends. Filtered to group
+    members, it covers every user who can submit a job and no service's or other account's tokens; the hub
+    grants a token no scope its user lacks, whatever the service asks for."""
+    return [f"tokens!group={g}" for g in policy.groups]
 
 
 def jobs_service(runtime: Runtime, secrets: Mapping[str, str]) -> dict:
@@ -55,7 +65,7 @@ def jobs_roles_for(policy: Policy, quota: bool) -> list[dict]:
         {
             "name": "workbench-jobs-service",
             "description": "The jobs service: users' groups, course members, usage of jobs in the quota ledger",
-            "scopes": SERVICE_SCOPES + ([QUOTA_WRITE_SCOPE] if quota else []),
+            "scopes": SERVICE_SCOPES + token_scopes(policy) + ([QUOTA_WRITE_SCOPE] if quota else []),
             "services": [JOBS_SERVICE],
         },
     ]
