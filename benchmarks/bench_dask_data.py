@@ -125,6 +125,56 @@ def timed_gather(client, futures: list, sizes: list[int]) -> float:
     return took
 
 
+ROLES = ("proxy", "scheduler", "worker", "client", "other")
+
+
+def _role(proc) -> str | None:
+    try:
+        name, cmd = proc.name(), " ".join(proc.cmdline())
+    except Exception:  # noqa: BLE001 - gone or unreadable
+        return None
+    if "dask-gateway-proxy" in name or "dask-gateway-proxy" in cmd:
+        return "proxy"
+    if "dask_scheduler" in cmd or "dask-scheduler" in cmd or "dask scheduler" in cmd:
+        return "scheduler"
+    if "dask_worker" in cmd or "dask-worker" in cmd or "dask worker" in cmd or "multiprocessing" in cmd:
+        return "worker"
+    return None
+
+
+def cpu_snapshot(root_pid: int) -> dict:
+    """CPU seconds (user + system) so far of the workbench's proxy, scheduler and worker processes (descendants of
+    ``root_pid``), of this client process, and of the whole machine (busy = not idle/iowait)."""
+    import psutil
+
+    out = dict.fromkeys(ROLES, 0.0)
+    try:
+        procs = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in procs:
+        role = _role(proc)
+        if role is None:
+            continue
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        out[role] += t.user + t.system
+    me = psutil.Process().cpu_times()
+    out["client"] = me.user + me.system
+    machine = psutil.cpu_times()
+    out["machine_busy"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+    return out
+
+
+def cpu_delta(before: dict, after: dict) -> dict:
+    d = {k: after[k] - before[k] for k in after}
+    # CPU the machine spent on anything but this gather's four parties: the other tenants' load
+    d["other"] = max(0.0, d["machine_busy"] - sum(d[r] for r in ROLES if r != "other"))
+    return d
+
+
 def data_runs(wb: Workbench, token: str, args) -> tuple[list[dict], dict]:
     import numpy as np
     from distributed import Client
@@ -182,7 +232,9 @@ def data_runs(wb: Workbench, token: str, args) -> tuple[list[dict], dict]:
             res: dict = {"order": list(order), "bytes": nbytes}
             try:
                 for side in order:
+                    before = cpu_snapshot(wb.proc.pid)
                     res[f"{side}_s"] = timed_gather(clients[side], futs if side == "gateway" else dfuts, sizes)
+                    res[f"{side}_cpu"] = cpu_delta(before, cpu_snapshot(wb.proc.pid))
             finally:
                 dclient.cancel(dfuts)
                 gclient.cancel(futs)
@@ -194,6 +246,13 @@ def data_runs(wb: Workbench, token: str, args) -> tuple[list[dict], dict]:
                 f"({res['gateway_mb_s']:.0f} MB/s), direct {res['direct_s']:.3f}s ({res['direct_mb_s']:.0f} MB/s), "
                 f"gateway/direct throughput {res['gateway_mb_s'] / res['direct_mb_s']:.2f}"
             )
+            for side in SIDES:
+                c = res[f"{side}_cpu"]
+                say(
+                    f"  {side:8} CPU s: proxy {c['proxy']:.2f}, scheduler {c['scheduler']:.2f}, worker {c['worker']:.2f}, "
+                    f"client {c['client']:.2f}, other tenants {c['other']:.2f}; machine busy {c['machine_busy']:.2f} "
+                    f"of {2 * res[f'{side}_s']:.2f} core-s"
+                )
             out.append(res)
     finally:
         for c in (dclient, gclient):
@@ -226,6 +285,13 @@ def summarise(runs: list[dict], nbytes: int) -> dict:
             "median_mb_s": nbytes / 1e6 / med,
             "n": len(times),
         }
+    for side in SIDES:
+        gb = nbytes / 1e9
+        out[side]["cpu_s_per_gb"] = {
+            k: statistics.median(r[f"{side}_cpu"][k] / gb for r in runs if f"{side}_cpu" in r)
+            for k in (*ROLES, "machine_busy")
+            if all(f"{side}_cpu" in r for r in runs)
+        }
     # throughput ratio = direct time / gateway time (medians); >= 0.9 is the issue's target
     out["ratio_gateway_direct"] = out["direct"]["median_s"] / out["gateway"]["median_s"]
     return out
@@ -240,6 +306,13 @@ def print_summary(summary: dict, nbytes: int) -> None:
             f"  {side:8} {'(proxy hop)' if side == 'gateway' else '(no proxy)':12}"
             f"  {s['median_s']:8.3f}   {s['min_s']:.3f}-{s['max_s']:.3f}   {s['median_mb_s']:10.0f}"
         )
+    print(
+        "CPU seconds per GB gathered (median of runs): "
+        + "; ".join(
+            f"{side}: " + ", ".join(f"{k} {v:.2f}" for k, v in summary[side].get("cpu_s_per_gb", {}).items())
+            for side in SIDES
+        )
+    )
     r = summary["ratio_gateway_direct"]
     print(f"throughput ratio gateway / direct (medians): {r:.2f}  (target >= 0.90: {'met' if r >= 0.9 else 'NOT met'})")
     print()

@@ -25,6 +25,10 @@ then the jobqueue runs):
                         arr.groupby("time.month").mean().mean(("lat", "lon")).compute();
                         the 12 numbers are checked against numpy
 
+Before each cluster is shut down, a per-worker timeline of its start (benchmarks/slurm_timeline.py: sbatch,
+Slurm submit/start, job script, python exec, imports done, worker process, registered) is read from the
+running cluster; the medians are printed at the end and kept in --json.
+
 Each cluster is shut down between runs (untimed), and the next run waits until Slurm shows none
 of its jobs. Prints each run, then medians (min-max) and the ratio gateway / jobqueue.
 
@@ -49,6 +53,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from slurm_timeline import JobqueueSubmits, collect, gateway_submits, print_timeline  # noqa: E402
 
 from tests.integration.harness import VENV_BIN, Workbench  # noqa: E402
 
@@ -124,10 +131,12 @@ def gateway_runs(wb: Workbench, token: str, runs: int, workers: int) -> list[dic
         cluster = gw.new_cluster(worker_cores=1, worker_memory=1.0)
         try:
             t_cluster = time.perf_counter() - t0
+            t_scale = time.time()
             cluster.scale(workers)
             client = cluster.get_client()
             client.wait_for_workers(workers, timeout=180)
             ready = time.perf_counter() - t0
+            timeline = collect(client, t_scale, gateway_submits(wb.hub_log()))
             reduce_s = reduction(client)
             client.close()
         finally:
@@ -138,7 +147,7 @@ def gateway_runs(wb: Workbench, token: str, runs: int, workers: int) -> list[dic
             for g in (gw, cluster.gateway):
                 g.__dict__.pop("_loop_runner", None)
         wait_no_jobs("-u", UNIX_USER)
-        out.append({"ready_s": ready, "new_cluster_s": t_cluster, "reduction_s": reduce_s})
+        out.append({"ready_s": ready, "new_cluster_s": t_cluster, "reduction_s": reduce_s, "timeline": timeline})
         say(
             f"gateway   run {i + 1}/{runs}: {workers} workers ready {ready:6.2f}s (new_cluster {t_cluster:.2f}s), "
             f"reduction {reduce_s:6.2f}s"
@@ -152,6 +161,7 @@ def jobqueue_runs(runs: int, workers: int, log_dir: Path) -> list[dict]:
 
     out = []
     me = str(os.getuid())
+    submits = JobqueueSubmits().install()
     for i in range(runs):
         t0 = time.perf_counter()
         cluster = SLURMCluster(
@@ -168,16 +178,18 @@ def jobqueue_runs(runs: int, workers: int, log_dir: Path) -> list[dict]:
         )
         try:
             t_cluster = time.perf_counter() - t0
+            t_scale = time.time()
             cluster.scale(workers)
             client = Client(cluster)
             client.wait_for_workers(workers, timeout=180)
             ready = time.perf_counter() - t0
+            timeline = collect(client, t_scale, submits.submitted)
             reduce_s = reduction(client)
             client.close()
         finally:
             cluster.close()
         wait_no_jobs("-u", me, "-n", JOBQUEUE_JOB_NAME)
-        out.append({"ready_s": ready, "new_cluster_s": t_cluster, "reduction_s": reduce_s})
+        out.append({"ready_s": ready, "new_cluster_s": t_cluster, "reduction_s": reduce_s, "timeline": timeline})
         say(
             f"jobqueue  run {i + 1}/{runs}: {workers} workers ready {ready:6.2f}s (SLURMCluster {t_cluster:.2f}s), "
             f"reduction {reduce_s:6.2f}s"
@@ -310,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.monotonic() - T_START,
     }
     print_table(results, args.workers)
+    results["timeline_medians"] = print_timeline({side: [r["timeline"] for r in raw[side]] for side in raw})
     say(f"`workbench up` took {start_s:.2f}s to start (not in the table); done in {results['meta']['wall_s']:.1f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
