@@ -25,6 +25,7 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -97,10 +98,29 @@ def browser_session() -> requests.Session:
     return s
 
 
+#: under pytest-xdist each worker picks the harness's ports from its own range (below Linux's ephemeral ports,
+#: 32768-60999, from which the workbenches' own port-0 picks come), so two workers never race for one port
+_PORT_RANGE = 2000
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port: the kernel's pick (port 0), or under xdist a free one of this worker's own range."""
+    m = re.fullmatch(r"gw(\d+)", os.environ.get("PYTEST_XDIST_WORKER", ""))
+    if m is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    low = 12000 + int(m.group(1)) * _PORT_RANGE
+    start = random.randrange(_PORT_RANGE)
+    for i in range(_PORT_RANGE):
+        port = low + (start + i) % _PORT_RANGE
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + _PORT_RANGE - 1}")
 
 
 class Workbench:
