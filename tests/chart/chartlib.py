@@ -114,6 +114,8 @@ def _peer_components(peers: list[dict], objects, dns: bool = False) -> set[str]:
         for comp in COMPONENTS
     }
     labels["singleuser"] = singleuser_labels(RELEASE)
+    # notebook jobs' pods (workbench.jobs.kube labels them from the notebook pod's labels)
+    labels["notebook-job"] = {"app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": "notebook-job"}
     out = set()
     for peer in peers:
         match = peer.get("podSelector", {}).get("matchLabels", {})

@@ -56,6 +56,7 @@ EXPECTED_RULES = {
     ],
     "jobs": [  # the calls of workbench.jobs.kube: create/patch/delete a Job, read its status, list its pods
         (["batch"], ["jobs"], ["create", "patch", "delete"]),
+        ([""], ["secrets"], ["create", "delete"]),  # a run's gateway token (workbench.jobs.runend)
         (["batch"], ["jobs/status"], ["get"]),
         ([""], ["pods"], ["list"]),
     ],
@@ -187,7 +188,8 @@ def test_schedulers_are_reached_through_the_gateway_proxy_only(objects):
     for rule in _core(policies["gateway-proxy"]["ingress"], "from"):
         for comp in _peer_components(rule["from"], objects):
             gw_proxy[comp] = _ports(rule)
-    assert gw_proxy == {"gateway-guard": {8000}, "singleuser": {8786}}
+    # notebook jobs are Dask clients too (jobs.enabled, on by default and in the production values)
+    assert gw_proxy == {"gateway-guard": {8000}, "singleuser": {8786}, "notebook-job": {8786}}
 
 
 def test_the_proxy_forwards_only_to_the_workbench(objects):
@@ -248,7 +250,9 @@ def test_dashboards_are_reached_only_through_the_dashboard_guard(objects):
             dashboard_sources |= _peer_components(rule["from"], objects)
     assert dashboard_sources == {"gateway-proxy"}
     [guard_in] = policies["gateway-guard"]["ingress"]
-    assert _peer_components(guard_in["from"], objects) == {"proxy", "hub", "singleuser"} and _ports(guard_in) == {8000}
+    # the gateway API for notebook pods and notebook jobs; the jobs service stops a run's clusters
+    assert _peer_components(guard_in["from"], objects) == {"proxy", "hub", "singleuser", "notebook-job", "jobs"}
+    assert _ports(guard_in) == {8000}
     guard_out = {}
     for rule in policies["gateway-guard"]["egress"]:
         for comp in _peer_components(rule["to"], objects, dns=_ports(rule) == {53}):

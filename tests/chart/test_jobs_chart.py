@@ -70,6 +70,7 @@ def test_every_object_is_valid_and_the_role_is_namespaced_to_jobs_and_pods(jobs_
     role = one(jobs_objects, "Role", f"{RELEASE}-jobs")
     assert [(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in role["rules"]] == [
         (["batch"], ["jobs"], ["create", "delete", "patch"]),
+        ([""], ["secrets"], ["create", "delete"]),  # a run's gateway token, created and deleted with the run
         (["batch"], ["jobs/status"], ["get"]),
         ([""], ["pods"], ["list"]),
     ]
@@ -127,11 +128,15 @@ def test_job_pods_get_a_policy_of_their_own_and_the_services_links_are_added(job
         "matchLabels": {"app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": "notebook-job"}
     }
     assert pods["policyTypes"] == ["Ingress", "Egress"] and pods["ingress"] == []
-    for rule in pods["egress"]:  # DNS, and public addresses only: never pods or the metadata service
+    gateway = {}
+    for rule in pods["egress"]:  # DNS, Dask Gateway and public addresses only: never other pods or the metadata service
         for peer in rule.get("to", []):
-            assert "podSelector" not in peer or peer.get("namespaceSelector"), rule
+            if "podSelector" in peer and not peer.get("namespaceSelector"):
+                [comp] = _peer_components([peer], jobs_objects)
+                gateway[comp] = {p["port"] for p in rule["ports"]}
             if "ipBlock" in peer and peer["ipBlock"]["cidr"] == "0.0.0.0/0":
                 assert "169.254.0.0/16" in peer["ipBlock"]["except"]
+    assert gateway == {"gateway-guard": {8000}, "gateway-proxy": {8786}}  # as notebook pods reach the gateway
     service = policies[f"{RELEASE}-jobs"]
     assert [p["port"] for r in service["ingress"] for p in r["ports"]] == [8016]
     # the other ends of its links are in the peers' own policies (one NetworkPolicy per component)
@@ -178,3 +183,27 @@ def test_jobs_alone_give_notebooks_the_services_url_and_the_way_to_the_proxy(hel
     )
     singleuser = _policies(objects)["singleuser"]["egress"]
     assert any("proxy" in _peer_components(r.get("to", []), objects) for r in singleuser)
+
+
+def test_the_jobs_pod_gives_runs_the_gateway_notebook_pods_get(jobs_objects):
+    """The chart gives the jobs pod the gateway's addresses (WORKBENCH_GATEWAY_URL, _PROXY_ADDRESS, as the hub's):
+    a run's Job gets the Dask settings a notebook pod of the same groups gets from the hub
+    (workbench.kubernetes.hub), and the service stops the run's clusters at that address (workbench.jobs.runend)."""
+    from workbench.jobs.kube import kube_gateway
+    from workbench.jobs.runend import GatewayAccess, gateway_access
+
+    policy = platform_policy(jobs_objects)
+    jobs_env = container_env(jobs_objects, f"{RELEASE}-jobs")
+    hub_env = container_env(jobs_objects, f"{RELEASE}-hub", OAUTH_SECRET)
+    address, dask_env = kube_gateway(policy, jobs_env)
+    server_env = k8s_hub_settings(policy, hub_env)["WorkbenchKubeSpawner"]["environment"]
+    groups = ["vision-lab"]
+    job_env = dask_env(groups)
+    for key in ("DASK_GATEWAY__ADDRESS", "DASK_GATEWAY__PUBLIC_ADDRESS", "DASK_GATEWAY__PROXY_ADDRESS"):
+        assert job_env[key] == server_env[key], key
+    assert job_env["DASK_GATEWAY__AUTH__TYPE"] == "jupyterhub" and address == server_env["DASK_GATEWAY__ADDRESS"]
+    access = gateway_access(object(), policy, None, "kubernetes", jobs_env)
+    assert isinstance(access, GatewayAccess) and access.address == address
+    # without the gateway's addresses (an older chart) the runs get no gateway, and nothing fails
+    bare = {k: v for k, v in jobs_env.items() if not k.startswith("WORKBENCH_GATEWAY_")}
+    assert kube_gateway(policy, bare) is None and gateway_access(object(), policy, None, "kubernetes", bare) is None

@@ -39,6 +39,12 @@ app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/component: singleuser-server
 {{- end -}}
 
+{{/* Labels of notebook job pods (set by workbench.jobs.kube from the notebook pod's). */}}
+{{- define "workbench.notebookJobSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/component: notebook-job
+{{- end -}}
+
 {{/* Labels of dask-gateway's pods (set by dask-gateway itself) of this release's gateway. */}}
 {{- define "workbench.daskSelectorLabels" -}}
 gateway.dask.org/instance: {{ include "workbench.gatewayInstance" .root }}

@@ -21,12 +21,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 from workbench.jobs.engines import Account, Observation
 from workbench.jobs.model import execute_command
+from workbench.names import GATEWAY_SERVICE
 from workbench.policy import Policy
 
 __all__ = [
@@ -377,6 +378,28 @@ def _pending_reason(pod: dict | None) -> str:
 # ---------------------------------------------------------------------------
 
 _SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def kube_gateway(policy: Policy, env) -> tuple[str, Callable[[list[str]], dict[str, str]]] | None:
+    """The gateway as the chart's notebook pods reach it (through the dashboard guard, as
+    :func:`workbench.kubernetes.hub.k8s_hub_settings` gives notebook pods), for the runs' gateway access:
+    ``(address, user groups -> the Job's Dask settings)``; None when the jobs pod has no
+    ``WORKBENCH_GATEWAY_URL``/``WORKBENCH_GATEWAY_PROXY_ADDRESS`` (pure)."""
+    from workbench.spawn.common import dask_environment
+
+    url = (env.get("WORKBENCH_GATEWAY_URL") or "").strip().rstrip("/")
+    proxy = (env.get("WORKBENCH_GATEWAY_PROXY_ADDRESS") or "").strip()
+    if not url or not proxy:
+        return None
+    address = f"{url}/services/{GATEWAY_SERVICE}"
+
+    def dask_env(groups: list[str]) -> dict[str, str]:
+        return {
+            **dask_environment(policy, groups, address, proxy),
+            "DASK_GATEWAY__PUBLIC_ADDRESS": f"/services/{GATEWAY_SERVICE}",  # dashboards: through the hub's proxy
+        }
+
+    return address, dask_env
 
 
 def kubernetes_parts(policy: Policy, args, env):

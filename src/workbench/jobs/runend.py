@@ -113,6 +113,20 @@ def server_dask_env(policy, rt) -> Callable[[list[str]], dict[str, str]]:
     return lambda groups: dask_environment(policy, groups, rt.gateway_public_url, rt.gateway_proxy_address)
 
 
+def gateway_access(hub, policy, rt, engine: str, env) -> GatewayAccess | None:
+    """The runs' gateway access of the jobs service: on the embedded engines (local, Slurm) the address notebook
+    servers get from the runtime; on Kubernetes the one the chart gives the jobs pod
+    (:func:`workbench.jobs.kube.kube_gateway`); None where there is no gateway."""
+    if engine == "kubernetes":
+        from workbench.jobs.kube import kube_gateway
+
+        found = kube_gateway(policy, env)
+        return GatewayAccess(hub, *found) if found else None
+    if rt is None:
+        return None
+    return GatewayAccess(hub, rt.gateway_public_url, server_dask_env(policy, rt))
+
+
 def token_file_command(run_dir: str) -> list[str]:
     """The command, run as the user, that creates the run folder and writes stdin to its token file with
     mode 0600 (pure)."""
@@ -206,6 +220,7 @@ async def end_gateway_access(store, gateway: GatewayAccess) -> None:
 __all__ = [
     "CLEANUP_TOKEN_S",
     "GatewayAccess",
+    "gateway_access",
     "server_dask_env",
     "charge",
     "end_gateway_access",

@@ -577,9 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         quota = QuotaClient(quota_url, setup.token) if quota_url else None
         store = JobStore(Path(state_dir, "jobs.sqlite"))
         definitions = DefinitionStore(Path(state_dir, "job_schedules.sqlite"))
-        gateway = None
-        if rt is not None and engine_name in ("local", "slurm"):  # the address notebook servers get
-            gateway = GatewayAccess(hub, rt.gateway_public_url, runend.server_dask_env(setup.policy, rt))
+        gateway = runend.gateway_access(hub, setup.policy, rt, engine_name, os.environ)
         svc = JobsService(setup.policy, store, make_engine(hub), hub, quota, accounts, definitions, gateway)
         hub_auth = HubAuth(
             api_url=setup.api_url, api_token=setup.token, cache_max_age=60, access_scopes={JOBS_ACCESS_SCOPE}
