@@ -198,7 +198,7 @@ def ingest_rates(send_one, send_batch, events: int, groups: int) -> dict:
 
 
 def bench_ledger(url: str, policy, args) -> dict:
-    ledger = Ledger(url, policy, pool_size=max(16, args.concurrency // 4))
+    ledger = Ledger(url, policy, pool_size=max(16, args.concurrency // 4), durability=args.durability)
     try:
         t0 = time.perf_counter()
         fill_history(ledger, args.history, args.groups)
@@ -227,6 +227,9 @@ def bench_ledger(url: str, policy, args) -> dict:
                 "warm", "bench-0", AdmitRequest(item=f"dask-worker:warm-{run}/{i}", kind="dask-worker", cpu=1)
             ),
         )
+        if args.batched_only:
+            results["admission_batched"] = batched_admissions(ledger, args, run)
+            return results
         lat, wall, out = concurrent_calls(args.concurrency, call, args.db_threads or None)
         assert all(d.allowed for d in out), [d.message for d in out if not d.allowed][:3]
         results["admission"] = {
@@ -457,6 +460,18 @@ def main(argv=None) -> int:
     ap.add_argument("--events", type=int, default=1000, help="events per ingest measurement (batches: 5x)")
     ap.add_argument("--layer", choices=["ledger", "http", "both"], default="ledger")
     ap.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    ap.add_argument(
+        "--durability",
+        choices=["process", "machine"],
+        default="process",
+        help="the ledger's durability (see workbench.services.quota.engine): 'process' = SQLite synchronous=NORMAL, "
+        "PostgreSQL synchronous_commit=off (the service's default); 'machine' = an fsync per commit (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--batched-only",
+        action="store_true",
+        help="ledger layer: only the service's path (Admitter), no old path/ingest",
+    )
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--plot", help="write a PNG of the admission latencies (old vs new path) to this file")
     args = ap.parse_args(argv)
@@ -490,6 +505,13 @@ def main(argv=None) -> int:
                     drop()
                 shutil.rmtree(tmp, ignore_errors=True)
             report["results"][f"{layer}/{db}"] = res
+            if "admission" not in res:  # --batched-only
+                b = res["admission_batched"]
+                print(
+                    f"[{layer} / {db}] batched x{b['concurrency']}: p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms",
+                    flush=True,
+                )
+                continue
             a, i = res["admission"], res["ingest"]
             print(
                 f"[{layer} / {db}] admission x{a['concurrency']}: p50 {a['p50_ms']} ms, p99 {a['p99_ms']} ms, "
@@ -504,9 +526,9 @@ def main(argv=None) -> int:
     print(f"{'db':<20} {'old p50 ms':>10} {'old p99 ms':>10} {'new p50 ms':>10} {'new p99 ms':>10} {'tx/burst':>9}")
     for key, res in report["results"].items():
         if "admission_batched" in res:
-            a, b = res["admission"], res["admission_batched"]
+            a, b = res.get("admission", {}), res["admission_batched"]
             print(
-                f"{key:<20} {a['p50_ms']:>10} {a['p99_ms']:>10} {b['p50_ms']:>10} {b['p99_ms']:>10} "
+                f"{key:<20} {a.get('p50_ms', '-'):>10} {a.get('p99_ms', '-'):>10} {b['p50_ms']:>10} {b['p99_ms']:>10} "
                 f"{b['transactions_per_burst']:>9}"
             )
             tl = b.get("timeline_median_ms") or {}
@@ -524,6 +546,8 @@ def main(argv=None) -> int:
         f"{'ingest 1x/s':>12} {'8x/s':>8} {'batch/s':>9}"
     )
     for key, res in report["results"].items():
+        if "admission" not in res:
+            continue
         a, i, q = res["admission"], res["ingest"], res["admission_sequential"]
         print(
             f"{key:<20} {a['p50_ms']:>10} {a['p99_ms']:>10} {a['throughput_per_s']:>8} {q['p50_ms']:>10} "

@@ -99,6 +99,7 @@ class _Sums:
 @dataclass
 class _Group:
     period: Period | None = None  # None: no budget (caps only)
+    period_start: float = 0.0  # period.start as epoch seconds (computed once: read by every decision)
     sums: _Sums = field(default_factory=_Sums)
     users: dict[str, _Sums] = field(default_factory=lambda: defaultdict(_Sums))
     servers: int = 0
@@ -118,7 +119,7 @@ class AdmissionState:
     # -- keeping in step -----------------------------------------------------------------
 
     def _eff_start(self, g: _Group, start: float) -> float:
-        return max(start, g.period.start.timestamp()) if g.period is not None else start
+        return max(start, g.period_start) if g.period is not None else start
 
     def _account(self, o: _Open, sign: int) -> None:
         g = self.groups[o.group]
@@ -175,6 +176,7 @@ class AdmissionState:
         for o in mine:
             self._account(o, -1)
         g.period = period
+        g.period_start = period.start.timestamp() if period is not None else 0.0
         g.sums = _Sums()
         g.users = defaultdict(_Sums)
         for user, (gpu_s, cpu_s) in closed.items():

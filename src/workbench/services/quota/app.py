@@ -52,6 +52,7 @@ from workbench.services.quota.authz import (
     user_scope,
 )
 from workbench.services.quota.enforce import StopItem, notifications
+from workbench.services.quota.engine import DURABILITY
 from workbench.services.quota.ledger import DB_URL_ENV, Ledger, default_db_url
 from workbench.services.quota.metrics import QuotaMetrics
 from workbench.services.quota.models import AdmitBody, EventBatch, ReconcileBody, validation_problems
@@ -414,6 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
         "policy's budget.grace); 0: never stop running servers (default: %(default)s)",
     )
     p.add_argument("--threads", type=int, default=8, help="database threads (default: %(default)s)")
+    p.add_argument(
+        "--durability",
+        choices=DURABILITY,
+        default="process",
+        help="what an answered admission or recorded event survives: 'process' = a kill -9 of this service "
+        "(SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off; a machine or PostgreSQL server crash may "
+        "lose the last ~0.6 s, repaired by the next reconcile), 'machine' = also a machine crash (one fsync per "
+        "commit) (default: %(default)s)",
+    )
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without authentication")
     return p
 
@@ -424,8 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(setup, int):
         return setup
     db_url = args.db_url or os.environ.get(DB_URL_ENV) or default_db_url(args.state_dir or setup.state_dir)
-    ledger = Ledger(db_url, setup.policy, pool_size=max(args.threads, 2))
-    log.info("ledger %r, policy %s (%d groups)", ledger, setup.config, len(setup.policy.groups))
+    ledger = Ledger(db_url, setup.policy, pool_size=max(args.threads, 2), durability=args.durability)
+    log.info(
+        "ledger %r (durability: %s), policy %s (%d groups)",
+        ledger,
+        args.durability,
+        setup.config,
+        len(setup.policy.groups),
+    )
     services: list[QuotaService] = []
 
     def build():

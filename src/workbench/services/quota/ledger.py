@@ -46,8 +46,6 @@ from sqlalchemy import (
     String,
     Text,
     case,
-    create_engine,
-    event,
     func,
     literal,
     or_,
@@ -55,7 +53,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -75,6 +73,7 @@ from workbench.services.quota.accounting import (
     iso,
 )
 from workbench.services.quota.enforce import StopItem, stop_plan
+from workbench.services.quota.engine import make_engine, normalize_db_url
 from workbench.services.quota.migrate import migrate
 from workbench.services.quota.models import AdmitRequest, Resources, RunningItem, UsageEvent
 
@@ -209,53 +208,6 @@ def default_db_url(state_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(state_dir).resolve() / 'quota.sqlite'}"
 
 
-def normalize_db_url(url: str) -> str:
-    """``postgresql://`` URLs use psycopg (3) when psycopg2 is not installed."""
-    u = make_url(url)
-    if u.drivername == "postgresql":
-        try:
-            import psycopg2  # noqa: F401
-        except ImportError:
-            u = u.set(drivername="postgresql+psycopg")
-    return u.render_as_string(hide_password=False)
-
-
-def _make_engine(url: str, pool_size: int) -> Engine:
-    url = normalize_db_url(url)
-    u = make_url(url)
-    if u.get_backend_name() == "sqlite":
-        if u.database and u.database != ":memory:":
-            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-        else:
-            raise ValueError("the quota ledger needs a database file (sqlite:////path/quota.sqlite), not :memory:")
-        engine = create_engine(
-            url,
-            connect_args={"timeout": 60, "check_same_thread": False},
-            pool_size=pool_size,
-            max_overflow=pool_size,
-            pool_timeout=120,
-        )
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_conn, _record):
-            dbapi_conn.isolation_level = None  # transactions are begun below, explicitly
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-            cur.execute("PRAGMA synchronous=FULL")  # a committed event survives a power cut
-            cur.execute("PRAGMA busy_timeout=60000")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):
-            # write transactions take SQLite's single write lock up front (BEGIN IMMEDIATE): checks and
-            # inserts of one admission cannot interleave with another's, in this process or any other
-            mode = "IMMEDIATE" if conn.get_execution_options().get("quota_write") else "DEFERRED"
-            conn.exec_driver_sql(f"BEGIN {mode}")
-
-        return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_timeout=120)
-
-
 # ---------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------
@@ -339,7 +291,8 @@ class Ledger:
     """The usage ledger of one database. Thread-safe: every method runs its own transaction.
 
     ``policy`` supplies budgets, caps and profiles (admissions need it); ``clock`` returns the
-    current time (aware UTC) and is injected by tests.
+    current time (aware UTC) and is injected by tests. ``durability`` ("process" or "machine") says what a
+    commit survives: see :mod:`workbench.services.quota.engine`.
     """
 
     def __init__(
@@ -349,9 +302,11 @@ class Ledger:
         clock: Callable[[], datetime] | None = None,
         pool_size: int = 8,
         create: bool = True,
+        durability: str = "process",
     ):
         self.url = normalize_db_url(url)
-        self.engine = _make_engine(self.url, pool_size)
+        self.durability = durability
+        self.engine = make_engine(self.url, pool_size, durability)  # see quota.engine: what a commit survives
         self.dialect = self.engine.dialect.name
         self._writer = self.engine.execution_options(quota_write=True)
         self.policy = policy
