@@ -9,6 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from workbench.limits import PARENT
 from workbench.policy import load_policy
 from workbench.sysusers import USER_PREFIX
 
@@ -156,7 +157,7 @@ def test_limits_are_applied_to_the_server_process(wb):
         cgroups = Path(f"/proc/{proc.pid}/cgroup").read_text()
         if mechanism == "cgroup-v1":
             mem_path = re.search(r"^\d+:memory:(.*)$", cgroups, re.M).group(1)
-            assert mem_path.endswith("/workbench/student1")
+            assert mem_path.endswith(f"/{PARENT}/student1"), mem_path  # workbench-wbN on xdist worker gwN
             limit = int(Path(f"/sys/fs/cgroup/memory{mem_path}/memory.limit_in_bytes").read_text())
             assert abs(limit - 2 * 10**9) < 4096
             cpu_path = re.search(r"^\d+:cpu(?:,cpuacct)?:(.*)$", cgroups, re.M).group(1)
