@@ -96,6 +96,19 @@ def click(browser, el, timeout: float = 30) -> None:
             time.sleep(0.5)
 
 
+def texts(browser, css: str) -> list[tuple]:
+    """(element, text) of what ``css`` finds, leaving out elements React replaced while they were read."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    found = []
+    for el in browser.find_elements("css selector", css):
+        try:
+            found.append((el, el.text.strip(), el.is_enabled()))
+        except StaleElementReferenceException:  # re-rendered meanwhile: the next round reads the new one
+            continue
+    return found
+
+
 def field(browser, name: str):
     found = browser.find_elements("css selector", f'.jp-create-job-form input[name="{name}"], input[name="{name}"]')
     return found[0] if found else None
@@ -170,8 +183,7 @@ def test_a_notebook_job_from_the_jupyterlab_form_completes_with_its_result_in_th
     name.click()
 
     def enabled_create():
-        found = [b for b in browser.find_elements("css selector", "button") if b.text.strip() == "Create"]
-        return [b for b in found if b.is_enabled()]
+        return [b for b, text, enabled in texts(browser, "button") if text == "Create" and enabled]
 
     try:
         create = wait_for(enabled_create, 30, "the Create button enabled")[0]
@@ -184,15 +196,15 @@ def test_a_notebook_job_from_the_jupyterlab_form_completes_with_its_result_in_th
 
     # the form's job list: our job, until it is Completed (the list refreshes itself; reload it if not)
     def completed_row():
-        rows = [r for r in browser.find_elements("css selector", "tr, .MuiTableRow-root") if "calc-from-lab" in r.text]
-        return rows if rows and "Completed" in rows[0].text else None
+        rows = [(r, text) for r, text, _ in texts(browser, "tr, .MuiTableRow-root") if "calc-from-lab" in text]
+        return [r for r, _ in rows] if rows and "Completed" in rows[0][1] else None
 
     deadline = time.monotonic() + 300
     row = None
     while time.monotonic() < deadline and row is None:
         row = completed_row()
         if row is None:
-            reload = [b for b in browser.find_elements("css selector", "button") if b.text.strip() == "Reload"]
+            reload = [b for b, text, _ in texts(browser, "button") if text == "Reload"]
             if reload:
                 try:
                     click(browser, reload[0])
@@ -201,7 +213,7 @@ def test_a_notebook_job_from_the_jupyterlab_form_completes_with_its_result_in_th
             time.sleep(3)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "notebook-job-list.png"))
-    assert row, [r.text for r in browser.find_elements("css selector", "tr")]
+    assert row, [text for _, text, _ in texts(browser, "tr")]
 
     # the service ran it as the researcher with the chosen profile and parameter
     jobs = requests.get(

@@ -197,6 +197,7 @@ def test_a_cancelled_job_stops_and_is_charged_what_it_ran_and_others_cannot_touc
 def test_an_instructor_runs_a_notebook_for_each_student_charged_to_the_course(wb, api):
     for user in ("student1", "student2"):
         put_notebook(user)
+        api.token(user)  # both have logged in (the hub's course group lists its students from their logins)
     r = api.jobs("student1", "POST", json={"notebook": "calc.ipynb", "profile": "cpu-small", "course": "course-ml101"})
     assert r.status_code == 403 and "only instructors of course-ml101" in r.json()["message"], r.text
     r = api.jobs(
