@@ -62,9 +62,9 @@ SLURM_MODULES = frozenset(
 
 
 def xdist_group_of(nodeid: str) -> str | None:
-    """The pytest-xdist group of a test (``--dist loadgroup``): a live module (tests/integration, tests/browser)
-    runs whole on one worker, so its module fixtures start once; the Slurm modules share one group; other tests
-    have none (pure)."""
+    """The parallel group of a test (``--dist loadgroup``, :func:`pytest_xdist_make_scheduler`): a live module
+    (tests/integration, tests/browser) runs whole on one worker, so its module fixtures start once; the Slurm
+    modules share one group; other tests have none (pure)."""
     path = nodeid.split("::", 1)[0]
     if not path.startswith(("tests/integration/", "tests/browser/")):
         return None
@@ -72,11 +72,29 @@ def xdist_group_of(nodeid: str) -> str | None:
     return "slurm" if name in SLURM_MODULES else path
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = xdist_group_of(item.nodeid)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+def xdist_scope_of(nodeid: str) -> str:
+    """The unit of work a parallel worker takes whole: the test's group (:func:`xdist_group_of`), else its
+    module."""
+    return xdist_group_of(nodeid) or nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: schedule by :func:`xdist_scope_of`, largest unit first.
+
+    Not through ``xdist_group`` markers: pytest-xdist 3.8 puts a marked test in its group by appending
+    ``@<group>`` to ``item._nodeid``, which pytest 9.2 no longer reads (a node's id is ``item._id``), so every
+    test became its own unit, a module's tests were spread over the workers and each started the module's
+    fixtures (workbenches) again. Scheduling by scope uses only xdist's scheduler interface."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkbenchScopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope_of(nodeid)
+
+    return WorkbenchScopes(config, log)
 
 
 _getstatementrange_ast = _pytest_source.getstatementrange_ast

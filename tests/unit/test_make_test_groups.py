@@ -121,3 +121,49 @@ def test_each_parallel_worker_but_the_first_takes_its_own_account_namespace():
         assert out.returncode == 0, out.stderr
         seen[worker] = out.stdout.strip()
     assert seen == {"": "wb-researcher", "gw0": "wb-researcher", "gw1": "wb1-researcher", "gw3": "wb3-researcher"}
+
+
+def test_parallel_workers_take_a_live_module_whole_and_the_slurm_modules_together(tmp_path):
+    """A real pytest-xdist run (2 workers, ``--dist loadgroup`` as `make test` runs it) of a small tree laid out like
+    tests/, scheduled by tests/conftest.py: each live module's tests all run on one worker, in file order, and the
+    Slurm modules' tests all on one worker. (The markers pytest-xdist documents for this do nothing with pytest 9.2,
+    which went unnoticed: a module's fixtures were started once per worker that got some of its tests.)"""
+    import os
+    import subprocess
+    import sys
+
+    live = tmp_path / "tests" / "integration"
+    live.mkdir(parents=True)
+    (tmp_path / "tests" / "__init__.py").write_text("")
+    (tmp_path / "conftest.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom tests.conftest import pytest_xdist_make_scheduler\n"
+    )
+    seen = tmp_path / "seen.txt"
+    body = "import os, time\n" + "".join(
+        f"def test_{i}(request):\n    time.sleep(0.2)\n"
+        f"    with open({str(seen)!r}, 'a') as f:\n"
+        f"        f.write(request.node.nodeid + ' ' + os.environ['PYTEST_XDIST_WORKER'] + '\\n')\n"
+        for i in range(4)
+    )
+    modules = ["test_a.py", "test_b.py", "test_c.py", "test_slurm.py", "test_jobs.py"]
+    for name in modules:
+        (live / name).write_text(body)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "WORKBENCH_ACCOUNT"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadgroup",
+         "-p", "no:hypothesispytest", "tests/integration"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in seen.read_text().splitlines()]
+    assert len(rows) == 4 * len(modules), rows
+    workers: dict[str, set[str]] = {}
+    order: dict[str, list[str]] = {}
+    for nodeid, worker in rows:
+        module = nodeid.split("::")[0].rsplit("/", 1)[-1]
+        workers.setdefault(module, set()).add(worker)
+        order.setdefault(module, []).append(nodeid.split("::")[1])
+    assert all(len(w) == 1 for w in workers.values()), workers
+    assert workers["test_slurm.py"] == workers["test_jobs.py"], workers
+    assert all(o == [f"test_{i}" for i in range(4)] for o in order.values()), order
+    assert len(set().union(*workers.values())) == 2, f"one worker did all the work: {workers}"
