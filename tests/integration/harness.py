@@ -188,6 +188,10 @@ class Workbench:
             if "Workbench is ready" in self.output():
                 r = requests.get(f"{self.url}/hub/health", timeout=5)
                 assert r.status_code == 200, r.text
+                # "ready" includes the services a user's first start and job need (workbench.embedded.up)
+                for service in ("quota", "jobs") if self.runtime.get("quota_port") else ("jobs",):
+                    r = requests.get(f"{self.url}/services/{service}/api/health", timeout=5)
+                    assert r.status_code == 200, f"ready before the {service} service answered: {r.status_code}"
                 assert self.system_users is self.expect_system_users, (
                     f"expected system_users={self.expect_system_users}, the workbench runs with "
                     f"{self.runtime['system_users']}:\n{self.output()}"

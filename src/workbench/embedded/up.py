@@ -32,6 +32,7 @@ import requests
 from workbench.auth.demo import PASSWORD_ENV, DemoAuthExposed, check_demo_exposure
 from workbench.gpus import detect_devices, inventory, parse_fake_gpus
 from workbench.hubapp import HUB_LAUNCHER
+from workbench.names import JOBS_SERVICE, QUOTA_SERVICE
 from workbench.origins import SubdomainHostError, check_subdomain_host
 from workbench.policy import Policy, PolicyError, load_policy
 from workbench.runtime import (
@@ -478,11 +479,18 @@ class Supervisor:
         self.stopping = True
 
     def _wait_ready(self, runtime: Runtime, log_path: Path) -> bool:
-        # ready = the hub answers and the proxy routes to the gateway (added after the hub's own route)
+        # ready = the hub answers, the proxy routes to the gateway (added after the hub's own route), and the
+        # services a user's first steps need answer: the quota service admits every start (a start before it
+        # answers is refused with 503) and the jobs service takes the "Create Notebook Job" form. The hub waits
+        # only a second for each service it starts, so on a loaded machine it is up before they are.
         checks = [
             ("the hub", f"{runtime.public_url}/hub/health"),
             ("Dask Gateway", f"{runtime.gateway_public_url}/api/health"),
         ]
+        if runtime.quota_port:
+            checks.append(("the quota service", f"{runtime.public_url}/services/{QUOTA_SERVICE}/api/health"))
+        if (runtime.extra or {}).get("jobs_port"):
+            checks.append(("the jobs service", f"{runtime.public_url}/services/{JOBS_SERVICE}/api/health"))
         deadline = time.monotonic() + self.opts.ready_timeout
         last_note = 0.0
         while checks and time.monotonic() < deadline and not self.stopping:
