@@ -112,12 +112,31 @@ class WorkbenchHub(JupyterHub):
                 self.log.critical("Cannot connect to %s service %s", name, service.kind)
                 return False
             await asyncio.sleep(0.1)
-        try:  # the port listens: upstream's HTTP check (with TLS where internal_ssl is on), answered at once
-            await server.wait_up(http=True, timeout=max(1.0, deadline - loop.time()), ssl_context=ssl_context)
-        except AnyTimeoutError:
+        # the port listens: upstream's HTTP check (with TLS where internal_ssl is on), answered at once unless the
+        # service waits for another (the gateway's guard answers 502 until dask-gateway-server listens); as
+        # upstream, a service that exits meanwhile fails at once
+        up = asyncio.ensure_future(
+            server.wait_up(http=True, timeout=max(1.0, deadline - loop.time()), ssl_context=ssl_context)
+        )
+        exited = asyncio.ensure_future(self._exit_status(service))
+        await asyncio.wait({up, exited}, return_when=asyncio.FIRST_COMPLETED)
+        for f in (up, exited):
+            f.cancel()
+        if exited.done() and not exited.cancelled():
+            self.log.critical("Service %s exited with status %s", name, exited.result())
+            return False
+        try:
+            up.result()
+        except (AnyTimeoutError, asyncio.CancelledError):
             self.log.critical("Cannot connect to %s service %s", name, service.kind)
             return False
         return True
+
+    @staticmethod
+    async def _exit_status(service) -> int:
+        while (status := await service.spawner.poll()) is None:
+            await asyncio.sleep(1)
+        return status
 
     async def _stop_started_services(self) -> None:
         """Before the hub exits for a failed managed service: cancel the other starts, stop what started."""

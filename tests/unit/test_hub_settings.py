@@ -105,6 +105,7 @@ def test_services(settings):
             "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.gateway.dashguard"],
             "cwd": "/srv/wb/state",
             "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
+            "timeout": 120,
         },
         {
             "name": "sessions",
@@ -113,6 +114,7 @@ def test_services(settings):
             "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.services.sessions", "--interval=300"],
             "cwd": "/srv/wb/state",
             "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
+            "timeout": 120,
         },
         {
             "name": "rosters",
@@ -121,6 +123,7 @@ def test_services(settings):
             "command": ["/srv/wb/.venv/bin/python", "-m", "workbench.services.rosters"],
             "cwd": "/srv/wb/state",
             "environment": {"WORKBENCH_RUNTIME": "/srv/wb/state/runtime.json"},
+            "timeout": 120,
         },
     ]
 

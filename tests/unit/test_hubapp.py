@@ -125,7 +125,8 @@ def test_after_start_up_start_service_is_upstreams(monkeypatch):
 
 def test_real_start_exits_the_hub_when_a_managed_service_fails(tmp_path: Path):
     """A real WorkbenchHub start (the launcher `hub_config/jupyterhub`, real proxy): one managed service
-    listens, one exits at once; the hub exits with 1 and the listening one's process is gone."""
+    listens; the other listens, answers 502 for 3 s, then exits (well within the 30 s it would be given to
+    answer): the hub notices the exit, exits with 1, and the listening one's process is gone."""
     import os
     import socket
     import subprocess
@@ -152,6 +153,19 @@ def test_real_start_exits_the_hub_when_a_managed_service_fails(tmp_path: Path):
         f"import os, http.server; open({str(pidfile)!r}, 'w').write(str(os.getpid())); "
         f"http.server.HTTPServer(('127.0.0.1', {ok_port}), http.server.SimpleHTTPRequestHandler).serve_forever()",
     ]
+    # listens, answers 502 (as the gateway's guard does until dask-gateway-server is up), then exits with 1
+    bad_port = free_port()
+    bad_cmd = [
+        sys.executable,
+        "-c",
+        "import http.server, os, threading\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(502); self.end_headers()\n"
+        f"s = http.server.HTTPServer(('127.0.0.1', {bad_port}), H)\n"
+        "threading.Timer(3, lambda: os._exit(1)).start()\n"
+        "s.serve_forever()\n",
+    ]
     cfg = tmp_path / "config.py"
     cfg.write_text(
         "c.JupyterHub.authenticator_class = 'dummy'\n"
@@ -164,7 +178,7 @@ def test_real_start_exits_the_hub_when_a_managed_service_fails(tmp_path: Path):
         f"c.JupyterHub.pid_file = '{tmp_path}/hub.pid'\n"
         "c.JupyterHub.services = [\n"
         f"  {{'name': 'ok', 'url': 'http://127.0.0.1:{ok_port}', 'command': {ok_cmd!r}}},\n"
-        f"  {{'name': 'broken', 'url': 'http://127.0.0.1:{free_port()}', 'command': ['false']}},\n"
+        f"  {{'name': 'broken', 'url': 'http://127.0.0.1:{bad_port}', 'command': {bad_cmd!r}}},\n"
         "]\n"
     )
     launcher = Path(workbench.__file__).parent / "hub_config" / "jupyterhub"
@@ -190,6 +204,7 @@ def test_real_start_exits_the_hub_when_a_managed_service_fails(tmp_path: Path):
     assert proc.returncode == 1, out
     assert "Starting 2 services at once: ok, broken" in out, out
     assert "Service broken exited with status 1" in out, out
+    assert "Cannot connect to managed service broken" not in out, out  # its exit ended the wait, not the timeout
     if pidfile.exists():  # the ok service had started: it must have been stopped with the hub
         pid = int(pidfile.read_text())
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, out

@@ -51,6 +51,14 @@ def _cls(klass: type) -> str:
     return f"{klass.__module__}.{klass.__name__}"
 
 
+#: seconds the hub waits for each managed service to answer at start-up (upstream's default is 30). The hub exits
+#: when one does not answer in time, and the six start at once: on a loaded 2-core machine the dashboard guard
+#: answered 502 for more than 30 s while dask-gateway-server behind it was still importing (a CI run's hub exited
+#: with "Cannot connect to dask-gateway service"). A slow start is not a failed one: a service that exits still
+#: fails the start-up at once (workbench.hubapp).
+MANAGED_SERVICE_TIMEOUT = 120
+
+
 def services(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> list[dict]:
     """Hub-managed services: the Dask Gateway (guard + server), the sessions and roster services.
 
@@ -192,6 +200,9 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
     # the quota service, its roles and scopes (workbench.services.quota.wiring; only when runtime.quota_port is set)
     add_jobs_service(settings, policy, runtime, secrets)  # notebook jobs (workbench.jobs.wiring)
     settings = add_quota_service(settings, policy, runtime, secrets)
+    for service in settings["JupyterHub"].get("services", []):
+        if service.get("command") and service.get("url"):  # a managed service the hub waits for at start-up
+            service.setdefault("timeout", MANAGED_SERVICE_TIMEOUT)
     if runtime.extra.get("subdomain_host"):  # `workbench up --subdomains`: each server on its own origin
         add_subdomains(settings, runtime)
     if runtime.extra.get("spawner") == "slurm":  # supercomputer mode: servers as Slurm jobs (workbench.spawn.slurm)
