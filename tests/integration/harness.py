@@ -316,7 +316,7 @@ class Workbench:
 
     def start_server(self, token: str, username: str, timeout: float = 180, **options) -> dict:
         r = self.token_api(token, "POST", f"/users/{username}/server", json=options or None)
-        assert r.status_code in (201, 202), f"{r.status_code} {r.text}"
+        assert r.status_code in (201, 202), f"{r.status_code} {r.text}\nhub log:\n{self.hub_log()[-4000:]}"
         t0 = time.monotonic()
         while time.monotonic() < t0 + timeout:
             model = self.token_api(token, "GET", f"/users/{username}").json()
