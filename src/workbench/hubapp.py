@@ -95,7 +95,14 @@ class WorkbenchHub(JupyterHub):
         server = Server.from_orm(service.orm.server)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + service.timeout
-        tries = 0
+        exited = asyncio.ensure_future(self._exit_status(service))  # as upstream: a service that exits fails at once
+        try:
+            return await self._wait_answering(name, service, server, deadline, exited, ssl_context)
+        finally:
+            exited.cancel()
+
+    async def _wait_answering(self, name, service, server, deadline, exited, ssl_context) -> bool:
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 _, writer = await asyncio.wait_for(
@@ -104,30 +111,27 @@ class WorkbenchHub(JupyterHub):
                 writer.close()
                 break
             except OSError:
-                tries += 1
-            if tries % 10 == 0 and (status := await service.spawner.poll()) is not None:
-                self.log.critical("Service %s exited with status %s", name, status)
+                pass
+            if exited.done():
+                self.log.critical("Service %s exited with status %s", name, exited.result())
                 return False
             if loop.time() > deadline:
                 self.log.critical("Cannot connect to %s service %s", name, service.kind)
                 return False
             await asyncio.sleep(0.1)
         # the port listens: upstream's HTTP check (with TLS where internal_ssl is on), answered at once unless the
-        # service waits for another (the gateway's guard answers 502 until dask-gateway-server listens); as
-        # upstream, a service that exits meanwhile fails at once
+        # service waits for another (the gateway's guard answers 502 until dask-gateway-server listens)
         up = asyncio.ensure_future(
             server.wait_up(http=True, timeout=max(1.0, deadline - loop.time()), ssl_context=ssl_context)
         )
-        exited = asyncio.ensure_future(self._exit_status(service))
         await asyncio.wait({up, exited}, return_when=asyncio.FIRST_COMPLETED)
-        for f in (up, exited):
-            f.cancel()
-        if exited.done() and not exited.cancelled():
+        if not up.done():
+            up.cancel()
             self.log.critical("Service %s exited with status %s", name, exited.result())
             return False
         try:
             up.result()
-        except (AnyTimeoutError, asyncio.CancelledError):
+        except AnyTimeoutError:
             self.log.critical("Cannot connect to %s service %s", name, service.kind)
             return False
         return True

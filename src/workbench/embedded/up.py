@@ -481,8 +481,8 @@ class Supervisor:
     def _wait_ready(self, runtime: Runtime, log_path: Path) -> bool:
         # ready = the hub answers, the proxy routes to the gateway (added after the hub's own route), and the
         # services a user's first steps need answer: the quota service admits every start (a start before it
-        # answers is refused with 503) and the jobs service takes the "Create Notebook Job" form. The hub waits
-        # only a second for each service it starts, so on a loaded machine it is up before they are.
+        # answers is refused with 503) and the jobs service takes the "Create Notebook Job" form. The hub itself
+        # waits for its services (workbench.hubapp); these checks go through the proxy, as users' requests do.
         checks = [
             ("the hub", f"{runtime.public_url}/hub/health"),
             ("Dask Gateway", f"{runtime.gateway_public_url}/api/health"),
