@@ -121,3 +121,19 @@ def fresh_postgres_database(url: str) -> tuple[str, callable]:
         admin.dispose()
 
     return base.set(database=name).render_as_string(hide_password=False), drop
+
+
+def database_url(kind: str, tmp_path: Path) -> tuple[str, callable]:
+    """A ledger database for a test: ``"sqlite"`` (a file in ``tmp_path``) or ``"postgresql"`` (a fresh database
+    on the server of :func:`postgres_url`; the test is skipped where there is none). Returns the URL and the
+    function that drops it."""
+    if kind == "sqlite":
+        from workbench.services.quota.ledger import default_db_url
+
+        return default_db_url(tmp_path), lambda: None
+    base = postgres_url()
+    if base is None:
+        import pytest
+
+        pytest.skip("no PostgreSQL: run as root (scripts/postgres-up.sh) or set WORKBENCH_TEST_POSTGRES_URL")
+    return fresh_postgres_database(base)

@@ -17,7 +17,7 @@ import threading
 import pytest
 from sqlalchemy import text
 
-from tests.quota_support import POLICY, Clock, admit_request, fresh_postgres_database, postgres_url, t
+from tests.quota_support import POLICY, Clock, admit_request, database_url, t
 from workbench.services.quota import admission
 from workbench.services.quota.admission import Admitter
 from workbench.services.quota.ledger import Ledger, default_db_url
@@ -25,13 +25,7 @@ from workbench.services.quota.ledger import Ledger, default_db_url
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield default_db_url(tmp_path)
-        return
-    base = postgres_url()
-    if base is None:
-        pytest.skip("no PostgreSQL: run as root (scripts/postgres-up.sh) or set WORKBENCH_TEST_POSTGRES_URL")
-    url, drop = fresh_postgres_database(base)
+    url, drop = database_url(request.param, tmp_path)
     yield url
     drop()
 
