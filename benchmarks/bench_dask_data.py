@@ -175,6 +175,47 @@ def cpu_delta(before: dict, after: dict) -> dict:
     return d
 
 
+class ReadCounter:
+    """In this process (both clients): tornado's TLS reads (``SSLIOStream.read_from_fd``: calls, bytes) and the
+    event-loop wake-ups of its streams (``_handle_events``). Installed before the clients connect, so their
+    streams register the counting handler. Read around one side's gather at a time: reads per wake-up and
+    bytes per read tell whether the proxy hop hands the client its data in smaller pieces."""
+
+    def __init__(self):
+        from tornado import iostream
+
+        self.calls = self.bytes = self.wakeups = 0
+        read, events = iostream.SSLIOStream.read_from_fd, iostream.BaseIOStream._handle_events
+        counter = self
+
+        def read_from_fd(stream, buf):
+            n = read(stream, buf)
+            counter.calls += 1
+            counter.bytes += n or 0
+            return n
+
+        def handle_events(stream, fd, ev):
+            counter.wakeups += 1
+            return events(stream, fd, ev)
+
+        iostream.SSLIOStream.read_from_fd = read_from_fd
+        iostream.BaseIOStream._handle_events = handle_events
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.calls, self.bytes, self.wakeups
+
+    @staticmethod
+    def delta(before: tuple, after: tuple) -> dict:
+        calls, nbytes, wakeups = (a - b for a, b in zip(after, before, strict=True))
+        return {
+            "reads": calls,
+            "bytes": nbytes,
+            "wakeups": wakeups,
+            "kib_per_read": nbytes / 1024 / max(calls, 1),
+            "reads_per_wakeup": calls / max(wakeups, 1),
+        }
+
+
 def data_runs(wb: Workbench, token: str, args) -> tuple[list[dict], dict]:
     import numpy as np
     from distributed import Client
@@ -183,6 +224,7 @@ def data_runs(wb: Workbench, token: str, args) -> tuple[list[dict], dict]:
     nbytes = 8 * sum(sizes)
     out: list[dict] = []
     info: dict = {}
+    reads = ReadCounter()
     gw = wb.gateway(token)
     cluster = gclient = dclient = None
     try:
@@ -232,9 +274,10 @@ def data_runs(wb: Workbench, token: str, args) -> tuple[list[dict], dict]:
             res: dict = {"order": list(order), "bytes": nbytes}
             try:
                 for side in order:
-                    before = cpu_snapshot(wb.proc.pid)
+                    before, read0 = cpu_snapshot(wb.proc.pid), reads.snapshot()
                     res[f"{side}_s"] = timed_gather(clients[side], futs if side == "gateway" else dfuts, sizes)
                     res[f"{side}_cpu"] = cpu_delta(before, cpu_snapshot(wb.proc.pid))
+                    res[f"{side}_reads"] = reads.delta(read0, reads.snapshot())
             finally:
                 dclient.cancel(dfuts)
                 gclient.cancel(futs)
@@ -252,6 +295,11 @@ def data_runs(wb: Workbench, token: str, args) -> tuple[list[dict], dict]:
                     f"  {side:8} CPU s: proxy {c['proxy']:.2f}, scheduler {c['scheduler']:.2f}, worker {c['worker']:.2f}, "
                     f"client {c['client']:.2f}, other tenants {c['other']:.2f}; machine busy {c['machine_busy']:.2f} "
                     f"of {2 * res[f'{side}_s']:.2f} core-s"
+                )
+                r = res[f"{side}_reads"]
+                say(
+                    f"  {side:8} client TLS reads: {r['reads']} ({r['kib_per_read']:.1f} KiB each), "
+                    f"{r['wakeups']} wake-ups ({r['reads_per_wakeup']:.1f} reads each)"
                 )
             out.append(res)
     finally:
@@ -292,6 +340,14 @@ def summarise(runs: list[dict], nbytes: int) -> dict:
             for k in (*ROLES, "machine_busy")
             if all(f"{side}_cpu" in r for r in runs)
         }
+    for side in SIDES:
+        if all(f"{side}_reads" in r for r in runs):
+            out[side]["client_reads"] = {
+                "reads_per_gb": statistics.median(r[f"{side}_reads"]["reads"] / (nbytes / 1e9) for r in runs),
+                "wakeups_per_gb": statistics.median(r[f"{side}_reads"]["wakeups"] / (nbytes / 1e9) for r in runs),
+                "kib_per_read": statistics.median(r[f"{side}_reads"]["kib_per_read"] for r in runs),
+                "reads_per_wakeup": statistics.median(r[f"{side}_reads"]["reads_per_wakeup"] for r in runs),
+            }
     # throughput ratio = direct time / gateway time (medians); >= 0.9 is the issue's target
     out["ratio_gateway_direct"] = out["direct"]["median_s"] / out["gateway"]["median_s"]
     return out
@@ -313,6 +369,13 @@ def print_summary(summary: dict, nbytes: int) -> None:
             for side in SIDES
         )
     )
+    for side in SIDES:
+        c = summary[side].get("client_reads")
+        if c:
+            print(
+                f"client TLS reads, {side}: {c['reads_per_gb']:.0f} per GB ({c['kib_per_read']:.1f} KiB each), "
+                f"{c['wakeups_per_gb']:.0f} wake-ups per GB ({c['reads_per_wakeup']:.1f} reads each) (medians)"
+            )
     r = summary["ratio_gateway_direct"]
     print(f"throughput ratio gateway / direct (medians): {r:.2f}  (target >= 0.90: {'met' if r >= 0.9 else 'NOT met'})")
     print()

@@ -37,8 +37,10 @@ def test_times_are_bound_as_the_orm_stores_them_and_read_back_aware():
     assert read_time("2026-12-05 09:00:00.000250") == t(2026, 12, 5, 9, 0, 0, 250)
     with pytest.raises(ValueError, match="SQLite and PostgreSQL, not 'mysql'"):
         statements("mysql", 1, 1, 1)
-    prior, state, usage, events = statements("postgresql", 2, 2, 2)
-    assert prior.endswith("IN (%s, %s)") and usage.count("%s") == 32 and events.count("%s") == 16
+    prior, state, usage, events = statements("sqlite", 2, 3, 2)  # IN lists and VALUES rows for the batch's size
+    assert prior.endswith("IN (?, ?)") and state.count("?") == 3 and usage.count("?") == 22 and events.count("?") == 10
+    prior, state, usage, events = statements("postgresql")  # one array per column: the same text for every size
+    assert prior.endswith("ANY(%s::varchar[])") and usage.count("%s") == 11 and events.count("%s") == 4
 
 
 def test_committed_rows_read_back_like_rows_the_orm_writes(db_url):

@@ -1,20 +1,25 @@
 """The admission committer's transaction, written in the database driver's own SQL and parameters.
 
-One batch of admissions (``admission._commit_batch``) takes three statements in one transaction, whatever
+One batch of admissions (``admission._commit_batch``) takes four statements in one transaction, whatever
 its size (up to ``admission.BATCH_MAX`` rows):
 
-1. which of the batch's event ids were recorded before (a retried admission: "replayed"), one ``IN`` query;
+1. which of the batch's event ids were recorded before (a retried admission: "replayed");
 2. per item of the batch, its open row (a running item: "running") and its latest stop (a new row may not
    start before it), one ``GROUP BY`` query;
-3. the new usage rows, one multi-row ``INSERT ... RETURNING id, item``, and their admit events, one multi-row
-   ``INSERT``.
+3. the new usage rows, one ``INSERT ... RETURNING id, item``;
+4. their admit events, one ``INSERT``.
 
-SQLAlchemy's Core would compile each statement and bind every row's 16 parameters through the
-``UTCDateTime`` type decorator (about half of a 200-row commit's time here, see benchmarks/README.md);
-these statements are fixed text per dialect and batch size, sent with ``exec_driver_sql``, and the
-parameters are already in the driver's form: a naive UTC ``datetime`` for PostgreSQL, and for SQLite the
-text SQLAlchemy's SQLite ``DATETIME`` stores (``YYYY-MM-DD HH:MM:SS.ffffff``), so rows written here and
-rows written by the ORM compare and sort alike. ``tests/unit/test_quota_batch_sql.py`` reads rows of both
+SQLAlchemy's Core would compile each statement and bind every row's parameters through the ``UTCDateTime``
+type decorator (about half of a 200-row commit's time here, see benchmarks/README.md). These statements
+are fixed text, sent with ``exec_driver_sql``, with the parameters already in the driver's form:
+
+- SQLite (sqlite3, ``?``): ``IN (?, ...)`` lists and multi-row ``VALUES``, one text per batch size (cached);
+  times as the text SQLAlchemy's SQLite ``DATETIME`` stores (``YYYY-MM-DD HH:MM:SS.ffffff``).
+- PostgreSQL (psycopg, ``%s``): one array parameter per column (``= ANY(%s)``, ``unnest(%s::varchar[], ...)``),
+  so the statements are short and the same for every batch size (psycopg parses a query's placeholders in
+  Python: 3,000 of them cost more than the insert); times as naive UTC ``datetime``.
+
+Either way rows written here and rows written by the ORM compare and sort alike. ``tests/unit/test_quota_batch_sql.py`` reads rows of both
 back through the ORM on SQLite and PostgreSQL.
 
 Pure builders (``placeholders``, ``statements``, ``bind_time``) and one function doing the I/O
@@ -28,36 +33,24 @@ from functools import lru_cache
 
 from workbench.services.quota.accounting import as_utc
 
-__all__ = ["USAGE_COLUMNS", "EVENT_COLUMNS", "bind_time", "read_time", "statements", "write_batch"]
+__all__ = ["bind_time", "read_time", "statements", "write_batch"]
 
-USAGE_COLUMNS = (
-    "item",
-    "kind",
-    "username",
-    "group_name",
-    "profile",
-    "cpu",
-    "memory",
-    "gpu_type",
-    "gpu_count",
-    "start",
-    "stop",
-    "seen",
-    "start_event",
-    "stop_event",
-    "opened_by",
-    "closed_by",
+# the columns an admission sets; the others (stop, seen, stop_event, closed_by) start NULL
+USAGE = "item, kind, username, group_name, profile, cpu, memory, gpu_type, gpu_count, start, start_event"
+USAGE_PG_TYPES = (
+    "varchar",
+    "varchar",
+    "varchar",
+    "varchar",
+    "varchar",
+    "float8",
+    "bigint",
+    "varchar",
+    "integer",
+    "timestamp",
+    "varchar",
 )
-EVENT_COLUMNS = ("id", "type", "item", "time", "received", "outcome", "row_id", "detail")
-
-
-def _mark(dialect: str) -> str:
-    """The driver's positional parameter: sqlite3 ``?`` (qmark), psycopg ``%s`` (format)."""
-    if dialect == "sqlite":
-        return "?"
-    if dialect == "postgresql":
-        return "%s"
-    raise ValueError(f"the quota ledger's admission batches support SQLite and PostgreSQL, not {dialect!r}")
+EVENTS = "id, type, item, time, received, outcome, row_id"
 
 
 def bind_time(dialect: str, value: datetime) -> datetime | str:
@@ -78,41 +71,56 @@ def read_time(value) -> datetime | None:
 
 
 @lru_cache(maxsize=64)
-def statements(dialect: str, ids: int, items: int, rows: int) -> tuple[str, str, str, str]:
-    """The four statements for ``ids`` event ids, ``items`` items and ``rows`` new rows (cached per size)."""
-    m = _mark(dialect)
+def statements(dialect: str, ids: int = 0, items: int = 0, rows: int = 0) -> tuple[str, str, str, str]:
+    """The four statements (prior events, item state, usage insert, event insert). SQLite's are for ``ids``
+    event ids, ``items`` items and ``rows`` new rows; PostgreSQL's take arrays and ignore the sizes."""
+    if dialect == "postgresql":
+        usage_cols = ", ".join(f"%s::{t}[]" for t in USAGE_PG_TYPES)
+        return (
+            "SELECT id, row_id FROM quota_events WHERE id = ANY(%s::varchar[])",
+            "SELECT item, MAX(CASE WHEN stop IS NULL THEN id END), MAX(stop) FROM quota_usage "
+            "WHERE item = ANY(%s::varchar[]) GROUP BY item",
+            f"INSERT INTO quota_usage ({USAGE}, opened_by) SELECT u.*, 'admit' FROM unnest({usage_cols}) AS u "
+            "RETURNING id, item",
+            f"INSERT INTO quota_events ({EVENTS}) SELECT u.id, 'admit', u.item, u.t, u.t, 'admitted', u.row_id "
+            "FROM unnest(%s::varchar[], %s::varchar[], %s::timestamp[], %s::bigint[]) AS u(id, item, t, row_id)",
+        )
+    if dialect != "sqlite":
+        raise ValueError(f"the quota ledger's admission batches support SQLite and PostgreSQL, not {dialect!r}")
 
-    def in_list(n: int) -> str:
-        return ", ".join([m] * n)
+    def marks(n: int) -> str:
+        return ", ".join(["?"] * n)
 
-    def values(n: int, width: int) -> str:
-        one = "(" + ", ".join([m] * width) + ")"
-        return ", ".join([one] * n)
-
-    prior = f"SELECT id, row_id FROM quota_events WHERE id IN ({in_list(ids)})"
-    state = (
+    usage_row = f"({marks(USAGE.count(',') + 1)}, 'admit')"
+    event_row = "(?, 'admit', ?, ?, ?, 'admitted', ?)"
+    return (
+        f"SELECT id, row_id FROM quota_events WHERE id IN ({marks(ids)})",
         "SELECT item, MAX(CASE WHEN stop IS NULL THEN id END), MAX(stop) FROM quota_usage "
-        f"WHERE item IN ({in_list(items)}) GROUP BY item"
+        f"WHERE item IN ({marks(items)}) GROUP BY item",
+        f"INSERT INTO quota_usage ({USAGE}, opened_by) VALUES {', '.join([usage_row] * rows)} RETURNING id, item",
+        f"INSERT INTO quota_events ({EVENTS}) VALUES {', '.join([event_row] * rows)}",
     )
-    usage = (
-        f"INSERT INTO quota_usage ({', '.join(USAGE_COLUMNS)}) VALUES {values(rows, len(USAGE_COLUMNS))} "
-        "RETURNING id, item"
-    )
-    events = f"INSERT INTO quota_events ({', '.join(EVENT_COLUMNS)}) VALUES {values(rows, len(EVENT_COLUMNS))}"
-    return prior, state, usage, events
+
+
+def _params(dialect: str, rows: list[tuple]):
+    """Rows of parameters as the statement takes them: one flat tuple (SQLite), one list per column (PostgreSQL)."""
+    if dialect == "postgresql":
+        return tuple(list(col) for col in zip(*rows, strict=True))
+    return tuple(v for row in rows for v in row)
 
 
 def write_batch(conn, batch: list) -> list[tuple[str, int | None, datetime | None]]:
     """Record ``batch`` (admission._Pending entries, items unique) on ``conn``, a SQLAlchemy connection in a
     write transaction; per entry ("admitted", row, start) | ("replayed", row, None) | ("running", row, None)."""
     dialect = conn.dialect.name
+    pg = dialect == "postgresql"
     ids = [p.event_id for p in batch]
     items = [p.request.item for p in batch]
-    q_prior, q_state, _, _ = statements(dialect, len(ids), len(items), 0)
-    prior = dict(conn.exec_driver_sql(q_prior, tuple(ids)).all())
+    q_prior, q_state, _, _ = statements(dialect, len(ids), len(items)) if not pg else statements(dialect)
+    prior = dict(conn.exec_driver_sql(q_prior, (ids,) if pg else tuple(ids)).all())
     running: dict[str, int] = {}
     last: dict[str, datetime] = {}
-    for item, open_id, stop in conn.exec_driver_sql(q_state, tuple(items)).all():
+    for item, open_id, stop in conn.exec_driver_sql(q_state, (items,) if pg else tuple(items)).all():
         if open_id is not None:
             running[item] = open_id
         if stop is not None:
@@ -129,36 +137,35 @@ def write_batch(conn, batch: list) -> list[tuple[str, int | None, datetime | Non
             todo.append((i, max(now, last.get(p.request.item, now))))
     if not todo:
         return out
-    _, _, q_usage, q_events = statements(dialect, 0, 0, len(todo))
-    params: list = []
+    _, _, q_usage, q_events = statements(dialect) if pg else statements(dialect, 0, 0, len(todo))
+    usage = []
     for i, start in todo:
         p, r = batch[i], batch[i].res
-        params += (
-            p.request.item,
-            p.request.kind,
-            p.user,
-            p.group,
-            r.profile,
-            r.cpu,
-            r.memory,
-            r.gpu_type,
-            r.gpu_count,
-            bind_time(dialect, start),
-            None,
-            None,
-            p.event_id,
-            None,
-            "admit",
-            None,
+        usage.append(
+            (
+                p.request.item,
+                p.request.kind,
+                p.user,
+                p.group,
+                r.profile,
+                float(r.cpu),
+                r.memory,
+                r.gpu_type,
+                r.gpu_count,
+                bind_time(dialect, start),
+                p.event_id,
+            )
         )
     # items are unique in a batch (the state holds one open row per item): ids map back by item
-    row_ids = {item: row_id for row_id, item in conn.exec_driver_sql(q_usage, tuple(params)).all()}
-    params = []
+    row_ids = {item: row_id for row_id, item in conn.exec_driver_sql(q_usage, _params(dialect, usage)).all()}
+    events = []
     for i, start in todo:
         p = batch[i]
         row_id = row_ids[p.request.item]
         out[i] = ("admitted", row_id, start)
         at = bind_time(dialect, p.now)
-        params += (p.event_id, "admit", p.request.item, at, at, "admitted", row_id, None)
-    conn.exec_driver_sql(q_events, tuple(params))
+        events.append(
+            (p.event_id, p.request.item, at, at, row_id) if not pg else (p.event_id, p.request.item, at, row_id)
+        )
+    conn.exec_driver_sql(q_events, _params(dialect, events))
     return out
