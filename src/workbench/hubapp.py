@@ -13,6 +13,15 @@ when a managed one fails (it cannot start, exits, or does not answer within its 
 exit, the services this class already started are stopped (upstream had started none after the failing
 one). Outside ``start()`` (later restarts, health checks) ``start_service`` is upstream's.
 
+``sqlite_wal`` (set by the embedded mode): the hub's SQLite database in WAL mode with ``synchronous=NORMAL``.
+JupyterHub commits on nearly every request (activity reports, tokens, spawns); in SQLite's default rollback
+journal each commit is two or more fsyncs on the hub's one event loop, which a class start (40 starts, their
+servers' activity reports, the disk busy with 40 JupyterLab start-ups) turned into stalls of a second
+(benchmarks/README.md, class start). In WAL mode with ``synchronous=NORMAL`` a commit is a ``write()`` and
+the WAL is fsynced at checkpoints: a crash of the hub loses nothing committed, a power cut may lose the last
+commits (never corrupting the file). Not for a database on a network file system (WAL needs shared memory
+on one host), so only the embedded mode, whose state folder is local, turns it on.
+
 ``main()`` is what ``hub_config/jupyterhub`` (the embedded hub's launcher) and ``python -m
 workbench.hubapp`` run; it takes JupyterHub's command line.
 """
@@ -26,10 +35,18 @@ from pathlib import Path
 from jupyterhub.app import JupyterHub
 from jupyterhub.objects import Server
 from jupyterhub.utils import AnyTimeoutError
-from traitlets import default
+from sqlalchemy import event
+from traitlets import Bool, default
 
 # `python HUB_LAUNCHER -f CONFIG` runs main(); the launcher is named `jupyterhub` so the hub reads as before in ps
 HUB_LAUNCHER = Path(__file__).resolve().parent / "hub_config" / "jupyterhub"
+
+
+def _sqlite_wal(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # kept in the file; readers do not wait for the writer
+    cur.execute("PRAGMA synchronous=NORMAL")  # per connection: the WAL is fsynced at checkpoints, not per commit
+    cur.close()
 
 
 class WorkbenchHub(JupyterHub):
@@ -37,6 +54,20 @@ class WorkbenchHub(JupyterHub):
 
     _starting_up = False
     _service_starts: dict[str, asyncio.Task] | None = None
+
+    sqlite_wal = Bool(
+        False,
+        help="Run an sqlite:/// hub database in WAL mode with synchronous=NORMAL (a commit without an fsync; "
+        "see the module docstring). Local file systems only.",
+    ).tag(config=True)
+
+    def init_db(self):
+        super().init_db()
+        if self.sqlite_wal and self.db_url.startswith("sqlite:///"):
+            engine = self.session_factory.kw["bind"]
+            event.listen(engine, "connect", _sqlite_wal)
+            engine.dispose()  # the pooled connections from upstream's checks reconnect with it
+            self.log.info("Hub database %s: SQLite WAL, synchronous=NORMAL", self.db_url)
 
     # upstream's logger name, not the subclass's (traitlets names the logger after the class): operators' log
     # filters and the tests that read the hub's access log expect "JupyterHub" in every line

@@ -77,6 +77,7 @@ def settings(demo):
 def test_sections(settings):
     assert set(settings) == {
         "JupyterHub",
+        "WorkbenchHub",
         "ConfigurableHTTPProxy",
         "DemoAuthenticator",
         "Authenticator",
@@ -201,6 +202,7 @@ def test_jupyterhub_section(settings):
     assert hub["bind_url"] == "http://127.0.0.1:8000"
     assert hub["hub_bind_url"] == "http://127.0.0.1:18081"
     assert hub["db_url"] == "sqlite:////srv/wb/state/jupyterhub.sqlite"
+    assert settings["WorkbenchHub"] == {"sqlite_wal": True}  # a local state folder: WAL (workbench.hubapp)
     assert hub["cookie_secret"] == bytes.fromhex("ab" * 32)
     assert len(hub["cookie_secret"]) == 32
     assert hub["pid_file"] == "/srv/wb/state/jupyterhub.pid"

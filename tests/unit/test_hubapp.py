@@ -3,7 +3,7 @@
 The start of one service (``WorkbenchHub._start_one``: start the process, wait for its URL) is replaced by a
 stand-in per test (the last test starts a real hub with real service processes); ``WorkbenchHub.start_service`` is driven the way upstream ``JupyterHub.start()`` drives
 it: one call per service, in the service map's order, each awaited before the next, and ``exit(1)`` when
-a managed one returns False.
+a managed one returns False. The last test runs the real ``init_db`` on SQLite files (``sqlite_wal``).
 """
 
 from __future__ import annotations
@@ -217,3 +217,23 @@ def test_the_hub_logs_as_jupyterhub_like_upstream():
     assert hub.log.name == "JupyterHub"
     assert "JupyterHub" in hub.get_default_logging_config()["loggers"]
     assert "WorkbenchHub" not in hub.get_default_logging_config()["loggers"]
+
+
+def test_sqlite_wal_gives_the_hub_database_commits_without_an_fsync_each(tmp_path: Path):
+    """A real WorkbenchHub.init_db on a real SQLite file: with sqlite_wal (the embedded mode's setting) every
+    connection of the hub's engine runs WAL with synchronous=NORMAL, also one made after init_db; without it,
+    upstream's rollback journal with synchronous=FULL."""
+    from sqlalchemy import text
+
+    def pragmas(hub) -> tuple[str, int]:
+        with hub.session_factory.kw["bind"].connect() as c:  # a fresh pooled connection, not the session's
+            return c.execute(text("PRAGMA journal_mode")).scalar(), c.execute(text("PRAGMA synchronous")).scalar()
+
+    wal = WorkbenchHub(db_url=f"sqlite:///{tmp_path / 'wal.sqlite'}", sqlite_wal=True)
+    wal.init_db()
+    wal.db.execute(text("SELECT 1"))  # the session's own connection
+    assert wal.db.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    assert pragmas(wal) == ("wal", 1)
+    plain = WorkbenchHub(db_url=f"sqlite:///{tmp_path / 'plain.sqlite'}")
+    plain.init_db()
+    assert pragmas(plain) == ("delete", 2)  # FULL

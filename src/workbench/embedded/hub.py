@@ -157,6 +157,8 @@ def hub_settings(policy: Policy, runtime: Runtime, secrets: dict[str, str]) -> d
             **auth["JupyterHub"],
             "template_vars": {**auth["JupyterHub"].get("template_vars", {}), **spawn_template_vars(policy)},
         },
+        # the state folder is local: the hub's commits without an fsync each (workbench.hubapp)
+        "WorkbenchHub": {"sqlite_wal": True},
         "ConfigurableHTTPProxy": {
             "command": [runtime.proxy_command],
             "api_url": f"http://127.0.0.1:{runtime.proxy_api_port}",
