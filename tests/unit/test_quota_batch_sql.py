@@ -1,4 +1,4 @@
-"""The admission committer's driver-level statements (workbench.services.quota.batch_sql) and its pipelining.
+"""The admission committer's driver-level statements (workbench.services.quota.batch_sql).
 
 Real SQLite (tmp_path) and real PostgreSQL (scripts/postgres-up.sh; skipped where there is none, as in
 test_quota_durability). Nothing is stubbed.

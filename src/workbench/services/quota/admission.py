@@ -300,7 +300,7 @@ def _reload_period(ledger: Ledger, group: str, now: datetime):
 def _commit_batch(ledger: Ledger, batch: list[_Pending]) -> list[tuple[str, int | None, datetime | None]]:
     """Record ``batch`` in one transaction; per entry ("admitted", row, start) | ("replayed", row) | ("running", row).
 
-    The statements are the driver's own (``batch_sql``): three round trips per batch, no per-row compilation."""
+    The statements are the driver's own (``batch_sql``): four per batch whatever its size, no per-row compilation."""
     return ledger._write(lambda s: write_batch(s.connection(), batch))
 
 

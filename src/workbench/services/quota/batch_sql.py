@@ -22,7 +22,7 @@ are fixed text, sent with ``exec_driver_sql``, with the parameters already in th
 Either way rows written here and rows written by the ORM compare and sort alike. ``tests/unit/test_quota_batch_sql.py`` reads rows of both
 back through the ORM on SQLite and PostgreSQL.
 
-Pure builders (``placeholders``, ``statements``, ``bind_time``) and one function doing the I/O
+Pure builders (``statements``, ``bind_time``, ``read_time``) and one function doing the I/O
 (``write_batch``), run by the ledger's writer inside its transaction.
 """
 
@@ -70,24 +70,31 @@ def read_time(value) -> datetime | None:
     return as_utc(value)
 
 
-@lru_cache(maxsize=64)
+_PG_USAGE_COLUMNS = ", ".join(f"%s::{t}[]" for t in USAGE_PG_TYPES)
+# PostgreSQL's statements take one array per column: the same text for every batch size
+_PG_STATEMENTS = (
+    "SELECT id, row_id FROM quota_events WHERE id = ANY(%s::varchar[])",
+    "SELECT item, MAX(CASE WHEN stop IS NULL THEN id END), MAX(stop) FROM quota_usage "
+    "WHERE item = ANY(%s::varchar[]) GROUP BY item",
+    f"INSERT INTO quota_usage ({USAGE}, opened_by) SELECT u.*, 'admit' FROM unnest({_PG_USAGE_COLUMNS}) AS u "
+    "RETURNING id, item",
+    f"INSERT INTO quota_events ({EVENTS}) SELECT u.id, 'admit', u.item, u.t, u.t, 'admitted', u.row_id "
+    "FROM unnest(%s::varchar[], %s::varchar[], %s::timestamp[], %s::bigint[]) AS u(id, item, t, row_id)",
+)
+
+
 def statements(dialect: str, ids: int = 0, items: int = 0, rows: int = 0) -> tuple[str, str, str, str]:
     """The four statements (prior events, item state, usage insert, event insert). SQLite's are for ``ids``
     event ids, ``items`` items and ``rows`` new rows; PostgreSQL's take arrays and ignore the sizes."""
     if dialect == "postgresql":
-        usage_cols = ", ".join(f"%s::{t}[]" for t in USAGE_PG_TYPES)
-        return (
-            "SELECT id, row_id FROM quota_events WHERE id = ANY(%s::varchar[])",
-            "SELECT item, MAX(CASE WHEN stop IS NULL THEN id END), MAX(stop) FROM quota_usage "
-            "WHERE item = ANY(%s::varchar[]) GROUP BY item",
-            f"INSERT INTO quota_usage ({USAGE}, opened_by) SELECT u.*, 'admit' FROM unnest({usage_cols}) AS u "
-            "RETURNING id, item",
-            f"INSERT INTO quota_events ({EVENTS}) SELECT u.id, 'admit', u.item, u.t, u.t, 'admitted', u.row_id "
-            "FROM unnest(%s::varchar[], %s::varchar[], %s::timestamp[], %s::bigint[]) AS u(id, item, t, row_id)",
-        )
+        return _PG_STATEMENTS
     if dialect != "sqlite":
         raise ValueError(f"the quota ledger's admission batches support SQLite and PostgreSQL, not {dialect!r}")
+    return _sqlite_statements(ids, items, rows)
 
+
+@lru_cache(maxsize=64)
+def _sqlite_statements(ids: int, items: int, rows: int) -> tuple[str, str, str, str]:
     def marks(n: int) -> str:
         return ", ".join(["?"] * n)
 
@@ -116,11 +123,11 @@ def write_batch(conn, batch: list) -> list[tuple[str, int | None, datetime | Non
     pg = dialect == "postgresql"
     ids = [p.event_id for p in batch]
     items = [p.request.item for p in batch]
-    q_prior, q_state, _, _ = statements(dialect, len(ids), len(items)) if not pg else statements(dialect)
-    prior = dict(conn.exec_driver_sql(q_prior, (ids,) if pg else tuple(ids)).all())
+    q_prior, q_state, _, _ = statements(dialect, len(ids), len(items))
+    prior = dict(conn.exec_driver_sql(q_prior, _params(dialect, [(i,) for i in ids])).all())
     running: dict[str, int] = {}
     last: dict[str, datetime] = {}
-    for item, open_id, stop in conn.exec_driver_sql(q_state, (items,) if pg else tuple(items)).all():
+    for item, open_id, stop in conn.exec_driver_sql(q_state, _params(dialect, [(i,) for i in items])).all():
         if open_id is not None:
             running[item] = open_id
         if stop is not None:
@@ -137,7 +144,7 @@ def write_batch(conn, batch: list) -> list[tuple[str, int | None, datetime | Non
             todo.append((i, max(now, last.get(p.request.item, now))))
     if not todo:
         return out
-    _, _, q_usage, q_events = statements(dialect) if pg else statements(dialect, 0, 0, len(todo))
+    _, _, q_usage, q_events = statements(dialect, rows=len(todo))
     usage = []
     for i, start in todo:
         p, r = batch[i], batch[i].res
