@@ -4,6 +4,7 @@ readers against real sockets of this test, and (as root with nft) the real rules
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -204,6 +205,20 @@ def _listen(address: str, port: int = 0) -> socket.socket:
     return s
 
 
+def _listen_pair() -> tuple[socket.socket, socket.socket]:
+    """A listener on 127.0.0.2 at a free port and one on 127.0.0.1 at the same port; a port another process holds
+    on 127.0.0.1 (the live tests run beside these) is given up and another one tried."""
+    for _ in range(50):
+        guarded = _listen("127.0.0.2")
+        try:
+            return guarded, _listen("127.0.0.1", guarded.getsockname()[1])
+        except OSError as e:
+            guarded.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+    raise AssertionError("no port free on both 127.0.0.1 and 127.0.0.2 in 50 tries")
+
+
 @ROOT_AND_NFT
 def test_real_rules_refuse_other_uids_and_go_with_stop():
     """Real nft rules (a table of this test's own) in front of real listeners owned by root: the guarded one
@@ -211,9 +226,8 @@ def test_real_rules_refuse_other_uids_and_go_with_stop():
     (a user cannot shut others out of a port by listening on it at 127.0.0.2)."""
     table = table_name(f"unit-test-{os.getpid()}")
     guard = NftPortGuard(table, logging.getLogger("portguard-test"))
-    guarded = _listen("127.0.0.2")
+    guarded, neighbour = _listen_pair()
     port = guarded.getsockname()[1]
-    neighbour = _listen("127.0.0.1", port)
 
     async def scenario():
         assert await guard.start()
